@@ -1,0 +1,91 @@
+"""Image preprocessing: load, tile (single or AnyRes), resize bicubic, normalise. numpy + PIL only.
+
+SigLIP preprocessing: bicubic resize to 384x384, /255, (x - mean) / std with mean = std = 0.5.
+AnyRes tiles come from the image letterboxed (black) into the best-fit resolution and cut into
+384-px tiles row by row, after a global tile of the whole image squashed to 384x384
+(ML-GSAI/LLaDA-V `process_anyres_image`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from runtime.anyres import ANYRES, ImageGeometry, TileLayout, plan_tiles, select_best_resolution
+from runtime.errors import LladaVError
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """Pixels ready for the vision tower and the layout that says how to merge their features."""
+
+    pixel_values: np.ndarray  # (tiles, 3, S, S) float32
+    layout: TileLayout
+
+
+def load_image(source) -> Image.Image:
+    """A path or a PIL image -> an RGB PIL image; unreadable or empty input is a LladaVError."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise LladaVError(f"image {str(path)!r}: no such file")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            raise LladaVError(f"image {str(path)!r}: unreadable ({exc}); expected a PNG/JPEG/... file") from None
+    if image.width == 0 or image.height == 0:
+        raise LladaVError(f"image: got {image.width}x{image.height} pixels; expected a non-empty image")
+    return image.convert("RGB")
+
+
+def normalize(image: Image.Image, geometry: ImageGeometry) -> np.ndarray:
+    """RGB image -> (3, S, S) float32: bicubic resize to S x S, /255, (x - mean) / std."""
+    size = geometry.image_size
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    x = np.asarray(image, dtype=np.float32) / 255.0
+    x = (x - np.asarray(geometry.mean, np.float32)) / np.asarray(geometry.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def letterbox(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Resize keeping the aspect ratio to fit `target` = (w, h), pad with black, centred."""
+    tw, th = target
+    sw, sh = tw / image.width, th / image.height
+    if sw < sh:
+        nw, nh = tw, min(math.ceil(image.height * sw), th)
+    else:
+        nw, nh = min(math.ceil(image.width * sh), tw), th
+    canvas = Image.new("RGB", (tw, th), (0, 0, 0))
+    canvas.paste(image.resize((nw, nh), Image.Resampling.BICUBIC), ((tw - nw) // 2, (th - nh) // 2))
+    return canvas
+
+
+def grid_tiles(image: Image.Image, geometry: ImageGeometry) -> list[Image.Image]:
+    """The AnyRes grid tiles, row by row, from the letterboxed best-fit resolution."""
+    s = geometry.image_size
+    best = select_best_resolution(image.size, geometry.grid_pinpoints)
+    padded = letterbox(image, best)
+    return [
+        padded.crop((x, y, x + s, y + s))
+        for y in range(0, padded.height, s)
+        for x in range(0, padded.width, s)
+    ]
+
+
+def prepare_image(source, geometry: ImageGeometry, mode: str) -> ImageInput:
+    """Load and tile an image: the global tile first, then (AnyRes) the grid tiles."""
+    image = load_image(source)
+    layout = plan_tiles(image.size, geometry, mode)
+    tiles = [image] + (grid_tiles(image, geometry) if mode == ANYRES else [])
+    assert len(tiles) == layout.num_tiles, (len(tiles), layout)
+    pixels = np.stack([normalize(t, geometry) for t in tiles])
+    return ImageInput(pixels, layout)

@@ -1,0 +1,111 @@
+"""Tokenizer, special token ids and the LLaDA-V chat template, with the `tokenizers` library only.
+
+Token ids always come from the checkpoint's (or bundle's) tokenizer files: a small test
+checkpoint has a small vocabulary, and the real config.json even carries a wrong bos_token_id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import LladaVError
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_TOKEN_INDEX = -200  # LLaVA's IMAGE_TOKEN_INDEX: where the visual tokens go
+
+SPECIAL_TOKENS = {
+    "bos": "<|startoftext|>",
+    "eos": "<|endoftext|>",
+    "mask": "<|mdm_mask|>",
+    "start_header": "<|start_header_id|>",
+    "end_header": "<|end_header_id|>",
+    "eot": "<|eot_id|>",
+}
+
+SYSTEM_PROMPT = (
+    "You are a helpful language and vision assistant. You are able to understand the visual "
+    "content that the user provides, and assist the user with a variety of tasks using natural language."
+)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Ids of the special tokens the generator needs, read from the tokenizer files."""
+
+    bos: int
+    eos: int
+    mask: int
+    start_header: int
+    end_header: int
+    eot: int
+
+    @property
+    def never_generated(self) -> tuple[int, ...]:
+        """Logits set to -inf at masked positions (LLaDA-V generate_with_embeds)."""
+        return (self.eos, self.bos, self.start_header, self.end_header)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class PromptIds:
+    """The chat prompt as token ids around the single image placeholder."""
+
+    prefix: tuple[int, ...]  # up to and including "<|start_header_id|>user<|end_header_id|>\n\n"
+    suffix: tuple[int, ...]  # "\n{question}<|eot_id|>...assistant<|end_header_id|>\n\n"
+
+
+def chat_prompt(question: str, system: str = SYSTEM_PROMPT) -> str:
+    """LLaDA-V's template for one image and one question (the image placeholder is included)."""
+    return (
+        "<|startoftext|><|start_header_id|>system<|end_header_id|>\n\n"
+        f"{system}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+        f"{IMAGE_PLACEHOLDER}\n{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+
+
+class TextTokenizer:
+    """tokenizer.json + the special token ids, loaded without transformers."""
+
+    def __init__(self, directory):
+        from tokenizers import Tokenizer  # light, but keep `import runtime` free of it
+
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise LladaVError(f"tokenizer: {str(path)!r} is missing; expected the checkpoint's tokenizer.json")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed files
+            raise LladaVError(f"tokenizer: {str(path)!r} is malformed ({exc})") from None
+        self.ids = TokenIds(**{name: self._token_id(path, text) for name, text in SPECIAL_TOKENS.items()})
+
+    def _token_id(self, path: Path, text: str) -> int:
+        token_id = self._tok.token_to_id(text)
+        if token_id is None:
+            raise LladaVError(f"tokenizer: {str(path)!r} has no token {text!r}; LLaDA-V needs it")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids; special tokens written in the text are recognised, none are added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def encode_prompt(self, question: str) -> PromptIds:
+        """The chat prompt for `question`, split at the image placeholder."""
+        if IMAGE_PLACEHOLDER in question:
+            raise LladaVError(
+                f"prompt: contains {IMAGE_PLACEHOLDER!r}; expected plain text (the image goes in automatically)"
+            )
+        if not question.strip():
+            raise LladaVError("prompt: empty; expected a question about the image")
+        before, after = chat_prompt(question).split(IMAGE_PLACEHOLDER)
+        return PromptIds(tuple(self.encode(before)), tuple(self.encode(after)))
+

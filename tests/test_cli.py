@@ -1,0 +1,31 @@
+"""The reference generator's command line: output and errors."""
+
+from __future__ import annotations
+
+import json
+
+from export.generate import main
+
+
+def test_json_output(tiny_dir, capsys):
+    args = ["--model", str(tiny_dir), "--layout", "single", "--k", "15", "--p", "50",
+            "--steps", "4", "--gen-length", "8", "--block-length", "8", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["visual_tokens"] == 729 and out["pruned_visual_tokens"] == 364
+    assert out["sequence_reduced"] == out["sequence_full"] - 364
+    assert len(out["kept_visual"]) == 365 and out["kept_visual"] == sorted(out["kept_visual"])
+    assert out["steps_run"] <= 4 and len(out["answer_ids"]) <= 8
+
+
+def test_errors_exit_2_with_a_message(tiny_dir, tmp_path, capsys):
+    assert main(["--model", str(tiny_dir), "--k", "32"]) == 2
+    assert "K: got 32" in capsys.readouterr().err
+    assert main(["--model", str(tiny_dir), "--p", "100"]) == 2
+    assert "P: got 100" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path / "none")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["--model", str(tiny_dir), "--image", str(tmp_path / "x.png")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--model", str(tiny_dir), "--steps", "40"]) == 2
+    assert "steps: got 40; expected <= gen_length=32" in capsys.readouterr().err
