@@ -115,12 +115,16 @@ def test_kept_tokens_are_the_most_salient(tiny, tokenizer, inputs):
     assert len(set(np.round(s, 12))) > s.size // 2  # scores actually discriminate
 
 
+def first_step_inputs(model, tokenizer, inputs):
+    """Prompt embeddings, layout and an all-masked response, for calling ReferenceForward directly."""
+    with torch.inference_mode():
+        embeds, layout = prompt_embeddings(model, *inputs, GEN.gen_length)
+    return embeds, layout, np.full(GEN.gen_length, tokenizer.ids.mask)
+
+
 def test_p0_reproduces_the_unpruned_loop_exactly(tiny, tokenizer, inputs):
     model, _ = tiny
-    prompt, image = inputs
-    with torch.inference_mode():
-        embeds, layout = prompt_embeddings(model, prompt, image, GEN.gen_length)
-    x = np.full(GEN.gen_length, tokenizer.ids.mask)
+    embeds, layout, x = first_step_inputs(model, tokenizer, inputs)
     plain = ReferenceForward(model, embeds, layout, None, 0.0, tokenizer.ids.mask)
     zero = ReferenceForward(model, embeds, layout, PruneSettings(k=15, p=0), 0.0, tokenizer.ids.mask)
     assert np.array_equal(plain(x), zero(x))
@@ -131,10 +135,7 @@ def test_p0_reproduces_the_unpruned_loop_exactly(tiny, tokenizer, inputs):
 
 def test_pruning_changes_the_computation(tiny, tokenizer, inputs):
     model, _ = tiny
-    prompt, image = inputs
-    with torch.inference_mode():
-        embeds, layout = prompt_embeddings(model, prompt, image, GEN.gen_length)
-    x = np.full(GEN.gen_length, tokenizer.ids.mask)
+    embeds, layout, x = first_step_inputs(model, tokenizer, inputs)
     plain = ReferenceForward(model, embeds, layout, None, 0.0, tokenizer.ids.mask)(x)
     pruned = ReferenceForward(model, embeds, layout, PruneSettings(k=3, p=70), 0.0, tokenizer.ids.mask)(x)
     assert np.abs(plain - pruned).max() > 1e-4
@@ -177,12 +178,10 @@ def test_cfg_runs_both_branches_on_the_reduced_sequence(tiny, tokenizer, inputs)
     result, spy = run(model, tokenizer, inputs, PruneSettings(k=15, p=50), gen)
     assert spy.forwards()[1] == [result.layout.total - 364] * 32
     # the guided logits are un + (s + 1) * (cond - un), un having every prompt token masked
-    prompt, image = inputs
     mask = tokenizer.ids.mask
+    embeds, layout, x = first_step_inputs(model, tokenizer, inputs)
     with torch.inference_mode():
-        embeds, layout = prompt_embeddings(model, prompt, image, GEN.gen_length)
         masked_prompt = model.embed(torch.full((layout.n_prompt,), mask))
-    x = np.full(GEN.gen_length, mask)
     x[2] = 7  # one response token already decided
     guided = ReferenceForward(model, embeds, layout, None, 1.5, mask)(x)
     cond = ReferenceForward(model, embeds, layout, None, 0.0, mask)(x)
