@@ -98,7 +98,9 @@ def random_state(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """Seeded weights scaled to keep activations near unit size through 32 layers."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for key, t in LladaV(cfg).state_dict().items():  # LladaV's own init is only used for shapes
+    with torch.device("meta"):
+        shapes = LladaV(cfg).state_dict()
+    for key, t in shapes.items():
         if key.endswith("bias"):
             state[key] = torch.zeros(t.shape)
         elif t.dim() == 1 and ("norm" in key or "layer_norm" in key):
