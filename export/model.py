@@ -156,8 +156,8 @@ def attention_saliency(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> 
 
     Only |rows| rows of the attention map are formed: cost 2*H*|rows|*N*Dh.
     """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    probs = torch.softmax((q[:, :, rows] @ k.transpose(-1, -2)).float() * scale, dim=-1)  # (B, H, Q, N)
+    scale = q.shape[-1] ** -0.5
+    probs = torch.softmax(((q[:, :, rows] * scale) @ k.transpose(-1, -2)).float(), dim=-1)  # (B, H, Q, N)
     return probs.mean(dim=(1, 2))
 
 

@@ -1,0 +1,269 @@
+"""Export one subgraph to ONNX (weights as external data), then validate it right away.
+
+Validation, each failure a typed error: the output names match the spec; the ops are on the
+TensorRT ONNX parser's list and none makes shapes data-dependent; ONNX Runtime matches the
+PyTorch module within the spec's tolerance at two sizes of every dynamic axis (which also
+proves those axes dynamic); an exported decoder is still bidirectional.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from export.subgraphs import SubgraphSpec, dummy_inputs, export_patches, model_dims
+from runtime.errors import LladaVError
+
+OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
+DATA_DEPENDENT_OPS = {"NonZero", "Unique", "NonMaxSuppression", "Compress", "Loop", "If", "Scan"}
+EXTERNAL_THRESHOLD = 1024  # bytes: initializers at least this large go to the .data file
+ALIGN = 64
+
+
+class ExportError(LladaVError):
+    """An exported graph failed a check (subclasses say which)."""
+
+
+class OutputNamesError(ExportError):
+    pass
+
+
+class UnsupportedOpError(ExportError):
+    pass
+
+
+class DataDependentShapeError(ExportError):
+    pass
+
+
+class ParityError(ExportError):
+    pass
+
+
+class DynamicAxisError(ExportError):
+    pass
+
+
+class CausalExportError(ExportError):
+    pass
+
+
+@dataclass
+class ExportReport:
+    name: str
+    onnx: Path
+    data: Path
+    ops: dict = field(default_factory=dict)  # op type -> count
+    max_abs_diff: dict = field(default_factory=dict)  # "axis sizes" -> {output: max |ORT - torch|}
+    seconds: float = 0.0
+
+
+def float_dtype(precision: str) -> str:
+    return {"fp32": "float32", "fp16": "float16"}[precision]
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_onnx(spec: SubgraphSpec, module: torch.nn.Module, cfg, precision: str, dst: Path,
+                example_axes: dict) -> Path:
+    """torch.onnx.export (TorchScript exporter, opset from the spec) -> dst + dst.data."""
+    feeds = dummy_inputs(spec, cfg, example_axes, float_dtype(precision))
+    args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        raw = Path(tmp) / "raw.onnx"
+        with export_patches(), torch.inference_mode(), warnings.catch_warnings():
+            # the TorchScript exporter is deprecated upstream but emits plain opset-18 graphs with
+            # dynamic_axes and no extra dependency; tracer warnings concern static head sizes
+            warnings.simplefilter("ignore", category=DeprecationWarning)
+            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+            torch.onnx.export(
+                module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
+                dynamic_axes=spec.dynamic_axes(), opset_version=spec.opset, do_constant_folding=True, dynamo=False,
+            )
+        consolidate_external_data(raw, dst)
+    return dst
+
+
+def consolidate_external_data(src: Path, dst: Path) -> None:
+    """Rewrite src (weights inline or one file per tensor, as the exporter left them past 2 GB)
+    as dst + one dst.data file, streaming tensor by tensor."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(src), load_external_data=False)
+    data_path = dst.with_name(dst.name + ".data")
+    offset = 0
+    with open(data_path, "wb") as out:
+        for tensor in _initializers(model):
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                with open(src.parent / info.location, "rb") as f:
+                    f.seek(info.offset or 0)
+                    blob = f.read(info.length) if info.length else f.read()
+            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= EXTERNAL_THRESHOLD:
+                blob = tensor.raw_data
+            else:
+                continue
+            pad = (-offset) % ALIGN
+            out.write(b"\0" * pad)
+            offset += pad
+            out.write(blob)
+            _point_to(tensor, data_path.name, offset, len(blob))
+            offset += len(blob)
+    onnx.save_model(model, str(dst))
+
+
+def _point_to(tensor, location: str, offset: int, length: int) -> None:
+    import onnx
+
+    del tensor.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    tensor.ClearField("raw_data")
+
+
+def _initializers(model):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+
+
+# ---------------------------------------------------------------- checks
+
+
+def supported_ops() -> set[str]:
+    lines = OPS_FILE.read_text().splitlines()
+    return {line.strip() for line in lines if line.strip() and not line.startswith("#")}
+
+
+def check_graph(path: Path, spec: SubgraphSpec) -> dict:
+    """Names, op support, no data-dependent shapes. Returns op counts."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    outputs = [o.name for o in model.graph.output]
+    if outputs != spec.output_names:
+        raise OutputNamesError(f"{spec.name}: outputs {outputs}; expected {spec.output_names}")
+    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if inputs != spec.input_names:
+        raise OutputNamesError(f"{spec.name}: inputs {inputs}; expected {spec.input_names}")
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+        if node.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(f"{spec.name}: op {node.domain}::{node.op_type} is outside the ONNX domain")
+    dependent = sorted(set(ops) & DATA_DEPENDENT_OPS)
+    if dependent:
+        raise DataDependentShapeError(f"{spec.name}: ops {dependent} make shapes data-dependent; expected none")
+    unsupported = sorted(set(ops) - supported_ops())
+    if unsupported:
+        raise UnsupportedOpError(f"{spec.name}: ops {unsupported} are not on TensorRT's ONNX parser list ({OPS_FILE.name})")
+    return dict(sorted(ops.items()))
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, axes_list: list[dict]) -> dict:
+    """ORT vs the PyTorch module with Polygraphy's Comparator, at each set of axis sizes."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.comparator import Comparator
+    from polygraphy.logger import G_LOGGER
+
+    from export.torch_runner import TorchRunner
+
+    fdt = float_dtype(precision)
+    atol, rtol = spec.tolerance(precision)
+    dims = model_dims(cfg)
+    report = {}
+    for i, axes in enumerate(axes_list):
+        feeds = dummy_inputs(spec, cfg, axes, fdt, seed=i)
+        torch_inputs = [(t.name, *t.resolve({**dims, **axes}, fdt)) for t in spec.inputs]
+        runners = [OnnxrtRunner(ort_session(path), name="onnxrt"),
+                   TorchRunner(module, torch_inputs, spec.output_names, name="pytorch")]
+        with G_LOGGER.verbosity(G_LOGGER.ERROR):
+            results = Comparator.run(runners, data_loader=[feeds])
+        ort_out, ref_out = results[0][1][0], results[1][1][0]  # [(runner, [iteration outputs])]
+        _check_shapes(spec, ort_out, {**dims, **axes}, fdt)
+        key = ",".join(f"{k}={v}" for k, v in sorted(axes.items()))
+        report[key] = {}
+        for name in spec.output_names:
+            got, ref = np.asarray(ort_out[name], np.float64), np.asarray(ref_out[name], np.float64)
+            diff, scale = float(np.max(np.abs(got - ref))), float(np.max(np.abs(ref)))
+            report[key][name] = diff
+            if not diff <= atol + rtol * scale:
+                raise ParityError(f"{spec.name}: output {name} differs from PyTorch by {diff:.3g} at {key}; "
+                                  f"expected <= {atol} + {rtol} * max|reference| ({scale:.3g})")
+    return report
+
+
+def _check_shapes(spec, outputs, dims, fdt):
+    for t in spec.outputs:
+        _, want = t.resolve(dims, fdt)
+        got = tuple(np.asarray(outputs[t.name]).shape)
+        if got != want:
+            raise DynamicAxisError(f"{spec.name}: output {t.name} has shape {got} at {dims}; expected {want}")
+
+
+def check_bidirectional(path: Path, spec: SubgraphSpec, cfg, precision: str, axes: dict) -> float:
+    """Perturb the last token's input; the first position's output must change."""
+    fdt = float_dtype(precision)
+    feeds = dummy_inputs(spec, cfg, axes, fdt, seed=7)
+    x_name, out_name = spec.input_names[0], spec.output_names[0]
+    if "logit_rows" in feeds:
+        feeds["logit_rows"] = np.array([0], dtype=np.int64)
+    sess = ort_session(path)
+    base = sess.run([out_name], feeds)[0]
+    feeds[x_name] = feeds[x_name].copy()
+    feeds[x_name][:, -1] += 1.0
+    moved = float(np.max(np.abs(sess.run([out_name], feeds)[0][:, 0].astype(np.float64) - base[:, 0])))
+    if not moved > 1e-4:
+        raise CausalExportError(f"{spec.name}: perturbing the last token moved position 0 by {moved:.2e}; "
+                                "the exported decoder is not bidirectional")
+    return moved
+
+
+def export_and_validate(spec: SubgraphSpec, module, cfg, precision: str, dst: Path, axes_list: list[dict]) -> ExportReport:
+    """Export to dst (+ .data), then run every check. A failed check removes the files."""
+    import time
+
+    start = time.perf_counter()
+    try:
+        export_onnx(spec, module, cfg, precision, dst, axes_list[0])
+        report = ExportReport(spec.name, dst, dst.with_name(dst.name + ".data"))
+        report.ops = check_graph(dst, spec)
+        report.max_abs_diff = check_parity(dst, spec, module, cfg, precision, axes_list)
+        if spec.name.startswith("decoder"):
+            check_bidirectional(dst, spec, cfg, precision, axes_list[-1])
+    except Exception:
+        for f in (dst, dst.with_name(dst.name + ".data")):
+            if f.exists():
+                os.remove(f)
+        raise
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def copy_or_link(src: Path, dst: Path) -> None:
+    """Hard-link when possible (GB-sized reuse costs nothing), copy otherwise."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,184 @@
+"""The three exported subgraphs, each described declaratively (optimum-style).
+
+    vision        pixel_values (tiles, 3, S, S)                      -> features (tiles, S'^2, D)
+    decoder_pre   inputs_embeds (batch, seq, D), position_ids, score_rows (query)
+                                                                    -> hidden_states, saliency (batch, seq)
+    decoder_post  hidden_states (batch, seq, D), position_ids, logit_rows (rows)
+                                                                    -> logits (batch, rows, vocab)
+
+decoder_pre holds layers [0, K), decoder_post layers [K, L) plus the final norm and LM head:
+every weight lives in exactly one graph. decoder_pre serves step 1 on the full sequence and
+every later step on the reduced one; its saliency comes from layer K-1's q.k for the score_rows
+only (2*H*|rows|*N*Dh work, never the N x N map). decoder_post computes logits only for
+logit_rows (the response), never for the whole sequence.
+
+Named axes: tiles, batch (2 with CFG), seq, query, rows. Their ranges come from
+`export.profiles`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from export import model as model_math
+from export.model import LladaV
+
+FLOAT = "float"  # the precision's float type: float16 or float32
+F32, I64 = "float32", "int64"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # FLOAT, F32 or I64
+    dims: tuple  # ints or axis names; "D", "V", "S", "F", "T" are model dims filled from the config
+
+    def resolve(self, dims: dict, float_dtype: str) -> tuple[str, tuple[int, ...]]:
+        return (float_dtype if self.dtype == FLOAT else self.dtype), tuple(
+            d if isinstance(d, int) else dims[d] for d in self.dims
+        )
+
+
+@dataclass(frozen=True)
+class SubgraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    build: Callable[[LladaV, int], nn.Module]  # (model, k) -> module whose forward takes the inputs
+    # ONNX Runtime vs PyTorch per precision: max|diff| <= atol + rtol * max|reference| per output.
+    # Relative to the output's scale: one fp16 ulp at |x| = 80 is already 0.06.
+    tolerances: tuple = (("fp32", 1e-4, 1e-5), ("fp16", 1e-3, 1e-2))
+    opset: int = 18
+
+    def tolerance(self, precision: str) -> tuple[float, float]:
+        return next((a, r) for p, a, r in self.tolerances if p == precision)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        axes = {}
+        for t in (*self.inputs, *self.outputs):
+            named = {i: d for i, d in enumerate(t.dims) if isinstance(d, str) and d not in MODEL_DIMS}
+            if named:
+                axes[t.name] = named
+        return axes
+
+
+MODEL_DIMS = ("D", "V", "S", "F", "T", "Dv")  # filled from the model config, never dynamic
+
+
+def model_dims(cfg) -> dict[str, int]:
+    g = cfg.geometry
+    return {"D": cfg.decoder.d_model, "V": cfg.decoder.vocab_size, "S": g.image_size, "F": g.tokens_per_tile,
+            "Dv": cfg.vision.d_model}
+
+
+class VisionGraph(nn.Module):
+    def __init__(self, model: LladaV, k: int):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return (self.model.encode_tiles(pixel_values),)
+
+
+class DecoderPre(nn.Module):
+    def __init__(self, model: LladaV, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, inputs_embeds, position_ids, score_rows):
+        h, saliency = self.model.run_layers(inputs_embeds, position_ids, 0, self.k, score_rows=score_rows)
+        return h, saliency
+
+
+class DecoderPost(nn.Module):
+    def __init__(self, model: LladaV, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def forward(self, hidden_states, position_ids, logit_rows):
+        h, _ = self.model.run_layers(hidden_states, position_ids, self.k, self.model.cfg.n_layers)
+        return (self.model.logits(h, logit_rows).float(),)
+
+
+VISION = SubgraphSpec(
+    "vision",
+    inputs=(TensorSpec("pixel_values", FLOAT, ("tiles", 3, "S", "S")),),
+    outputs=(TensorSpec("image_features", FLOAT, ("tiles", "F", "D")),),
+    build=VisionGraph,
+)
+DECODER_PRE = SubgraphSpec(
+    "decoder_pre",
+    inputs=(
+        TensorSpec("inputs_embeds", FLOAT, ("batch", "seq", "D")),
+        TensorSpec("position_ids", I64, ("batch", "seq")),
+        TensorSpec("score_rows", I64, ("query",)),
+    ),
+    outputs=(
+        TensorSpec("hidden_states", FLOAT, ("batch", "seq", "D")),
+        TensorSpec("saliency", F32, ("batch", "seq")),
+    ),
+    build=DecoderPre,
+)
+DECODER_POST = SubgraphSpec(
+    "decoder_post",
+    inputs=(
+        TensorSpec("hidden_states", FLOAT, ("batch", "seq", "D")),
+        TensorSpec("position_ids", I64, ("batch", "seq")),
+        TensorSpec("logit_rows", I64, ("rows",)),
+    ),
+    outputs=(TensorSpec("logits", F32, ("batch", "rows", "V")),),
+    build=DecoderPost,
+)
+SUBGRAPHS = (VISION, DECODER_PRE, DECODER_POST)
+
+
+def dummy_inputs(spec: SubgraphSpec, cfg, axes: dict[str, int], float_dtype: str, seed: int = 0) -> dict:
+    """Random feeds for `spec` at the given axis sizes: plausible values for every input."""
+    rng = np.random.default_rng(seed)
+    dims = {**model_dims(cfg), **axes}
+    feeds = {}
+    for t in spec.inputs:
+        dtype, shape = t.resolve(dims, float_dtype)
+        if t.name == "position_ids":
+            pos = np.sort(rng.choice(np.arange(shape[1] * 2), size=shape[1], replace=False))  # gaps: a pruned seq
+            feeds[t.name] = np.broadcast_to(pos, shape).astype(np.int64).copy()
+        elif t.name in ("score_rows", "logit_rows"):
+            feeds[t.name] = np.sort(rng.choice(dims["seq"], size=shape[0], replace=False)).astype(np.int64)
+        else:
+            feeds[t.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+# ---------------------------------------------------------------- export-only patches
+
+
+def explicit_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """MatMul -> Softmax -> MatMul, the pattern TensorRT 10.3 fuses; scores and softmax in float32."""
+    scale = q.shape[-1] ** -0.5
+    scores = ((q * scale) @ k.transpose(-1, -2)).float()
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
+@contextlib.contextmanager
+def export_patches():
+    """Swap SDPA for the explicit attention while exporting; the model code stays untouched."""
+    saved = model_math.attend
+    model_math.attend = explicit_attend
+    try:
+        yield
+    finally:
+        model_math.attend = saved

@@ -1,0 +1,191 @@
+"""ONNX export of the three subgraphs: parity, splitting, pruning chain, and every check's failure."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from export import subgraphs
+from export.onnx_export import (
+    CausalExportError,
+    DataDependentShapeError,
+    OutputNamesError,
+    UnsupportedOpError,
+    check_bidirectional,
+    check_graph,
+    export_and_validate,
+    ort_session,
+)
+from export.reference import ReferenceForward, prompt_embeddings
+from export.subgraphs import DECODER_POST, DECODER_PRE, SUBGRAPHS, VISION, dummy_inputs
+from runtime.anyres import SINGLE
+from runtime.preprocess import prepare_image
+from runtime.pruning import PruneSettings, keep_by_score, kept_positions, query_rows
+from tests.conftest import gradient_image
+
+K = 15
+AXES = [{"tiles": 1, "batch": 1, "seq": 64, "query": 8, "rows": 8},
+        {"tiles": 2, "batch": 2, "seq": 100, "query": 3, "rows": 5}]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    model, ckpt = tiny
+    out = tmp_path_factory.mktemp("onnx")
+    reports = {s.name: export_and_validate(s, s.build(model, K), ckpt.config, "fp32", out / f"{s.name}.onnx", AXES)
+               for s in SUBGRAPHS}
+    return out, reports
+
+
+def sess(exported, name):
+    return ort_session(exported[0] / f"{name}.onnx")
+
+
+def test_weights_live_in_external_data_once(exported, tiny):
+    out, reports = exported
+    model, _ = tiny
+    for name in ("decoder_pre", "decoder_post"):
+        graph = onnx.load(str(out / f"{name}.onnx"), load_external_data=False).graph
+        matrices = [t for t in graph.initializer if len(t.dims) == 2]
+        assert matrices and all(t.data_location == TensorProto.EXTERNAL for t in matrices)
+    # each decoder layer's weights are in exactly one graph: sizes add up to the decoder without embeddings
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 4
+    head = (model.lm_head.weight.numel() + model.model.norm.weight.numel()) * 4
+    pre = (out / "decoder_pre.onnx.data").stat().st_size
+    post = (out / "decoder_post.onnx.data").stat().st_size
+    assert abs(pre - K * per_layer) < 0.01 * pre
+    assert abs(post - ((32 - K) * per_layer + head)) < 0.01 * post
+
+
+@pytest.mark.parametrize("seq", [50, 140])
+def test_decoder_pre_matches_the_model_at_two_lengths(exported, tiny, seq):
+    model, ckpt = tiny
+    feeds = dummy_inputs(DECODER_PRE, ckpt.config, {"batch": 1, "seq": seq, "query": 6}, "float32", seed=seq)
+    h, sal = sess(exported, "decoder_pre").run(None, feeds)
+    with torch.inference_mode():
+        want_h, want_s = model.run_layers(torch.from_numpy(feeds["inputs_embeds"]), torch.from_numpy(feeds["position_ids"]),
+                                          0, K, score_rows=torch.from_numpy(feeds["score_rows"]))
+    assert h.shape == (1, seq, 64) and sal.shape == (1, seq)
+    assert np.abs(h - want_h.numpy()).max() < 1e-4 and np.abs(sal - want_s.numpy()).max() < 1e-6
+
+
+def test_pre_then_post_equals_the_unsplit_decoder(exported, tiny):
+    model, ckpt = tiny
+    seq = 90
+    feeds = dummy_inputs(DECODER_PRE, ckpt.config, {"batch": 2, "seq": seq, "query": 4}, "float32", seed=3)
+    h, _ = sess(exported, "decoder_pre").run(None, feeds)
+    rows = np.arange(seq - 12, seq, dtype=np.int64)
+    (logits,) = sess(exported, "decoder_post").run(None, {"hidden_states": h, "position_ids": feeds["position_ids"],
+                                                          "logit_rows": rows})
+    with torch.inference_mode():
+        want = model(torch.from_numpy(feeds["inputs_embeds"]), torch.from_numpy(feeds["position_ids"]))[:, rows]
+    assert logits.shape == (2, 12, model.cfg.decoder.vocab_size)
+    err = np.abs(logits - want.numpy()).max()
+    print(f"pre+post vs unsplit max |diff| = {err:.2e}")
+    assert err < 1e-4
+
+
+def test_p50_chain_equals_the_reference_first_step(exported, tiny, tokenizer):
+    """pre on the full sequence, keep by score, post on the reduced one == the generator's step 1."""
+    model, ckpt = tiny
+    image = prepare_image(gradient_image(320, 240), ckpt.config.geometry, SINGLE)
+    prompt = tokenizer.encode_prompt("Which lane is free?")
+    g, mask = 16, tokenizer.ids.mask
+    with torch.inference_mode():
+        embeds, lay = prompt_embeddings(model, prompt, image, g)
+        response = model.embed(torch.full((g,), mask))
+    x = np.full(g, mask)
+    reference = ReferenceForward(model, embeds, lay, PruneSettings(k=K, p=50), 0.0, mask)
+    want = reference(x)
+
+    full = torch.cat([embeds, response])[None].numpy()
+    pos = np.arange(lay.total, dtype=np.int64)[None]
+    rows = query_rows(lay, "response", x == mask)
+    h, sal = sess(exported, "decoder_pre").run(None, {"inputs_embeds": full, "position_ids": pos, "score_rows": rows})
+    keep = keep_by_score(sal[0, lay.visual], 50)
+    assert np.array_equal(keep, reference.kept_visual)
+    kept = kept_positions(lay, keep)
+    (logits,) = sess(exported, "decoder_post").run(None, {
+        "hidden_states": h[:, kept], "position_ids": pos[:, kept],
+        "logit_rows": np.arange(kept.size - g, kept.size, dtype=np.int64)})
+    err = np.abs(logits[0] - want).max()
+    print(f"P=50 chain vs reference step 1 max |diff| = {err:.2e}")
+    assert err < 1e-4
+
+
+def test_vision_matches_the_tower_and_projector(exported, tiny):
+    model, ckpt = tiny
+    px = prepare_image(gradient_image(700, 300), ckpt.config.geometry, "anyres").pixel_values
+    (feats,) = sess(exported, "vision").run(None, {"pixel_values": px})
+    with torch.inference_mode():
+        want = model.encode_tiles(torch.from_numpy(px)).numpy()
+    assert feats.shape == (px.shape[0], 729, 64) and np.abs(feats - want).max() < 1e-4
+
+
+def test_exported_decoders_are_bidirectional(exported, tiny):
+    _, ckpt = tiny
+    for spec in (DECODER_PRE, DECODER_POST):
+        assert check_bidirectional(exported[0] / f"{spec.name}.onnx", spec, ckpt.config, "fp32", AXES[0]) > 1e-4
+
+
+def test_a_causal_export_is_caught(tiny, tmp_path, monkeypatch):
+    model, ckpt = tiny
+
+    def causal(q, k, v):
+        n = q.shape[-2]
+        scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()
+        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(scores, -1).to(v.dtype) @ v
+
+    monkeypatch.setattr(subgraphs, "explicit_attend", causal)
+    from export.onnx_export import export_onnx
+
+    path = export_onnx(DECODER_PRE, DECODER_PRE.build(model, 3), ckpt.config, "fp32", tmp_path / "c.onnx", AXES[0])
+    with pytest.raises(CausalExportError, match="not bidirectional"):
+        check_bidirectional(path, DECODER_PRE, ckpt.config, "fp32", AXES[0])
+
+
+def test_ops_are_on_the_trt_list(exported):
+    out, reports = exported
+    for name, report in reports.items():
+        assert "NonZero" not in report.ops and "MatMul" in report.ops and "Softmax" in report.ops, name
+
+
+def one_node_graph(op, path):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64 if op == "NonZero" else TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_data_dependent_and_unsupported_ops_are_refused(tmp_path):
+    spec = replace(VISION, inputs=(subgraphs.TensorSpec("x", "float32", (4,)),),
+                   outputs=(subgraphs.TensorSpec("y", "float32", (4,)),))
+    with pytest.raises(DataDependentShapeError, match="NonZero"):
+        check_graph(one_node_graph("NonZero", tmp_path / "nz.onnx"), spec)
+    with pytest.raises(UnsupportedOpError, match="Det"):  # 'N' in TensorRT's list
+        check_graph(one_node_graph("Det", tmp_path / "det.onnx"), spec)
+    check_graph(one_node_graph("Relu", tmp_path / "ok.onnx"), spec)
+    with pytest.raises(OutputNamesError, match=r"outputs \['y'\]; expected \['z'\]"):
+        check_graph(tmp_path / "ok.onnx", replace(spec, outputs=(subgraphs.TensorSpec("z", "float32", (4,)),)))
+
+
+def test_fp16_export_validates(tiny, tmp_path):
+    from export.checkpoint import load_model
+
+    model16, ckpt = load_model(tiny[1].path, torch.float16)
+    report = export_and_validate(DECODER_POST, DECODER_POST.build(model16, K), ckpt.config, "fp16",
+                                 tmp_path / "post16.onnx", AXES)
+    graph = onnx.load(str(tmp_path / "post16.onnx"), load_external_data=False)
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
+    assert types["hidden_states"] == TensorProto.FLOAT16
+    assert graph.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT  # logits in float32
+    casts_to_f32 = [n for n in graph.graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT]
+    assert len(casts_to_f32) >= 2 * (32 - K)  # norms and softmax computed in float32
+    print("fp16 decoder_post max |diff|:", report.max_abs_diff)
