@@ -1,0 +1,301 @@
+"""checkpoint -> bundle: ONNX subgraphs (validated), host tensors, manifest, engines or their commands.
+
+Cheap checks run before any heavy work. The bundle is written in a temporary directory and
+renamed into place when complete, so an interrupted run leaves nothing a later run mistakes for
+complete. Artifacts of a previous bundle at the same place are reused when their cache key
+(checkpoint content hash, subgraph, K, precision, opset, exporter source) matches and their
+bytes are intact: a re-run with another P, or the same inputs, exports nothing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.checkpoint import TOKENIZER_FILES, Checkpoint, load_model, open_checkpoint
+from export.onnx_export import copy_or_link, export_and_validate
+from export.profiles import (OPT_LEVEL, WORKSPACE_MIB, ProfileSettings, axis_ranges, build_script,
+                             full_sequence_opt, input_shapes, settings_dict, trtexec_command)
+from export.subgraphs import SUBGRAPHS, SubgraphSpec
+from runtime.bundle import (FileInfo, Manifest, SubgraphEntry, TensorInfo, file_info, read_manifest,
+                            sha256_file, write_manifest)
+from runtime.errors import LladaVError, expect
+from runtime.files import atomic_directory
+from runtime.pruning import PruneSettings
+from runtime.tokens import TextTokenizer
+
+PRECISIONS = ("fp16", "fp32")
+LATER_PRECISIONS = ("int8", "int4")  # explicit Q/DQ quantization: the calibration issue
+SOURCES = ("model.py", "subgraphs.py", "onnx_export.py")
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    model_dir: Path
+    out: Path
+    k: int
+    p: float
+    precision: str = "fp16"
+    profiles: ProfileSettings = field(default_factory=ProfileSettings)
+    opset: int = 18
+    engines: str = "auto"  # auto: build where TensorRT and a GPU exist; skip; require
+
+
+@dataclass
+class BuildResult:
+    manifest: Manifest
+    out: Path
+    reused: list[str]
+    exported: list[str]
+    engines_built: bool
+    engines_reason: str
+    seconds: float
+
+
+class Progress:
+    def __init__(self, stream=sys.stderr):
+        self.start, self.stream = time.perf_counter(), stream
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=self.stream, flush=True)
+
+
+def validate_request(req: BuildRequest) -> Checkpoint:
+    """Everything that can be checked before loading weights."""
+    expect(req.precision not in LATER_PRECISIONS,
+           f"precision: {req.precision} needs explicit Q/DQ quantization, which comes with calib/; use fp16 or fp32")
+    expect(req.precision in PRECISIONS, f"precision: got {req.precision!r}; expected one of {PRECISIONS}")
+    expect(req.engines in ("auto", "skip", "require"), f"engines: got {req.engines!r}; expected auto, skip or require")
+    expect(0 <= req.p < 100, f"P: got {req.p!r}; expected a percentage in [0, 100)")
+    req.profiles.validate()
+    ckpt = open_checkpoint(req.model_dir)
+    PruneSettings(k=req.k, p=req.p).validate(ckpt.config.n_layers)
+    TextTokenizer(req.model_dir)
+    seq_max = axis_ranges(ckpt.config, req.profiles, req.p)["seq"][2]
+    expect(seq_max <= ckpt.config.decoder.max_positions,
+           f"profiles: longest sequence {seq_max} tokens; the model allows {ckpt.config.decoder.max_positions}")
+    out = Path(req.out)
+    expect(not out.is_file(), f"out {str(out)!r}: is a file; expected a directory for the bundle")
+    if out.is_dir() and any(out.iterdir()):
+        expect((out / "manifest.json").is_file(),
+               f"out {str(out)!r}: exists, is not empty and holds no bundle manifest; refusing to replace it")
+    return ckpt
+
+
+def exporter_source_hash() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def artifact_key(*parts) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
+def previous_manifest(out: Path) -> Manifest | None:
+    try:
+        return read_manifest(out) if (out / "manifest.json").is_file() else None
+    except LladaVError:
+        return None  # unreadable or another format: export everything again
+
+
+def intact(old_root: Path, info: FileInfo | None) -> bool:
+    path = old_root / info.path if info else None
+    return bool(path and path.is_file() and path.stat().st_size == info.bytes and sha256_file(path) == info.sha256)
+
+
+class Builder:
+    """One run of build_bundle; holds what the stages share."""
+
+    def __init__(self, req: BuildRequest, ckpt: Checkpoint, log):
+        self.req, self.ckpt, self.cfg, self.log = req, ckpt, ckpt.config, log
+        self.model = None
+        self.old = previous_manifest(Path(req.out))
+        self.reused, self.exported = [], []
+
+    def loaded_model(self):
+        if self.model is None:
+            import torch
+
+            dtype = {"fp16": torch.float16, "fp32": torch.float32}[self.req.precision]
+            self.log(f"loading weights ({self.req.precision}) from {self.ckpt.path}")
+            self.model, _ = load_model(self.ckpt.path, dtype)
+        return self.model
+
+    def subgraph(self, tmp: Path, spec: SubgraphSpec, ckpt_hash: str, source: str, ranges: dict) -> SubgraphEntry:
+        k = self.req.k if spec.name.startswith("decoder") else "-"
+        key = artifact_key(ckpt_hash, spec.name, k, self.req.precision, spec.opset, source)
+        shapes = input_shapes(spec, self.cfg, ranges)
+        old = self.old.subgraphs.get(spec.name) if self.old else None
+        onnx_path = tmp / "onnx" / f"{spec.name}.onnx"
+        if old and old.key == key and intact(self.req.out, old.onnx) and intact(self.req.out, old.data):
+            for info in (old.onnx, old.data):
+                copy_or_link(self.req.out / info.path, tmp / info.path)
+            self.log(f"{spec.name}: reused (same checkpoint, K, precision and exporter)")
+            self.reused.append(spec.name)
+            old.shapes, old.engine, old.engine_check = shapes, None, {}
+            return old
+        self.log(f"{spec.name}: exporting and validating ...")
+        axes = self.validation_axes()
+        report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, self.req.precision,
+                                     onnx_path, axes)
+        worst = max(v for d in report.max_abs_diff.values() for v in d.values())
+        self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - PyTorch| {worst:.2e}, "
+                 f"{report.seconds:.1f}s)")
+        self.exported.append(spec.name)
+        return SubgraphEntry(
+            spec.name, file_info(tmp, onnx_path), file_info(tmp, report.data),
+            [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.inputs],
+            [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.outputs],
+            shapes, key, report.max_abs_diff, report.ops)
+
+    def validation_axes(self) -> list[dict]:
+        """Two sizes of every dynamic axis: small, and larger (reduced-sequence-like)."""
+        batch = self.req.profiles.max_batch
+        return [{"tiles": 1, "batch": 1, "seq": 48, "query": 8, "rows": 8},
+                {"tiles": 2, "batch": batch, "seq": 96, "query": 3, "rows": 5}]
+
+    def host_files(self, tmp: Path, ckpt_hash: str) -> dict[str, FileInfo]:
+        key_dir = tmp / "host"
+        key_dir.mkdir()
+        out = {}
+        for name in ("embed_tokens", "image_newline"):
+            path = key_dir / f"{name}.npy"
+            old = self.old.host.get(name) if self.old else None
+            if old and self.old.model.get("content_hash") == ckpt_hash and self.old.precision == self.req.precision \
+                    and intact(self.req.out, old):
+                copy_or_link(self.req.out / old.path, path)
+            else:
+                m = self.loaded_model()
+                tensor = m.model.embed_tokens.weight if name == "embed_tokens" else m.model.image_newline
+                np.save(path, tensor.detach().numpy())
+            out[name] = file_info(tmp, path)
+        return out
+
+
+def build_bundle(req: BuildRequest, log=None) -> BuildResult:
+    log = log or Progress()
+    start = time.perf_counter()
+    ckpt = validate_request(req)
+    log(f"checkpoint {ckpt.path}: {ckpt.config.n_layers} layers, d={ckpt.config.decoder.d_model}; hashing ...")
+    ckpt_hash = ckpt.content_hash()
+    source = exporter_source_hash()
+    ranges = axis_ranges(ckpt.config, req.profiles, req.p)
+    b = Builder(req, ckpt, log)
+    with atomic_directory(req.out) as tmp:
+        for sub in ("onnx", "tokenizer", "jetson"):
+            (tmp / sub).mkdir()
+        entries = {s.name: b.subgraph(tmp, s, ckpt_hash, source, ranges) for s in SUBGRAPHS}
+        host = b.host_files(tmp, ckpt_hash)
+        for name in TOKENIZER_FILES:
+            if (ckpt.path / name).is_file():
+                shutil.copy2(ckpt.path / name, tmp / "tokenizer" / name)
+        commands = {n: trtexec_command(e.onnx.path, f"engines/{n}.engine", e.shapes, req.precision,
+                                       "engines/timing.cache") for n, e in entries.items()}
+        script = tmp / "jetson" / "build_engines.sh"
+        script.write_text(build_script(commands))
+        script.chmod(0o755)
+        trt = engines_stage(req, tmp, entries, b, log)
+        manifest = make_manifest(req, ckpt, ckpt_hash, ranges, entries, host, trt)
+        write_manifest(tmp, manifest)
+    log(f"bundle written to {req.out}")
+    return BuildResult(manifest, Path(req.out), b.reused, b.exported, trt["built"], trt["reason"],
+                       time.perf_counter() - start)
+
+
+def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) -> dict:
+    from export.trt_build import tensorrt_status
+
+    usable, why, version = tensorrt_status()
+    status = {"built": False, "reason": why, "version": version, "script": "jetson/build_engines.sh"}
+    if req.engines == "skip":
+        status["reason"] = "skipped (--engines skip)"
+        return status
+    if not usable:
+        expect(req.engines != "require", f"engines: required, but {why}")
+        log(f"TensorRT engines: not built here: {why}. Run jetson/build_engines.sh on the Jetson.")
+        return status
+    from export.onnx_export import float_dtype
+    from export.subgraphs import dummy_inputs
+    from export.trt_build import build_engine, check_engine
+
+    (tmp / "engines").mkdir()
+    for name, entry in entries.items():
+        spec = next(s for s in SUBGRAPHS if s.name == name)
+        engine = tmp / "engines" / f"{name}.engine"
+        log(f"{name}: building TensorRT engine ...")
+        build_engine(tmp / entry.onnx.path, engine, entry.shapes, req.precision, tmp / "engines" / "timing.cache",
+                     WORKSPACE_MIB, OPT_LEVEL)
+        feeds = [dummy_inputs(spec, b.cfg, axes, float_dtype(req.precision), seed=i)
+                 for i, axes in enumerate(b.validation_axes())]
+        entry.engine = file_info(tmp, engine)
+        entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, *spec.tolerance(req.precision))
+    status.update(built=True, reason=f"built with {why}")
+    return status
+
+
+def make_manifest(req, ckpt, ckpt_hash, ranges, entries, host, trt) -> Manifest:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    cfg = ckpt.config
+    d, v, g = cfg.decoder, cfg.vision, cfg.geometry
+    return Manifest(
+        model={"name": cfg.name, "source": str(ckpt.path), "content_hash": ckpt_hash,
+               "decoder": {"layers": d.n_layers, "d_model": d.d_model, "heads": d.n_heads, "d_mlp": d.d_mlp,
+                           "vocab": d.vocab_size, "rope_theta": d.rope_theta, "rms_eps": d.rms_eps,
+                           "max_positions": d.max_positions},
+               "vision": {"d_model": v.d_model, "layers": v.n_layers, "heads": v.n_heads, "d_mlp": v.d_mlp}},
+        k=req.k, p=req.p, n_layers=d.n_layers, precision=req.precision, opset=req.opset,
+        token_ids=TextTokenizer(ckpt.path).ids.to_dict(),
+        geometry={"image_size": g.image_size, "patch_size": g.patch_size, "tokens_per_tile": g.tokens_per_tile,
+                  "grid_pinpoints": [list(p) for p in g.grid_pinpoints], "max_tiles": g.max_tiles,
+                  "mean": list(g.mean), "std": list(g.std)},
+        profiles={"settings": settings_dict(req.profiles), "axes": {a: list(r) for a, r in ranges.items()},
+                  "full_step1_seq_opt": full_sequence_opt(cfg, req.profiles)},
+        subgraphs=entries, host=host, tokenizer=sorted(p.name for p in (ckpt.path).iterdir() if p.name in TOKENIZER_FILES),
+        versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                  "transformers": transformers.__version__, "tensorrt": trt["version"]},
+        tensorrt=trt,
+    )
+
+
+def summary(result: BuildResult) -> str:
+    m, out = result.manifest, result.out
+    rows = [f"bundle {out}  (K={m.k}, P={m.p:g}, {m.precision}, {m.n_layers} layers, model {m.model['name']})", ""]
+    rows.append(f"{'file':<34} {'size':>10}  shapes (min / opt / max)")
+    for name, e in m.subgraphs.items():
+        first = next(iter(e.shapes.values()))
+        shape = " / ".join("x".join(map(str, first[w])) for w in ("min", "opt", "max"))
+        status = "reused" if name in result.reused else "exported+validated"
+        rows.append(f"{e.onnx.path:<34} {_size(e.onnx.bytes + e.data.bytes):>10}  {next(iter(e.shapes))}: {shape}  [{status}]")
+        if e.engine:
+            rows.append(f"{e.engine.path:<34} {_size(e.engine.bytes):>10}  engine vs ORT max |diff| "
+                        f"{max(e.engine_check.values()):.2e}")
+    for name, f in m.host.items():
+        rows.append(f"{f.path:<34} {_size(f.bytes):>10}")
+    rows.append("")
+    if result.engines_built:
+        rows.append(f"TensorRT engines: {result.engines_reason}")
+    else:
+        rows.append(f"TensorRT engines: not built: {result.engines_reason}")
+        rows.append(f"  build them on the Jetson: bash {out / m.tensorrt['script']}")
+    rows.append(f"done in {result.seconds:.1f}s")
+    return "\n".join(rows)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -1,0 +1,128 @@
+"""Engine profiles: the min/opt/max of every dynamic axis, derived from the image layout and lengths.
+
+One optimization profile per engine. Its range covers both the full step-1 sequence and the
+reduced one (P can change at run time; P=0 is the unpruned baseline), and it is tuned (opt) at
+the reduced length, which every step but the first runs at.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass
+
+from export.subgraphs import SubgraphSpec, model_dims
+from runtime.anyres import ANYRES, LAYOUTS, SINGLE, max_visual_tokens, plan_tiles
+from runtime.errors import expect
+from runtime.pruning import pruned_count
+
+WORKSPACE_MIB = 4096
+OPT_LEVEL = 3
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """What the engines must accept: image layout and prompt/response lengths."""
+
+    layout: str = ANYRES
+    max_text_tokens: int = 256  # chat template + question, without the image
+    opt_text_tokens: int = 96
+    max_response: int = 128
+    opt_response: int = 32
+    opt_image: tuple[int, int] = (1920, 1080)  # the camera frame the engines are tuned for
+    max_batch: int = 1  # 2 allows classifier-free guidance
+
+    def validate(self) -> "ProfileSettings":
+        expect(self.layout in LAYOUTS, f"layout: got {self.layout!r}; expected one of {LAYOUTS}")
+        for lo, hi in (("opt_text_tokens", "max_text_tokens"), ("opt_response", "max_response")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            expect(1 <= a <= b, f"{lo}={a}, {hi}={b}: expected 1 <= {lo} <= {hi}")
+        expect(self.max_batch in (1, 2), f"max batch: got {self.max_batch}; expected 1, or 2 for CFG")
+        return self
+
+
+def visual_tokens(cfg, settings: ProfileSettings) -> tuple[int, int]:
+    """(opt, max) visual tokens for the layout."""
+    g = cfg.geometry
+    if settings.layout == SINGLE:
+        return g.tokens_per_tile, g.tokens_per_tile
+    return plan_tiles(settings.opt_image, g, ANYRES).num_visual_tokens, max_visual_tokens(g, ANYRES)
+
+
+def axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int, int, int]]:
+    """Named axis -> (min, opt, max)."""
+    v_opt, v_max = visual_tokens(cfg, settings)
+    g = cfg.geometry
+    tiles_opt = 1 if settings.layout == SINGLE else plan_tiles(settings.opt_image, g, ANYRES).num_tiles
+    tiles_max = 1 if settings.layout == SINGLE else 1 + g.max_grid_tiles
+    reduced_opt = settings.opt_text_tokens + v_opt - pruned_count(v_opt, p) + settings.opt_response
+    return {
+        "tiles": (1, tiles_opt, tiles_max),
+        "batch": (1, 1, settings.max_batch),
+        "seq": (1, reduced_opt, settings.max_text_tokens + v_max + settings.max_response),
+        "query": (1, settings.opt_response, settings.max_text_tokens + settings.max_response),
+        "rows": (1, settings.opt_response, settings.max_response),
+    }
+
+
+def full_sequence_opt(cfg, settings: ProfileSettings) -> int:
+    """The step-1 sequence length at the opt image and lengths (inside the seq range)."""
+    return settings.opt_text_tokens + visual_tokens(cfg, settings)[0] + settings.opt_response
+
+
+def input_shapes(spec: SubgraphSpec, cfg, ranges: dict) -> dict[str, dict[str, list[int]]]:
+    """{input: {"min": shape, "opt": shape, "max": shape}} for one subgraph."""
+    out = {}
+    for t in spec.inputs:
+        out[t.name] = {}
+        for i, which in enumerate(("min", "opt", "max")):
+            dims = {**model_dims(cfg), **{a: r[i] for a, r in ranges.items()}}
+            out[t.name][which] = list(t.resolve(dims, "float32")[1])
+    return out
+
+
+def trtexec_command(onnx: str, engine: str, shapes: dict, precision: str, timing_cache: str,
+                    trtexec: str = "$TRTEXEC") -> list[str]:
+    """The trtexec invocation that builds one engine from its ONNX file and profile.
+
+    fp16 graphs carry their precisions (fp16 weights, float32 norms and softmax by Casts), so
+    they build strongly typed; fp32 graphs build as they are.
+    """
+
+    def spec(which):
+        return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in shapes.items())
+
+    cmd = [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}"]
+    if precision == "fp16":
+        cmd.append("--stronglyTyped")
+    cmd += [f"--minShapes={spec('min')}", f"--optShapes={spec('opt')}", f"--maxShapes={spec('max')}",
+            f"--memPoolSize=workspace:{WORKSPACE_MIB}M", f"--timingCacheFile={timing_cache}",
+            f"--builderOptimizationLevel={OPT_LEVEL}", "--skipInference"]
+    return cmd
+
+
+def build_script(commands: dict[str, list[str]]) -> str:
+    """A bash script for the Jetson: each engine built under a temporary name, then renamed."""
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Build this bundle's TensorRT engines ON THE TARGET: engines are tied to the GPU and the",
+        "# TensorRT version (JetPack 6: TensorRT 10.3). Before timing: sudo nvpmodel -m 0; sudo jetson_clocks",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")/.."',
+        'TRTEXEC="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"',
+        "mkdir -p engines",
+    ]
+    for name, cmd in commands.items():
+        final = next(a.split("=", 1)[1] for a in cmd if a.startswith("--saveEngine="))
+        tmp_cmd = [a if not a.startswith("--saveEngine=") else f"--saveEngine={final}.tmp" for a in cmd]
+        lines += ["", f'echo "building {name} ..."',
+                  " \\\n    ".join(a if a == "$TRTEXEC" else shlex.quote(a) for a in tmp_cmd).replace(
+                      "$TRTEXEC", '"$TRTEXEC"'),
+                  f"mv {shlex.quote(final + '.tmp')} {shlex.quote(final)}"]
+    lines += ["", 'echo "engines built in $(pwd)/engines"', ""]
+    return "\n".join(lines)
+
+
+def settings_dict(settings: ProfileSettings) -> dict:
+    d = asdict(settings)
+    d["opt_image"] = list(settings.opt_image)
+    return d

@@ -1,0 +1,93 @@
+"""TensorRT engines from the bundle's ONNX files, where TensorRT and a GPU are present.
+
+Written against the TensorRT 10 Python API (10.3 on JetPack 6, and newer): parse_from_file so
+external weights resolve, one optimization profile from the manifest, strongly typed for fp16
+graphs, a workspace limit, a timing cache reused across builds. Each engine is then compared with
+ONNX Runtime through Polygraphy. TensorRT is imported lazily: nothing here runs, and nothing is
+reported, where it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import LladaVError
+
+
+class EngineBuildError(LladaVError):
+    pass
+
+
+def tensorrt_status() -> tuple[bool, str, str | None]:
+    """(usable, why, version): whether engines can be built on this host."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, "the TensorRT Python package is not installed (on the Jetson it comes with JetPack)", None
+    try:
+        builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    except Exception as exc:  # TensorRT raises plain exceptions when CUDA cannot initialise
+        return False, f"TensorRT {trt.__version__} is installed but no usable GPU was found ({exc})", trt.__version__
+    if builder is None:
+        return False, f"TensorRT {trt.__version__} is installed but could not create a builder (no GPU?)", trt.__version__
+    return True, f"TensorRT {trt.__version__}", trt.__version__
+
+
+def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, precision: str, timing_cache: Path,
+                 workspace_mib: int, opt_level: int) -> None:
+    """Parse, configure one profile, build, and write engine and timing cache atomically."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision == "fp16" else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+    config.builder_optimization_level = opt_level
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for name, s in shapes.items():
+        profile.set_shape(name, s["min"], s["opt"], s["max"])
+    config.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
+    _write_atomic(engine_path, bytes(blob))
+    _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+
+
+def check_engine(engine_path: Path, onnx_path: Path, feeds_list: list[dict], atol: float, rtol: float) -> dict:
+    """TensorRT vs ONNX Runtime on the same feeds (Polygraphy), with the export's tolerance rule."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator
+
+    runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name="tensorrt"),
+               OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxrt")]
+    results = Comparator.run(runners, data_loader=feeds_list)
+    report = {}
+    for i, (trt_out, ort_out) in enumerate(zip(results[0][1], results[1][1])):
+        for name in ort_out.keys():
+            got, ref = np.asarray(trt_out[name], np.float64), np.asarray(ort_out[name], np.float64)
+            diff, scale = float(np.max(np.abs(got - ref))), float(np.max(np.abs(ref)))
+            report[f"{i}:{name}"] = diff
+            if not diff <= atol + rtol * scale:
+                raise EngineBuildError(f"{engine_path.name}: output {name} differs from ONNX Runtime by {diff:.3g}; "
+                                       f"expected <= {atol} + {rtol} * {scale:.3g}")
+    return report
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,136 @@
+"""The bundle manifest: what `export/build_engines.py` produced and what the runtime may run.
+
+    bundle/
+      manifest.json                 this file's data
+      onnx/<subgraph>.onnx(.data)   vision, decoder_pre, decoder_post
+      host/embed_tokens.npy         token embeddings (the runtime embeds text and response)
+      host/image_newline.npy
+      tokenizer/                    tokenizer.json, tokenizer_config.json, special_tokens_map.json
+      jetson/build_engines.sh       trtexec commands with the profile shapes filled in
+      engines/                      TensorRT engines, where they were built
+
+A runtime refuses a bundle whose format version, K or model it does not expect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from runtime.errors import LladaVError, expect
+from runtime.files import read_json, write_json
+
+FORMAT = "lladav-edge-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    dims: list  # ints and axis names
+
+
+@dataclass
+class FileInfo:
+    path: str  # relative to the bundle
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class SubgraphEntry:
+    name: str
+    onnx: FileInfo
+    data: FileInfo
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    shapes: dict  # input -> {"min": [...], "opt": [...], "max": [...]}
+    key: str  # cache key: checkpoint hash, subgraph, K, precision, opset, exporter source
+    validation: dict = field(default_factory=dict)  # axis sizes -> {output: max |ORT - PyTorch|}
+    ops: dict = field(default_factory=dict)
+    engine: FileInfo | None = None
+    engine_check: dict = field(default_factory=dict)  # TensorRT vs ONNX Runtime, where built
+
+
+@dataclass
+class Manifest:
+    model: dict  # name, source path, content hash, dims
+    k: int
+    p: float  # the default strategy's P; the runtime may choose another
+    n_layers: int
+    precision: str
+    opset: int
+    token_ids: dict
+    geometry: dict
+    profiles: dict  # settings, axis ranges, full step-1 opt length
+    subgraphs: dict[str, SubgraphEntry]
+    host: dict[str, FileInfo]
+    tokenizer: list[str]
+    versions: dict
+    tensorrt: dict  # {"built": bool, "reason": str, "script": path, "version": str|None}
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Manifest":
+        d = dict(d)
+        expect(d.get("format") == FORMAT, f"manifest: format is {d.get('format')!r}; expected {FORMAT!r}")
+        expect(d.get("format_version") == FORMAT_VERSION,
+               f"manifest: format_version {d.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
+        try:
+            d["subgraphs"] = {k: _subgraph(v) for k, v in d["subgraphs"].items()}
+            d["host"] = {k: FileInfo(**v) for k, v in d["host"].items()}
+            return Manifest(**d)
+        except (KeyError, TypeError) as exc:
+            raise LladaVError(f"manifest: malformed ({exc})") from None
+
+
+def _subgraph(v: dict) -> SubgraphEntry:
+    v = dict(v)
+    v["onnx"], v["data"] = FileInfo(**v["onnx"]), FileInfo(**v["data"])
+    v["inputs"] = [TensorInfo(**t) for t in v["inputs"]]
+    v["outputs"] = [TensorInfo(**t) for t in v["outputs"]]
+    v["engine"] = FileInfo(**v["engine"]) if v.get("engine") else None
+    return SubgraphEntry(**v)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_info(bundle: Path, path: Path) -> FileInfo:
+    return FileInfo(str(path.relative_to(bundle)), sha256_file(path), path.stat().st_size)
+
+
+def write_manifest(bundle: Path, manifest: Manifest) -> None:
+    write_json(bundle / MANIFEST, manifest.to_dict())
+
+
+def read_manifest(bundle) -> Manifest:
+    bundle = Path(bundle)
+    expect(bundle.is_dir(), f"bundle {str(bundle)!r}: not a directory; expected the output of build_engines.py")
+    return Manifest.from_dict(read_json(bundle / MANIFEST, "bundle manifest"))
+
+
+def verify_files(bundle: Path, manifest: Manifest, check_hashes: bool = True) -> None:
+    """Every file the manifest names exists with its size (and hash): a corrupt bundle is refused."""
+    infos = [*manifest.host.values()]
+    for entry in manifest.subgraphs.values():
+        infos += [entry.onnx, entry.data] + ([entry.engine] if entry.engine else [])
+    for info in infos:
+        path = bundle / info.path
+        expect(path.is_file(), f"bundle {str(bundle)!r}: {info.path} is missing")
+        size = path.stat().st_size
+        expect(size == info.bytes, f"bundle {str(bundle)!r}: {info.path} has {size} bytes; manifest says {info.bytes}")
+        if check_hashes:
+            expect(sha256_file(path) == info.sha256, f"bundle {str(bundle)!r}: {info.path} is corrupt (sha256 mismatch)")
