@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -189,3 +190,30 @@ def test_fp16_export_validates(tiny, tmp_path):
     casts_to_f32 = [n for n in graph.graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT]
     assert len(casts_to_f32) >= 2 * (32 - K)  # norms and softmax computed in float32
     print("fp16 decoder_post max |diff|:", report.max_abs_diff)
+
+
+def test_per_tensor_external_data_is_consolidated(tmp_path):
+    """The exporter writes one file per tensor past 2 GB; consolidation makes one .data file."""
+    from export.onnx_export import consolidate_external_data
+
+    rng = np.random.default_rng(0)
+    w1 = helper.make_tensor("w1", TensorProto.FLOAT, [16, 16], rng.standard_normal(256).astype(np.float32).tobytes(), raw=True)
+    w2 = helper.make_tensor("w2", TensorProto.FLOAT, [16, 16], rng.standard_normal(256).astype(np.float32).tobytes(), raw=True)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w1, w2]),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    src_dir = tmp_path / "raw"
+    src_dir.mkdir()
+    onnx.save_model(model, str(src_dir / "raw.onnx"), save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)
+    assert len(list(src_dir.iterdir())) == 3  # the graph and one file per weight
+    dst = tmp_path / "g.onnx"
+    consolidate_external_data(src_dir / "raw.onnx", dst)
+    shutil.rmtree(src_dir)
+    feeds = {"x": rng.standard_normal((2, 16)).astype(np.float32)}
+    (got,) = ort_session(dst).run(None, feeds)
+    want = feeds["x"] @ np.frombuffer(w1.raw_data, np.float32).reshape(16, 16) @ np.frombuffer(w2.raw_data, np.float32).reshape(16, 16)
+    assert np.allclose(got, want, atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
