@@ -205,13 +205,19 @@ def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, ax
         key = ",".join(f"{k}={v}" for k, v in sorted(axes.items()))
         report[key] = {}
         for name in spec.output_names:
-            got, ref = np.asarray(ort_out[name], np.float64), np.asarray(ref_out[name], np.float64)
-            diff, scale = float(np.max(np.abs(got - ref))), float(np.max(np.abs(ref)))
+            ok, diff, scale = scaled_diff(ort_out[name], ref_out[name], atol, rtol)
             report[key][name] = diff
-            if not diff <= atol + rtol * scale:
+            if not ok:
                 raise ParityError(f"{spec.name}: output {name} differs from PyTorch by {diff:.3g} at {key}; "
                                   f"expected <= {atol} + {rtol} * max|reference| ({scale:.3g})")
     return report
+
+
+def scaled_diff(got, ref, atol: float, rtol: float) -> tuple[bool, float, float]:
+    """(ok, max|got - ref|, max|ref|): the tolerance rule, relative to the output's scale."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    diff, scale = float(np.max(np.abs(got - ref))), float(np.max(np.abs(ref)))
+    return diff <= atol + rtol * scale, diff, scale
 
 
 def _check_shapes(spec, outputs, dims, fdt):

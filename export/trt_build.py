@@ -12,8 +12,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from runtime.errors import LladaVError
 
 
@@ -72,16 +70,17 @@ def check_engine(engine_path: Path, onnx_path: Path, feeds_list: list[dict], ato
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import Comparator
 
+    from export.onnx_export import scaled_diff
+
     runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name="tensorrt"),
                OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxrt")]
     results = Comparator.run(runners, data_loader=feeds_list)
     report = {}
     for i, (trt_out, ort_out) in enumerate(zip(results[0][1], results[1][1])):
         for name in ort_out.keys():
-            got, ref = np.asarray(trt_out[name], np.float64), np.asarray(ort_out[name], np.float64)
-            diff, scale = float(np.max(np.abs(got - ref))), float(np.max(np.abs(ref)))
+            ok, diff, scale = scaled_diff(trt_out[name], ort_out[name], atol, rtol)
             report[f"{i}:{name}"] = diff
-            if not diff <= atol + rtol * scale:
+            if not ok:
                 raise EngineBuildError(f"{engine_path.name}: output {name} differs from ONNX Runtime by {diff:.3g}; "
                                        f"expected <= {atol} + {rtol} * {scale:.3g}")
     return report
