@@ -88,13 +88,31 @@ def export_onnx(spec: SubgraphSpec, module: torch.nn.Module, cfg, precision: str
                 module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_axes=spec.dynamic_axes(), opset_version=spec.opset, do_constant_folding=True, dynamo=False,
             )
-        consolidate_external_data(raw, dst)
+        consolidate_external_data(raw, dst, edit=lambda m: stamp_io_dims(m, spec, cfg))
     return dst
 
 
-def consolidate_external_data(src: Path, dst: Path) -> None:
+def stamp_io_dims(model, spec: SubgraphSpec, cfg) -> None:
+    """Graph inputs/outputs carry the spec's dims: numbers for model dims, names for dynamic axes."""
+    dims = model_dims(cfg)
+    tensors = {t.name: t for t in (*spec.inputs, *spec.outputs)}
+    for value in (*model.graph.input, *model.graph.output):
+        t = tensors.get(value.name)
+        if t is None:
+            continue
+        shape = value.type.tensor_type.shape
+        for d, want in zip(shape.dim, t.dims):
+            if isinstance(want, int) or want in dims:
+                d.Clear()
+                d.dim_value = want if isinstance(want, int) else dims[want]
+            else:
+                d.Clear()
+                d.dim_param = want
+
+
+def consolidate_external_data(src: Path, dst: Path, edit=None) -> None:
     """Rewrite src (weights inline or one file per tensor, as the exporter left them past 2 GB)
-    as dst + one dst.data file, streaming tensor by tensor."""
+    as dst + one dst.data file, streaming tensor by tensor; `edit(model)` may touch the graph."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -118,6 +136,8 @@ def consolidate_external_data(src: Path, dst: Path) -> None:
             out.write(blob)
             _point_to(tensor, data_path.name, offset, len(blob))
             offset += len(blob)
+    if edit is not None:
+        edit(model)
     onnx.save_model(model, str(dst))
 
 

@@ -151,6 +151,16 @@ def test_a_causal_export_is_caught(tiny, tmp_path, monkeypatch):
         check_bidirectional(path, DECODER_PRE, ckpt.config, "fp32", AXES[0])
 
 
+def test_graph_io_carries_the_spec_dims(exported):
+    out, _ = exported
+    graph = onnx.load(str(out / "vision.onnx"), load_external_data=False).graph
+    dims = [d.dim_param or d.dim_value for d in graph.output[0].type.tensor_type.shape.dim]
+    assert dims == ["tiles", 729, 64]
+    graph = onnx.load(str(out / "decoder_post.onnx"), load_external_data=False).graph
+    assert [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input] == [
+        ["batch", "seq", 64], ["batch", "seq"], ["rows"]]
+
+
 def test_ops_are_on_the_trt_list(exported):
     out, reports = exported
     for name, report in reports.items():
