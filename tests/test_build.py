@@ -13,7 +13,7 @@ from export.build import BuildRequest, build_bundle, summary
 from export.build_engines import main
 from export.model import PRESETS
 from export.profiles import ProfileSettings, axis_ranges, build_script, input_shapes, trtexec_command
-from export.subgraphs import DECODER_POST, DECODER_PRE, SUBGRAPHS, VISION
+from export.subgraphs import DECODER_PRE, SUBGRAPHS, VISION
 from runtime.bundle import Manifest, read_manifest, verify_files
 from runtime.errors import LladaVError
 

@@ -1,0 +1,109 @@
+"""Answer a question about an image with a bundle from export/build_engines.py.
+
+    python -m runtime --bundle bundles/tiny-k15-fp16 --image road.jpg --prompt "Is the lane free?"
+
+The strategy (P, query set, random ablation, positions) is chosen here without rebuilding;
+K is the bundle's. --json prints a machine-readable result; --trace prints per-step timings;
+--map writes a PNG of the image with the kept visual tokens highlighted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.errors import LladaVError
+from runtime.pruning import POSITION_MODES, QUERY_SETS, PruneSettings
+from runtime.runners import BACKENDS
+from runtime.schedule import REMASKING, GenerationSettings
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--image", type=Path, required=True)
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="onnxruntime provider")
+    ap.add_argument("--model", type=Path, help="checkpoint for the pytorch backend (default: the bundle's source)")
+    ap.add_argument("--p", type=float, help="percent of visual tokens pruned (default: the bundle's P; 0 = unpruned)")
+    ap.add_argument("--k", type=int, help="refuse to run unless the bundle was built for this K")
+    ap.add_argument("--query", choices=QUERY_SETS, default="response")
+    ap.add_argument("--random-prune", action="store_true")
+    ap.add_argument("--positions", choices=POSITION_MODES, default="original")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--gen-length", type=int, default=32)
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--cfg-scale", type=float, default=0.0)
+    ap.add_argument("--remasking", choices=REMASKING, default="low_confidence")
+    ap.add_argument("--no-stop-at-eot", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--trace", action="store_true", help="per-step sequence length and timings")
+    ap.add_argument("--map", type=Path, help="write the pruning map PNG here")
+    ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    return ap.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> tuple[dict, object]:
+    from runtime.pipeline import Pipeline
+    from runtime.preprocess import load_image
+
+    image = load_image(args.image)  # unreadable image: an error before any model work
+    gen = GenerationSettings(args.steps, args.gen_length, args.block_length, args.temperature, args.cfg_scale,
+                             args.remasking, not args.no_stop_at_eot, args.seed).validate()
+    with Pipeline(args.bundle, args.backend, args.model, args.device, expect_k=args.k,
+                  verify=not args.no_verify) as pipe:
+        p = pipe.manifest.p if args.p is None else args.p
+        prune = PruneSettings(pipe.manifest.k, p, args.query, args.random_prune, args.positions, args.seed)
+        result = pipe.generate(image, args.prompt, gen, prune)
+        if args.map:
+            from runtime.pruning_map import pruning_map
+
+            title = (f"K={prune.k} P={p:g}: kept {result.kept_visual.size} of {result.layout.n_visual} "
+                     f"visual tokens ({args.query}{', random' if args.random_prune else ''})")
+            pruning_map(image, result.tile_layout, result.kept_visual, pipe.geometry.side, title).save(args.map)
+    out = {
+        "answer": result.text,
+        "token_ids": result.answer_ids,
+        "kept_visual": result.kept_visual.tolist(),
+        "visual_tokens": result.layout.n_visual,
+        "k": prune.k,
+        "p": p,
+        "backend": args.backend,
+        "vision_ms": round(result.vision_ms, 3),
+        "total_ms": round(result.total_ms, 3),
+        "steps": [s.__dict__ for s in result.steps],
+    }
+    return out, result
+
+
+def report(out: dict, trace: bool) -> str:
+    lines = [out["answer"]]
+    if trace:
+        lines += ["", f"vision {out['vision_ms']:.1f} ms; K={out['k']} P={out['p']:g}: kept "
+                      f"{len(out['kept_visual'])} of {out['visual_tokens']} visual tokens ({out['backend']})",
+                  f"{'step':>4} {'seq':>6} {'pre ms':>9} {'post ms':>9} {'other ms':>9}"]
+        lines += [f"{s['step']:>4} {s['seq_len']:>6} {s['pre_ms']:>9.2f} {s['post_ms']:>9.2f} {s['other_ms']:>9.2f}"
+                  for s in out["steps"]]
+        lines.append(f"total {out['total_ms']:.1f} ms")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        out, _ = run(args)
+    except LladaVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(out) if args.json else report(out, args.trace))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

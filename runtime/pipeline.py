@@ -1,0 +1,215 @@
+"""The denoising loop over the split subgraphs, with step-1 pruning: the part that runs on the car.
+
+Vision runs once. Step 1 runs decoder_pre on the full sequence, keeps the visual tokens chosen
+from its saliency (the reference generator's rule, `runtime.pruning`), gathers hidden states and
+position ids, and runs decoder_post on the reduced sequence. Every later step runs both halves
+on the reduced sequence; only the response rows of the input change. The unmasking rule is
+`runtime.schedule.denoise`, shared with the reference generator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime.anyres import ImageGeometry, TileLayout
+from runtime.bundle import Manifest, read_manifest, verify_files
+from runtime.errors import expect
+from runtime.merge import merge_tiles
+from runtime.preprocess import ImageInput, prepare_image
+from runtime.pruning import (PruneSettings, SequenceLayout, keep_at_random, keep_by_score, kept_positions,
+                             pruned_count, query_rows, reduced_position_ids)
+from runtime.runners import float_dtype, make_runners
+from runtime.schedule import DenoiseResult, GenerationSettings, denoise
+from runtime.tokens import PromptIds, TextTokenizer
+
+
+@dataclass
+class StepTrace:
+    step: int
+    seq_len: int  # tokens entering decoder_post (after pruning in step 1)
+    pre_ms: float
+    post_ms: float
+    other_ms: float  # embedding, gathers, unmasking rule: time outside the backends
+
+
+@dataclass
+class RuntimeResult:
+    text: str
+    answer_ids: list[int]
+    denoise: DenoiseResult
+    layout: SequenceLayout
+    tile_layout: TileLayout
+    kept_visual: np.ndarray
+    saliency: np.ndarray | None
+    vision_ms: float
+    steps: list[StepTrace] = field(default_factory=list)
+    total_ms: float = 0.0
+
+
+def geometry_of(manifest: Manifest) -> ImageGeometry:
+    g = manifest.geometry
+    return ImageGeometry(g["image_size"], g["patch_size"], tuple(tuple(p) for p in g["grid_pinpoints"]),
+                         g["max_tiles"], tuple(g["mean"]), tuple(g["std"]))
+
+
+class Pipeline:
+    """A bundle, loaded and checked, with one backend's runners."""
+
+    def __init__(self, bundle, backend: str = "onnxruntime", model_dir=None, device: str = "cpu",
+                 expect_k: int | None = None, expect_model: str | None = None, verify: bool = True):
+        self.bundle = Path(bundle)
+        self.manifest = read_manifest(self.bundle)
+        m = self.manifest
+        expect(expect_k is None or expect_k == m.k,
+               f"bundle {str(self.bundle)!r}: built for K={m.k}; asked to run K={expect_k} (rebuild with --k {expect_k})")
+        expect(expect_model is None or m.model["content_hash"].startswith(expect_model),
+               f"bundle {str(self.bundle)!r}: built from model {m.model['content_hash'][:12]}; expected {expect_model}")
+        if verify:
+            verify_files(self.bundle, m)
+        self.tokenizer = TextTokenizer(self.bundle / "tokenizer")
+        expect(self.tokenizer.ids.to_dict() == m.token_ids,
+               f"bundle {str(self.bundle)!r}: tokenizer ids {self.tokenizer.ids.to_dict()} differ from the manifest's")
+        self.fdt = float_dtype(m)
+        self.embed = np.load(self.bundle / m.host["embed_tokens"].path, mmap_mode="r")
+        self.newline = np.load(self.bundle / m.host["image_newline"].path)
+        self.geometry = geometry_of(m)
+        self.runners = make_runners(backend, self.bundle, m, model_dir, device)
+        self.backend = backend
+
+    def __enter__(self):
+        for r in self.runners.values():
+            r.activate()
+        return self
+
+    def __exit__(self, *exc):
+        for r in self.runners.values():
+            r.deactivate()
+
+    # ------------------------------------------------------------ inputs
+
+    def prepare(self, image, question: str, gen: GenerationSettings, prune: PruneSettings):
+        """Tokenize, tile and check every length against the bundle's profiles before running anything."""
+        gen.validate()
+        prune.validate(self.manifest.n_layers)
+        prof = self.manifest.profiles["settings"]
+        axes = self.manifest.profiles["axes"]
+        prompt = self.tokenizer.encode_prompt(question)
+        img = prepare_image(image, self.geometry, prof["layout"])
+        n_text = len(prompt.prefix) + len(prompt.suffix)
+        lay = SequenceLayout(len(prompt.prefix), img.layout.num_visual_tokens, len(prompt.suffix), gen.gen_length)
+        batch = 2 if gen.cfg_scale > 0 else 1
+        limits = [
+            (n_text <= prof["max_text_tokens"], f"prompt: {n_text} text tokens; the bundle's profile allows "
+                                                f"{prof['max_text_tokens']} (rebuild with --max-text-tokens)"),
+            (gen.gen_length <= axes["rows"][2], f"gen_length: {gen.gen_length}; the bundle's profile allows "
+                                               f"{axes['rows'][2]} (rebuild with --max-response)"),
+            (img.layout.num_tiles <= axes["tiles"][2], f"image: {img.layout.num_tiles} tiles; the bundle allows "
+                                                       f"{axes['tiles'][2]}"),
+            (lay.total <= axes["seq"][2], f"sequence: {lay.total} tokens (prompt {n_text}, image "
+                                          f"{lay.n_visual}, response {gen.gen_length}); the bundle's profile allows "
+                                          f"{axes['seq'][2]}"),
+            (batch <= axes["batch"][2], "cfg_scale > 0 needs batch 2; this bundle was built without --cfg"),
+        ]
+        for ok, message in limits:
+            expect(ok, message)
+        return prompt, img, lay
+
+    def prompt_embeddings(self, prompt: PromptIds, img: ImageInput):
+        """(N_prompt, D) [prefix | visual | suffix] and the vision time."""
+        runner = self.runners["vision"]
+        out = runner.infer({"pixel_values": img.pixel_values.astype(self.fdt)})
+        visual = merge_tiles(np.asarray(out["image_features"]), img.layout, self.newline)
+        parts = [self.embed[list(prompt.prefix)], visual.astype(self.fdt), self.embed[list(prompt.suffix)]]
+        return np.concatenate(parts).astype(self.fdt), runner.last_seconds * 1000
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, image, question: str, gen: GenerationSettings, prune: PruneSettings) -> RuntimeResult:
+        start = time.perf_counter()
+        prompt, img, lay = self.prepare(image, question, gen, prune)
+        embeds, vision_ms = self.prompt_embeddings(prompt, img)
+        forward = SplitForward(self, embeds, lay, prune, gen.cfg_scale)
+        result = denoise(forward, gen, self.tokenizer.ids)
+        answer = [int(t) for t in result.answer]
+        return RuntimeResult(self.tokenizer.decode(answer), answer, result, lay, img.layout, forward.kept_visual,
+                             forward.saliency, vision_ms, forward.trace, (time.perf_counter() - start) * 1000)
+
+
+class SplitForward:
+    """`forward(response_ids) -> logits (G, vocab)` over decoder_pre and decoder_post."""
+
+    def __init__(self, pipe: Pipeline, prompt: np.ndarray, lay: SequenceLayout, prune: PruneSettings, cfg: float):
+        self.pipe, self.lay, self.prune, self.cfg = pipe, lay, prune, cfg
+        self.pre, self.post = pipe.runners["decoder_pre"], pipe.runners["decoder_post"]
+        self.mask = pipe.tokenizer.ids.mask
+        self.prompt = prompt
+        self.kept_visual = np.arange(lay.n_visual)
+        self.saliency = None
+        self.inputs = None  # (B, n', D) after step 1: only its last G rows change
+        self.trace: list[StepTrace] = []
+
+    def _batch(self, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
+        h = np.concatenate([prompt, response])[None]
+        if self.cfg > 0:  # the unconditional branch: every prompt token masked
+            masked = np.broadcast_to(self.pipe.embed[self.mask], prompt.shape)
+            h = np.concatenate([h, np.concatenate([masked, response])[None]])
+        return np.ascontiguousarray(h, dtype=self.pipe.fdt)
+
+    def __call__(self, response_ids: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        response = np.asarray(self.pipe.embed[response_ids], dtype=self.pipe.fdt)
+        if self.inputs is None:
+            logits = self._first_step(response_ids, response)
+        else:
+            self.inputs[:, -self.lay.n_response:] = response
+            logits = self._step(self.inputs)
+        total = (time.perf_counter() - t0) * 1000
+        pre, post = self.pre.last_seconds * 1000, self.post.last_seconds * 1000
+        self.trace.append(StepTrace(len(self.trace) + 1, self.positions.shape[1], pre, post, total - pre - post))
+        return logits
+
+    def _run_pre(self, h, pos, rows):
+        return self.pre.infer({"inputs_embeds": h, "position_ids": pos, "score_rows": rows}, keep_on_device=True)
+
+    def _run_post(self, hidden, pos) -> np.ndarray:
+        n, g = pos.shape[1], self.lay.n_response
+        rows = np.arange(n - g, n, dtype=np.int64)
+        logits = np.asarray(self.post.infer({"hidden_states": hidden, "position_ids": pos, "logit_rows": rows})["logits"])
+        if self.cfg > 0:
+            return logits[1] + (self.cfg + 1) * (logits[0] - logits[1])
+        return logits[0]
+
+    def _first_step(self, response_ids, response) -> np.ndarray:
+        lay, prune = self.lay, self.prune
+        h = self._batch(self.prompt, response)
+        pos = np.broadcast_to(np.arange(lay.total, dtype=np.int64), h.shape[:2]).copy()
+        scoring = not prune.random and pruned_count(lay.n_visual, prune.p) > 0
+        rows = query_rows(lay, prune.query, response_ids == self.mask) if scoring else np.array([lay.total - 1])
+        out = self._run_pre(h, pos, rows)
+        pre_seconds = self.pre.last_seconds
+        if prune.random:
+            keep = keep_at_random(lay.n_visual, prune.p, prune.seed)
+        elif scoring:
+            self.saliency = np.asarray(self.pre.to_host(out["saliency"]))[0, lay.visual].astype(np.float64)
+            keep = keep_by_score(self.saliency, prune.p)
+        else:
+            keep = np.arange(lay.n_visual)
+        kept = kept_positions(lay, keep)
+        self.kept_visual = keep
+        self.positions = np.broadcast_to(reduced_position_ids(kept, prune.positions), (h.shape[0], kept.size)).copy()
+        hidden = out["hidden_states"] if keep.size == lay.n_visual else self.pre.take_rows(out["hidden_states"], kept)
+        self.prompt = np.ascontiguousarray(self.prompt[kept[: kept.size - lay.n_response]])
+        self.inputs = self._batch(self.prompt, response)  # built once; later steps rewrite the response rows
+        self.rows = np.array([self.positions.shape[1] - 1], dtype=np.int64)
+        logits = self._run_post(hidden, self.positions)
+        self.pre.last_seconds = pre_seconds
+        return logits
+
+    def _step(self, h) -> np.ndarray:
+        out = self._run_pre(h, self.positions, self.rows)
+        return self._run_post(out["hidden_states"], self.positions)
+

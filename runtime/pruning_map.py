@@ -1,0 +1,52 @@
+"""A picture of what pruning kept: the input image with dropped visual tokens darkened.
+
+Left panel: the global tile's 27x27 tokens over the whole image. Right panel (AnyRes): the grid
+tokens over the whole image (the un-padded grid covers exactly the original image). PIL only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from runtime.anyres import ANYRES, TileLayout
+
+PANEL = 512
+
+
+def token_boxes(layout: TileLayout, side: int):
+    """(visual index, (row, col), (rows, cols), panel) for every token with an image area."""
+    for i in range(side * side):
+        yield i, divmod(i, side), (side, side), 0
+    if layout.mode == ANYRES:
+        rows, cols = layout.merged
+        for r in range(rows):
+            for c in range(cols):  # column `cols` of each row is the image_newline token
+                yield side * side + r * (cols + 1) + c, (r, c), (rows, cols), 1
+
+
+def pruning_map(image: Image.Image, layout: TileLayout, kept: np.ndarray, side: int, title: str = "") -> Image.Image:
+    image = image.convert("RGB")
+    scale = PANEL / max(image.size)
+    w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
+    base = image.resize((w, h), Image.Resampling.BILINEAR)
+    panels = 2 if layout.mode == ANYRES else 1
+    keep = np.zeros(layout.num_visual_tokens, bool)
+    keep[kept] = True
+    dim = np.zeros((panels, h, w), bool)
+    for i, (r, c), (rows, cols), panel in token_boxes(layout, side):
+        if not keep[i]:
+            y0, y1 = r * h // rows, (r + 1) * h // rows
+            x0, x1 = c * w // cols, (c + 1) * w // cols
+            dim[panel, y0:y1, x0:x1] = True
+    canvas = Image.new("RGB", (panels * (w + 8) + 8, h + 40), (255, 255, 255))
+    pixels = np.asarray(base, dtype=np.float32)
+    for p in range(panels):
+        shaded = np.where(dim[p][..., None], pixels * 0.25 + np.array([0, 0, 60]), pixels)
+        canvas.paste(Image.fromarray(shaded.clip(0, 255).astype(np.uint8)), (8 + p * (w + 8), 32))
+    draw = ImageDraw.Draw(canvas)
+    labels = ["global tile", "AnyRes grid"][:panels]
+    for p, label in enumerate(labels):
+        draw.text((8 + p * (w + 8), 18), label, fill=(0, 0, 0))
+    draw.text((8, 2), title, fill=(0, 0, 0))
+    return canvas

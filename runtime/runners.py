@@ -1,0 +1,209 @@
+"""Runners: one per subgraph, one lifecycle, one contract (Polygraphy's loader/runner idea).
+
+    runner = make_runner("onnxruntime", bundle, manifest, "decoder_pre")
+    with runner:                       # activate ... deactivate
+        outputs = runner.infer(feeds)  # {name: array}, inputs checked against the manifest
+
+Backends: ONNX Runtime (CPU here; CUDA where onnxruntime-gpu and a GPU exist, with IO binding),
+PyTorch (the reference modules, for debugging and parity; needs the checkpoint), TensorRT
+(`runtime.trt_runner`, imported lazily). Feeds and outputs are numpy arrays, except that a
+runner may return, and accept back, its own device arrays (`keep_on_device=True`) so hidden
+states go from decoder_pre to decoder_post without a trip through host memory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.bundle import Manifest, SubgraphEntry
+from runtime.errors import LladaVError
+
+BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
+
+
+def float_dtype(manifest: Manifest) -> np.dtype:
+    return np.dtype({"fp16": np.float16, "fp32": np.float32}[manifest.precision])
+
+
+class Runner:
+    """Base: input checks against the manifest, timing, the lifecycle."""
+
+    def __init__(self, entry: SubgraphEntry, fdt: np.dtype):
+        self.entry, self.fdt = entry, fdt
+        self.name = entry.name
+        self.active = False
+        self.last_seconds = 0.0
+
+    def __enter__(self):
+        self.activate()
+        return self
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+    def activate(self):
+        if not self.active:
+            self._activate()
+            self.active = True
+
+    def deactivate(self):
+        if self.active:
+            self._deactivate()
+            self.active = False
+
+    def expected_dtype(self, dtype: str) -> np.dtype:
+        return self.fdt if dtype == "float" else np.dtype(dtype)
+
+    def check(self, feeds: dict) -> None:
+        """Names, dtypes, ranks, and every dim inside the bundle's profile."""
+        names = [t.name for t in self.entry.inputs]
+        if sorted(feeds) != sorted(names):
+            raise LladaVError(f"{self.name}: inputs {sorted(feeds)}; expected {names}")
+        for t in self.entry.inputs:
+            dtype, shape = self.describe(feeds[t.name])
+            want = self.expected_dtype(t.dtype)
+            if dtype != want:
+                raise LladaVError(f"{self.name}: input '{t.name}' has dtype {dtype}; expected {want}")
+            lo, hi = self.entry.shapes[t.name]["min"], self.entry.shapes[t.name]["max"]
+            if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
+                raise LladaVError(f"{self.name}: input '{t.name}' has shape {shape}; expected between "
+                                  f"{tuple(lo)} and {tuple(hi)} (the bundle's engine profile)")
+
+    def infer(self, feeds: dict, keep_on_device: bool = False) -> dict:
+        if not self.active:
+            raise LladaVError(f"{self.name}: runner used before activate()")
+        self.check(feeds)
+        start = time.perf_counter()
+        out = self._infer(feeds, keep_on_device)
+        self.last_seconds = time.perf_counter() - start
+        return out
+
+    # device helpers; host backends keep numpy arrays, so these are identities
+    def describe(self, x) -> tuple[np.dtype, tuple]:
+        """(dtype, shape) of a feed: numpy here, the backend's device arrays in subclasses."""
+        return np.dtype(x.dtype), tuple(x.shape)
+
+    def to_host(self, x) -> np.ndarray:
+        return x
+
+    def take_rows(self, x, rows: np.ndarray):
+        """x[:, rows] along the sequence axis, kept where it lives."""
+        return np.ascontiguousarray(np.asarray(x)[:, rows])
+
+    def _activate(self):
+        raise NotImplementedError
+
+    def _deactivate(self):
+        pass
+
+    def _infer(self, feeds, keep_on_device):
+        raise NotImplementedError
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime: CUDA provider where available and asked for, else CPU; IO binding."""
+
+    def __init__(self, entry, fdt, bundle: Path, device: str = "cpu"):
+        super().__init__(entry, fdt)
+        self.path, self.device = bundle / entry.onnx.path, device
+
+    def _activate(self):
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if self.device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise LladaVError("onnxruntime: CUDA asked for, but this onnxruntime has no CUDAExecutionProvider "
+                                  "(install the gpu extra: pip install -e '.[gpu]')")
+            providers.insert(0, "CUDAExecutionProvider")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise LladaVError(f"{self.name}: cannot load {self.path.name} ({exc})") from None
+
+    def _deactivate(self):
+        self.session = None
+
+    def _infer(self, feeds, keep_on_device):
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, x in feeds.items():
+            if isinstance(x, ort.OrtValue):
+                binding.bind_ortvalue_input(name, x)
+            else:
+                binding.bind_cpu_input(name, np.ascontiguousarray(x))
+        for out in self.session.get_outputs():
+            binding.bind_output(out.name, self.device)
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        names = [o.name for o in self.session.get_outputs()]
+        if keep_on_device:
+            return dict(zip(names, values))
+        return {n: v.numpy() for n, v in zip(names, values)}
+
+    ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+    def describe(self, x):
+        if isinstance(x, np.ndarray):
+            return super().describe(x)
+        return np.dtype(self.ORT_TYPES.get(x.data_type(), np.void)), tuple(x.shape())
+
+    def to_host(self, x):
+        return x if isinstance(x, np.ndarray) else x.numpy()
+
+    def take_rows(self, x, rows):
+        return np.ascontiguousarray(self.to_host(x)[:, rows])  # once per generation (step 1)
+
+
+class TorchRunner(Runner):
+    """The PyTorch reference modules (export.subgraphs) on the CPU: debugging and parity."""
+
+    def __init__(self, entry, fdt, module):
+        super().__init__(entry, fdt)
+        self.module = module
+
+    def _activate(self):
+        self.module.eval()
+
+    def _infer(self, feeds, keep_on_device):
+        import torch
+
+        args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in self.entry.inputs]
+        with torch.inference_mode():
+            outs = self.module(*args)
+        return {t.name: o.numpy() for t, o in zip(self.entry.outputs, outs)}
+
+
+def make_runners(backend: str, bundle: Path, manifest: Manifest, model_dir=None, device: str = "cpu") -> dict:
+    """{subgraph name: runner} for a backend; heavy imports happen here, lazily."""
+    if backend not in BACKENDS:
+        raise LladaVError(f"backend: got {backend!r}; expected one of {BACKENDS}")
+    fdt = float_dtype(manifest)
+    if backend == "onnxruntime":
+        return {n: OrtRunner(e, fdt, bundle, device) for n, e in manifest.subgraphs.items()}
+    if backend == "tensorrt":
+        from runtime.trt_runner import make_trt_runners
+
+        return make_trt_runners(bundle, manifest, fdt)
+    return _torch_runners(manifest, fdt, model_dir)
+
+
+def _torch_runners(manifest: Manifest, fdt, model_dir) -> dict:
+    import torch
+
+    from export.checkpoint import load_model, open_checkpoint
+    from export.subgraphs import SUBGRAPHS
+
+    path = Path(model_dir or manifest.model["source"])
+    ckpt = open_checkpoint(path)
+    if ckpt.content_hash() != manifest.model["content_hash"]:
+        raise LladaVError(f"pytorch backend: checkpoint {str(path)!r} is not the one this bundle was built from "
+                          f"(content hash {ckpt.content_hash()[:12]}; bundle {manifest.model['content_hash'][:12]})")
+    model, _ = load_model(path, {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[fdt])
+    return {s.name: TorchRunner(manifest.subgraphs[s.name], fdt, s.build(model, manifest.k)) for s in SUBGRAPHS}

@@ -1,0 +1,178 @@
+"""The runtime over the split subgraphs against the PyTorch reference generator, and its errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.build import BuildRequest, build_bundle
+from export.profiles import ProfileSettings
+from export.reference import ReferenceForward, generate, prompt_embeddings
+from runtime.__main__ import main
+from runtime.errors import LladaVError
+from runtime.pipeline import Pipeline, SplitForward
+from runtime.preprocess import prepare_image
+from runtime.pruning import PruneSettings
+from runtime.schedule import GenerationSettings
+from tests.conftest import gradient_image
+
+PROFILE = ProfileSettings(layout="single", max_text_tokens=160, opt_text_tokens=100, max_response=16, opt_response=8)
+GEN = GenerationSettings(steps=4, gen_length=8, block_length=8)
+PROMPTS = ["What is ahead of the car?", "Is the traffic light red?"]
+
+
+@pytest.fixture(scope="module")
+def bundles(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    return {k: build_bundle(BuildRequest(tiny_dir, root / f"k{k}", k, 50, "fp32", PROFILE), log=lambda m: None).out
+            for k in (3, 15)}
+
+
+@pytest.fixture(scope="module")
+def image():
+    return gradient_image(320, 200)
+
+
+def reference(tiny, tokenizer, image, question, gen, prune):
+    model, ckpt = tiny
+    img = prepare_image(image, ckpt.config.geometry, "single")
+    return generate(model, tokenizer.ids, tokenizer.encode_prompt(question), img, gen, prune)
+
+
+@pytest.mark.parametrize("k", [3, 15])
+@pytest.mark.parametrize("p", [0, 50, 70])
+def test_onnxruntime_generates_the_reference_tokens(bundles, tiny, tokenizer, image, k, p):
+    with Pipeline(bundles[k]) as pipe:
+        for question, gen in [(PROMPTS[0], GEN), (PROMPTS[1], replace(GEN, temperature=0.7, seed=11))]:
+            prune = PruneSettings(k=k, p=p)
+            got = pipe.generate(image, question, gen, prune)
+            want = reference(tiny, tokenizer, image, question, gen, prune)
+            assert got.answer_ids == want.answer_ids, (k, p, question)
+            assert np.array_equal(got.kept_visual, want.kept_visual)
+            assert [s.seq_len for s in got.steps] == want.seq_lens
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_strategies_chosen_at_run_time(bundles, tiny, tokenizer, image, seed):
+    gen = replace(GEN, temperature=1.0, seed=seed)
+    with Pipeline(bundles[15]) as pipe:
+        for prune in (PruneSettings(k=15, p=50, query="last"), PruneSettings(k=15, p=70, random=True, seed=seed),
+                      PruneSettings(k=15, p=50, query="prompt", positions="compact")):
+            got = pipe.generate(image, PROMPTS[0], gen, prune)
+            want = reference(tiny, tokenizer, image, PROMPTS[0], gen, prune)
+            assert got.answer_ids == want.answer_ids and np.array_equal(got.kept_visual, want.kept_visual), prune
+
+
+def test_pytorch_backend_generates_the_reference_tokens(bundles, tiny, tokenizer, image):
+    with Pipeline(bundles[15], backend="pytorch", model_dir=tiny[1].path) as pipe:
+        for p in (0, 50):
+            prune = PruneSettings(k=15, p=p)
+            assert pipe.generate(image, PROMPTS[1], GEN, prune).answer_ids == \
+                reference(tiny, tokenizer, image, PROMPTS[1], GEN, prune).answer_ids
+
+
+def test_logits_agree_with_the_reference(bundles, tiny, tokenizer, image):
+    """Step-1 and step-2 logits of the runtime vs ReferenceForward: max |diff| < 1e-4 (fp32)."""
+    model, ckpt = tiny
+    prune = PruneSettings(k=15, p=50)
+    with Pipeline(bundles[15]) as pipe:
+        prompt, img, lay = pipe.prepare(image, PROMPTS[0], GEN, prune)
+        embeds, _ = pipe.prompt_embeddings(prompt, img)
+        runtime_fwd = SplitForward(pipe, embeds, lay, prune, 0.0)
+        with torch.inference_mode():
+            ref_embeds, ref_lay = prompt_embeddings(model, prompt, img, GEN.gen_length)
+        assert ref_lay == lay and np.abs(ref_embeds.numpy() - embeds).max() < 1e-4
+        ref_fwd = ReferenceForward(model, ref_embeds, lay, prune, 0.0, tokenizer.ids.mask)
+        x = np.full(GEN.gen_length, tokenizer.ids.mask)
+        errs = [np.abs(runtime_fwd(x) - ref_fwd(x)).max()]
+        x[:3] = [5, 6, 7]
+        errs.append(np.abs(runtime_fwd(x) - ref_fwd(x)).max())
+    print(f"logits max |diff|: step 1 {errs[0]:.2e}, step 2 {errs[1]:.2e}")
+    assert max(errs) < 1e-4
+
+
+def test_cli_json_trace_and_map(bundles, tmp_path, capsys):
+    img = tmp_path / "road.png"
+    gradient_image(320, 200).save(img)
+    png = tmp_path / "map.png"
+    argv = ["--bundle", str(bundles[15]), "--image", str(img), "--prompt", PROMPTS[0], "--steps", "4",
+            "--gen-length", "8", "--block-length", "8", "--p", "70", "--json", "--map", str(png)]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["visual_tokens"] == 729 and len(out["kept_visual"]) == 729 - 510 and out["k"] == 15
+    assert len(out["steps"]) <= 4 and all(s["seq_len"] == out["steps"][0]["seq_len"] for s in out["steps"])
+    assert all(s["pre_ms"] > 0 and s["post_ms"] > 0 and s["other_ms"] >= 0 for s in out["steps"])
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    assert pixels.shape[0] > 100 and pixels.std() > 10
+    assert main(argv[:-3] + ["--trace"]) == 0
+    text = capsys.readouterr().out
+    assert "pre ms" in text and "kept 219 of 729 visual tokens" in text
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--k", "3"], "built for K=15; asked to run K=3"),
+        (["--p", "100"], "P: got 100.0"),
+        (["--gen-length", "32", "--block-length", "32", "--steps", "8"], "gen_length: 32; the bundle's profile allows 16"),
+        (["--prompt", "word " * 300], "text tokens; the bundle's profile allows 160"),
+        (["--cfg-scale", "1.0"], "needs batch 2"),
+        (["--backend", "tensorrt"], "TensorRT"),
+    ],
+)
+def test_cli_errors(bundles, tmp_path, capsys, argv, message):
+    img = tmp_path / "i.png"
+    gradient_image(64, 64).save(img)
+    base = ["--bundle", str(bundles[15]), "--image", str(img), "--prompt", "Is it clear?", "--steps", "4",
+            "--gen-length", "8", "--block-length", "8"]
+    if "--prompt" in argv:
+        base = base[:4] + base[6:]
+    assert main(base + argv) == 2
+    err = capsys.readouterr()
+    assert message in err.err and err.out == ""  # nothing printed before the error
+
+
+def test_unknown_strategy_is_refused(bundles, tmp_path, capsys):
+    img = tmp_path / "i.png"
+    gradient_image(64, 64).save(img)
+    with pytest.raises(SystemExit):
+        main(["--bundle", str(bundles[15]), "--image", str(img), "--prompt", "x", "--query", "everything"])
+    assert "invalid choice: 'everything'" in capsys.readouterr().err
+
+
+def test_broken_bundles_are_refused(bundles, tmp_path, image):
+    broken = tmp_path / "b"
+    shutil.copytree(bundles[15], broken)
+    (broken / "onnx" / "decoder_pre.onnx").write_bytes(b"garbage")
+    with pytest.raises(LladaVError, match="decoder_pre.onnx has 7 bytes"):
+        Pipeline(broken)
+    with pytest.raises(LladaVError, match="cannot load decoder_pre.onnx"):
+        with Pipeline(broken, verify=False):  # refused when the runners activate, before any step
+            pass
+    (broken / "onnx" / "vision.onnx.data").unlink()
+    with pytest.raises(LladaVError, match="vision.onnx.data is missing"):
+        Pipeline(broken)
+    with pytest.raises(LladaVError, match="not a directory"):
+        Pipeline(tmp_path / "nothing")
+    with pytest.raises(LladaVError, match="built from model"):
+        Pipeline(bundles[15], expect_model="0123abcd")
+
+
+def test_runner_checks_name_the_tensor(bundles):
+    with Pipeline(bundles[15]) as pipe:
+        pre = pipe.runners["decoder_pre"]
+        good = {"inputs_embeds": np.zeros((1, 10, 64), np.float32), "position_ids": np.zeros((1, 10), np.int64),
+                "score_rows": np.zeros(2, np.int64)}
+        pre.infer(good)
+        with pytest.raises(LladaVError, match=r"input 'inputs_embeds' has dtype float64; expected float32"):
+            pre.infer({**good, "inputs_embeds": np.zeros((1, 10, 64))})
+        with pytest.raises(LladaVError, match=r"input 'position_ids' has shape \(1, 5000\); expected between"):
+            pre.infer({**good, "position_ids": np.zeros((1, 5000), np.int64)})
+        with pytest.raises(LladaVError, match=r"inputs \['inputs_embeds', 'position_ids'\]; expected"):
+            pre.infer({k: v for k, v in good.items() if k != "score_rows"})
