@@ -176,3 +176,34 @@ def test_runner_checks_name_the_tensor(bundles):
             pre.infer({**good, "position_ids": np.zeros((1, 5000), np.int64)})
         with pytest.raises(LladaVError, match=r"inputs \['inputs_embeds', 'position_ids'\]; expected"):
             pre.infer({k: v for k, v in good.items() if k != "score_rows"})
+
+
+def test_the_car_path_needs_neither_torch_nor_transformers(bundles, tmp_path):
+    import subprocess
+    import sys
+
+    img = tmp_path / "i.png"
+    gradient_image(64, 64).save(img)
+    code = (
+        "import sys; from runtime.__main__ import main; "
+        f"rc = main(['--bundle', {str(bundles[15])!r}, '--image', {str(img)!r}, '--prompt', 'Clear?', "
+        "'--steps', '2', '--gen-length', '8', '--block-length', '8', '--json']); "
+        "print('LOADED', sorted(m for m in ('torch', 'transformers') if m in sys.modules)); sys.exit(rc)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stdout
+
+
+def test_tensorrt_backend_generates_the_reference_tokens(bundles, tiny, tokenizer, image):
+    from export.trt_build import tensorrt_status
+
+    usable, why, _ = tensorrt_status()
+    if not usable:
+        pytest.skip(f"needs TensorRT and a GPU: {why}")
+    if not (bundles[15] / "engines").is_dir():
+        pytest.skip("the bundle has no engines (built with --engines skip)")
+    with Pipeline(bundles[15], backend="tensorrt") as pipe:
+        prune = PruneSettings(k=15, p=50)
+        assert pipe.generate(image, PROMPTS[0], GEN, prune).answer_ids == \
+            reference(tiny, tokenizer, image, PROMPTS[0], GEN, prune).answer_ids
