@@ -47,7 +47,7 @@ def default_model_dir() -> Path:
     return default_home() / TINY_VERSION
 
 
-def build_tokenizer():
+def build_tokenizer(vocab_size: int = 400):
     """A byte-level BPE trained on CORPUS, LLaDA-V's special tokens appended after it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -55,7 +55,7 @@ def build_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS.values()))
