@@ -71,13 +71,15 @@ def write_bench_checkpoint(path: Path, shape: BenchShape) -> Path:
 
 
 def timed(fn, repeats: int) -> tuple[float, list[float], int, object]:
+    """(median seconds, all runs, peak RSS, the result of the median run)."""
     reset_peak_rss()
-    times, result = [], None
+    times, results = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        result = fn()
+        results.append(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times), times, peak_rss(), result
+    median_run = sorted(range(repeats), key=times.__getitem__)[(repeats - 1) // 2]
+    return times[median_run], times, peak_rss(), results[median_run]
 
 
 def predicted(shape: BenchShape, n_text: int, n_visual: int, gen: int, k, p) -> float:
@@ -161,17 +163,25 @@ def report(out: dict) -> str:
     lines = [f"LLaDA-V-shaped model: {s['layers']} layers, d={s['d_model']}, mlp={s['d_mlp']}; {t['text']} text + "
              f"{t['visual']} visual + {t['response']} response tokens, {t['response']} steps; CPU, medians of "
              f"{s['repeats']}", "",
-             f"{'case':<32} {'median s':>9} {'vs (b)':>7} {'FLOPs pred.':>11} {'peak RSS':>9}  where (ms): vision / pre / post / outside"]
+             f"{'case':<32} {'median s':>9} {'vs (b)':>7} {'backends':>9} {'FLOPs pred.':>11} {'peak RSS':>9}  "
+             "where (ms): vision / pre / post / outside"]
+    b_backend = backend_ms(out["cases"]["b"])
     for key, c in out["cases"].items():
         pred = f"{c['predicted_vs_b']:.2f}" if "predicted_vs_b" in c else "-"
+        backends = f"{backend_ms(c) / b_backend:.2f}" if "where_ms" in c else "-"
         where = " / ".join(f"{v:.0f}" for v in c["where_ms"].values()) if "where_ms" in c else "-"
-        lines.append(f"({key}) {c['label']:<28} {c['median_s']:>9.2f} {c['ratio_vs_b']:>7.2f} {pred:>11} "
+        lines.append(f"({key}) {c['label']:<28} {c['median_s']:>9.2f} {c['ratio_vs_b']:>7.2f} {backends:>9} {pred:>11} "
                      f"{c['peak_rss_bytes'] / 2**20:>7.0f}MB  {where}")
+    lines.append("'vs (b)': end-to-end ratio of medians; 'backends': decoder_pre + decoder_post time of the median runs")
     lines += ["", f"{'steps':>5} {'unpruned s':>10} {'K15 P50 s':>10} {'speedup':>8} {'FLOPs pred.':>11}"]
     lines += [f"{r['steps']:>5} {r['unpruned_s']:>10.2f} {r['pruned_s']:>10.2f} {r['speedup']:>8.2f} "
               f"{r['predicted_speedup']:>11.2f}" for r in out["steps_sweep"]]
     lines += ["", "weights per subgraph: " + ", ".join(f"{n} {b / 2**20:.2f} MiB" for n, b in out["weight_bytes"].items())]
     return "\n".join(lines)
+
+
+def backend_ms(case: dict) -> float:
+    return case["where_ms"]["decoder_pre"] + case["where_ms"]["decoder_post"]
 
 
 def plot(out: dict, path: Path) -> None:
