@@ -26,8 +26,8 @@ from export.tiny import demo_image, ensure_tiny  # noqa: E402
 from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
 from runtime.errors import LladaVError  # noqa: E402
 from runtime.preprocess import prepare_image  # noqa: E402
-from runtime.pruning import POSITION_MODES, QUERY_SETS, PruneSettings, pruned_count  # noqa: E402
-from runtime.schedule import REMASKING, GenerationSettings  # noqa: E402
+from runtime.cli_args import add_generation_args, add_strategy_args, generation_settings  # noqa: E402
+from runtime.pruning import PruneSettings, pruned_count  # noqa: E402
 from runtime.tokens import TextTokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,25 +41,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES, help="AnyRes tiles or one 384x384 tile")
     ap.add_argument("--k", type=int, default=15, help="prune between decoder layers K-1 and K of step 1")
     ap.add_argument("--p", type=float, default=50.0, help="percent of visual tokens dropped; 0 = unpruned")
-    ap.add_argument("--query", choices=QUERY_SETS, default="response", help="rows whose attention scores the tokens")
-    ap.add_argument("--random-prune", action="store_true", help="ablation: drop at random instead")
-    ap.add_argument("--positions", choices=POSITION_MODES, default="original", help="RoPE ids of kept tokens")
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--gen-length", type=int, default=32)
-    ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--cfg-scale", type=float, default=0.0)
-    ap.add_argument("--remasking", choices=REMASKING, default="low_confidence")
-    ap.add_argument("--no-stop-at-eot", action="store_true", help="fill the whole response even after <|eot_id|>")
-    ap.add_argument("--seed", type=int, default=0)
+    add_strategy_args(ap)
+    add_generation_args(ap)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights on the CPU")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return ap.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:
-    gen = GenerationSettings(args.steps, args.gen_length, args.block_length, args.temperature, args.cfg_scale,
-                             args.remasking, not args.no_stop_at_eot, args.seed).validate()
+    gen = generation_settings(args)
     prune = PruneSettings(args.k, args.p, args.query, args.random_prune, args.positions, args.seed)
     model_dir = args.model if args.model is not None else ensure_tiny()
     model, ckpt = load_model(model_dir, DTYPES[args.dtype])

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from runtime.errors import LladaVError
-from runtime.pruning import POSITION_MODES, QUERY_SETS, PruneSettings
+from runtime.cli_args import add_generation_args, add_strategy_args, generation_settings
+from runtime.pruning import PruneSettings
 from runtime.runners import BACKENDS
-from runtime.schedule import REMASKING, GenerationSettings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,17 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--model", type=Path, help="checkpoint for the pytorch backend (default: the bundle's source)")
     ap.add_argument("--p", type=float, help="percent of visual tokens pruned (default: the bundle's P; 0 = unpruned)")
     ap.add_argument("--k", type=int, help="refuse to run unless the bundle was built for this K")
-    ap.add_argument("--query", choices=QUERY_SETS, default="response")
-    ap.add_argument("--random-prune", action="store_true")
-    ap.add_argument("--positions", choices=POSITION_MODES, default="original")
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--gen-length", type=int, default=32)
-    ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--cfg-scale", type=float, default=0.0)
-    ap.add_argument("--remasking", choices=REMASKING, default="low_confidence")
-    ap.add_argument("--no-stop-at-eot", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
+    add_strategy_args(ap)
+    add_generation_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--trace", action="store_true", help="per-step sequence length and timings")
     ap.add_argument("--map", type=Path, help="write the pruning map PNG here")
@@ -54,8 +45,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     from runtime.preprocess import load_image
 
     image = load_image(args.image)  # unreadable image: an error before any model work
-    gen = GenerationSettings(args.steps, args.gen_length, args.block_length, args.temperature, args.cfg_scale,
-                             args.remasking, not args.no_stop_at_eot, args.seed).validate()
+    gen = generation_settings(args)
     with Pipeline(args.bundle, args.backend, args.model, args.device, expect_k=args.k,
                   verify=not args.no_verify) as pipe:
         p = pipe.manifest.p if args.p is None else args.p
