@@ -21,6 +21,25 @@ from runtime.errors import LladaVError
 from runtime.runners import Runner
 
 
+def numpy_dtype(dtype) -> np.dtype:
+    """numpy dtype of a numpy dtype or of Polygraphy's DataType (what its device arrays report)."""
+    if isinstance(dtype, np.dtype):
+        return dtype
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        from polygraphy.datatype import DataType
+
+        return np.dtype(DataType.to_dtype(dtype, "numpy"))
+
+
+def row_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
+    """(source row, destination row, count) for each run of consecutive ascending rows."""
+    starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)
+    ends = np.append(starts[1:], rows.size)
+    return [(int(rows[s]), int(s), int(e - s)) for s, e in zip(starts, ends)]
+
+
 def make_trt_runners(bundle: Path, manifest: Manifest, fdt) -> dict:
     try:
         import tensorrt  # noqa: F401
@@ -77,7 +96,7 @@ class TrtRunner(Runner):
         self.buffers, self.context, self.engine = {}, None, None
 
     def describe(self, x):
-        return np.dtype(x.dtype), tuple(x.shape)
+        return numpy_dtype(x.dtype), tuple(x.shape)
 
     def _infer(self, feeds, keep_on_device):
         cuda = self.cuda
@@ -86,10 +105,10 @@ class TrtRunner(Runner):
             if isinstance(x, (cuda.DeviceView, cuda.DeviceArray)):
                 ptr = x.ptr  # already on the device (e.g. decoder_pre's hidden states): no copy
             else:
-                buf = self.buffers[t.name]
-                view = cuda.DeviceView(buf.ptr, x.shape, buf.dtype)
-                view.copy_from(np.ascontiguousarray(x), self.stream)
-                ptr = buf.ptr
+                host = np.ascontiguousarray(x)
+                ptr = self.buffers[t.name].ptr  # the preallocated buffer; only x.nbytes of it are used
+                cuda.wrapper().memcpy(ptr, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice,
+                                      self.stream.ptr)
             self.context.set_input_shape(t.name, tuple(x.shape))
             self.context.set_tensor_address(t.name, ptr)
         outputs = {}
@@ -101,9 +120,8 @@ class TrtRunner(Runner):
             raise LladaVError(f"{self.name}: TensorRT execution failed")
         if keep_on_device:
             return outputs
-        host = {n: v.numpy() for n, v in outputs.items()}  # copies on the default stream after a sync
         self.stream.synchronize()
-        return host
+        return {n: v.numpy() for n, v in outputs.items()}
 
     def to_host(self, x):
         self.stream.synchronize()
@@ -113,14 +131,13 @@ class TrtRunner(Runner):
         """x[:, rows] on the device: one device-to-device copy per run of consecutive rows."""
         cuda = self.cuda
         batch, n = x.shape[0], x.shape[1]
-        row_bytes = int(np.prod(x.shape[2:])) * np.dtype(x.dtype).itemsize
-        out = cuda.DeviceArray(shape=(batch, rows.size, *x.shape[2:]), dtype=x.dtype)
-        starts = np.flatnonzero(np.diff(rows, prepend=-2) != 1)
-        ends = np.append(starts[1:], rows.size)
+        dtype = numpy_dtype(x.dtype)
+        row_bytes = int(np.prod(x.shape[2:])) * dtype.itemsize
+        out = cuda.DeviceArray(shape=(batch, rows.size, *x.shape[2:]), dtype=dtype)
         for b in range(batch):
-            for s, e in zip(starts, ends):
-                src = x.ptr + (b * n + int(rows[s])) * row_bytes
-                dst = out.ptr + (b * rows.size + int(s)) * row_bytes
-                cuda.wrapper().memcpy(dst, src, int(e - s) * row_bytes, cuda.MemcpyKind.DeviceToDevice, self.stream.ptr)
+            for src_row, dst_row, count in row_runs(rows):
+                src = x.ptr + (b * n + src_row) * row_bytes
+                dst = out.ptr + (b * rows.size + dst_row) * row_bytes
+                cuda.wrapper().memcpy(dst, src, count * row_bytes, cuda.MemcpyKind.DeviceToDevice, self.stream.ptr)
         self._gathered = out  # owned here until the next gather (step 1 happens once per generation)
         return out
