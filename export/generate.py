@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
 
 import torch  # noqa: E402
 
-from export.checkpoint import load_model  # noqa: E402
+from export.checkpoint import load_model, open_checkpoint  # noqa: E402
 from export.reference import generate  # noqa: E402
 from export.tiny import demo_image, ensure_tiny  # noqa: E402
 from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
@@ -52,8 +52,8 @@ def run(args: argparse.Namespace) -> dict:
     gen = generation_settings(args)
     prune = PruneSettings(args.k, args.p, args.query, args.random_prune, args.positions, args.seed)
     model_dir = args.model if args.model is not None else ensure_tiny()
+    prune.validate(open_checkpoint(model_dir).config.n_layers)  # refuse bad K/P before loading weights
     model, ckpt = load_model(model_dir, DTYPES[args.dtype])
-    prune.validate(ckpt.config.n_layers)
     tokenizer = TextTokenizer(model_dir)
     image = prepare_image(args.image if args.image is not None else demo_image(), ckpt.config.geometry, args.layout)
     prompt = tokenizer.encode_prompt(args.prompt)
