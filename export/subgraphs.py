@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from export import model as model_math
 from export.model import LladaV
@@ -173,12 +174,31 @@ def explicit_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
+def softmax_in_dtype(input, dim=None, _stacklevel=3, dtype=None):
+    """F.softmax(x, dtype=float32) computed in float32. The TorchScript exporter would emit a
+    float16 Softmax followed by a Cast (SigLIP's attention asks for float32 this way)."""
+    if dtype is not None:
+        input = input.to(dtype)
+    return _SOFTMAX(input, dim=dim)
+
+
+def layer_norm_float32(self, x):
+    """nn.LayerNorm in float32, cast back: SigLIP's norms stay float32 in fp16 graphs."""
+    w = None if self.weight is None else self.weight.float()
+    b = None if self.bias is None else self.bias.float()
+    return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+_SOFTMAX = F.softmax
+
+
 @contextlib.contextmanager
 def export_patches():
-    """Swap SDPA for the explicit attention while exporting; the model code stays untouched."""
-    saved = model_math.attend
-    model_math.attend = explicit_attend
+    """While exporting: explicit float32 attention instead of SDPA, float32 softmax and LayerNorm
+    for the vision tower. The model code stays untouched."""
+    saved = model_math.attend, F.softmax, nn.LayerNorm.forward
+    model_math.attend, F.softmax, nn.LayerNorm.forward = explicit_attend, softmax_in_dtype, layer_norm_float32
     try:
         yield
     finally:
-        model_math.attend = saved
+        model_math.attend, F.softmax, nn.LayerNorm.forward = saved

@@ -187,6 +187,31 @@ def test_data_dependent_and_unsupported_ops_are_refused(tmp_path):
         check_graph(tmp_path / "ok.onnx", replace(spec, outputs=(subgraphs.TensorSpec("z", "float32", (4,)),)))
 
 
+def input_types(path, ops):
+    """{op: [element type of its first input]} for the given op types, after shape inference."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    out = {}
+    for n in g.node:
+        if n.op_type in ops:
+            out.setdefault(n.op_type, []).append(types.get(n.input[0]))
+    return out
+
+
+def test_fp16_vision_keeps_norms_and_softmax_in_float32(tiny, tmp_path):
+    """transformers' SigLIP asks softmax for float32 by a dtype argument, which the exporter would
+    turn into a float16 Softmax plus a Cast; LayerNorm would run in float16. The export patches fix both."""
+    from export.checkpoint import load_model
+
+    model16, ckpt = load_model(tiny[1].path, torch.float16)
+    path = export_and_validate(VISION, VISION.build(model16, K), ckpt.config, "fp16", tmp_path / "v16.onnx", AXES).onnx
+    types = input_types(path, ("LayerNormalization", "Softmax"))
+    assert len(types["LayerNormalization"]) == 4 and len(types["Softmax"]) == 2  # 2 layers x (2 norms, 1 softmax)
+    assert set(types["LayerNormalization"]) == set(types["Softmax"]) == {TensorProto.FLOAT}
+
+
 def test_fp16_export_validates(tiny, tmp_path):
     from export.checkpoint import load_model
 
@@ -199,6 +224,8 @@ def test_fp16_export_validates(tiny, tmp_path):
     assert graph.graph.output[0].type.tensor_type.elem_type == TensorProto.FLOAT  # logits in float32
     casts_to_f32 = [n for n in graph.graph.node if n.op_type == "Cast" and n.attribute[0].i == TensorProto.FLOAT]
     assert len(casts_to_f32) >= 2 * (32 - K)  # norms and softmax computed in float32
+    types = input_types(tmp_path / "post16.onnx", ("Softmax", "ReduceMean"))
+    assert set(types["Softmax"]) == set(types["ReduceMean"]) == {TensorProto.FLOAT}  # attention; RMSNorm's mean
     print("fp16 decoder_post max |diff|:", report.max_abs_diff)
 
 
