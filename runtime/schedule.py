@@ -76,15 +76,20 @@ def transfer_counts(n_masked: int, steps: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(steps)]
 
 
-def log_softmax64(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float64 (LLaDA-V takes the softmax in float64)."""
-    x = logits.astype(np.float64)
-    top = np.max(x, axis=-1, keepdims=True)
-    return x - top - np.log(np.sum(np.exp(x - top), axis=-1, keepdims=True))
+def probability_of(logits: np.ndarray, x0: np.ndarray) -> np.ndarray:
+    """softmax(logits)[x0] per row: exp(l[x0] - max) / sum(exp(l - max)), the sum in float64.
+
+    One pass of float32 exponentials over the vocabulary instead of a float64 log-softmax matrix
+    (LLaDA-V takes its softmax in float64; the sum here is accumulated in float64).
+    """
+    top = logits.max(axis=-1)
+    denom = np.exp(logits - top[:, None]).sum(axis=-1, dtype=np.float64)
+    picked = logits[np.arange(logits.shape[0]), x0].astype(np.float64)
+    return np.exp(picked - top) / denom
 
 
 def propose(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator):
-    """Candidate tokens x0 and their confidence for each row of `logits` (G, vocab).
+    """Candidate tokens x0 and their confidence for each row of `logits` (rows, vocab).
 
     Temperature > 0 samples with Gumbel noise: LLaDA's argmax(exp(l) / (-log u)^T) written as
     argmax(l - T * log(-log u)), the same argmax without float64 overflow.
@@ -95,7 +100,7 @@ def propose(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Gen
     else:
         x0 = np.argmax(logits, axis=-1)
     if settings.remasking == "low_confidence":
-        confidence = np.exp(np.take_along_axis(log_softmax64(logits), x0[:, None], axis=-1)[:, 0])
+        confidence = probability_of(logits, x0)
     else:
         confidence = rng.random(x0.shape[0])
     return x0.astype(np.int64), confidence
@@ -108,11 +113,12 @@ def most_confident(confidence: np.ndarray, eligible: np.ndarray, k: int) -> np.n
     return candidates[order[:k]]
 
 
-def suppress(logits: np.ndarray, masked: np.ndarray, ids: TokenIds) -> np.ndarray:
-    """-inf for BOS, EOS and the header ids at masked rows (LLaDA-V generate_with_embeds)."""
-    out = np.array(logits, dtype=np.float32, copy=True)
+def suppressed_rows(logits: np.ndarray, rows: np.ndarray, ids: TokenIds) -> np.ndarray:
+    """A float32 copy of the given (masked) rows with BOS, EOS and the header ids at -inf
+    (LLaDA-V generate_with_embeds); only rows that may be unmasked are copied."""
+    out = np.array(logits[rows], dtype=np.float32)
     banned = [t for t in ids.never_generated if t < out.shape[-1]]
-    out[np.ix_(masked, banned)] = -np.inf
+    out[:, banned] = -np.inf
     return out
 
 
@@ -137,10 +143,11 @@ def denoise(forward, settings: GenerationSettings, ids: TokenIds) -> DenoiseResu
             logits = forward(x.copy())
             if logits.shape != (g, logits.shape[-1]):
                 raise LladaVError(f"forward: returned logits of shape {logits.shape}; expected ({g}, vocab)")
-            x0, confidence = propose(suppress(logits, masked, ids), settings, rng)
-            eligible = masked & (np.arange(g) < limit)
-            chosen = most_confident(confidence, eligible, k)
-            x[chosen] = x0[chosen]
+            rows = np.flatnonzero(masked & (np.arange(g) < limit))  # the positions this step may unmask
+            x0, confidence = propose(suppressed_rows(logits, rows, ids), settings, rng)
+            picked = most_confident(confidence, np.ones(rows.size, bool), k)
+            chosen = rows[picked]
+            x[chosen] = x0[picked]
             result.transfers.append(len(chosen))
             result.scheduled.append(k)
             if settings.stop_at_eot:

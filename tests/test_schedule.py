@@ -115,3 +115,25 @@ def test_temperature_zero_is_argmax():
 def test_bad_settings(kwargs, match):
     with pytest.raises(LladaVError, match=match):
         GenerationSettings(**kwargs).validate()
+
+
+def test_probability_of_the_candidate_is_the_float64_softmax():
+    from runtime.schedule import probability_of
+
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((6, 5000)) * 8).astype(np.float32)
+    logits[:, [3, 17]] = -np.inf  # suppressed tokens
+    x0 = np.array([0, 1, 2, 4, 4999, int(np.argmax(logits[5]))])
+    x = logits.astype(np.float64)
+    want = np.exp(x[np.arange(6), x0] - x.max(1)) / np.exp(x - x.max(1, keepdims=True)).sum(1)
+    got = probability_of(logits, x0)
+    assert np.allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_only_unmaskable_rows_are_proposed():
+    """Rows outside the current block get no proposal: a huge logit there changes nothing."""
+    g = 8
+    quiet = denoise(Scripted(g), GenerationSettings(steps=4, gen_length=g, block_length=4, stop_at_eot=False), IDS)
+    loud = Scripted(g, boost={(6, 11): 1e6})  # block 2: invisible while block 1 is decoded
+    res = denoise(loud, GenerationSettings(steps=4, gen_length=g, block_length=4, stop_at_eot=False), IDS)
+    assert np.array_equal(res.response[:4], quiet.response[:4]) and res.response[6] == 11
