@@ -36,7 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--trace", action="store_true", help="per-step sequence length and timings")
     ap.add_argument("--map", type=Path, help="write the pruning map PNG here")
-    ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    ap.add_argument("--verify", choices=("sizes", "hashes", "none"), default="sizes",
+                    help="check the bundle's files: present with their sizes (default), also sha256 (slow for 8B), or not")
     return ap.parse_args(argv)
 
 
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
     image = load_image(args.image)  # unreadable image: an error before any model work
     gen = generation_settings(args)
     with Pipeline(args.bundle, args.backend, args.model, args.device, expect_k=args.k,
-                  verify=not args.no_verify) as pipe:
+                  verify=args.verify) as pipe:
         p = pipe.manifest.p if args.p is None else args.p
         prune = PruneSettings(pipe.manifest.k, p, args.query, args.random_prune, args.positions, args.seed)
         result = pipe.generate(image, args.prompt, gen, prune)

@@ -50,6 +50,9 @@ class RuntimeResult:
     total_ms: float = 0.0
 
 
+VERIFY = ("sizes", "hashes", "none")
+
+
 def geometry_of(manifest: Manifest) -> ImageGeometry:
     g = manifest.geometry
     return ImageGeometry(g["image_size"], g["patch_size"], tuple(tuple(p) for p in g["grid_pinpoints"]),
@@ -60,7 +63,7 @@ class Pipeline:
     """A bundle, loaded and checked, with one backend's runners."""
 
     def __init__(self, bundle, backend: str = "onnxruntime", model_dir=None, device: str = "cpu",
-                 expect_k: int | None = None, expect_model: str | None = None, verify: bool = True):
+                 expect_k: int | None = None, expect_model: str | None = None, verify: str = "sizes"):
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
         m = self.manifest
@@ -68,8 +71,9 @@ class Pipeline:
                f"bundle {str(self.bundle)!r}: built for K={m.k}; asked to run K={expect_k} (rebuild with --k {expect_k})")
         expect(expect_model is None or m.model["content_hash"].startswith(expect_model),
                f"bundle {str(self.bundle)!r}: built from model {m.model['content_hash'][:12]}; expected {expect_model}")
-        if verify:
-            verify_files(self.bundle, m)
+        expect(verify in VERIFY, f"verify: got {verify!r}; expected one of {VERIFY}")
+        if verify != "none":  # sizes: every file present and whole; hashes: also sha256 (slow for 8B)
+            verify_files(self.bundle, m, check_hashes=verify == "hashes")
         self.tokenizer = TextTokenizer(self.bundle / "tokenizer")
         expect(self.tokenizer.ids.to_dict() == m.token_ids,
                f"bundle {str(self.bundle)!r}: tokenizer ids {self.tokenizer.ids.to_dict()} differ from the manifest's")
@@ -164,8 +168,8 @@ class SplitForward:
         response = np.asarray(self.pipe.embed[response_ids], dtype=self.pipe.fdt)
         if self.inputs is None:
             logits = self._first_step(response_ids, response)
-        else:
-            self.inputs[:, -self.lay.n_response:] = response
+        else:  # only the response rows change: write them into the staged (device) input
+            self.pre.write_rows(self.inputs, self.positions.shape[1] - self.lay.n_response, response)
             logits = self._step(self.inputs)
         total = (time.perf_counter() - t0) * 1000
         pre, post = self.pre.last_seconds * 1000, self.post.last_seconds * 1000
@@ -203,7 +207,7 @@ class SplitForward:
         self.positions = np.broadcast_to(reduced_position_ids(kept, prune.positions), (h.shape[0], kept.size)).copy()
         hidden = out["hidden_states"] if keep.size == lay.n_visual else self.pre.take_rows(out["hidden_states"], kept)
         self.prompt = np.ascontiguousarray(self.prompt[kept[: kept.size - lay.n_response]])
-        self.inputs = self._batch(self.prompt, response)  # built once; later steps rewrite the response rows
+        self.inputs = self.pre.stage(self._batch(self.prompt, response))  # built once; later steps rewrite the response rows
         self.rows = np.array([self.positions.shape[1] - 1], dtype=np.int64)
         logits = self._run_post(hidden, self.positions)
         self.pre.last_seconds = pre_seconds

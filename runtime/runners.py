@@ -93,6 +93,14 @@ class Runner:
         """x[:, rows] along the sequence axis, kept where it lives."""
         return np.ascontiguousarray(np.asarray(x)[:, rows])
 
+    def stage(self, x: np.ndarray):
+        """A copy of host array x that later infer() calls take as a feed, kept where inputs live."""
+        return np.array(x)
+
+    def write_rows(self, staged, start: int, rows: np.ndarray) -> None:
+        """staged[:, start:start + len(rows)] = rows (same for every batch entry): a partial upload."""
+        staged[:, start : start + rows.shape[0]] = rows
+
     def _activate(self):
         raise NotImplementedError
 

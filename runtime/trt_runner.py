@@ -127,6 +127,26 @@ class TrtRunner(Runner):
         self.stream.synchronize()
         return x.numpy() if isinstance(x, (self.cuda.DeviceView, self.cuda.DeviceArray)) else x
 
+    def stage(self, x: np.ndarray):
+        """x uploaded once into a device array this runner owns (the reduced inputs after step 1)."""
+        host = np.ascontiguousarray(x)
+        staged = self.cuda.DeviceArray(shape=host.shape, dtype=host.dtype)
+        self.cuda.wrapper().memcpy(staged.ptr, host.ctypes.data, host.nbytes, self.cuda.MemcpyKind.HostToDevice,
+                                   self.stream.ptr)
+        self.stream.synchronize()
+        self._staged = staged
+        return staged
+
+    def write_rows(self, staged, start: int, rows: np.ndarray) -> None:
+        """Upload only `rows` into staged[b, start:...] for each batch entry: G rows per step, not n'."""
+        host = np.ascontiguousarray(rows, dtype=numpy_dtype(staged.dtype))
+        batch, n = staged.shape[0], staged.shape[1]
+        row_bytes = host.nbytes // host.shape[0]
+        for b in range(batch):
+            self.cuda.wrapper().memcpy(staged.ptr + (b * n + start) * row_bytes, host.ctypes.data, host.nbytes,
+                                       self.cuda.MemcpyKind.HostToDevice, self.stream.ptr)
+        self.stream.synchronize()  # the host rows may be freed once this returns
+
     def take_rows(self, x, rows: np.ndarray):
         """x[:, rows] on the device: one device-to-device copy per run of consecutive rows."""
         cuda = self.cuda

@@ -152,8 +152,17 @@ def test_broken_bundles_are_refused(bundles, tmp_path, image):
     (broken / "onnx" / "decoder_pre.onnx").write_bytes(b"garbage")
     with pytest.raises(LladaVError, match="decoder_pre.onnx has 7 bytes"):
         Pipeline(broken)
+    flipped = tmp_path / "flipped"
+    shutil.copytree(bundles[15], flipped)
+    data = flipped / "onnx" / "decoder_post.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[64] ^= 0xFF  # same size, one byte different: only the hash check sees it
+    data.write_bytes(bytes(blob))
+    Pipeline(flipped)  # the default size check passes
+    with pytest.raises(LladaVError, match="decoder_post.onnx.data is corrupt"):
+        Pipeline(flipped, verify="hashes")
     with pytest.raises(LladaVError, match="cannot load decoder_pre.onnx"):
-        with Pipeline(broken, verify=False):  # refused when the runners activate, before any step
+        with Pipeline(broken, verify="none"):  # refused when the runners activate, before any step
             pass
     (broken / "onnx" / "vision.onnx.data").unlink()
     with pytest.raises(LladaVError, match="vision.onnx.data is missing"):
