@@ -34,8 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_strategy_args(ap)
     add_generation_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
-    ap.add_argument("--trace", action="store_true", help="per-step sequence length and timings")
-    ap.add_argument("--map", type=Path, help="write the pruning map PNG here")
+    ap.add_argument("--trace", action="store_true",
+                    help="per-step sequence length and timings, and the pruning map (default pruning_map.png)")
+    ap.add_argument("--map", type=Path, help="write the pruning map PNG here (with or without --trace)")
     ap.add_argument("--verify", choices=("sizes", "hashes", "none"), default="sizes",
                     help="check the bundle's files: present with their sizes (default), also sha256 (slow for 8B), or not")
     return ap.parse_args(argv)
@@ -44,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> tuple[dict, object]:
     from runtime.pipeline import Pipeline
     from runtime.preprocess import load_image
+
+    if args.trace and args.map is None:
+        args.map = Path("pruning_map.png")
 
     image = load_image(args.image)  # unreadable image: an error before any model work
     gen = generation_settings(args)
@@ -69,6 +73,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
         "vision_ms": round(result.vision_ms, 3),
         "total_ms": round(result.total_ms, 3),
         "steps": [s.__dict__ for s in result.steps],
+        "pruning_map": str(args.map) if args.map else None,
     }
     return out, result
 
@@ -81,7 +86,7 @@ def report(out: dict, trace: bool) -> str:
                   f"{'step':>4} {'seq':>6} {'pre ms':>9} {'post ms':>9} {'other ms':>9}"]
         lines += [f"{s['step']:>4} {s['seq_len']:>6} {s['pre_ms']:>9.2f} {s['post_ms']:>9.2f} {s['other_ms']:>9.2f}"
                   for s in out["steps"]]
-        lines.append(f"total {out['total_ms']:.1f} ms")
+        lines.append(f"total {out['total_ms']:.1f} ms; pruning map: {out['pruning_map']}")
     return "\n".join(lines)
 
 

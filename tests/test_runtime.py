@@ -110,9 +110,18 @@ def test_cli_json_trace_and_map(bundles, tmp_path, capsys):
     assert all(s["pre_ms"] > 0 and s["post_ms"] > 0 and s["other_ms"] >= 0 for s in out["steps"])
     pixels = np.asarray(Image.open(png).convert("RGB"))
     assert pixels.shape[0] > 100 and pixels.std() > 10
-    assert main(argv[:-3] + ["--trace"]) == 0
+    png.unlink()
+    assert main(argv[:-3] + ["--trace", "--map", str(png)]) == 0
     text = capsys.readouterr().out
-    assert "pre ms" in text and "kept 219 of 729 visual tokens" in text
+    assert "pre ms" in text and "kept 219 of 729 visual tokens" in text and png.is_file()
+
+
+def test_trace_writes_the_map_by_default(bundles, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    gradient_image(96, 64).save(tmp_path / "i.png")
+    assert main(["--bundle", str(bundles[15]), "--image", "i.png", "--prompt", "Clear?", "--steps", "2",
+                 "--gen-length", "8", "--block-length", "8", "--trace"]) == 0
+    assert (tmp_path / "pruning_map.png").is_file() and "pruning map: pruning_map.png" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
