@@ -9,6 +9,7 @@ bytes are intact: a re-run with another P, or the same inputs, exports nothing a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import shutil
 import sys
@@ -140,8 +141,9 @@ class Builder:
                 copy_or_link(self.req.out / info.path, tmp / info.path)
             self.log(f"{spec.name}: reused (same checkpoint, K, precision and exporter)")
             self.reused.append(spec.name)
-            old.shapes, old.engine, old.engine_check = shapes, None, {}
-            return old
+            entry = copy.deepcopy(old)  # the old manifest stays as it was: engines_stage compares against it
+            entry.shapes, entry.engine, entry.engine_check = shapes, None, {}
+            return entry
         self.log(f"{spec.name}: exporting and validating ...")
         axes = self.validation_axes()
         report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, self.req.precision,
@@ -227,18 +229,32 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
     from export.trt_build import build_engine, check_engine
 
     (tmp / "engines").mkdir()
+    cache = tmp / "engines" / "timing.cache"
+    if (Path(req.out) / "engines" / "timing.cache").is_file():  # the timing cache carries over between builds
+        shutil.copy2(Path(req.out) / "engines" / "timing.cache", cache)
     for name, entry in entries.items():
         spec = next(s for s in SUBGRAPHS if s.name == name)
         engine = tmp / "engines" / f"{name}.engine"
+        old = b.old.subgraphs.get(name) if b.old else None
+        if old and old.engine and reusable_engine(b.old, old, entry, version) and intact(Path(req.out), old.engine):
+            copy_or_link(Path(req.out) / old.engine.path, engine)
+            entry.engine, entry.engine_check = old.engine, old.engine_check
+            log(f"{name}: TensorRT engine reused (same ONNX, profile and TensorRT {version})")
+            continue
         log(f"{name}: building TensorRT engine ...")
-        build_engine(tmp / entry.onnx.path, engine, entry.shapes, req.precision, tmp / "engines" / "timing.cache",
-                     WORKSPACE_MIB, OPT_LEVEL)
+        build_engine(tmp / entry.onnx.path, engine, entry.shapes, req.precision, cache, WORKSPACE_MIB, OPT_LEVEL)
         feeds = [dummy_inputs(spec, b.cfg, axes, float_dtype(req.precision), seed=i)
                  for i, axes in enumerate(b.validation_axes())]
         entry.engine = file_info(tmp, engine)
         entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, *spec.tolerance(req.precision))
     status.update(built=True, reason=f"built with {why}")
     return status
+
+
+def reusable_engine(old_manifest: Manifest, old: SubgraphEntry, new: SubgraphEntry, version: str | None) -> bool:
+    """An engine may be reused when its ONNX bytes, profile shapes and TensorRT version are the same."""
+    return (old.onnx.sha256 == new.onnx.sha256 and old.data.sha256 == new.data.sha256 and old.shapes == new.shapes
+            and old_manifest.tensorrt.get("version") == version)
 
 
 def make_manifest(req, ckpt, ckpt_hash, ranges, entries, host, trt) -> Manifest:

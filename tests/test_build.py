@@ -199,3 +199,37 @@ def test_tensorrt_engines_build_and_match(tiny_dir, tmp_path):
     for e in result.manifest.subgraphs.values():
         assert e.engine is not None and e.engine_check
     verify_files(req.out, result.manifest)
+
+
+def test_engine_reuse_needs_same_onnx_profile_and_tensorrt(bundle, tmp_path):
+    from export.build import reusable_engine
+
+    req, result = bundle
+    old = read_manifest(req.out)
+    old.tensorrt["version"] = "10.3.0"
+    entry = old.subgraphs["decoder_pre"]
+    assert reusable_engine(old, entry, replace(entry), "10.3.0")
+    assert not reusable_engine(old, entry, replace(entry), "10.7.0")  # engines are tied to the TensorRT version
+    other_profile = replace(entry, shapes={**entry.shapes, "score_rows": {"min": [1], "opt": [9], "max": [99]}})
+    assert not reusable_engine(old, entry, other_profile, "10.3.0")
+    other_onnx = replace(entry, onnx=replace(entry.onnx, sha256="0" * 64))
+    assert not reusable_engine(old, entry, other_onnx, "10.3.0")
+
+
+def test_reuse_leaves_the_previous_manifest_untouched(bundle, tmp_path):
+    """Reused ONNX entries are copies: the previous manifest keeps its shapes (and engines)."""
+    from export.build import Builder
+    from export.checkpoint import open_checkpoint
+
+    req, _ = bundle
+    ckpt = open_checkpoint(req.model_dir)
+    b = Builder(replace(req, p=70), ckpt, quiet)
+    before = b.old.subgraphs["decoder_pre"].shapes
+    (tmp_path / "onnx").mkdir()
+    from export.build import exporter_source_hash
+    from export.profiles import axis_ranges
+    from export.subgraphs import DECODER_PRE as spec
+
+    entry = b.subgraph(tmp_path, spec, ckpt.content_hash(), exporter_source_hash(), axis_ranges(ckpt.config, QUICK, 70))
+    assert b.reused == ["decoder_pre"] and entry is not b.old.subgraphs["decoder_pre"]
+    assert b.old.subgraphs["decoder_pre"].shapes == before != entry.shapes
