@@ -14,7 +14,7 @@ Shapes: B batch, N tokens, D hidden, H heads, Dh head dim, T tiles, S side of a 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -79,9 +79,6 @@ PRESETS = {
     ),
 }
 
-
-def preset(name: str, **overrides) -> ModelConfig:
-    return replace(PRESETS[name], **overrides)
 
 
 # ---------------------------------------------------------------- decoder math

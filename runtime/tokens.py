@@ -11,8 +11,7 @@ from pathlib import Path
 
 from runtime.errors import LladaVError
 
-IMAGE_PLACEHOLDER = "<image>"
-IMAGE_TOKEN_INDEX = -200  # LLaVA's IMAGE_TOKEN_INDEX: where the visual tokens go
+IMAGE_PLACEHOLDER = "<image>"  # the prompt is split here; LLaVA marks the spot with id -200 instead
 
 SPECIAL_TOKENS = {
     "bos": "<|startoftext|>",
