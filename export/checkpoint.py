@@ -273,7 +273,13 @@ def _load_shard(model: nn.Module, file: Path, keys: list[str], expected: dict, d
                 f"checkpoint {key!r} in {file.name}: dtype {got_dtype}; expected one of {sorted(FLOAT_DTYPES)}",
             )
             expect(shape == expected[key], f"checkpoint {key!r} in {file.name}: shape {shape}; expected {expected[key]}")
-            _set_tensor(model, key, f.get_tensor(key).to(dtype))
+            value = f.get_tensor(key)
+            cast = value.to(dtype)
+            if dtype == torch.float16 and value.dtype != torch.float16:
+                expect(bool(torch.isfinite(cast).all()) or not bool(torch.isfinite(value).all()),
+                       f"checkpoint {key!r} in {file.name}: values beyond float16's range (max |x| "
+                       f"{value.abs().max().item():.3g} > 65504); load it in bfloat16 or float32")
+            _set_tensor(model, key, cast)
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:

@@ -192,6 +192,17 @@ def break_tokenizer(path):
     return r"tokenizer\.json' is missing"
 
 
+def test_float16_overflow_is_named(tmp_path, tiny_dir):
+    path = copy_ckpt(tiny_dir, tmp_path)
+    shard = index_of(path)["weight_map"]["model.norm.weight"]
+    big = torch.ones(64, dtype=torch.bfloat16)
+    big[3] = 1e6  # fine in bfloat16, inf in float16
+    edit_shard(path, shard, lambda t: t.update({"model.norm.weight": big}))
+    load_model(path, torch.float32)
+    with pytest.raises(LladaVError, match=r"'model\.norm\.weight'.*beyond float16's range"):
+        load_model(path, torch.float16)
+
+
 @pytest.mark.parametrize(
     "breaker",
     [break_missing_shard, break_missing_key, break_unexpected_key, break_shape, break_dtype, break_index_lies,
