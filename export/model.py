@@ -104,15 +104,15 @@ def rope_cos_sin(pos: torch.Tensor, d_head: int, theta: float) -> tuple[torch.Te
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dim; `half` is a Python int so exports slice by constants."""
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, H, N, Dh); cos, sin (B, N, Dh)."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    return x * cos + rotate_half(x, int(x.shape[-1]) // 2) * sin
 
 
 class Attention(nn.Module):
