@@ -225,3 +225,16 @@ def test_tensorrt_backend_generates_the_reference_tokens(bundles, tiny, tokenize
         prune = PruneSettings(k=15, p=50)
         assert pipe.generate(image, PROMPTS[0], GEN, prune).answer_ids == \
             reference(tiny, tokenizer, image, PROMPTS[0], GEN, prune).answer_ids
+
+
+def test_cfg_generates_the_reference_tokens(tiny_dir, tiny, tokenizer, image, tmp_path):
+    """Classifier-free guidance: batch 2 through both halves, the masked-prompt branch reduced alike."""
+    out = build_bundle(BuildRequest(tiny_dir, tmp_path / "cfg", 15, 50, "fp32", replace(PROFILE, max_batch=2)),
+                       log=lambda m: None).out
+    gen = replace(GEN, cfg_scale=1.5)
+    with Pipeline(out) as pipe:
+        for p in (0, 50):
+            prune = PruneSettings(k=15, p=p)
+            got = pipe.generate(image, PROMPTS[0], gen, prune)
+            want = reference(tiny, tokenizer, image, PROMPTS[0], gen, prune)
+            assert got.answer_ids == want.answer_ids and np.array_equal(got.kept_visual, want.kept_visual)
