@@ -238,3 +238,20 @@ def test_cfg_generates_the_reference_tokens(tiny_dir, tiny, tokenizer, image, tm
             got = pipe.generate(image, PROMPTS[0], gen, prune)
             want = reference(tiny, tokenizer, image, PROMPTS[0], gen, prune)
             assert got.answer_ids == want.answer_ids and np.array_equal(got.kept_visual, want.kept_visual)
+
+
+def test_anyres_with_shrink_generates_the_reference_tokens(tiny_dir, tiny, tokenizer, tmp_path):
+    """1920x1080 AnyRes: 16 tiles, the grid shrunk from 75x135 to 40x72 by the numpy merge (3649 tokens)."""
+    from export.tiny import demo_image
+
+    profile = replace(PROFILE, layout="anyres")
+    out = build_bundle(BuildRequest(tiny_dir, tmp_path / "anyres", 15, 50, "fp32", profile), log=lambda m: None).out
+    img = demo_image(1920, 1080)
+    prune = PruneSettings(k=15, p=50)
+    with Pipeline(out) as pipe:
+        got = pipe.generate(img, PROMPTS[0], GEN, prune)
+    model, ckpt = tiny
+    want = generate(model, tokenizer.ids, tokenizer.encode_prompt(PROMPTS[0]),
+                    prepare_image(img, ckpt.config.geometry, "anyres"), GEN, prune)
+    assert got.layout.n_visual == 3649 and got.tile_layout.merged == (40, 72)
+    assert got.answer_ids == want.answer_ids and np.array_equal(got.kept_visual, want.kept_visual)
