@@ -34,6 +34,21 @@ print(before, hwm())
 """
 
 
+EXPORT_PROBE = """
+import sys
+from pathlib import Path
+from export.build import BuildRequest, build_bundle
+from export.profiles import ProfileSettings
+def hwm():
+    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+    return int(line.split()[1]) * 1024
+before = hwm()
+prof = ProfileSettings(layout="single", max_text_tokens=128, opt_text_tokens=64, max_response=32, opt_response=16)
+build_bundle(BuildRequest(Path(sys.argv[1]), Path(sys.argv[2]), 15, 50, "fp16", prof), log=lambda m: None)
+print(before, hwm())
+"""
+
+
 def write(path: Path, d_model: int, layers: int, shard_bytes: int) -> int:
     import torch
 
@@ -56,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--d-model", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--shard-mb", type=int, default=256)
+    ap.add_argument("--export", action="store_true", help="also measure a full fp16 bundle build (export + validation)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ckpt"
@@ -63,11 +79,18 @@ def main(argv=None) -> int:
         root = str(Path(__file__).resolve().parents[1])
         out = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True, check=True,
                              cwd=root).stdout.split()
-    before, after = int(out[0]), int(out[1])
-    print(f"checkpoint    {nbytes / 2**20:.0f} MiB of bf16 tensors in {args.shard_mb} MiB shards")
-    print(f"peak RSS      {before / 2**20:.0f} MiB after imports -> {after / 2**20:.0f} MiB after a bf16 load "
-          "with every weight touched")
-    print(f"load overhead {(after - before) / nbytes:.2f}x the checkpoint size")
+        before, after = int(out[0]), int(out[1])
+        print(f"checkpoint    {nbytes / 2**20:.0f} MiB of bf16 tensors in {args.shard_mb} MiB shards")
+        print(f"peak RSS      {before / 2**20:.0f} MiB after imports -> {after / 2**20:.0f} MiB after a bf16 load "
+              "with every weight touched")
+        print(f"load overhead {(after - before) / nbytes:.2f}x the checkpoint size")
+        if args.export:
+            out = subprocess.run([sys.executable, "-c", EXPORT_PROBE, str(path), str(Path(tmp) / "bundle")],
+                                 capture_output=True, text=True, check=True, cwd=root).stdout.split()
+            before, after = int(out[-2]), int(out[-1])
+            print(f"fp16 bundle build (load, export 3 graphs, validate): peak RSS {after / 2**20:.0f} MiB = "
+                  f"{(after - before) / nbytes:.2f}x the fp16 weights above imports; at that ratio the 8B "
+                  f"(~16 GB fp16) needs ~{(after - before) / nbytes * 16:.0f} GB + imports")
     return 0
 
 

@@ -148,6 +148,7 @@ class Builder:
         axes = self.validation_axes()
         report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, self.req.precision,
                                      onnx_path, axes)
+        self.release_weights(spec)
         worst = max(v for d in report.max_abs_diff.values() for v in d.values())
         self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - PyTorch| {worst:.2e}, "
                  f"{report.seconds:.1f}s)")
@@ -157,6 +158,28 @@ class Builder:
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.inputs],
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.outputs],
             shapes, key, report.max_abs_diff, report.ops)
+
+    def release_weights(self, spec: SubgraphSpec) -> None:
+        """Drop the PyTorch weights only this (exported, validated) graph needs: the model shrinks as the
+        build proceeds, which is what lets the 8B build stay well inside a 64 GB workstation."""
+        import torch
+
+        m = self.model
+        if spec.name == "vision":
+            modules = [m.model.vision_tower, m.model.mm_projector]
+        elif spec.name == "decoder_pre":
+            modules = list(m.model.layers[: self.req.k])
+        else:
+            modules = [*m.model.layers[self.req.k :], m.model.norm, m.lm_head]
+        for module in modules:
+            for sub in module.modules():
+                for name, p in list(sub._parameters.items()):
+                    if p is not None:
+                        sub._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, device="meta"),
+                                                                   requires_grad=False)
+        from export.onnx_export import release_memory
+
+        release_memory()
 
     def validation_axes(self) -> list[dict]:
         """Two sizes of every dynamic axis: small, and larger (reduced-sequence-like)."""
