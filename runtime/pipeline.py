@@ -194,7 +194,6 @@ class SplitForward:
         scoring = not prune.random and pruned_count(lay.n_visual, prune.p) > 0
         rows = query_rows(lay, prune.query, response_ids == self.mask) if scoring else np.array([lay.total - 1])
         out = self._run_pre(h, pos, rows)
-        pre_seconds = self.pre.last_seconds
         if prune.random:
             keep = keep_at_random(lay.n_visual, prune.p, prune.seed)
         elif scoring:
@@ -209,9 +208,7 @@ class SplitForward:
         self.prompt = np.ascontiguousarray(self.prompt[kept[: kept.size - lay.n_response]])
         self.inputs = self.pre.stage(self._batch(self.prompt, response))  # built once; later steps rewrite the response rows
         self.rows = np.array([self.positions.shape[1] - 1], dtype=np.int64)
-        logits = self._run_post(hidden, self.positions)
-        self.pre.last_seconds = pre_seconds
-        return logits
+        return self._run_post(hidden, self.positions)
 
     def _step(self, h) -> np.ndarray:
         out = self._run_pre(h, self.positions, self.rows)
