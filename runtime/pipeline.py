@@ -192,7 +192,7 @@ class SplitForward:
         h = self._batch(self.prompt, response)
         pos = np.broadcast_to(np.arange(lay.total, dtype=np.int64), h.shape[:2]).copy()
         scoring = not prune.random and pruned_count(lay.n_visual, prune.p) > 0
-        rows = query_rows(lay, prune.query, response_ids == self.mask) if scoring else np.array([lay.total - 1])
+        rows = query_rows(lay, prune.query, response_ids == self.mask) if scoring else np.array([lay.total - 1], np.int64)
         out = self._run_pre(h, pos, rows)
         if prune.random:
             keep = keep_at_random(lay.n_visual, prune.p, prune.seed)
