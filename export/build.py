@@ -67,8 +67,8 @@ class Progress:
         print(f"[{time.perf_counter() - self.start:7.1f}s] {message}", file=self.stream, flush=True)
 
 
-def validate_request(req: BuildRequest) -> Checkpoint:
-    """Everything that can be checked before loading weights."""
+def validate_request(req: BuildRequest) -> tuple[Checkpoint, dict]:
+    """Everything that can be checked before loading weights; returns the checkpoint and its token ids."""
     expect(req.precision not in LATER_PRECISIONS,
            f"precision: {req.precision} needs explicit Q/DQ quantization, which comes with calib/; use fp16 or fp32")
     expect(req.precision in PRECISIONS, f"precision: got {req.precision!r}; expected one of {PRECISIONS}")
@@ -77,7 +77,7 @@ def validate_request(req: BuildRequest) -> Checkpoint:
     req.profiles.validate()
     ckpt = open_checkpoint(req.model_dir)
     PruneSettings(k=req.k, p=req.p).validate(ckpt.config.n_layers)
-    TextTokenizer(req.model_dir)
+    token_ids = TextTokenizer(req.model_dir).ids.to_dict()
     seq_max = axis_ranges(ckpt.config, req.profiles, req.p)["seq"][2]
     expect(seq_max <= ckpt.config.decoder.max_positions,
            f"profiles: longest sequence {seq_max} tokens; the model allows {ckpt.config.decoder.max_positions}")
@@ -86,7 +86,7 @@ def validate_request(req: BuildRequest) -> Checkpoint:
     if out.is_dir() and any(out.iterdir()):
         expect((out / "manifest.json").is_file(),
                f"out {str(out)!r}: exists, is not empty and holds no bundle manifest; refusing to replace it")
-    return ckpt
+    return ckpt, token_ids
 
 
 def exporter_source_hash() -> str:
@@ -208,7 +208,7 @@ class Builder:
 def build_bundle(req: BuildRequest, log=None) -> BuildResult:
     log = log or Progress()
     start = time.perf_counter()
-    ckpt = validate_request(req)
+    ckpt, token_ids = validate_request(req)
     log(f"checkpoint {ckpt.path}: {ckpt.config.n_layers} layers, d={ckpt.config.decoder.d_model}; hashing ...")
     ckpt_hash = ckpt.content_hash()
     source = exporter_source_hash()
@@ -219,16 +219,16 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
             (tmp / sub).mkdir()
         entries = {s.name: b.subgraph(tmp, s, ckpt_hash, source, ranges) for s in SUBGRAPHS}
         host = b.host_files(tmp, ckpt_hash)
-        for name in TOKENIZER_FILES:
-            if (ckpt.path / name).is_file():
-                shutil.copy2(ckpt.path / name, tmp / "tokenizer" / name)
+        tokenizer = [name for name in TOKENIZER_FILES if (ckpt.path / name).is_file()]
+        for name in tokenizer:
+            shutil.copy2(ckpt.path / name, tmp / "tokenizer" / name)
         commands = {n: trtexec_command(e.onnx.path, f"engines/{n}.engine", e.shapes, req.precision,
                                        "engines/timing.cache") for n, e in entries.items()}
         script = tmp / "jetson" / "build_engines.sh"
         script.write_text(build_script(commands))
         script.chmod(0o755)
         trt = engines_stage(req, tmp, entries, b, log)
-        manifest = make_manifest(req, ckpt, ckpt_hash, ranges, entries, host, trt)
+        manifest = make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokenizer, trt)
         write_manifest(tmp, manifest)
     log(f"bundle written to {req.out}")
     return BuildResult(manifest, Path(req.out), b.reused, b.exported, trt["built"], trt["reason"],
@@ -280,7 +280,7 @@ def reusable_engine(old_manifest: Manifest, old: SubgraphEntry, new: SubgraphEnt
             and old_manifest.tensorrt.get("version") == version)
 
 
-def make_manifest(req, ckpt, ckpt_hash, ranges, entries, host, trt) -> Manifest:
+def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokenizer, trt) -> Manifest:
     import onnx
     import onnxruntime
     import torch
@@ -295,13 +295,13 @@ def make_manifest(req, ckpt, ckpt_hash, ranges, entries, host, trt) -> Manifest:
                            "max_positions": d.max_positions},
                "vision": {"d_model": v.d_model, "layers": v.n_layers, "heads": v.n_heads, "d_mlp": v.d_mlp}},
         k=req.k, p=req.p, n_layers=d.n_layers, precision=req.precision, opset=req.opset,
-        token_ids=TextTokenizer(ckpt.path).ids.to_dict(),
+        token_ids=token_ids,
         geometry={"image_size": g.image_size, "patch_size": g.patch_size, "tokens_per_tile": g.tokens_per_tile,
                   "grid_pinpoints": [list(p) for p in g.grid_pinpoints], "max_tiles": g.max_tiles,
                   "mean": list(g.mean), "std": list(g.std)},
         profiles={"settings": settings_dict(req.profiles), "axes": {a: list(r) for a, r in ranges.items()},
                   "full_step1_seq_opt": full_sequence_opt(cfg, req.profiles)},
-        subgraphs=entries, host=host, tokenizer=sorted(p.name for p in (ckpt.path).iterdir() if p.name in TOKENIZER_FILES),
+        subgraphs=entries, host=host, tokenizer=sorted(tokenizer),
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                   "transformers": transformers.__version__, "tensorrt": trt["version"]},
         tensorrt=trt,
