@@ -1,6 +1,6 @@
 """Measure peak memory of loading a checkpoint in bf16, relative to its size on disk.
 
-    python export/bench_load.py [--d-model 1024] [--layers 32]
+    python -m bench.memory [--d-model 1024] [--layers 32] [--export]
 
 Writes a random checkpoint of a mid-size LLaDA-V shape (bf16 shards, as the real one), then
 loads it in a fresh process and prints the peak resident memory added by the load divided by
@@ -19,18 +19,17 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# VmHWM (peak RSS of this address space), not ru_maxrss, which survives exec from the parent.
+# Each probe runs in a fresh process and reads VmHWM (bench.cpu.peak_rss): the peak RSS of that
+# address space, unlike ru_maxrss, which survives exec from the parent.
 PROBE = """
 import sys, torch
+from bench.cpu import peak_rss
 from export.checkpoint import load_model
-def hwm():
-    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))
-    return int(line.split()[1]) * 1024
-before = hwm()
+before = peak_rss()
 model, _ = load_model(sys.argv[1], torch.bfloat16)
 for p in model.parameters():  # touch every weight: mmap-backed pages count once resident
     p.sum()
-print(before, hwm())
+print(before, peak_rss())
 """
 
 
@@ -39,13 +38,11 @@ import sys
 from pathlib import Path
 from export.build import BuildRequest, build_bundle
 from export.profiles import ProfileSettings
-def hwm():
-    line = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))
-    return int(line.split()[1]) * 1024
-before = hwm()
+from bench.cpu import peak_rss
+before = peak_rss()
 prof = ProfileSettings(layout="single", max_text_tokens=128, opt_text_tokens=64, max_response=32, opt_response=16)
 build_bundle(BuildRequest(Path(sys.argv[1]), Path(sys.argv[2]), 15, 50, "fp16", prof), log=lambda m: None)
-print(before, hwm())
+print(before, peak_rss())
 """
 
 
