@@ -63,7 +63,10 @@ class Pipeline:
     """A bundle, loaded and checked, with one backend's runners."""
 
     def __init__(self, bundle, backend: str = "onnxruntime", model_dir=None, device: str = "cpu",
-                 expect_k: int | None = None, expect_model: str | None = None, verify: str = "sizes"):
+                 expect_k: int | None = None, expect_model: str | None = None, verify: str = "sizes",
+                 runner_factory=None):
+        """runner_factory(bundle, manifest, float dtype) -> {subgraph: Runner} replaces the backend's
+        own runners (the tests' recorded TensorRT backend)."""
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
         m = self.manifest
@@ -81,7 +84,10 @@ class Pipeline:
         self.embed = np.load(self.bundle / m.host["embed_tokens"].path, mmap_mode="r")
         self.newline = np.load(self.bundle / m.host["image_newline"].path)
         self.geometry = geometry_of(m)
-        self.runners = make_runners(backend, self.bundle, m, model_dir, device)
+        if runner_factory is None:
+            self.runners = make_runners(backend, self.bundle, m, model_dir, device)
+        else:
+            self.runners = runner_factory(self.bundle, m, self.fdt)
         self.backend = backend
 
     def __enter__(self):
@@ -128,7 +134,7 @@ class Pipeline:
         out = runner.infer({"pixel_values": img.pixel_values.astype(self.fdt)})
         visual = merge_tiles(np.asarray(out["image_features"]), img.layout, self.newline)
         parts = [self.embed[list(prompt.prefix)], visual.astype(self.fdt), self.embed[list(prompt.suffix)]]
-        return np.concatenate(parts).astype(self.fdt), runner.last_seconds * 1000
+        return np.concatenate(parts).astype(self.fdt), runner.last_ms()
 
     # ------------------------------------------------------------ generation
 
@@ -153,7 +159,8 @@ class SplitForward:
         self.prompt = prompt
         self.kept_visual = np.arange(lay.n_visual)
         self.saliency = None
-        self.inputs = None  # (B, n', D) after step 1: only its last G rows change
+        self.inputs = None  # (B, n', D) after step 1, staged where decoder_pre reads it: only its last G rows change
+        self.positions = self.score_rows = self.logit_rows = None  # staged after step 1
         self.trace: list[StepTrace] = []
 
     def _batch(self, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
@@ -170,19 +177,18 @@ class SplitForward:
             logits = self._first_step(response_ids, response)
         else:  # only the response rows change: write them into the staged (device) input
             self.pre.write_rows(self.inputs, self.positions.shape[1] - self.lay.n_response, response)
-            logits = self._step(self.inputs)
+            logits = self._step()
         total = (time.perf_counter() - t0) * 1000
-        pre, post = self.pre.last_seconds * 1000, self.post.last_seconds * 1000
+        pre, post = self.pre.last_ms(), self.post.last_ms()
         self.trace.append(StepTrace(len(self.trace) + 1, self.positions.shape[1], pre, post, total - pre - post))
         return logits
 
     def _run_pre(self, h, pos, rows):
         return self.pre.infer({"inputs_embeds": h, "position_ids": pos, "score_rows": rows}, keep_on_device=True)
 
-    def _run_post(self, hidden, pos) -> np.ndarray:
-        n, g = pos.shape[1], self.lay.n_response
-        rows = np.arange(n - g, n, dtype=np.int64)
-        logits = np.asarray(self.post.infer({"hidden_states": hidden, "position_ids": pos, "logit_rows": rows})["logits"])
+    def _run_post(self, hidden) -> np.ndarray:
+        feeds = {"hidden_states": hidden, "position_ids": self.positions, "logit_rows": self.logit_rows}
+        logits = np.asarray(self.post.infer(feeds)["logits"])
         if self.cfg > 0:
             return logits[1] + (self.cfg + 1) * (logits[0] - logits[1])
         return logits[0]
@@ -203,14 +209,23 @@ class SplitForward:
             keep = np.arange(lay.n_visual)
         kept = kept_positions(lay, keep)
         self.kept_visual = keep
-        self.positions = np.broadcast_to(reduced_position_ids(kept, prune.positions), (h.shape[0], kept.size)).copy()
-        hidden = out["hidden_states"] if keep.size == lay.n_visual else self.pre.take_rows(out["hidden_states"], kept)
+        hidden = out["hidden_states"]
+        if keep.size < lay.n_visual:  # into decoder_post's own input (on the device for TensorRT)
+            hidden = self.post.take_rows(hidden, kept, "hidden_states")
         self.prompt = np.ascontiguousarray(self.prompt[kept[: kept.size - lay.n_response]])
-        self.inputs = self.pre.stage(self._batch(self.prompt, response))  # built once; later steps rewrite the response rows
-        self.rows = np.array([self.positions.shape[1] - 1], dtype=np.int64)
-        return self._run_post(hidden, self.positions)
+        self._stage_reduced(reduced_position_ids(kept, prune.positions), h.shape[0], response)
+        return self._run_post(hidden)
 
-    def _step(self, h) -> np.ndarray:
-        out = self._run_pre(h, self.positions, self.rows)
-        return self._run_post(out["hidden_states"], self.positions)
+    def _stage_reduced(self, positions: np.ndarray, batch: int, response: np.ndarray) -> None:
+        """The reduced sequence's inputs, placed once where the decoders read them; later steps
+        rewrite only the response rows of `inputs`. Both halves read the same position ids."""
+        n, g = positions.size, self.lay.n_response
+        self.positions = self.pre.stage("position_ids", np.broadcast_to(positions, (batch, n)).copy())
+        self.score_rows = self.pre.stage("score_rows", np.array([n - 1], dtype=np.int64))  # saliency unused later
+        self.logit_rows = self.post.stage("logit_rows", np.arange(n - g, n, dtype=np.int64))
+        self.inputs = self.pre.stage("inputs_embeds", self._batch(self.prompt, response))
+
+    def _step(self) -> np.ndarray:
+        out = self._run_pre(self.inputs, self.positions, self.score_rows)
+        return self._run_post(out["hidden_states"])
 

@@ -7,8 +7,9 @@
 Backends: ONNX Runtime (CPU here; CUDA where onnxruntime-gpu and a GPU exist, with IO binding),
 PyTorch (the reference modules, for debugging and parity; needs the checkpoint), TensorRT
 (`runtime.trt_runner`, imported lazily). Feeds and outputs are numpy arrays, except that a
-runner may return, and accept back, its own device arrays (`keep_on_device=True`) so hidden
-states go from decoder_pre to decoder_post without a trip through host memory.
+runner may return, and accept back, device tensors (`keep_on_device=True`, `stage`,
+`take_rows`) so hidden states go from decoder_pre to decoder_post without a trip through host
+memory.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Runner:
         self.entry, self.fdt = entry, fdt
         self.name = entry.name
         self.active = False
-        self.last_seconds = 0.0
+        self._seconds = 0.0
 
     def __enter__(self):
         self.activate()
@@ -78,8 +79,12 @@ class Runner:
         self.check(feeds)
         start = time.perf_counter()
         out = self._infer(feeds, keep_on_device)
-        self.last_seconds = time.perf_counter() - start
+        self._seconds = time.perf_counter() - start
         return out
+
+    def last_ms(self) -> float:
+        """Time of the last infer(): host wall clock here; GPU time from CUDA events on TensorRT."""
+        return self._seconds * 1000
 
     # device helpers; host backends keep numpy arrays, so these are identities
     def describe(self, x) -> tuple[np.dtype, tuple]:
@@ -89,12 +94,13 @@ class Runner:
     def to_host(self, x) -> np.ndarray:
         return x
 
-    def take_rows(self, x, rows: np.ndarray):
-        """x[:, rows] along the sequence axis, kept where it lives."""
+    def take_rows(self, x, rows: np.ndarray, tensor: str):
+        """x[:, rows] along the sequence axis, placed where this runner's input `tensor` lives."""
         return np.ascontiguousarray(np.asarray(x)[:, rows])
 
-    def stage(self, x: np.ndarray):
-        """A copy of host array x that later infer() calls take as a feed, kept where inputs live."""
+    def stage(self, tensor: str, x: np.ndarray):
+        """A copy of host array x, placed where this runner's input `tensor` lives, that later infer()
+        calls (of this runner or the next) take as a feed."""
         return np.array(x)
 
     def write_rows(self, staged, start: int, rows: np.ndarray) -> None:
@@ -169,7 +175,7 @@ class OrtRunner(Runner):
     def to_host(self, x):
         return x if isinstance(x, np.ndarray) else x.numpy()
 
-    def take_rows(self, x, rows):
+    def take_rows(self, x, rows, tensor):
         return np.ascontiguousarray(self.to_host(x)[:, rows])  # once per generation (step 1)
 
 

@@ -1,36 +1,36 @@
-"""TensorRT runners: engines from the bundle, device buffers allocated once, hidden states on the GPU.
+"""The TensorRT backend: one owner of every device resource, engines as thin views over it.
 
-Written against the TensorRT 10 Python API (10.3 on JetPack 6): deserialize_cuda_engine,
-create_execution_context, set_input_shape, set_tensor_address, execute_async_v3. Device memory
-and copies go through Polygraphy's CUDA wrapper (already a dependency). Every buffer is
-allocated once at the profile's largest shapes and reused by every step; an output can stay on
-the device (`keep_on_device=True`) and be fed straight into the next engine. The step-1 gather
-of kept rows is a device-to-device copy per run of consecutive rows.
+`TrtBackend` owns, for a bundle, the CUDA stream, a pair of timing events per engine, the
+engines and one device buffer per engine input and output, sized for the profile's largest
+shapes. Everything is allocated when the first runner activates and freed when the last one
+deactivates; nothing is allocated per generation or per step. Every copy and every engine
+enqueue goes on the one stream, so decoder_post reads decoder_pre's hidden states after
+decoder_pre wrote them by construction, and the host synchronises with the stream only before
+it reads device results. Per-engine time comes from CUDA events around each enqueue (GPU time),
+read after the step's results were synchronised.
 
-Imported only when the tensorrt backend is chosen; nothing here runs without TensorRT and a GPU.
+Data that stays on the device between engines: decoder_pre's hidden states feed decoder_post
+directly; the step-1 gather of kept rows writes into decoder_post's own hidden_states buffer;
+the reduced inputs of later steps are staged once into decoder_pre's input buffers, and each
+step rewrites only the response rows there.
+
+CUDA calls go through `runtime.cuda.CudaApi`; engine calls through `TrtEngine` (TensorRT 10
+Python API: deserialize_cuda_engine, create_execution_context, set_input_shape,
+set_tensor_address, execute_async_v3). Tests substitute both (tests/cuda_doubles.py) to check
+the order, streams and lifetimes of the device work; they do not run TensorRT.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from runtime.bundle import Manifest, SubgraphEntry
-from runtime.errors import LladaVError
+from runtime.cuda import CudaApi, DeviceTensor
+from runtime.errors import LladaVError, expect
 from runtime.runners import Runner
-
-
-def numpy_dtype(dtype) -> np.dtype:
-    """numpy dtype of a numpy dtype or of Polygraphy's DataType (what its device arrays report)."""
-    if isinstance(dtype, np.dtype):
-        return dtype
-    try:
-        return np.dtype(dtype)
-    except TypeError:
-        from polygraphy.datatype import DataType
-
-        return np.dtype(DataType.to_dtype(dtype, "numpy"))
 
 
 def row_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
@@ -40,124 +40,266 @@ def row_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
     return [(int(rows[s]), int(s), int(e - s)) for s, e in zip(starts, ends)]
 
 
-def make_trt_runners(bundle: Path, manifest: Manifest, fdt) -> dict:
-    try:
-        import tensorrt  # noqa: F401
-        from polygraphy import cuda  # noqa: F401
-    except ImportError:
-        raise LladaVError("backend tensorrt: the TensorRT Python package is not installed "
-                          "(on the Jetson it comes with JetPack); use --backend onnxruntime") from None
-    return {name: TrtRunner(entry, fdt, engine_path(bundle, entry)) for name, entry in manifest.subgraphs.items()}
-
-
 def engine_path(bundle: Path, entry: SubgraphEntry) -> Path:
     """The engine the manifest records, or the one jetson/build_engines.sh wrote on this device."""
-    path = bundle / (entry.engine.path if entry.engine else f"engines/{entry.name}.engine")
-    if not path.is_file():
-        raise LladaVError(f"backend tensorrt: {path} is missing; build the engines on this device with "
-                          f"bash {bundle / 'jetson' / 'build_engines.sh'}")
-    return path
+    return bundle / (entry.engine.path if entry.engine else f"engines/{entry.name}.engine")
+
+
+class TrtEngine:
+    """One engine file and its execution context (TensorRT 10 Python API)."""
+
+    def __init__(self, name: str, path: Path):
+        import tensorrt as trt
+
+        self.trt = trt
+        self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))  # kept alive as long as the engine
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise LladaVError(f"{name}: {path.name} could not be deserialized (corrupt, or built for another GPU "
+                              "or TensorRT version: rebuild it on this device)")
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise LladaVError(f"{name}: TensorRT could not create an execution context (out of device memory?)")
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+    def is_input(self, name: str) -> bool:
+        return self.engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
+
+    def set_input_shape(self, name: str, shape: tuple) -> bool:
+        return bool(self.context.set_input_shape(name, tuple(shape)))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.context.get_tensor_shape(name))
+
+    def set_address(self, name: str, ptr: int) -> bool:
+        return bool(self.context.set_tensor_address(name, ptr))
+
+    def enqueue(self, stream: int) -> bool:
+        return bool(self.context.execute_async_v3(stream))
+
+    def close(self) -> None:
+        self.context = self.engine = self.runtime = None  # context before engine before runtime
+
+
+class TrtBackend:
+    """Every device resource of the TensorRT backend, with one lifecycle (see the module docstring)."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, fdt: np.dtype,
+                 cuda_factory: Callable[[], CudaApi] | None = None,
+                 engine_factory: Callable[[str, Path], TrtEngine] = TrtEngine):
+        self.bundle, self.entries, self.fdt = Path(bundle), manifest.subgraphs, fdt
+        self.cuda_factory = cuda_factory or _cuda_runtime
+        self.engine_factory = engine_factory
+        self.users = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cuda: CudaApi | None = None
+        self.stream: int | None = None
+        self.engines: dict[str, TrtEngine] = {}
+        self.buffers: dict[tuple[str, str], DeviceTensor] = {}
+        self.events: dict[str, tuple[int, int]] = {}
+        self.timed: set[str] = set()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def acquire(self) -> None:
+        if self.users == 0:
+            self._activate()
+        self.users += 1
+
+    def release(self) -> None:
+        assert self.users > 0, "release() without acquire()"
+        self.users -= 1
+        if self.users == 0:
+            self._deactivate()
+
+    def _activate(self) -> None:
+        try:
+            self.cuda = self.cuda_factory()
+            self.stream = self.cuda.stream_create()
+            for name, entry in self.entries.items():
+                self.engines[name] = engine = self.engine_factory(name, engine_path(self.bundle, entry))
+                self._check_io(entry, engine)
+                self._allocate(entry, engine)
+                self.events[name] = (self.cuda.event_create(), self.cuda.event_create())
+        except BaseException:
+            self._deactivate()
+            raise
+
+    def _check_io(self, entry: SubgraphEntry, engine: TrtEngine) -> None:
+        want = [t.name for t in (*entry.inputs, *entry.outputs)]
+        expect(sorted(engine.names) == sorted(want),
+               f"{entry.name}: the engine's tensors are {sorted(engine.names)}; the bundle's graph has {sorted(want)} "
+               "(an engine from another bundle: rebuild it with jetson/build_engines.sh)")
+        for t in (*entry.inputs, *entry.outputs):
+            dtype = self.fdt if t.dtype == "float" else np.dtype(t.dtype)
+            expect(engine.dtype(t.name) == dtype,
+                   f"{entry.name}: the engine's '{t.name}' is {engine.dtype(t.name)}; the bundle expects {dtype}")
+
+    def _allocate(self, entry: SubgraphEntry, engine: TrtEngine) -> None:
+        """One buffer per tensor at the profile's largest shapes (outputs: as the engine infers them)."""
+        for t in entry.inputs:
+            self._set_shape(entry.name, engine, t.name, tuple(entry.shapes[t.name]["max"]))
+        for t in (*entry.inputs, *entry.outputs):
+            shape, dtype = engine.shape(t.name), engine.dtype(t.name)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            self.buffers[entry.name, t.name] = DeviceTensor(self.cuda.malloc(nbytes), shape, dtype)
+
+    def _deactivate(self) -> None:
+        """Free whatever was allocated, also after a failed activation; then forget it all."""
+        cuda = self.cuda
+        for engine in self.engines.values():
+            engine.close()  # TensorRT releases its context memory before the buffers it pointed at go
+        if cuda is not None:
+            if self.stream is not None:
+                cuda.stream_synchronize(self.stream)  # nothing queued may still use what is freed below
+            for buf in self.buffers.values():
+                cuda.free(buf.ptr)
+            for pair in self.events.values():
+                for event in pair:
+                    cuda.event_destroy(event)
+            if self.stream is not None:
+                cuda.stream_destroy(self.stream)
+        self._reset()
+
+    # ------------------------------------------------------------ device work, all on self.stream
+
+    def run(self, name: str, feeds: dict, keep_on_device: bool) -> dict:
+        """Bind inputs (host feeds are copied into this engine's buffers), enqueue between the timing
+        events, and return device views of the outputs, or host copies once the stream is done."""
+        entry, engine = self.entries[name], self.engines[name]
+        for t in entry.inputs:
+            x = feeds[t.name]
+            ptr = x.ptr if isinstance(x, DeviceTensor) else self._upload(self.buffers[name, t.name], x)
+            self._set_shape(name, engine, t.name, tuple(x.shape))
+            expect(engine.set_address(t.name, ptr), f"{name}: TensorRT refused the address of input '{t.name}'")
+        outputs = {}
+        for t in entry.outputs:
+            buf = self.buffers[name, t.name]
+            expect(engine.set_address(t.name, buf.ptr), f"{name}: TensorRT refused the address of output '{t.name}'")
+            outputs[t.name] = DeviceTensor(buf.ptr, engine.shape(t.name), buf.dtype)
+        start, end = self.events[name]
+        self.cuda.event_record(start, self.stream)
+        expect(engine.enqueue(self.stream), f"{name}: TensorRT could not enqueue the engine (execute_async_v3)")
+        self.cuda.event_record(end, self.stream)
+        self.timed.add(name)
+        return outputs if keep_on_device else self.to_host(outputs)
+
+    def _set_shape(self, name: str, engine: TrtEngine, tensor: str, shape: tuple) -> None:
+        expect(engine.set_input_shape(tensor, shape),
+               f"{name}: the engine refused shape {shape} for input '{tensor}'; the bundle's profile allows "
+               f"{tuple(self.entries[name].shapes[tensor]['min'])} to {tuple(self.entries[name].shapes[tensor]['max'])} "
+               "(an engine built for another profile: rebuild it with jetson/build_engines.sh)")
+
+    def _upload(self, buf: DeviceTensor, x: np.ndarray, offset: int = 0) -> int:
+        host = np.ascontiguousarray(x, dtype=buf.dtype)
+        assert offset + host.nbytes <= buf.nbytes, "upload larger than its buffer (profile checks come first)"
+        self.cuda.copy_htod(buf.ptr + offset, host, self.stream)
+        return buf.ptr
+
+    def to_host(self, outputs: dict) -> dict:
+        """Host copies of device tensors: every copy enqueued, then one wait for the stream."""
+        host = {}
+        for n, x in outputs.items():
+            host[n] = np.empty(x.shape, x.dtype)
+            self.cuda.copy_dtoh(host[n], x.ptr, self.stream)
+        self.cuda.stream_synchronize(self.stream)
+        return host
+
+    def stage(self, name: str, tensor: str, x: np.ndarray) -> DeviceTensor:
+        """x uploaded into engine `name`'s buffer for input `tensor`; later runs take it as a feed."""
+        buf = self.buffers[name, tensor]
+        self._upload(buf, x)
+        return DeviceTensor(buf.ptr, tuple(x.shape), buf.dtype)
+
+    def write_rows(self, staged: DeviceTensor, start: int, rows: np.ndarray) -> None:
+        """staged[b, start:start + len(rows)] = rows for each batch entry: G rows uploaded, not n'."""
+        batch, n = staged.shape[:2]
+        assert 0 <= start and start + rows.shape[0] <= n, "rows outside the staged tensor"
+        host = np.ascontiguousarray(rows, dtype=staged.dtype)
+        row_bytes = host.nbytes // host.shape[0]
+        for b in range(batch):
+            self.cuda.copy_htod(staged.ptr + (b * n + start) * row_bytes, host, self.stream)
+
+    def gather_rows(self, x: DeviceTensor, rows: np.ndarray, name: str, tensor: str) -> DeviceTensor:
+        """x[:, rows] into engine `name`'s buffer for input `tensor`: one device copy per run of rows."""
+        buf = self.buffers[name, tensor]
+        batch, n = x.shape[:2]
+        out = DeviceTensor(buf.ptr, (batch, rows.size, *x.shape[2:]), x.dtype)
+        assert out.dtype == buf.dtype and out.nbytes <= buf.nbytes, "gather larger than its buffer"
+        row_bytes = int(np.prod(x.shape[2:], dtype=np.int64)) * x.dtype.itemsize
+        for b in range(batch):
+            for src, dst, count in row_runs(rows):
+                self.cuda.copy_dtod(out.ptr + (b * rows.size + dst) * row_bytes, x.ptr + (b * n + src) * row_bytes,
+                                    count * row_bytes, self.stream)
+        return out
+
+    def elapsed_ms(self, name: str) -> float:
+        """GPU time of engine `name`'s last run (waits for its end event)."""
+        if name not in self.timed:
+            return 0.0
+        start, end = self.events[name]
+        self.cuda.event_synchronize(end)
+        return self.cuda.event_elapsed_ms(start, end)
+
+
+def _cuda_runtime() -> CudaApi:
+    from runtime.cuda import CudaRuntime
+
+    return CudaRuntime()
 
 
 class TrtRunner(Runner):
-    def __init__(self, entry: SubgraphEntry, fdt, path: Path):
+    """The runner contract for one engine of a shared `TrtBackend`."""
+
+    def __init__(self, entry: SubgraphEntry, fdt, backend: TrtBackend):
         super().__init__(entry, fdt)
-        self.path = path
+        self.backend = backend
 
     def _activate(self):
-        import tensorrt as trt
-        from polygraphy import cuda
-
-        self.trt, self.cuda = trt, cuda
-        logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise LladaVError(f"{self.name}: {self.path.name} could not be deserialized (corrupt, or built for "
-                              "another GPU or TensorRT version: rebuild it on this device)")
-        self.context = self.engine.create_execution_context()
-        self.stream = cuda.Stream()
-        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.buffers = self._allocate()
-
-    def _allocate(self) -> dict:
-        """One device buffer per tensor, sized for the profile's largest shapes."""
-        for t in self.entry.inputs:
-            self.context.set_input_shape(t.name, self.entry.shapes[t.name]["max"])
-        buffers = {}
-        for name in self.names:
-            shape = tuple(self.context.get_tensor_shape(name))
-            dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-            buffers[name] = self.cuda.DeviceArray(shape=shape, dtype=dtype)
-        return buffers
+        self.backend.acquire()
 
     def _deactivate(self):
-        for buf in self.buffers.values():
-            buf.free()
-        self.buffers, self.context, self.engine = {}, None, None
-
-    def describe(self, x):
-        return numpy_dtype(x.dtype), tuple(x.shape)
+        self.backend.release()
 
     def _infer(self, feeds, keep_on_device):
-        cuda = self.cuda
-        for t in self.entry.inputs:
-            x = feeds[t.name]
-            if isinstance(x, (cuda.DeviceView, cuda.DeviceArray)):
-                ptr = x.ptr  # already on the device (e.g. decoder_pre's hidden states): no copy
-            else:
-                host = np.ascontiguousarray(x)
-                ptr = self.buffers[t.name].ptr  # the preallocated buffer; only x.nbytes of it are used
-                cuda.wrapper().memcpy(ptr, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice,
-                                      self.stream.ptr)
-            self.context.set_input_shape(t.name, tuple(x.shape))
-            self.context.set_tensor_address(t.name, ptr)
-        outputs = {}
-        for t in self.entry.outputs:
-            buf = self.buffers[t.name]
-            self.context.set_tensor_address(t.name, buf.ptr)
-            outputs[t.name] = cuda.DeviceView(buf.ptr, tuple(self.context.get_tensor_shape(t.name)), buf.dtype)
-        if not self.context.execute_async_v3(self.stream.ptr):
-            raise LladaVError(f"{self.name}: TensorRT execution failed")
-        if keep_on_device:
-            return outputs
-        self.stream.synchronize()
-        return {n: v.numpy() for n, v in outputs.items()}
+        return self.backend.run(self.name, feeds, keep_on_device)
+
+    def last_ms(self) -> float:
+        return self.backend.elapsed_ms(self.name)
+
+    def describe(self, x):
+        return (x.dtype, x.shape) if isinstance(x, DeviceTensor) else super().describe(x)
 
     def to_host(self, x):
-        self.stream.synchronize()
-        return x.numpy() if isinstance(x, (self.cuda.DeviceView, self.cuda.DeviceArray)) else x
+        return self.backend.to_host({"x": x})["x"] if isinstance(x, DeviceTensor) else x
 
-    def stage(self, x: np.ndarray):
-        """x uploaded once into a device array this runner owns (the reduced inputs after step 1)."""
-        host = np.ascontiguousarray(x)
-        staged = self.cuda.DeviceArray(shape=host.shape, dtype=host.dtype)
-        self.cuda.wrapper().memcpy(staged.ptr, host.ctypes.data, host.nbytes, self.cuda.MemcpyKind.HostToDevice,
-                                   self.stream.ptr)
-        self.stream.synchronize()
-        self._staged = staged
-        return staged
+    def stage(self, tensor: str, x: np.ndarray):
+        return self.backend.stage(self.name, tensor, x)
 
     def write_rows(self, staged, start: int, rows: np.ndarray) -> None:
-        """Upload only `rows` into staged[b, start:...] for each batch entry: G rows per step, not n'."""
-        host = np.ascontiguousarray(rows, dtype=numpy_dtype(staged.dtype))
-        batch, n = staged.shape[0], staged.shape[1]
-        row_bytes = host.nbytes // host.shape[0]
-        for b in range(batch):
-            self.cuda.wrapper().memcpy(staged.ptr + (b * n + start) * row_bytes, host.ctypes.data, host.nbytes,
-                                       self.cuda.MemcpyKind.HostToDevice, self.stream.ptr)
-        self.stream.synchronize()  # the host rows may be freed once this returns
+        self.backend.write_rows(staged, start, rows)
 
-    def take_rows(self, x, rows: np.ndarray):
-        """x[:, rows] on the device: one device-to-device copy per run of consecutive rows."""
-        cuda = self.cuda
-        batch, n = x.shape[0], x.shape[1]
-        dtype = numpy_dtype(x.dtype)
-        row_bytes = int(np.prod(x.shape[2:])) * dtype.itemsize
-        out = cuda.DeviceArray(shape=(batch, rows.size, *x.shape[2:]), dtype=dtype)
-        for b in range(batch):
-            for src_row, dst_row, count in row_runs(rows):
-                src = x.ptr + (b * n + src_row) * row_bytes
-                dst = out.ptr + (b * rows.size + dst_row) * row_bytes
-                cuda.wrapper().memcpy(dst, src, count * row_bytes, cuda.MemcpyKind.DeviceToDevice, self.stream.ptr)
-        self._gathered = out  # owned here until the next gather (step 1 happens once per generation)
-        return out
+    def take_rows(self, x, rows: np.ndarray, tensor: str):
+        return self.backend.gather_rows(x, rows, self.name, tensor)
+
+
+def make_trt_runners(bundle: Path, manifest: Manifest, fdt, cuda_factory=None, engine_factory=None) -> dict:
+    """{subgraph: TrtRunner} sharing one backend. The factories default to CUDA and TensorRT."""
+    if engine_factory is None:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            raise LladaVError("backend tensorrt: the TensorRT Python package is not installed "
+                              "(on the Jetson it comes with JetPack); use --backend onnxruntime") from None
+        engine_factory = TrtEngine
+        for entry in manifest.subgraphs.values():  # a missing engine is an error before anything runs
+            expect(engine_path(bundle, entry).is_file(),
+                   f"backend tensorrt: {engine_path(bundle, entry)} is missing; build the engines on this device "
+                   f"with bash {Path(bundle) / 'jetson' / 'build_engines.sh'}")
+    backend = TrtBackend(bundle, manifest, fdt, cuda_factory, engine_factory)
+    return {name: TrtRunner(entry, fdt, backend) for name, entry in manifest.subgraphs.items()}

@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from export.build import BuildRequest, build_bundle
 from export.checkpoint import load_model
+from export.profiles import ProfileSettings
 from export.tiny import write_tiny
 from runtime.tokens import TextTokenizer
+
+# One 384x384 tile, short prompts and responses: the runtime tests' bundles (fp32, K=3 and K=15).
+RUNTIME_PROFILE = ProfileSettings(layout="single", max_text_tokens=160, opt_text_tokens=100, max_response=16,
+                                  opt_response=8)
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +30,13 @@ def tiny(tiny_dir):
 @pytest.fixture(scope="session")
 def tokenizer(tiny_dir):
     return TextTokenizer(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def runtime_bundles(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    return {k: build_bundle(BuildRequest(tiny_dir, root / f"k{k}", k, 50, "fp32", RUNTIME_PROFILE),
+                            log=lambda m: None).out for k in (3, 15)}
 
 
 def gradient_image(width: int, height: int) -> Image.Image:

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 from export.build import BuildRequest, build_bundle
-from export.profiles import ProfileSettings
 from export.reference import ReferenceForward, generate, prompt_embeddings
 from runtime.__main__ import main
 from runtime.errors import LladaVError
@@ -20,18 +19,16 @@ from runtime.pipeline import Pipeline, SplitForward
 from runtime.preprocess import prepare_image
 from runtime.pruning import PruneSettings
 from runtime.schedule import GenerationSettings
-from tests.conftest import gradient_image
+from tests.conftest import RUNTIME_PROFILE, gradient_image
 
-PROFILE = ProfileSettings(layout="single", max_text_tokens=160, opt_text_tokens=100, max_response=16, opt_response=8)
+PROFILE = RUNTIME_PROFILE
 GEN = GenerationSettings(steps=4, gen_length=8, block_length=8)
 PROMPTS = ["What is ahead of the car?", "Is the traffic light red?"]
 
 
 @pytest.fixture(scope="module")
-def bundles(tiny_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rt")
-    return {k: build_bundle(BuildRequest(tiny_dir, root / f"k{k}", k, 50, "fp32", PROFILE), log=lambda m: None).out
-            for k in (3, 15)}
+def bundles(runtime_bundles):
+    return runtime_bundles
 
 
 @pytest.fixture(scope="module")

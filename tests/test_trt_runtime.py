@@ -1,0 +1,247 @@
+"""The TensorRT backend's host logic over simulated CUDA and stand-in engines (tests/cuda_doubles.py).
+
+These tests run no TensorRT and no GPU, and claim nothing about either: they check the order,
+streams and lifetimes of the device work the backend asks for, and what each engine was given
+to read. Numerical parity with TensorRT is tests/gpu's job.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from runtime.errors import LladaVError
+from runtime.pipeline import Pipeline
+from runtime.pruning import PruneSettings, keep_by_score, kept_positions
+from runtime.schedule import GenerationSettings
+from runtime.trt_runner import TrtBackend, make_trt_runners, row_runs
+from tests.conftest import gradient_image
+from tests.cuda_doubles import (Call, HazardError, RecordedEngine, Recorder, SimulatedCuda, SimulatedEngine, Work,
+                                device_work, stamp, streams_used)
+
+GEN = GenerationSettings(steps=3, gen_length=6, block_length=6)
+PROMPT = "What is ahead of the car?"
+
+
+class Device:
+    """A simulated CUDA device and stand-in engines, every call recorded in one log."""
+
+    def __init__(self, profiles: dict | None = None, fail: str | None = None):
+        self.sim, self.log = SimulatedCuda(), []
+        self.engines: dict[str, SimulatedEngine] = {}
+        self.profiles, self.fail = profiles or {}, fail
+
+    def runners(self, bundle, manifest, fdt):
+        def engine(name, path):
+            if name == self.fail:
+                raise LladaVError(f"{name}: could not be deserialized")
+            self.engines[name] = SimulatedEngine(manifest, name, fdt, self.sim, self.profiles.get(name))
+            return RecordedEngine(self.engines[name], name, self.log)
+
+        return make_trt_runners(bundle, manifest, fdt, lambda: Recorder(self.sim, self.log), engine)
+
+    def calls(self, op: str) -> list[Call]:
+        return [c for c in self.log if c.op == op]
+
+
+@pytest.fixture
+def image():
+    return gradient_image(160, 120)
+
+
+def generate(bundle, device: Device, prune=PruneSettings(k=15, p=50), gens: int = 1):
+    """Run `gens` generations inside one activation, with warnings turned into errors."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Pipeline(bundle, backend="tensorrt", runner_factory=device.runners) as pipe:
+            results = [pipe.generate(gradient_image(160, 120), PROMPT, GEN, prune) for _ in range(gens)]
+    return pipe, results
+
+
+def test_row_runs_reassemble_the_gather():
+    rows = np.array([0, 1, 2, 5, 6, 9, 12, 13, 14, 15])
+    runs = row_runs(rows)
+    assert runs == [(0, 0, 3), (5, 3, 2), (9, 5, 1), (12, 6, 4)]
+    source = np.arange(20) * 10
+    gathered = np.empty(rows.size, dtype=int)
+    for src, dst, count in runs:  # what the device-to-device copies do, row by row
+        gathered[dst : dst + count] = source[src : src + count]
+    assert np.array_equal(gathered, source[rows])
+    assert row_runs(np.arange(7)) == [(0, 0, 7)]  # P=0: one copy
+
+
+def test_the_simulation_catches_the_faults_issue_8_found():
+    """The checker is live: two streams without ordering race (the old design: decoder_pre on its
+    stream, decoder_post reading the result on another); reads before a sync see poison; frees
+    and timings of unfinished work are refused."""
+    sim = SimulatedCuda()
+    a, b = sim.stream_create(), sim.stream_create()
+    hidden = sim.malloc(64)
+    sim.issue(Work(a, "enqueue decoder_pre", [], [(hidden, 64)], lambda: None))
+    with pytest.raises(HazardError, match="races with enqueue decoder_pre"):
+        sim.issue(Work(b, "enqueue decoder_post", [(hidden, 64)], [], lambda: None))
+    with pytest.raises(HazardError, match="while queued work uses it"):
+        sim.free(hidden)
+    sim.stream_synchronize(a)  # what the old step 1 did by accident, and its later steps did not
+    sim.issue(Work(b, "enqueue decoder_post", [(hidden, 64)], [], lambda: None))
+    host = np.zeros(16, np.float32)
+    sim.copy_dtoh(host, hidden, b)
+    assert np.isnan(host).all()  # not there before the host waits
+    sim.stream_synchronize(b)
+    assert not np.isnan(host).any()
+    start, end = sim.event_create(), sim.event_create()
+    sim.event_record(start, a)
+    sim.event_record(end, a)
+    with pytest.raises(HazardError, match="not completed"):
+        sim.event_elapsed_ms(start, end)
+    sim.event_synchronize(end)
+    assert sim.event_elapsed_ms(start, end) == 0.0
+    with pytest.raises(HazardError, match="not inside one live allocation"):
+        sim.copy_dtod(hidden + 32, hidden, 64, a)
+
+
+def test_three_step_generation_device_work(runtime_bundles):
+    """Order and stream of every copy, enqueue, event and wait over a three-step K=15 P=50 generation."""
+    device = Device()
+    pipe, (result,) = generate(runtime_bundles[15], device)
+    lay = result.layout
+    kept = kept_positions(lay, result.kept_visual)
+    n, g = kept.size, lay.n_response
+    timed_wait = ["event_synchronize", "event_synchronize"]  # the trace reads both engines' GPU times
+    run = lambda name: ["event_record", f"enqueue {name}", "event_record"]  # noqa: E731
+    vision = ["copy_htod", *run("vision"), "copy_dtoh", "stream_synchronize", "event_synchronize"]
+    step1 = (["copy_htod"] * 3 + run("decoder_pre") + ["copy_dtoh", "stream_synchronize"]
+             + ["copy_dtod"] * len(row_runs(kept)) + ["copy_htod"] * 4
+             + run("decoder_post") + ["copy_dtoh", "stream_synchronize"] + timed_wait)
+    later = ["copy_htod"] + run("decoder_pre") + run("decoder_post") + ["copy_dtoh", "stream_synchronize"] + timed_wait
+    assert device_work(device.log) == vision + step1 + later + later + ["stream_synchronize"]
+
+    assert len(device.calls("stream_create")) == 1 and streams_used(device.log) == {device.calls("stream_create")[0].result}
+    first_run = next(i for i, c in enumerate(device.log) if c.op == "enqueue")
+    assert all(i < first_run for i, c in enumerate(device.log) if c.op == "malloc")  # nothing after activation
+    assert len(device.calls("malloc")) == sum(len(e.inputs) + len(e.outputs) for e in pipe.manifest.subgraphs.values())
+    step1_post = [i for i, c in enumerate(device.log) if c.op == "enqueue"][2]
+    uploads = [c for c in device.log[step1_post:] if c.op == "copy_htod"]
+    assert [c.args[1] for c in uploads] == [("host", g * 64 * 4)] * 2  # later steps upload the G response rows only
+
+    # what each engine read
+    pre, post = device.engines["decoder_pre"].runs, device.engines["decoder_post"].runs
+    saliency = stamp(1, (1, lay.total), np.float32)[0, lay.visual]
+    assert np.array_equal(result.kept_visual, keep_by_score(saliency, 50))
+    assert np.array_equal(post[0]["hidden_states"], stamp(1, (1, lay.total, 64), np.float32)[:, kept])
+    for step in (1, 2):
+        assert np.array_equal(post[step]["hidden_states"], stamp(step + 1, (1, n, 64), np.float32))
+    for seen in (*pre[1:], *post):
+        assert np.array_equal(seen["position_ids"], kept[None])
+    assert all(np.array_equal(p["logit_rows"], np.arange(n - g, n)) for p in post)
+    assert all(np.array_equal(p["score_rows"], [n - 1]) for p in pre[1:])
+    prompt_rows = pre[0]["inputs_embeds"][:, kept[: n - g]]
+    mask_row = pipe.embed[pipe.tokenizer.ids.mask]
+    for step in (1, 2):
+        x = pre[step]["inputs_embeds"]
+        assert np.array_equal(x[:, : n - g], prompt_rows)
+        unmasked = [i for i in range(g) if not np.array_equal(x[0, n - g + i], mask_row)]
+        assert len(unmasked) == sum(result.denoise.transfers[:step])
+        assert all(np.array_equal(x[0, n - g + i], pipe.embed[result.denoise.response[i]]) for i in unmasked)
+    assert [(s.pre_ms, s.post_ms) for s in result.steps] == [(1.0, 1.0)] * 3  # the events' clock, not the host's
+
+
+def test_everything_allocated_is_freed_and_nothing_per_generation(runtime_bundles):
+    device = Device()
+    generate(runtime_bundles[15], device, gens=2)
+    mallocs, frees = device.calls("malloc"), device.calls("free")
+    first_run = next(i for i, c in enumerate(device.log) if c.op == "enqueue")
+    assert all(i < first_run for i, c in enumerate(device.log) if c.op == "malloc")  # two answers, none after activation
+    assert sorted(c.result for c in mallocs) == sorted(c.args[0] for c in frees)
+    assert sorted(c.result for c in device.calls("event_create")) == sorted(c.args[0] for c in device.calls("event_destroy"))
+    assert len(device.calls("event_create")) == 6
+    assert [c.args[0] for c in device.calls("stream_destroy")] == [device.calls("stream_create")[0].result]
+    assert device.sim.memory == {} and device.sim.pending() == 0
+
+
+@pytest.mark.parametrize("p", [0, 70])
+def test_unpruned_and_heavily_pruned_runs_keep_the_same_discipline(runtime_bundles, p):
+    device = Device()
+    _, (result,) = generate(runtime_bundles[15], device, PruneSettings(k=15, p=p))
+    assert len(device.calls("copy_dtod")) == (0 if p == 0 else len(row_runs(kept_positions(result.layout, result.kept_visual))))
+    assert len(streams_used(device.log)) == 1 and device.sim.memory == {}
+
+
+def test_an_engine_built_for_another_profile_is_refused(runtime_bundles):
+    """set_input_shape's result is checked: at activation (the profile's maxima) and at run time."""
+    from runtime.bundle import read_manifest
+
+    entry = read_manifest(runtime_bundles[15]).subgraphs["decoder_pre"]
+    narrow = {n: {**s, "max": [*s["max"][:-1], s["max"][-1] // 2] if n == "score_rows" else s["max"]}
+              for n, s in entry.shapes.items()}
+    device = Device(profiles={"decoder_pre": narrow})
+    with pytest.raises(LladaVError, match=r"decoder_pre: the engine refused shape \(\d+,\) for input 'score_rows'"):
+        generate(runtime_bundles[15], device)
+    assert device.sim.memory == {} and not device.sim.queues  # what activation had allocated is freed
+
+
+def test_a_shape_refused_at_run_time_stops_before_the_enqueue(runtime_bundles):
+    device = Device()
+    with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=device.runners) as pipe:
+        pre = pipe.runners["decoder_pre"]
+        device.engines["decoder_pre"].profile = {**device.engines["decoder_pre"].profile,
+                                                 "score_rows": {"min": [1], "max": [1]}}
+        feeds = {"inputs_embeds": np.zeros((1, 10, 64), np.float32), "position_ids": np.zeros((1, 10), np.int64),
+                 "score_rows": np.zeros(2, np.int64)}
+        with pytest.raises(LladaVError, match=r"refused shape \(2,\) for input 'score_rows'"):
+            pre.infer(feeds)
+    assert not device.calls("enqueue") and device.sim.memory == {}
+
+
+def test_failed_activation_frees_what_it_allocated(runtime_bundles):
+    device = Device(fail="decoder_post")
+    with pytest.raises(LladaVError, match="decoder_post: could not be deserialized"):
+        generate(runtime_bundles[15], device)
+    assert device.calls("malloc") and device.sim.memory == {} and not device.sim.queues and not device.sim.events
+
+
+def test_an_engine_with_other_tensors_is_refused(runtime_bundles):
+    device = Device()
+
+    def runners(bundle, manifest, fdt):
+        other = replace(manifest.subgraphs["vision"], outputs=[replace(manifest.subgraphs["vision"].outputs[0],
+                                                                       name="features")])
+        wrong = lambda name, path: SimulatedEngine(manifest, name, fdt, device.sim,  # noqa: E731
+                                                   entry=other if name == "vision" else None)
+        return make_trt_runners(bundle, manifest, fdt, lambda: device.sim, wrong)
+
+    with pytest.raises(LladaVError, match=r"vision: the engine's tensors are \['features', 'pixel_values'\]"):
+        with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=runners):
+            pass
+    assert device.sim.memory == {}
+
+
+def test_gather_and_row_writes_cover_every_batch_entry(runtime_bundles):
+    """Classifier-free guidance runs batch 2: the step-1 gather and the response-row writes serve both."""
+    from runtime.bundle import read_manifest
+
+    manifest = read_manifest(runtime_bundles[15])
+    for entry in manifest.subgraphs.values():
+        for shapes in entry.shapes.values():
+            if len(shapes["max"]) > 1 and entry.name != "vision":
+                shapes["max"][0] = 2
+    sim = SimulatedCuda()
+    backend = TrtBackend(runtime_bundles[15], manifest, np.dtype(np.float32), lambda: sim,
+                         lambda name, path: SimulatedEngine(manifest, name, np.float32, sim))
+    backend.acquire()
+    x = np.random.default_rng(0).standard_normal((2, 40, 64)).astype(np.float32)
+    staged = backend.stage("decoder_pre", "inputs_embeds", x)
+    rows = np.array([0, 1, 2, 7, 8, 20, 39])
+    gathered = backend.gather_rows(staged, rows, "decoder_post", "hidden_states")
+    response = np.full((3, 64), 5.0, np.float32)
+    backend.write_rows(staged, 37, response)
+    host = backend.to_host({"g": gathered, "s": staged})
+    assert np.array_equal(host["g"], x[:, rows])
+    want = x.copy()
+    want[:, 37:] = response
+    assert np.array_equal(host["s"], want)
+    backend.release()
+    assert sim.memory == {}
