@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from export.checkpoint import TOKENIZER_FILES, Checkpoint, load_model, open_checkpoint
-from export.onnx_export import copy_or_link, export_and_validate
-from export.profiles import (OPT_LEVEL, WORKSPACE_MIB, ProfileSettings, axis_ranges, build_script,
-                             full_sequence_opt, input_shapes, settings_dict, trtexec_command)
+from export.engine_config import EngineBuildSettings, build_script, trtexec_command
+from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate
+from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
+                             settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
 from runtime.bundle import (FileInfo, Manifest, SubgraphEntry, TensorInfo, file_info, read_manifest,
                             sha256_file, write_manifest)
@@ -44,7 +45,7 @@ class BuildRequest:
     p: float
     precision: str = "fp16"
     profiles: ProfileSettings = field(default_factory=ProfileSettings)
-    opset: int = 18
+    opset: int = DEFAULT_OPSET
     engines: str = "auto"  # auto: build where TensorRT and a GPU exist; skip; require
 
 
@@ -73,6 +74,12 @@ def validate_request(req: BuildRequest) -> tuple[Checkpoint, dict]:
            f"precision: {req.precision} needs explicit Q/DQ quantization, which comes with calib/; use fp16 or fp32")
     expect(req.precision in PRECISIONS, f"precision: got {req.precision!r}; expected one of {PRECISIONS}")
     expect(req.engines in ("auto", "skip", "require"), f"engines: got {req.engines!r}; expected auto, skip or require")
+    expect(17 <= req.opset <= 20, f"opset: got {req.opset!r}; expected 17..20 (what TensorRT 10.3 parses)")
+    if req.engines == "require":  # before any export: minutes of work must not end in this error
+        from export.trt_build import tensorrt_status
+
+        usable, why, _ = tensorrt_status()
+        expect(usable, f"engines: required, but {why}")
     expect(0 <= req.p < 100, f"P: got {req.p!r}; expected a percentage in [0, 100)")
     req.profiles.validate()
     ckpt = open_checkpoint(req.model_dir)
@@ -117,6 +124,8 @@ class Builder:
 
     def __init__(self, req: BuildRequest, ckpt: Checkpoint, log):
         self.req, self.ckpt, self.cfg, self.log = req, ckpt, ckpt.config, log
+        self.ranges = axis_ranges(self.cfg, req.profiles, req.p)
+        self.settings = EngineBuildSettings(req.precision)
         self.model = None
         self.old = previous_manifest(Path(req.out))
         self.reused, self.exported = [], []
@@ -130,10 +139,10 @@ class Builder:
             self.model, _ = load_model(self.ckpt.path, dtype)
         return self.model
 
-    def subgraph(self, tmp: Path, spec: SubgraphSpec, ckpt_hash: str, source: str, ranges: dict) -> SubgraphEntry:
+    def subgraph(self, tmp: Path, spec: SubgraphSpec, ckpt_hash: str, source: str) -> SubgraphEntry:
         k = self.req.k if spec.name.startswith("decoder") else "-"
-        key = artifact_key(ckpt_hash, spec.name, k, self.req.precision, spec.opset, source)
-        shapes = input_shapes(spec, self.cfg, ranges)
+        key = artifact_key(ckpt_hash, spec.name, k, self.req.precision, self.req.opset, source)
+        shapes = input_shapes(spec, self.cfg, self.ranges)
         old = self.old.subgraphs.get(spec.name) if self.old else None
         onnx_path = tmp / "onnx" / f"{spec.name}.onnx"
         if old and old.key == key and intact(self.req.out, old.onnx) and intact(self.req.out, old.data):
@@ -144,10 +153,10 @@ class Builder:
             entry = copy.deepcopy(old)  # the old manifest stays as it was: engines_stage compares against it
             entry.shapes, entry.engine, entry.engine_check = shapes, None, {}
             return entry
-        self.log(f"{spec.name}: exporting and validating ...")
-        axes = self.validation_axes()
+        self.log(f"{spec.name}: exporting (opset {self.req.opset}) and validating ...")
+        # the ONNX graph does not depend on the profile: validate it at fixed sizes (proving its axes dynamic)
         report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, self.req.precision,
-                                     onnx_path, axes)
+                                     onnx_path, list(VALIDATION_SIZES), self.req.opset)
         self.release_weights(spec)
         worst = max(v for d in report.max_abs_diff.values() for v in d.values())
         self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - PyTorch| {worst:.2e}, "
@@ -181,12 +190,6 @@ class Builder:
 
         release_memory()
 
-    def validation_axes(self) -> list[dict]:
-        """Two sizes of every dynamic axis: small, and larger (reduced-sequence-like)."""
-        batch = self.req.profiles.max_batch
-        return [{"tiles": 1, "batch": 1, "seq": 48, "query": 8, "rows": 8},
-                {"tiles": 2, "batch": batch, "seq": 96, "query": 3, "rows": 5}]
-
     def host_files(self, tmp: Path, ckpt_hash: str) -> dict[str, FileInfo]:
         key_dir = tmp / "host"
         key_dir.mkdir()
@@ -212,23 +215,22 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
     log(f"checkpoint {ckpt.path}: {ckpt.config.n_layers} layers, d={ckpt.config.decoder.d_model}; hashing ...")
     ckpt_hash = ckpt.content_hash()
     source = exporter_source_hash()
-    ranges = axis_ranges(ckpt.config, req.profiles, req.p)
     b = Builder(req, ckpt, log)
     with atomic_directory(req.out) as tmp:
         for sub in ("onnx", "tokenizer", "jetson"):
             (tmp / sub).mkdir()
-        entries = {s.name: b.subgraph(tmp, s, ckpt_hash, source, ranges) for s in SUBGRAPHS}
+        entries = {s.name: b.subgraph(tmp, s, ckpt_hash, source) for s in SUBGRAPHS}
         host = b.host_files(tmp, ckpt_hash)
         tokenizer = [name for name in TOKENIZER_FILES if (ckpt.path / name).is_file()]
         for name in tokenizer:
             shutil.copy2(ckpt.path / name, tmp / "tokenizer" / name)
-        commands = {n: trtexec_command(e.onnx.path, f"engines/{n}.engine", e.shapes, req.precision,
+        commands = {n: trtexec_command(e.onnx.path, f"engines/{n}.engine", e.shapes, b.settings,
                                        "engines/timing.cache") for n, e in entries.items()}
         script = tmp / "jetson" / "build_engines.sh"
         script.write_text(build_script(commands))
         script.chmod(0o755)
         trt = engines_stage(req, tmp, entries, b, log)
-        manifest = make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokenizer, trt)
+        manifest = make_manifest(req, ckpt, ckpt_hash, token_ids, b.ranges, entries, host, tokenizer, trt)
         write_manifest(tmp, manifest)
     log(f"bundle written to {req.out}")
     return BuildResult(manifest, Path(req.out), b.reused, b.exported, trt["built"], trt["reason"],
@@ -239,7 +241,8 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
     from export.trt_build import tensorrt_status
 
     usable, why, version = tensorrt_status()
-    status = {"built": False, "reason": why, "version": version, "script": "jetson/build_engines.sh"}
+    status = {"built": False, "reason": why, "version": version, "script": "jetson/build_engines.sh",
+              "build_settings": b.settings.to_dict()}
     if req.engines == "skip":
         status["reason"] = "skipped (--engines skip)"
         return status
@@ -259,25 +262,28 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
         spec = next(s for s in SUBGRAPHS if s.name == name)
         engine = tmp / "engines" / f"{name}.engine"
         old = b.old.subgraphs.get(name) if b.old else None
-        if old and old.engine and reusable_engine(b.old, old, entry, version) and intact(Path(req.out), old.engine):
+        if old and old.engine and reusable_engine(b.old, old, entry, version, b.settings) \
+                and intact(Path(req.out), old.engine):
             copy_or_link(Path(req.out) / old.engine.path, engine)
             entry.engine, entry.engine_check = old.engine, old.engine_check
-            log(f"{name}: TensorRT engine reused (same ONNX, profile and TensorRT {version})")
+            log(f"{name}: TensorRT engine reused (same ONNX, profile, build settings and TensorRT {version})")
             continue
         log(f"{name}: building TensorRT engine ...")
-        build_engine(tmp / entry.onnx.path, engine, entry.shapes, req.precision, cache, WORKSPACE_MIB, OPT_LEVEL)
+        build_engine(tmp / entry.onnx.path, engine, entry.shapes, b.settings, cache)
         feeds = [dummy_inputs(spec, b.cfg, axes, float_dtype(req.precision), seed=i)
-                 for i, axes in enumerate(b.validation_axes())]
+                 for i, axes in enumerate(validation_axes(b.ranges))]  # inside the engine's profile
         entry.engine = file_info(tmp, engine)
-        entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, *spec.tolerance(req.precision))
+        entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, spec, req.precision)
     status.update(built=True, reason=f"built with {why}")
     return status
 
 
-def reusable_engine(old_manifest: Manifest, old: SubgraphEntry, new: SubgraphEntry, version: str | None) -> bool:
-    """An engine may be reused when its ONNX bytes, profile shapes and TensorRT version are the same."""
+def reusable_engine(old_manifest: Manifest, old: SubgraphEntry, new: SubgraphEntry, version: str | None,
+                    settings: EngineBuildSettings) -> bool:
+    """An engine may be reused when its ONNX bytes, profile shapes, build settings and TensorRT version are the same."""
     return (old.onnx.sha256 == new.onnx.sha256 and old.data.sha256 == new.data.sha256 and old.shapes == new.shapes
-            and old_manifest.tensorrt.get("version") == version)
+            and old_manifest.tensorrt.get("version") == version
+            and old_manifest.tensorrt.get("build_settings") == settings.to_dict())
 
 
 def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokenizer, trt) -> Manifest:
@@ -300,7 +306,8 @@ def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokeni
                   "grid_pinpoints": [list(p) for p in g.grid_pinpoints], "max_tiles": g.max_tiles,
                   "mean": list(g.mean), "std": list(g.std)},
         profiles={"settings": settings_dict(req.profiles), "axes": {a: list(r) for a, r in ranges.items()},
-                  "full_step1_seq_opt": full_sequence_opt(cfg, req.profiles)},
+                  "full_step1_seq_opt": full_sequence_opt(cfg, req.profiles),
+                  "validation_axes": validation_axes(ranges)},  # where engines are checked against ONNX Runtime
         subgraphs=entries, host=host, tokenizer=sorted(tokenizer),
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                   "transformers": transformers.__version__, "tensorrt": trt["version"]},

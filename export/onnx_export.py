@@ -23,6 +23,7 @@ from runtime.errors import LladaVError
 
 OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
 DATA_DEPENDENT_OPS = {"NonZero", "Unique", "NonMaxSuppression", "Compress", "Loop", "If", "Scan"}
+DEFAULT_OPSET = 18  # TensorRT 10.3 parses opsets 17-20 (REFERENCE section 6)
 EXTERNAL_THRESHOLD = 1024  # bytes: initializers at least this large go to the .data file
 ALIGN = 64
 
@@ -73,20 +74,20 @@ def float_dtype(precision: str) -> str:
 
 
 def export_onnx(spec: SubgraphSpec, module: torch.nn.Module, cfg, precision: str, dst: Path,
-                example_axes: dict) -> Path:
-    """torch.onnx.export (TorchScript exporter, opset from the spec) -> dst + dst.data."""
+                example_axes: dict, opset: int = DEFAULT_OPSET) -> Path:
+    """torch.onnx.export (TorchScript exporter) at `opset` -> dst + dst.data."""
     feeds = dummy_inputs(spec, cfg, example_axes, float_dtype(precision))
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
         with export_patches(), torch.inference_mode(), warnings.catch_warnings():
-            # the TorchScript exporter is deprecated upstream but emits plain opset-18 graphs with
+            # the TorchScript exporter is deprecated upstream but emits plain opset 17-20 graphs with
             # dynamic_axes and no extra dependency; tracer warnings concern static head sizes
             warnings.simplefilter("ignore", category=DeprecationWarning)
             warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
                 module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
-                dynamic_axes=spec.dynamic_axes(), opset_version=spec.opset, do_constant_folding=True, dynamo=False,
+                dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
             )
         consolidate_external_data(raw, dst, edit=lambda m: stamp_io_dims(m, spec, cfg))
     return dst
@@ -213,7 +214,6 @@ def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, ax
     from export.torch_runner import TorchRunner
 
     fdt = float_dtype(precision)
-    atol, rtol = spec.tolerance(precision)
     dims = model_dims(cfg)
     report = {}
     session = session or ort_session(path)
@@ -229,6 +229,7 @@ def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, ax
         key = ",".join(f"{k}={v}" for k, v in sorted(axes.items()))
         report[key] = {}
         for name in spec.output_names:
+            atol, rtol = spec.tolerance(precision, name)
             ok, diff, scale = scaled_diff(ort_out[name], ref_out[name], atol, rtol)
             report[key][name] = diff
             if not ok:
@@ -270,13 +271,14 @@ def check_bidirectional(path: Path, spec: SubgraphSpec, cfg, precision: str, axe
     return moved
 
 
-def export_and_validate(spec: SubgraphSpec, module, cfg, precision: str, dst: Path, axes_list: list[dict]) -> ExportReport:
+def export_and_validate(spec: SubgraphSpec, module, cfg, precision: str, dst: Path, axes_list: list[dict],
+                        opset: int = DEFAULT_OPSET) -> ExportReport:
     """Export to dst (+ .data), then run every check. A failed check removes the files."""
     import time
 
     start = time.perf_counter()
     try:
-        export_onnx(spec, module, cfg, precision, dst, axes_list[0])
+        export_onnx(spec, module, cfg, precision, dst, axes_list[0], opset)
         report = ExportReport(spec.name, dst, dst.with_name(dst.name + ".data"))
         release_memory()  # the exporter's transient copies, before a session loads the weights again
         report.ops = check_graph(dst, spec)

@@ -7,17 +7,12 @@ the reduced length, which every step but the first runs at.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import asdict, dataclass
 
 from export.subgraphs import SubgraphSpec, model_dims
 from runtime.anyres import ANYRES, LAYOUTS, SINGLE, max_visual_tokens, plan_tiles
 from runtime.errors import expect
 from runtime.pruning import pruned_count
-
-WORKSPACE_MIB = 4096
-OPT_LEVEL = 3
-
 
 @dataclass(frozen=True)
 class ProfileSettings:
@@ -80,46 +75,22 @@ def input_shapes(spec: SubgraphSpec, cfg, ranges: dict) -> dict[str, dict[str, l
     return out
 
 
-def trtexec_command(onnx: str, engine: str, shapes: dict, precision: str, timing_cache: str,
-                    trtexec: str = "$TRTEXEC") -> list[str]:
-    """The trtexec invocation that builds one engine from its ONNX file and profile.
-
-    fp16 graphs carry their precisions (fp16 weights, float32 norms and softmax by Casts), so
-    they build strongly typed; fp32 graphs build as they are.
-    """
-
-    def spec(which):
-        return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in shapes.items())
-
-    cmd = [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}"]
-    if precision == "fp16":
-        cmd.append("--stronglyTyped")
-    cmd += [f"--minShapes={spec('min')}", f"--optShapes={spec('opt')}", f"--maxShapes={spec('max')}",
-            f"--memPoolSize=workspace:{WORKSPACE_MIB}M", f"--timingCacheFile={timing_cache}",
-            f"--builderOptimizationLevel={OPT_LEVEL}", "--skipInference"]
-    return cmd
+# Two sizes of every dynamic axis for validation checks: small, and larger (reduced-sequence-like).
+VALIDATION_SIZES = ({"tiles": 1, "batch": 1, "seq": 48, "query": 8, "rows": 8},
+                    {"tiles": 2, "batch": 2, "seq": 96, "query": 3, "rows": 5})
 
 
-def build_script(commands: dict[str, list[str]]) -> str:
-    """A bash script for the Jetson: each engine built under a temporary name, then renamed."""
-    lines = [
-        "#!/usr/bin/env bash",
-        "# Build this bundle's TensorRT engines ON THE TARGET: engines are tied to the GPU and the",
-        "# TensorRT version (JetPack 6: TensorRT 10.3). Before timing: sudo nvpmodel -m 0; sudo jetson_clocks",
-        "set -euo pipefail",
-        'cd "$(dirname "$0")/.."',
-        'TRTEXEC="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"',
-        "mkdir -p engines",
-    ]
-    for name, cmd in commands.items():
-        final = next(a.split("=", 1)[1] for a in cmd if a.startswith("--saveEngine="))
-        tmp_cmd = [a if not a.startswith("--saveEngine=") else f"--saveEngine={final}.tmp" for a in cmd]
-        lines += ["", f'echo "building {name} ..."',
-                  " \\\n    ".join(a if a == "$TRTEXEC" else shlex.quote(a) for a in tmp_cmd).replace(
-                      "$TRTEXEC", '"$TRTEXEC"'),
-                  f"mv {shlex.quote(final + '.tmp')} {shlex.quote(final)}"]
-    lines += ["", 'echo "engines built in $(pwd)/engines"', ""]
-    return "\n".join(lines)
+def validation_axes(ranges: dict) -> list[dict[str, int]]:
+    """VALIDATION_SIZES clamped into the profile's ranges, so an engine can run them: with one tile
+    (--layout single), a short --max-response or without --cfg, the sizes shrink to what it accepts.
+    Query and logit rows index the sequence, so they never exceed it."""
+    small, large = ({a: min(max(v, ranges[a][0]), ranges[a][2]) for a, v in want.items()} for want in VALIDATION_SIZES)
+    for a, (lo, _, hi) in ranges.items():
+        if small[a] == large[a] and lo < hi:  # clamping merged them: still try two sizes of a dynamic axis
+            small[a] = lo if small[a] != lo else hi
+    for axes in (small, large):
+        axes["query"], axes["rows"] = min(axes["query"], axes["seq"]), min(axes["rows"], axes["seq"])
+    return [small, large]
 
 
 def settings_dict(settings: ProfileSettings) -> dict:

@@ -34,11 +34,21 @@ FLOAT = "float"  # the precision's float type: float16 or float32
 F32, I64 = "float32", "int64"
 
 
+# max|got - ref| <= atol + rtol * max|reference| per output, per precision: relative to the output's
+# scale (one fp16 ulp at |x| = 80 is already 0.06).
+TOLERANCES = (("fp32", 1e-4, 1e-5), ("fp16", 1e-3, 1e-2))
+# Saliency is a softmax average over ~N keys: its values are ~1/N (5e-4 at N=2000), so an absolute
+# floor like 1e-3 would accept any order of the tokens. Relative to its own maximum only; measured
+# ORT-vs-PyTorch errors: fp16 1.2-2.4e-3 of max, fp32 ~1e-6 (N = 48..2000).
+SALIENCY_TOLERANCES = (("fp32", 0.0, 1e-4), ("fp16", 0.0, 1e-2))
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # FLOAT, F32 or I64
     dims: tuple  # ints or axis names; "D", "V", "S", "F", "T" are model dims filled from the config
+    tolerances: tuple = TOLERANCES  # outputs only: (precision, atol, rtol) for validation
 
     def resolve(self, dims: dict, float_dtype: str) -> tuple[str, tuple[int, ...]]:
         return (float_dtype if self.dtype == FLOAT else self.dtype), tuple(
@@ -52,13 +62,11 @@ class SubgraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     build: Callable[[LladaV, int], nn.Module]  # (model, k) -> module whose forward takes the inputs
-    # ONNX Runtime vs PyTorch per precision: max|diff| <= atol + rtol * max|reference| per output.
-    # Relative to the output's scale: one fp16 ulp at |x| = 80 is already 0.06.
-    tolerances: tuple = (("fp32", 1e-4, 1e-5), ("fp16", 1e-3, 1e-2))
-    opset: int = 18
 
-    def tolerance(self, precision: str) -> tuple[float, float]:
-        return next((a, r) for p, a, r in self.tolerances if p == precision)
+    def tolerance(self, precision: str, output: str) -> tuple[float, float]:
+        """(atol, rtol) for one output, checked as max|got - ref| <= atol + rtol * max|ref|."""
+        t = next(t for t in self.outputs if t.name == output)
+        return next((a, r) for p, a, r in t.tolerances if p == precision)
 
     @property
     def input_names(self) -> list[str]:
@@ -130,7 +138,7 @@ DECODER_PRE = SubgraphSpec(
     ),
     outputs=(
         TensorSpec("hidden_states", FLOAT, ("batch", "seq", "D")),
-        TensorSpec("saliency", F32, ("batch", "seq")),
+        TensorSpec("saliency", F32, ("batch", "seq"), SALIENCY_TOLERANCES),
     ),
     build=DecoderPre,
 )

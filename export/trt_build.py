@@ -1,10 +1,11 @@
 """TensorRT engines from the bundle's ONNX files, where TensorRT and a GPU are present.
 
 Written against the TensorRT 10 Python API (10.3 on JetPack 6, and newer): parse_from_file so
-external weights resolve, one optimization profile from the manifest, strongly typed for fp16
-graphs, a workspace limit, a timing cache reused across builds. Each engine is then compared with
-ONNX Runtime through Polygraphy. TensorRT is imported lazily: nothing here runs, and nothing is
-reported, where it is missing.
+external weights resolve, one optimization profile from the manifest, a timing cache reused
+across builds, and every other setting from `EngineBuildSettings` (the same source as the
+trtexec command: strongly typed for fp16, TF32 off, workspace, optimization level). Each engine
+is then compared with ONNX Runtime through Polygraphy. TensorRT is imported lazily: nothing here
+runs, and nothing is reported, where it is missing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from export.engine_config import EngineBuildSettings
 from runtime.errors import LladaVError
 
 
@@ -34,22 +36,20 @@ def tensorrt_status() -> tuple[bool, str, str | None]:
     return True, f"TensorRT {trt.__version__}", trt.__version__
 
 
-def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, precision: str, timing_cache: Path,
-                 workspace_mib: int, opt_level: int) -> None:
+def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, settings: EngineBuildSettings,
+                 timing_cache: Path) -> None:
     """Parse, configure one profile, build, and write engine and timing cache atomically."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if precision == "fp16" else 0
-    network = builder.create_network(flags)
+    network = builder.create_network(settings.network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineBuildError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    config.builder_optimization_level = opt_level
+    settings.configure(trt, config)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     profile = builder.create_optimization_profile()
@@ -63,8 +63,8 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, precision: st
     _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
-def check_engine(engine_path: Path, onnx_path: Path, feeds_list: list[dict], atol: float, rtol: float) -> dict:
-    """TensorRT vs ONNX Runtime on the same feeds (Polygraphy), with the export's tolerance rule."""
+def check_engine(engine_path: Path, onnx_path: Path, feeds_list: list[dict], spec, precision: str) -> dict:
+    """TensorRT vs ONNX Runtime on the same feeds (Polygraphy), with the export's tolerance rule per output."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
@@ -78,6 +78,7 @@ def check_engine(engine_path: Path, onnx_path: Path, feeds_list: list[dict], ato
     report = {}
     for i, (trt_out, ort_out) in enumerate(zip(results[0][1], results[1][1])):
         for name in ort_out.keys():
+            atol, rtol = spec.tolerance(precision, name)
             ok, diff, scale = scaled_diff(trt_out[name], ort_out[name], atol, rtol)
             report[f"{i}:{name}"] = diff
             if not ok:

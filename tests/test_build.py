@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -12,8 +13,9 @@ from export import build as build_mod
 from export.build import BuildRequest, build_bundle, summary
 from export.build_engines import main
 from export.model import PRESETS
-from export.profiles import ProfileSettings, axis_ranges, build_script, input_shapes, trtexec_command
-from export.subgraphs import DECODER_PRE, SUBGRAPHS, VISION
+from export.engine_config import EngineBuildSettings, build_script, trtexec_command
+from export.profiles import ProfileSettings, axis_ranges, input_shapes, validation_axes
+from export.subgraphs import DECODER_PRE, SUBGRAPHS, VISION, dummy_inputs, model_dims
 from runtime.bundle import Manifest, read_manifest, verify_files
 from runtime.errors import LladaVError
 
@@ -41,15 +43,18 @@ def test_input_shapes_and_trtexec_command():
     shapes = input_shapes(DECODER_PRE, REAL, r)
     reduced = 96 + 729 - 729 * 50 // 100 + 32
     assert shapes["inputs_embeds"] == {"min": [1, 1, 4096], "opt": [1, reduced, 4096], "max": [1, 1113, 4096]}
-    cmd = trtexec_command("onnx/decoder_pre.onnx", "engines/decoder_pre.engine", shapes, "fp16", "engines/t.cache", "trtexec")
-    assert cmd[:4] == ["trtexec", "--onnx=onnx/decoder_pre.onnx", "--saveEngine=engines/decoder_pre.engine", "--stronglyTyped"]
+    fp16 = EngineBuildSettings("fp16")
+    cmd = trtexec_command("onnx/decoder_pre.onnx", "engines/decoder_pre.engine", shapes, fp16, "engines/t.cache", "trtexec")
+    assert cmd[:5] == ["trtexec", "--onnx=onnx/decoder_pre.onnx", "--saveEngine=engines/decoder_pre.engine",
+                       "--stronglyTyped", "--noTF32"]
     assert "--minShapes=inputs_embeds:1x1x4096,position_ids:1x1,score_rows:1" in cmd
     assert f"--optShapes=inputs_embeds:1x{reduced}x4096,position_ids:1x{reduced},score_rows:32" in cmd
     assert "--maxShapes=inputs_embeds:1x1113x4096,position_ids:1x1113,score_rows:384" in cmd
     assert "--timingCacheFile=engines/t.cache" in cmd and any(a.startswith("--memPoolSize=workspace:") for a in cmd)
-    fp32 = trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, r), "fp32", "c", "trtexec")
-    assert "--stronglyTyped" not in fp32 and "--fp16" not in fp32
-    script = build_script({"vision": trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, r), "fp32", "c")})
+    fp32 = trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, r), EngineBuildSettings("fp32"), "c", "trtexec")
+    assert "--stronglyTyped" not in fp32 and "--fp16" not in fp32 and "--noTF32" in fp32
+    script = build_script({"vision": trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, r),
+                                                     EngineBuildSettings("fp32"), "c")})
     assert '"$TRTEXEC"' in script and "--saveEngine=a.engine.tmp" in script and "mv a.engine.tmp a.engine" in script
 
 
@@ -174,20 +179,6 @@ def test_bad_checkpoints_and_outputs(tiny_dir, tmp_path, capsys):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
 
 
-def test_engines_required_without_tensorrt(tiny_dir, tmp_path, capsys):
-    from export.trt_build import tensorrt_status
-
-    usable, why, _ = tensorrt_status()
-    if usable:
-        pytest.skip("TensorRT and a GPU are present: the 'required' path succeeds here")
-    out = tmp_path / "o"
-    argv = ["--model", str(tiny_dir), "--out", str(out), "--layout", "single", "--max-response", "16",
-            "--opt-response", "8", "--precision", "fp32", "--engines", "require"]
-    assert main(argv) == 2
-    assert f"engines: required, but {why}" in capsys.readouterr().err
-    assert not out.exists()
-
-
 def test_tensorrt_engines_build_and_match(tiny_dir, tmp_path):
     from export.trt_build import tensorrt_status
 
@@ -208,12 +199,15 @@ def test_engine_reuse_needs_same_onnx_profile_and_tensorrt(bundle, tmp_path):
     old = read_manifest(req.out)
     old.tensorrt["version"] = "10.3.0"
     entry = old.subgraphs["decoder_pre"]
-    assert reusable_engine(old, entry, replace(entry), "10.3.0")
-    assert not reusable_engine(old, entry, replace(entry), "10.7.0")  # engines are tied to the TensorRT version
+    settings = EngineBuildSettings("fp32")
+    assert old.tensorrt["build_settings"] == settings.to_dict()  # recorded even where no engine was built
+    assert reusable_engine(old, entry, replace(entry), "10.3.0", settings)
+    assert not reusable_engine(old, entry, replace(entry), "10.7.0", settings)  # tied to the TensorRT version
     other_profile = replace(entry, shapes={**entry.shapes, "score_rows": {"min": [1], "opt": [9], "max": [99]}})
-    assert not reusable_engine(old, entry, other_profile, "10.3.0")
+    assert not reusable_engine(old, entry, other_profile, "10.3.0", settings)
     other_onnx = replace(entry, onnx=replace(entry.onnx, sha256="0" * 64))
-    assert not reusable_engine(old, entry, other_onnx, "10.3.0")
+    assert not reusable_engine(old, entry, other_onnx, "10.3.0", settings)
+    assert not reusable_engine(old, entry, replace(entry), "10.3.0", replace(settings, tf32=True))  # built with TF32
 
 
 def test_reuse_leaves_the_previous_manifest_untouched(bundle, tmp_path):
@@ -227,9 +221,113 @@ def test_reuse_leaves_the_previous_manifest_untouched(bundle, tmp_path):
     before = b.old.subgraphs["decoder_pre"].shapes
     (tmp_path / "onnx").mkdir()
     from export.build import exporter_source_hash
-    from export.profiles import axis_ranges
     from export.subgraphs import DECODER_PRE as spec
 
-    entry = b.subgraph(tmp_path, spec, ckpt.content_hash(), exporter_source_hash(), axis_ranges(ckpt.config, QUICK, 70))
+    entry = b.subgraph(tmp_path, spec, ckpt.content_hash(), exporter_source_hash())  # the ranges of P=70
     assert b.reused == ["decoder_pre"] and entry is not b.old.subgraphs["decoder_pre"]
     assert b.old.subgraphs["decoder_pre"].shapes == before != entry.shapes
+
+
+class RecordingBuilderConfig:
+    """Stands in for TensorRT's IBuilderConfig: records what is set on it (TensorRT is not imported)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __setattr__(self, name, value):
+        if name != "calls":
+            self.calls.append(("set", name, value))
+        object.__setattr__(self, name, value)
+
+    def set_memory_pool_limit(self, pool, size):
+        self.calls.append(("set_memory_pool_limit", pool, size))
+
+    def clear_flag(self, flag):
+        self.calls.append(("clear_flag", flag))
+
+
+TRT_ENUMS = SimpleNamespace(  # TensorRT's enum members, by name
+    BuilderFlag=SimpleNamespace(TF32="BuilderFlag.TF32"),
+    MemoryPoolType=SimpleNamespace(WORKSPACE="MemoryPoolType.WORKSPACE"),
+    NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
+)
+
+
+def configured(settings: EngineBuildSettings):
+    config = RecordingBuilderConfig()
+    settings.configure(TRT_ENUMS, config)
+    return settings.network_flags(TRT_ENUMS), config.calls
+
+
+def test_one_source_drives_the_builder_and_the_trtexec_command():
+    """fp32 engines without TF32 (TensorRT's default on Ampere) in both paths; and every setting
+    moves both the Python builder and the trtexec flags, so neither can silently ignore one."""
+    flags, calls = configured(EngineBuildSettings("fp32"))
+    assert ("clear_flag", "BuilderFlag.TF32") in calls and "--noTF32" in EngineBuildSettings("fp32").trtexec_flags()
+    assert flags == 0 and "--stronglyTyped" not in EngineBuildSettings("fp32").trtexec_flags()
+    flags, calls = configured(EngineBuildSettings("fp16"))
+    assert flags == 1 and "--stronglyTyped" in EngineBuildSettings("fp16").trtexec_flags()
+    assert ("set_memory_pool_limit", "MemoryPoolType.WORKSPACE", 4096 << 20) in calls
+    assert ("set", "builder_optimization_level", 3) in calls
+    base = EngineBuildSettings("fp32")
+    variants = {"precision": "fp16", "workspace_mib": 1024, "opt_level": 5, "tf32": True}
+    assert set(variants) == set(base.to_dict())  # a new setting must be added here, and to both paths
+    for field_name, value in variants.items():
+        other = replace(base, **{field_name: value})
+        assert other.trtexec_flags() != base.trtexec_flags(), field_name
+        assert configured(other) != configured(base), field_name
+
+
+@pytest.mark.parametrize("profile", [
+    QUICK,
+    ProfileSettings(layout="single", max_text_tokens=160, opt_text_tokens=100, max_response=16, opt_response=8),
+    ProfileSettings(layout="single", max_response=4, opt_response=2, max_text_tokens=40, opt_text_tokens=30),
+    ProfileSettings(max_batch=2),
+    ProfileSettings(),
+])
+def test_engine_validation_shapes_lie_inside_the_profile(profile):
+    """What the engine check feeds a freshly built engine must be inside its profile (issue 8: with one
+    tile or a short --max-response the old fixed sizes were not, so every such GPU build failed its check)."""
+    cfg = PRESETS["tiny"]
+    ranges = axis_ranges(cfg, profile, 50)
+    axes_list = validation_axes(ranges)
+    for spec in SUBGRAPHS:
+        shapes = input_shapes(spec, cfg, ranges)
+        for i, axes in enumerate(axes_list):
+            for name, x in dummy_inputs(spec, cfg, axes, "float32", seed=i).items():
+                lo, hi = shapes[name]["min"], shapes[name]["max"]
+                assert all(a <= d <= b for d, a, b in zip(x.shape, lo, hi)), (spec.name, name, x.shape, lo, hi)
+    dynamic = [a for a, (lo, _, hi) in ranges.items() if lo < hi]
+    assert all(axes_list[0][a] != axes_list[1][a] for a in dynamic)  # two sizes wherever the profile allows
+
+
+def test_engines_required_fail_before_any_export(tiny_dir, tmp_path, capsys, monkeypatch):
+    from export.trt_build import tensorrt_status
+
+    usable, why, _ = tensorrt_status()
+    if usable:
+        pytest.skip("TensorRT and a GPU are present: the 'required' path succeeds here")
+
+    def no_heavy_work(*a, **k):
+        raise AssertionError("weights were loaded or a graph exported before the TensorRT check")
+
+    monkeypatch.setattr(build_mod, "load_model", no_heavy_work)
+    monkeypatch.setattr(build_mod, "export_and_validate", no_heavy_work)
+    out = tmp_path / "o"
+    assert main(["--model", str(tiny_dir), "--out", str(out), "--engines", "require"]) == 2
+    assert f"engines: required, but {why}" in capsys.readouterr().err and not out.exists()
+
+
+def test_opset_is_exported_and_part_of_the_cache_key(bundle, tmp_path):
+    import onnx
+
+    req, _ = bundle
+    out = tmp_path / "o17"
+    shutil.copytree(req.out, out)
+    result = build_bundle(replace(req, out=out, opset=17), log=quiet)
+    assert result.exported == ["vision", "decoder_pre", "decoder_post"] and result.manifest.opset == 17
+    for e in result.manifest.subgraphs.values():
+        model = onnx.load(str(out / e.onnx.path), load_external_data=False)
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    with pytest.raises(LladaVError, match=r"opset: got 16; expected 17..20"):
+        build_bundle(replace(req, out=tmp_path / "o16", opset=16), log=quiet)

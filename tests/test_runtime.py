@@ -252,3 +252,45 @@ def test_anyres_with_shrink_generates_the_reference_tokens(tiny_dir, tiny, token
                     prepare_image(img, ckpt.config.geometry, "anyres"), GEN, prune)
     assert got.layout.n_visual == 3649 and got.tile_layout.merged == (40, 72)
     assert got.answer_ids == want.answer_ids and np.array_equal(got.kept_visual, want.kept_visual)
+
+
+def test_fp16_bundle_end_to_end(tiny_dir, tiny, tokenizer, tmp_path):
+    """The README's default precision: an fp16 AnyRes bundle (640x480: 2929 visual tokens) over ONNX
+    Runtime against the fp32 PyTorch reference. Step-1 saliency within fp16's saliency rule; the kept
+    set the same except for tokens whose reference score is within that tolerance of the cut; logits
+    of steps 1 and 2 within fp16's logits rule; and the same answer."""
+    from export.subgraphs import DECODER_POST, DECODER_PRE
+    from export.tiny import demo_image
+    from export.onnx_export import scaled_diff
+
+    model, _ = tiny
+    out = build_bundle(BuildRequest(tiny_dir, tmp_path / "fp16", 15, 50, "fp16", replace(PROFILE, layout="anyres")),
+                       log=lambda m: None).out
+    img, prune = demo_image(640, 480), PruneSettings(k=15, p=50)
+    with Pipeline(out) as pipe:
+        prompt, im, lay = pipe.prepare(img, PROMPTS[0], GEN, prune)
+        embeds, _ = pipe.prompt_embeddings(prompt, im)
+        fwd = SplitForward(pipe, embeds, lay, prune, 0.0)
+        with torch.inference_mode():
+            ref_embeds, _ = prompt_embeddings(model, prompt, im, GEN.gen_length)
+        ref = ReferenceForward(model, ref_embeds, lay, prune, 0.0, tokenizer.ids.mask)
+        x = np.full(GEN.gen_length, tokenizer.ids.mask)
+        logits = [(fwd(x), ref(x))]
+        x[:3] = [5, 6, 7]
+        logits.append((fwd(x), ref(x)))
+        got = pipe.generate(img, PROMPTS[0], GEN, prune)
+    assert lay.n_visual == 2929
+    atol, rtol = DECODER_PRE.tolerance("fp16", "saliency")
+    ok, diff, scale = scaled_diff(fwd.saliency, ref.saliency, atol, rtol)
+    print(f"fp16 saliency max |diff| {diff:.2e} of max {scale:.2e}")
+    assert ok
+    cut = np.sort(ref.saliency)[::-1][fwd.kept_visual.size - 1]  # lowest kept reference score
+    clear = np.abs(ref.saliency - cut) > 2 * (atol + rtol * scale)  # beyond what fp16 noise can move
+    kept_fp16, kept_ref = np.isin(np.arange(lay.n_visual), fwd.kept_visual), np.isin(np.arange(lay.n_visual), ref.kept_visual)
+    assert np.array_equal(kept_fp16[clear], kept_ref[clear]) and clear.mean() > 0.9
+    for step, (a, b) in enumerate(logits, 1):
+        ok, diff, scale = scaled_diff(a, b, *DECODER_POST.tolerance("fp16", "logits"))
+        print(f"fp16 logits step {step}: max |diff| {diff:.2e} at scale {scale:.2e}")
+        assert ok
+    want = generate(model, tokenizer.ids, tokenizer.encode_prompt(PROMPTS[0]), im, GEN, prune)
+    assert got.answer_ids == want.answer_ids

@@ -1,0 +1,82 @@
+"""How an engine is built: one dataclass drives both the Python builder (export/trt_build.py) and
+the trtexec command in the bundle's jetson/build_engines.sh, so the two cannot drift.
+
+TensorRT 10.3 facts (trtexec `samples/common/sampleOptions.cpp`, `sampleEngines.cpp`):
+`--noTF32` clears `BuilderFlag.TF32`, and is accepted with `--stronglyTyped` (only the fp16/bf16/
+int8/fp8/int4 precision flags are refused there); `--memPoolSize=workspace:NM` sets
+`MemoryPoolType.WORKSPACE` in MiB; `--builderOptimizationLevel` sets
+`builder_optimization_level`; `--stronglyTyped` creates the network with
+`NetworkDefinitionCreationFlag.STRONGLY_TYPED`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class EngineBuildSettings:
+    precision: str  # fp16 graphs carry their precisions (fp16 weights, float32 islands by Casts): strongly typed
+    workspace_mib: int = 4096
+    opt_level: int = 3
+    # TensorRT runs fp32 MatMuls in TF32 on Ampere (Orin) unless told otherwise: that breaks the fp32
+    # tolerance, and the float32 islands of fp16 graphs (norms, softmax, saliency, logits) are float32 on purpose.
+    tf32: bool = False
+
+    @property
+    def strongly_typed(self) -> bool:
+        return self.precision == "fp16"
+
+    def trtexec_flags(self) -> list[str]:
+        flags = ["--stronglyTyped"] if self.strongly_typed else []
+        flags += [] if self.tf32 else ["--noTF32"]
+        return flags + [f"--memPoolSize=workspace:{self.workspace_mib}M",
+                        f"--builderOptimizationLevel={self.opt_level}"]
+
+    def network_flags(self, trt) -> int:
+        return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if self.strongly_typed else 0
+
+    def configure(self, trt, config) -> None:
+        """The same settings on a TensorRT IBuilderConfig."""
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_mib << 20)
+        config.builder_optimization_level = self.opt_level
+        if not self.tf32:
+            config.clear_flag(trt.BuilderFlag.TF32)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trtexec_command(onnx: str, engine: str, shapes: dict, settings: EngineBuildSettings, timing_cache: str,
+                    trtexec: str = "$TRTEXEC") -> list[str]:
+    """The trtexec invocation that builds one engine from its ONNX file and profile."""
+
+    def spec(which):
+        return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in shapes.items())
+
+    return [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", *settings.trtexec_flags(),
+            f"--minShapes={spec('min')}", f"--optShapes={spec('opt')}", f"--maxShapes={spec('max')}",
+            f"--timingCacheFile={timing_cache}", "--skipInference"]
+
+
+def build_script(commands: dict[str, list[str]]) -> str:
+    """A bash script for the Jetson: each engine built under a temporary name, then renamed."""
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Build this bundle's TensorRT engines ON THE TARGET: engines are tied to the GPU and the",
+        "# TensorRT version (JetPack 6: TensorRT 10.3). Before timing: sudo nvpmodel -m 0; sudo jetson_clocks",
+        "set -euo pipefail",
+        'cd "$(dirname "$0")/.."',
+        'TRTEXEC="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"',
+        "mkdir -p engines",
+    ]
+    for name, cmd in commands.items():
+        final = next(a.split("=", 1)[1] for a in cmd if a.startswith("--saveEngine="))
+        tmp_cmd = [a if not a.startswith("--saveEngine=") else f"--saveEngine={final}.tmp" for a in cmd]
+        lines += ["", f'echo "building {name} ..."',
+                  " \\\n    ".join(a if a == "$TRTEXEC" else shlex.quote(a) for a in tmp_cmd).replace(
+                      "$TRTEXEC", '"$TRTEXEC"'),
+                  f"mv {shlex.quote(final + '.tmp')} {shlex.quote(final)}"]
+    lines += ["", 'echo "engines built in $(pwd)/engines"', ""]
+    return "\n".join(lines)
