@@ -333,3 +333,19 @@ def device_work(log: list[Call]) -> list[str]:
     """The log as the device sees it: copies, engine runs, event records and host waits."""
     shown = {"copy_htod", "copy_dtoh", "copy_dtod", "event_record", "stream_synchronize", "event_synchronize"}
     return [f"enqueue {c.args[0]}" if c.op == "enqueue" else c.op for c in log if c.op in shown or c.op == "enqueue"]
+
+
+def expected_device_work(copy_runs: int, later_steps: int) -> list[str]:
+    """`device_work` of one generation on the TensorRT backend: vision; step 1 (full-sequence
+    decoder_pre, saliency to the host, `copy_runs` device copies gathering the kept rows, the
+    reduced inputs staged, decoder_post, logits to the host); then per later step one upload of
+    the response rows, both engines, the logits. Each step ends with the trace reading both
+    engines' GPU times; deactivation waits for the stream before freeing."""
+    run = lambda name: ["event_record", f"enqueue {name}", "event_record"]  # noqa: E731
+    fetch = ["copy_dtoh", "stream_synchronize"]
+    timed = ["event_synchronize", "event_synchronize"]
+    vision = ["copy_htod", *run("vision"), *fetch, "event_synchronize"]
+    step1 = (["copy_htod"] * 3 + run("decoder_pre") + fetch + ["copy_dtod"] * copy_runs + ["copy_htod"] * 4
+             + run("decoder_post") + fetch + timed)
+    later = ["copy_htod"] + run("decoder_pre") + run("decoder_post") + fetch + timed
+    return vision + step1 + later * later_steps + ["stream_synchronize"]

@@ -15,7 +15,7 @@ from export.build_engines import main
 from export.model import PRESETS
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
 from export.profiles import ProfileSettings, axis_ranges, input_shapes, validation_axes
-from export.subgraphs import DECODER_PRE, SUBGRAPHS, VISION, dummy_inputs, model_dims
+from export.subgraphs import DECODER_PRE, SUBGRAPHS, VISION, dummy_inputs
 from runtime.bundle import Manifest, read_manifest, verify_files
 from runtime.errors import LladaVError
 
@@ -177,19 +177,6 @@ def test_bad_checkpoints_and_outputs(tiny_dir, tmp_path, capsys):
     assert main(["--model", str(tiny_dir), "--out", str(tmp_path / "busy")]) == 2
     assert "refusing to replace it" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
-
-
-def test_tensorrt_engines_build_and_match(tiny_dir, tmp_path):
-    from export.trt_build import tensorrt_status
-
-    usable, why, _ = tensorrt_status()
-    if not usable:
-        pytest.skip(f"needs TensorRT and a GPU: {why}")
-    req = BuildRequest(tiny_dir, tmp_path / "trt", k=15, p=50, precision="fp16", profiles=QUICK, engines="require")
-    result = build_bundle(req, log=quiet)
-    for e in result.manifest.subgraphs.values():
-        assert e.engine is not None and e.engine_check
-    verify_files(req.out, result.manifest)
 
 
 def test_engine_reuse_needs_same_onnx_profile_and_tensorrt(bundle, tmp_path):

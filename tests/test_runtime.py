@@ -210,20 +210,6 @@ def test_the_car_path_needs_neither_torch_nor_transformers(bundles, tmp_path):
     assert "LOADED []" in done.stdout
 
 
-def test_tensorrt_backend_generates_the_reference_tokens(bundles, tiny, tokenizer, image):
-    from export.trt_build import tensorrt_status
-
-    usable, why, _ = tensorrt_status()
-    if not usable:
-        pytest.skip(f"needs TensorRT and a GPU: {why}")
-    if not (bundles[15] / "engines").is_dir():
-        pytest.skip("the bundle has no engines (built with --engines skip)")
-    with Pipeline(bundles[15], backend="tensorrt") as pipe:
-        prune = PruneSettings(k=15, p=50)
-        assert pipe.generate(image, PROMPTS[0], GEN, prune).answer_ids == \
-            reference(tiny, tokenizer, image, PROMPTS[0], GEN, prune).answer_ids
-
-
 def test_cfg_generates_the_reference_tokens(tiny_dir, tiny, tokenizer, image, tmp_path):
     """Classifier-free guidance: batch 2 through both halves, the masked-prompt branch reduced alike."""
     out = build_bundle(BuildRequest(tiny_dir, tmp_path / "cfg", 15, 50, "fp32", replace(PROFILE, max_batch=2)),

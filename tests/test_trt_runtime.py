@@ -20,7 +20,7 @@ from runtime.schedule import GenerationSettings
 from runtime.trt_runner import TrtBackend, make_trt_runners, row_runs
 from tests.conftest import gradient_image
 from tests.cuda_doubles import (Call, HazardError, RecordedEngine, Recorder, SimulatedCuda, SimulatedEngine, Work,
-                                device_work, stamp, streams_used)
+                                device_work, expected_device_work, stamp, streams_used)
 
 GEN = GenerationSettings(steps=3, gen_length=6, block_length=6)
 PROMPT = "What is ahead of the car?"
@@ -110,14 +110,7 @@ def test_three_step_generation_device_work(runtime_bundles):
     lay = result.layout
     kept = kept_positions(lay, result.kept_visual)
     n, g = kept.size, lay.n_response
-    timed_wait = ["event_synchronize", "event_synchronize"]  # the trace reads both engines' GPU times
-    run = lambda name: ["event_record", f"enqueue {name}", "event_record"]  # noqa: E731
-    vision = ["copy_htod", *run("vision"), "copy_dtoh", "stream_synchronize", "event_synchronize"]
-    step1 = (["copy_htod"] * 3 + run("decoder_pre") + ["copy_dtoh", "stream_synchronize"]
-             + ["copy_dtod"] * len(row_runs(kept)) + ["copy_htod"] * 4
-             + run("decoder_post") + ["copy_dtoh", "stream_synchronize"] + timed_wait)
-    later = ["copy_htod"] + run("decoder_pre") + run("decoder_post") + ["copy_dtoh", "stream_synchronize"] + timed_wait
-    assert device_work(device.log) == vision + step1 + later + later + ["stream_synchronize"]
+    assert device_work(device.log) == expected_device_work(len(row_runs(kept)), later_steps=2)
 
     assert len(device.calls("stream_create")) == 1 and streams_used(device.log) == {device.calls("stream_create")[0].result}
     first_run = next(i for i, c in enumerate(device.log) if c.op == "enqueue")
