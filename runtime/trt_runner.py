@@ -150,21 +150,24 @@ class TrtBackend:
             self.buffers[entry.name, t.name] = DeviceTensor(self.cuda.malloc(nbytes), shape, dtype)
 
     def _deactivate(self) -> None:
-        """Free whatever was allocated, also after a failed activation; then forget it all."""
+        """Free whatever was allocated, also after a failed activation; then forget it all (also when a
+        CUDA call fails here: after a device fault the process cannot reuse these handles anyway)."""
         cuda = self.cuda
-        for engine in self.engines.values():
-            engine.close()  # TensorRT releases its context memory before the buffers it pointed at go
-        if cuda is not None:
-            if self.stream is not None:
-                cuda.stream_synchronize(self.stream)  # nothing queued may still use what is freed below
-            for buf in self.buffers.values():
-                cuda.free(buf.ptr)
-            for pair in self.events.values():
-                for event in pair:
-                    cuda.event_destroy(event)
-            if self.stream is not None:
-                cuda.stream_destroy(self.stream)
-        self._reset()
+        try:
+            for engine in self.engines.values():
+                engine.close()  # TensorRT releases its context memory before the buffers it pointed at go
+            if cuda is not None:
+                if self.stream is not None:
+                    cuda.stream_synchronize(self.stream)  # nothing queued may still use what is freed below
+                for buf in self.buffers.values():
+                    cuda.free(buf.ptr)
+                for pair in self.events.values():
+                    for event in pair:
+                        cuda.event_destroy(event)
+                if self.stream is not None:
+                    cuda.stream_destroy(self.stream)
+        finally:
+            self._reset()
 
     # ------------------------------------------------------------ device work, all on self.stream
 

@@ -7,6 +7,7 @@ to read. Numerical parity with TensorRT is tests/gpu's job.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import replace
 
@@ -103,10 +104,11 @@ def test_the_simulation_catches_the_faults_issue_8_found():
         sim.copy_dtod(hidden + 32, hidden, 64, a)
 
 
-def test_three_step_generation_device_work(runtime_bundles):
+def test_three_step_generation_device_work(runtime_bundles, capfd):
     """Order and stream of every copy, enqueue, event and wait over a three-step K=15 P=50 generation."""
     device = Device()
     pipe, (result,) = generate(runtime_bundles[15], device)
+    assert capfd.readouterr().err == ""  # nothing logged per step (Polygraphy's DeviceView.dtype warned every step)
     lay = result.layout
     kept = kept_positions(lay, result.kept_visual)
     n, g = kept.size, lay.n_response
@@ -238,3 +240,33 @@ def test_gather_and_row_writes_cover_every_batch_entry(runtime_bundles):
     assert np.array_equal(host["s"], want)
     backend.release()
     assert sim.memory == {}
+
+
+def test_cuda_runtime_over_the_real_libcudart():
+    """runtime/cuda.py's ctypes layer over the real libcudart. Without a GPU (this CI has the CUDA
+    toolkit but no driver) every call fails with an error naming the call and CUDA's error; with
+    one, a round trip through device memory on a stream, timed by events."""
+    from runtime.cuda import CudaError, CudaRuntime
+
+    try:
+        cuda = CudaRuntime()
+    except CudaError as exc:
+        pytest.skip(f"no libcudart on this host: {exc}")
+    try:
+        ptr = cuda.malloc(4096)
+    except CudaError as exc:
+        assert re.fullmatch(r"cudaMalloc failed: cudaError\w+ \(.+\)", str(exc)), str(exc)
+        return
+    stream, start, end = cuda.stream_create(), cuda.event_create(), cuda.event_create()
+    x, back = np.arange(1024, dtype=np.float32), np.zeros(1024, np.float32)
+    cuda.event_record(start, stream)
+    cuda.copy_htod(ptr, x, stream)
+    cuda.copy_dtoh(back, ptr, stream)
+    cuda.event_record(end, stream)
+    cuda.stream_synchronize(stream)
+    cuda.event_synchronize(end)
+    assert np.array_equal(back, x) and cuda.event_elapsed_ms(start, end) >= 0
+    for event in (start, end):
+        cuda.event_destroy(event)
+    cuda.stream_destroy(stream)
+    cuda.free(ptr)
