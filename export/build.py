@@ -58,6 +58,7 @@ class BuildResult:
     engines_built: bool
     engines_reason: str
     seconds: float
+    retuned: str | None = None  # what changed in the profiles of the bundle this build replaced
 
 
 class Progress:
@@ -234,7 +235,16 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
         write_manifest(tmp, manifest)
     log(f"bundle written to {req.out}")
     return BuildResult(manifest, Path(req.out), b.reused, b.exported, trt["built"], trt["reason"],
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, retuned(b.old, manifest))
+
+
+def retuned(old: Manifest | None, new: Manifest) -> str | None:
+    """How the replaced bundle's P and profiles differ from the new ones, or None."""
+    if old is None or (old.p == new.p and old.profiles["axes"] == new.profiles["axes"]):
+        return None
+    axes = [f"{a} {tuple(old.profiles['axes'].get(a, ()))} -> {tuple(r)}" for a, r in new.profiles["axes"].items()
+            if old.profiles["axes"].get(a) != r]
+    return f"P {old.p:g} -> {new.p:g}" + (f"; profile (min, opt, max): {', '.join(axes)}" if axes else "")
 
 
 def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) -> dict:
@@ -335,6 +345,8 @@ def summary(result: BuildResult) -> str:
     else:
         rows.append(f"TensorRT engines: not built: {result.engines_reason}")
         rows.append(f"  build them on the Jetson: bash {out / m.tensorrt['script']}")
+    if result.retuned:
+        rows.append(f"this bundle replaced one tuned differently: {result.retuned}")
     rows.append(f"done in {result.seconds:.1f}s")
     return "\n".join(rows)
 

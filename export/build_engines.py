@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--k", type=int, default=15, help="pruning layer: decoder_pre holds layers < K")
     ap.add_argument("--p", type=float, default=50.0, help="default percent of visual tokens pruned (tunes the profile)")
     ap.add_argument("--model", type=Path, help="LLaDA-V checkpoint directory (default: the embedded tiny model)")
-    ap.add_argument("--out", type=Path, help="bundle directory (default: bundles/<model>-k<K>-<precision>)")
+    ap.add_argument("--out", type=Path, help="bundle directory (default: bundles/<model>-k<K>-p<P>-<precision>)")
     ap.add_argument("--precision", default="fp16", choices=PRECISIONS + LATER_PRECISIONS)
     ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES, help="AnyRes tiles or one 384x384 tile (729 tokens)")
     ap.add_argument("--max-text-tokens", type=int, default=256, help="prompt text tokens, template included")
@@ -56,7 +56,7 @@ def request(args: argparse.Namespace) -> BuildRequest:
 
     model_dir = args.model if args.model is not None else ensure_tiny()
     name = "tiny" if args.model is None else model_dir.name
-    out = args.out or Path("bundles") / f"{name}-k{args.k}-{args.precision}"
+    out = args.out or Path("bundles") / f"{name}-k{args.k}-p{args.p:g}-{args.precision}"  # P tunes the profile
     profiles = ProfileSettings(args.layout, args.max_text_tokens, args.opt_text_tokens, args.max_response,
                                args.opt_response, args.opt_image, 2 if args.cfg else 1)
     return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines)

@@ -1,6 +1,6 @@
 """Answer a question about an image with a bundle from export/build_engines.py.
 
-    python -m runtime --bundle bundles/tiny-k15-fp16 --image road.jpg --prompt "Is the lane free?"
+    python -m runtime --bundle bundles/tiny-k15-p50-fp16 --image road.jpg --prompt "Is the lane free?"
 
 The strategy (P, query set, random ablation, positions) is chosen here without rebuilding;
 K is the bundle's. --json prints a machine-readable result; --trace prints per-step timings;
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -42,26 +43,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> tuple[dict, object]:
+def run(args: argparse.Namespace) -> tuple[dict, object, object]:
+    """(JSON-able result, RuntimeResult, a function that writes the pruning map or None)."""
     from runtime.pipeline import Pipeline
     from runtime.preprocess import load_image
 
     if args.trace and args.map is None:
         args.map = Path("pruning_map.png")
-
+    if args.map:
+        check_writable(args.map, "--map")  # before minutes of generation, not after
     image = load_image(args.image)  # unreadable image: an error before any model work
     gen = generation_settings(args)
     with Pipeline(args.bundle, args.backend, args.model, args.device, expect_k=args.k,
                   verify=args.verify) as pipe:
+        side = pipe.geometry.image_size
+        if min(image.size) < side:
+            print(f"warning: image {args.image} is {image.width}x{image.height}, smaller than one {side}x{side} "
+                  "tile: it is upscaled, and its visual tokens carry little detail", file=sys.stderr)
         p = pipe.manifest.p if args.p is None else args.p
         prune = PruneSettings(pipe.manifest.k, p, args.query, args.random_prune, args.positions, args.seed)
         result = pipe.generate(image, args.prompt, gen, prune)
-        if args.map:
-            from runtime.pruning_map import pruning_map
-
-            title = (f"K={prune.k} P={p:g}: kept {result.kept_visual.size} of {result.layout.n_visual} "
-                     f"visual tokens ({args.query}{', random' if args.random_prune else ''})")
-            pruning_map(image, result.tile_layout, result.kept_visual, pipe.geometry.side, title).save(args.map)
+        tile_side = pipe.geometry.side
     out = {
         "answer": result.text,
         "token_ids": result.answer_ids,
@@ -73,9 +75,35 @@ def run(args: argparse.Namespace) -> tuple[dict, object]:
         "vision_ms": round(result.vision_ms, 3),
         "total_ms": round(result.total_ms, 3),
         "steps": [s.__dict__ for s in result.steps],
-        "pruning_map": str(args.map) if args.map else None,
+        "pruning_map": None,
     }
-    return out, result
+    if not args.map:
+        return out, result, None
+    from runtime.pruning_map import pruning_map
+
+    title = (f"K={prune.k} P={p:g}: kept {result.kept_visual.size} of {result.layout.n_visual} "
+             f"visual tokens ({args.query}{', random' if args.random_prune else ''})")
+    return out, result, lambda: pruning_map(image, result.tile_layout, result.kept_visual, tile_side, title).save(args.map)
+
+
+def check_writable(path: Path, flag: str) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise LladaVError(f"{flag} {str(path)!r}: is a directory; expected a file path to write")
+    if not parent.is_dir():
+        raise LladaVError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise LladaVError(f"{flag} {str(path)!r}: not writable")
+
+
+def write_map(draw, out: dict, path: Path) -> str | None:
+    """Write the pruning map; on failure keep the answer and return the error (never a traceback)."""
+    try:
+        draw()
+    except (OSError, ValueError) as exc:
+        return f"--map {str(path)!r}: could not write the pruning map ({exc})"
+    out["pruning_map"] = str(path)
+    return None
 
 
 def report(out: dict, trace: bool) -> str:
@@ -93,11 +121,15 @@ def report(out: dict, trace: bool) -> str:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        out, _ = run(args)
+        out, _, draw = run(args)
     except LladaVError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    map_error = write_map(draw, out, args.map) if draw else None
     print(json.dumps(out) if args.json else report(out, args.trace))
+    if map_error:
+        print(f"error: {map_error}", file=sys.stderr)
+        return 2
     return 0
 
 

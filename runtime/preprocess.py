@@ -33,6 +33,8 @@ def load_image(source) -> Image.Image:
         image = source
     else:
         path = Path(source)
+        if path.is_dir():
+            raise LladaVError(f"image {str(path)!r}: is a directory; expected an image file")
         if not path.is_file():
             raise LladaVError(f"image {str(path)!r}: no such file")
         try:

@@ -219,6 +219,9 @@ def _torch_runners(manifest: Manifest, fdt, model_dir) -> dict:
     from export.subgraphs import SUBGRAPHS
 
     path = Path(model_dir or manifest.model["source"])
+    if model_dir is None and not path.is_dir():
+        raise LladaVError(f"pytorch backend: the checkpoint {str(path)!r} (recorded in the bundle's manifest when it "
+                          "was built) is not there; point to it with --model")
     ckpt = open_checkpoint(path)
     if ckpt.content_hash() != manifest.model["content_hash"]:
         raise LladaVError(f"pytorch backend: checkpoint {str(path)!r} is not the one this bundle was built from "

@@ -118,6 +118,8 @@ def test_rerun_reuses_and_k_change_reexports_only_decoders(bundle, tmp_path):
     same = build_bundle(replace(req, out=out, p=70), log=quiet)
     assert same.reused == ["vision", "decoder_pre", "decoder_post"] and same.exported == []
     assert same.manifest.p == 70 and same.manifest.profiles["axes"]["seq"][1] == 100 + 729 - 510 + 16
+    assert "replaced one tuned differently: P 50 -> 70; profile (min, opt, max): seq (1, 481, 921) -> (1, 335, 921)" \
+        in summary(same)  # a new P retunes the engines' opt shapes: said, not silent
     moved = build_bundle(replace(req, out=out, k=3), log=quiet)
     assert moved.reused == ["vision"] and moved.exported == ["decoder_pre", "decoder_post"]
     verify_files(out, read_manifest(out))
@@ -318,3 +320,10 @@ def test_opset_is_exported_and_part_of_the_cache_key(bundle, tmp_path):
         assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
     with pytest.raises(LladaVError, match=r"opset: got 16; expected 17..20"):
         build_bundle(replace(req, out=tmp_path / "o16", opset=16), log=quiet)
+
+
+def test_default_bundle_names_carry_k_p_and_precision(tiny_dir):
+    from export.build_engines import parse_args, request
+
+    assert request(parse_args(["--model", str(tiny_dir), "--p", "70"])).out.name == "tiny-k15-p70-fp16"
+    assert request(parse_args(["--model", str(tiny_dir), "--k", "3", "--p", "12.5"])).out.name == "tiny-k3-p12.5-fp16"

@@ -280,3 +280,47 @@ def test_fp16_bundle_end_to_end(tiny_dir, tiny, tokenizer, tmp_path):
         assert ok
     want = generate(model, tokenizer.ids, tokenizer.encode_prompt(PROMPTS[0]), im, GEN, prune)
     assert got.answer_ids == want.answer_ids
+
+
+def test_cli_paths_are_checked_first_and_the_answer_is_never_lost(bundles, tmp_path, capsys, monkeypatch):
+    small = tmp_path / "small.png"
+    gradient_image(64, 48).save(small)
+    base = ["--bundle", str(bundles[15]), "--image", str(small), "--prompt", "Clear?", "--steps", "2",
+            "--gen-length", "8", "--block-length", "8"]
+    assert main(base + ["--map", str(tmp_path / "missing" / "m.png")]) == 2  # before any generation
+    err = capsys.readouterr()
+    assert f"--map '{tmp_path / 'missing' / 'm.png'}': directory '{tmp_path / 'missing'}' does not exist" in err.err
+    assert err.out == ""
+    assert main(base[:2] + ["--image", str(tmp_path)] + base[4:]) == 2
+    assert f"image '{tmp_path}': is a directory; expected an image file" in capsys.readouterr().err
+
+
+def test_small_image_warns_and_a_failing_map_keeps_the_answer(bundles, tmp_path, capsys, monkeypatch):
+    import runtime.pruning_map as pm
+
+    small = tmp_path / "small.png"
+    gradient_image(64, 48).save(small)
+    argv = ["--bundle", str(bundles[15]), "--image", str(small), "--prompt", "Clear?", "--steps", "2",
+            "--gen-length", "8", "--block-length", "8", "--json", "--map", str(tmp_path / "m.png")]
+
+    class Unsavable:
+        def save(self, path):
+            raise OSError("No space left on device")
+
+    monkeypatch.setattr(pm, "pruning_map", lambda *a, **k: Unsavable())
+    assert main(argv) == 2
+    err = capsys.readouterr()
+    assert "warning: image" in err.err and "is 64x48, smaller than one 384x384 tile" in err.err
+    assert json.loads(err.out)["answer"] is not None and json.loads(err.out)["pruning_map"] is None
+    assert "could not write the pruning map (No space left on device)" in err.err
+
+
+def test_pytorch_backend_names_the_manifest_path_and_model_flag(bundles, tmp_path):
+    moved = tmp_path / "b"
+    shutil.copytree(bundles[15], moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["model"]["source"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LladaVError, match=r"the checkpoint '.*gone' \(recorded in the bundle's manifest when it was "
+                                          r"built\) is not there; point to it with --model"):
+        Pipeline(moved, backend="pytorch")
