@@ -21,7 +21,7 @@ import numpy as np
 
 from export.checkpoint import TOKENIZER_FILES, Checkpoint, load_model, open_checkpoint
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
-from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate
+from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate, worst_check
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
                              settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
@@ -159,15 +159,15 @@ class Builder:
         report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, self.req.precision,
                                      onnx_path, list(VALIDATION_SIZES), self.req.opset)
         self.release_weights(spec)
-        worst = max(v for d in report.max_abs_diff.values() for v in d.values())
-        self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - PyTorch| {worst:.2e}, "
-                 f"{report.seconds:.1f}s)")
+        worst = worst_check(report.checks)
+        self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - PyTorch| "
+                 f"{worst['max_abs_diff']:.2e} <= {worst['allowed']:.2e} allowed, {report.seconds:.1f}s)")
         self.exported.append(spec.name)
         return SubgraphEntry(
             spec.name, file_info(tmp, onnx_path), file_info(tmp, report.data),
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.inputs],
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.outputs],
-            shapes, key, report.max_abs_diff, report.ops)
+            shapes, key, report.checks, report.ops)
 
     def release_weights(self, spec: SubgraphSpec) -> None:
         """Drop the PyTorch weights only this (exported, validated) graph needs: the model shrinks as the
@@ -328,15 +328,15 @@ def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokeni
 def summary(result: BuildResult) -> str:
     m, out = result.manifest, result.out
     rows = [f"bundle {out}  (K={m.k}, P={m.p:g}, {m.precision}, {m.n_layers} layers, model {m.model['name']})", ""]
-    rows.append(f"{'file':<34} {'size':>10}  shapes (min / opt / max)")
+    rows.append(f"{'file (size with its .onnx.data)':<34} {'size':>10}  shapes (min / opt / max)")
     for name, e in m.subgraphs.items():
         first = next(iter(e.shapes.values()))
         shape = " / ".join("x".join(map(str, first[w])) for w in ("min", "opt", "max"))
         status = "reused" if name in result.reused else "exported+validated"
         rows.append(f"{e.onnx.path:<34} {_size(e.onnx.bytes + e.data.bytes):>10}  {next(iter(e.shapes))}: {shape}  [{status}]")
+        rows.append(f"{'':<46}{_check_line('ORT vs PyTorch', e.validation)}")
         if e.engine:
-            rows.append(f"{e.engine.path:<34} {_size(e.engine.bytes):>10}  engine vs ORT max |diff| "
-                        f"{max(e.engine_check.values()):.2e}")
+            rows.append(f"{e.engine.path:<34} {_size(e.engine.bytes):>10}  {_check_line('engine vs ORT', e.engine_check)}")
     for name, f in m.host.items():
         rows.append(f"{f.path:<34} {_size(f.bytes):>10}")
     rows.append("")
@@ -349,6 +349,11 @@ def summary(result: BuildResult) -> str:
         rows.append(f"this bundle replaced one tuned differently: {result.retuned}")
     rows.append(f"done in {result.seconds:.1f}s")
     return "\n".join(rows)
+
+
+def _check_line(what: str, checks: dict) -> str:
+    worst = worst_check(checks)
+    return f"{what}: max |diff| {worst['max_abs_diff']:.2e} <= {worst['allowed']:.2e} allowed ({worst['rule']})"
 
 
 def _size(n: int) -> str:

@@ -64,11 +64,18 @@ def request(args: argparse.Namespace) -> BuildRequest:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    req = None
     try:
-        result = build_bundle(request(args))
+        req = request(args)
+        result = build_bundle(req)
     except LladaVError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the temporary directory is already gone (atomic_directory)
+        kept = req is not None and (Path(req.out) / "manifest.json").is_file()
+        print("interrupted; nothing was written" + (f", the previous bundle {req.out} is intact" if kept else ""),
+              file=sys.stderr)
+        return 130
     print(summary(result))
     return 0
 

@@ -70,20 +70,21 @@ def check_engine(engine_path: Path, onnx_path: Path, feeds_list: list[dict], spe
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import Comparator
 
-    from export.onnx_export import scaled_diff
+    from export.onnx_export import output_check
 
     runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name="tensorrt"),
                OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxrt")]
     results = Comparator.run(runners, data_loader=feeds_list)
     report = {}
     for i, (trt_out, ort_out) in enumerate(zip(results[0][1], results[1][1])):
+        report[str(i)] = {}
         for name in ort_out.keys():
-            atol, rtol = spec.tolerance(precision, name)
-            ok, diff, scale = scaled_diff(trt_out[name], ort_out[name], atol, rtol)
-            report[f"{i}:{name}"] = diff
-            if not ok:
-                raise EngineBuildError(f"{engine_path.name}: output {name} differs from ONNX Runtime by {diff:.3g}; "
-                                       f"expected <= {atol} + {rtol} * {scale:.3g}")
+            check = output_check(trt_out[name], ort_out[name], *spec.tolerance(precision, name))
+            report[str(i)][name] = check
+            if check["max_abs_diff"] > check["allowed"]:
+                raise EngineBuildError(f"{engine_path.name}: output {name} differs from ONNX Runtime by "
+                                       f"{check['max_abs_diff']:.3g}; expected <= {check['rule']} = "
+                                       f"{check['allowed']:.3g}")
     return report
 
 

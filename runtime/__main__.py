@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     except LladaVError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     map_error = write_map(draw, out, args.map) if draw else None
     print(json.dumps(out) if args.json else report(out, args.trace))
     if map_error:

@@ -22,7 +22,7 @@ from runtime.errors import LladaVError, expect
 from runtime.files import read_json, write_json
 
 FORMAT = "lladav-edge-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: validation results carry their allowed bound
 MANIFEST = "manifest.json"
 
 
@@ -49,10 +49,11 @@ class SubgraphEntry:
     outputs: list[TensorInfo]
     shapes: dict  # input -> {"min": [...], "opt": [...], "max": [...]}
     key: str  # cache key: checkpoint hash, subgraph, K, precision, opset, exporter source
-    validation: dict = field(default_factory=dict)  # axis sizes -> {output: max |ORT - PyTorch|}
+    # axis sizes -> {output: {"max_abs_diff", "allowed", "rule"}}: ONNX Runtime vs PyTorch at export
+    validation: dict = field(default_factory=dict)
     ops: dict = field(default_factory=dict)
     engine: FileInfo | None = None
-    engine_check: dict = field(default_factory=dict)  # TensorRT vs ONNX Runtime, where built
+    engine_check: dict = field(default_factory=dict)  # feed index -> the same, TensorRT vs ONNX Runtime, where built
 
 
 @dataclass

@@ -86,6 +86,12 @@ def test_bundle_contents_and_manifest(bundle, tiny, tokenizer):
     assert (req.out / "tokenizer" / "tokenizer.json").is_file() and (req.out / "host" / "embed_tokens.npy").is_file()
     text = summary(result)
     assert "onnx/decoder_pre.onnx" in text and "not built" in text and "build_engines.sh" in text
+    assert "size with its .onnx.data" in text
+    worst = {n: max((c for d in e.validation.values() for c in d.values()), key=lambda c: c["max_abs_diff"] / c["allowed"])
+             for n, e in m.subgraphs.items()}
+    for n, c in worst.items():  # every max difference is printed beside the bound it was held to
+        assert f"ORT vs PyTorch: max |diff| {c['max_abs_diff']:.2e} <= {c['allowed']:.2e} allowed ({c['rule']})" in text
+        assert c["max_abs_diff"] <= c["allowed"]
 
 
 def test_manifest_round_trip(bundle):
@@ -327,3 +333,20 @@ def test_default_bundle_names_carry_k_p_and_precision(tiny_dir):
 
     assert request(parse_args(["--model", str(tiny_dir), "--p", "70"])).out.name == "tiny-k15-p70-fp16"
     assert request(parse_args(["--model", str(tiny_dir), "--k", "3", "--p", "12.5"])).out.name == "tiny-k3-p12.5-fp16"
+
+
+def test_ctrl_c_prints_one_line_and_exits_130(bundle, tmp_path, capsys, monkeypatch):
+    req, _ = bundle
+    out = tmp_path / "kept"
+    shutil.copytree(req.out, out)
+    before = (out / "manifest.json").read_text()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_mod, "export_and_validate", interrupted)
+    assert main(["--model", str(req.model_dir), "--out", str(out), "--k", "7", "--precision", "fp32"]) == 130
+    assert capsys.readouterr().err == f"interrupted; nothing was written, the previous bundle {out} is intact\n"
+    assert (out / "manifest.json").read_text() == before
+    assert main(["--model", str(req.model_dir), "--out", str(tmp_path / "new"), "--precision", "fp32"]) == 130
+    assert capsys.readouterr().err == "interrupted; nothing was written\n" and not (tmp_path / "new").exists()

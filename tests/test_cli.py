@@ -29,3 +29,19 @@ def test_errors_exit_2_with_a_message(tiny_dir, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["--model", str(tiny_dir), "--steps", "40"]) == 2
     assert "steps: got 40; expected <= gen_length=32" in capsys.readouterr().err
+
+
+def test_console_commands_are_installed():
+    """pip install gives lladav-build, lladav-run and lladav-generate beside the python -m / script forms."""
+    import shutil
+    import subprocess
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("lladav-")}
+    assert scripts == {"lladav-build": "export.build_engines:main", "lladav-run": "runtime.__main__:main",
+                       "lladav-generate": "export.generate:main"}
+    for name in scripts:
+        path = shutil.which(name)
+        assert path, f"{name} is not on PATH (reinstall: pip install -e .)"
+        done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
