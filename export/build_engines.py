@@ -17,9 +17,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.build import LATER_PRECISIONS, PRECISIONS, BuildRequest, build_bundle, summary  # noqa: E402
+from export.build import PRECISIONS, BuildRequest, build_bundle, summary  # noqa: E402
 from export.profiles import ProfileSettings  # noqa: E402
 from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
+from runtime.cli_args import K_HELP, name_flags  # noqa: E402
+from runtime.cli_args import parser as cli_parser  # noqa: E402
 from runtime.errors import LladaVError  # noqa: E402
 
 
@@ -31,24 +33,36 @@ def image_size(text: str) -> tuple[int, int]:
     return w, h
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--k", type=int, default=15, help="pruning layer: decoder_pre holds layers < K")
-    ap.add_argument("--p", type=float, default=50.0, help="default percent of visual tokens pruned (tunes the profile)")
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli_parser(None, __doc__)
+    ap.add_argument("--k", type=int, default=15, help=K_HELP)
+    ap.add_argument("--p", type=float, default=50.0,
+                    help="percent of visual tokens pruned, in [0, 100): what the runtime uses unless told "
+                         "otherwise, and the reduced length the engines are tuned (opt) for")
     ap.add_argument("--model", type=Path, help="LLaDA-V checkpoint directory (default: the embedded tiny model)")
     ap.add_argument("--out", type=Path, help="bundle directory (default: bundles/<model>-k<K>-p<P>-<precision>)")
-    ap.add_argument("--precision", default="fp16", choices=PRECISIONS + LATER_PRECISIONS)
-    ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES, help="AnyRes tiles or one 384x384 tile (729 tokens)")
-    ap.add_argument("--max-text-tokens", type=int, default=256, help="prompt text tokens, template included")
-    ap.add_argument("--opt-text-tokens", type=int, default=96)
-    ap.add_argument("--max-response", type=int, default=128, help="longest gen_length the engines accept")
-    ap.add_argument("--opt-response", type=int, default=32)
-    ap.add_argument("--opt-image", type=image_size, default=(1920, 1080), help="image size the profile is tuned for")
+    ap.add_argument("--precision", default="fp16", choices=PRECISIONS,
+                    help="weights and activations of the exported graphs (norms, softmax, saliency and logits stay "
+                         "float32)")
+    ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES,
+                    help="AnyRes tiles (up to 37 tiles, ~4.3k visual tokens) or one 384x384 tile (729 tokens)")
+    ap.add_argument("--max-text-tokens", type=int, default=256, help="longest prompt in tokens, chat template included")
+    ap.add_argument("--opt-text-tokens", type=int, default=96, help="prompt length in tokens the engines are tuned for")
+    ap.add_argument("--max-response", type=int, default=128, help="longest --gen-length the engines accept, in tokens")
+    ap.add_argument("--opt-response", type=int, default=32, help="response length in tokens the engines are tuned for")
+    ap.add_argument("--opt-image", type=image_size, default="1920x1080", metavar="WIDTHxHEIGHT",
+                    help="camera frame size in pixels the engines are tuned for")
     ap.add_argument("--cfg", action="store_true", help="allow batch 2 for classifier-free guidance")
-    ap.add_argument("--opset", type=int, default=18, choices=range(17, 21), metavar="{17..20}")
+    ap.add_argument("--opset", type=int, default=18, choices=range(17, 21), metavar="{17..20}",
+                    help="ONNX opset of the exported graphs (TensorRT 10.3 parses 17..20)")
     ap.add_argument("--engines", choices=("auto", "skip", "require"), default="auto",
-                    help="auto: build TensorRT engines where TensorRT and a GPU exist")
-    return ap.parse_args(argv)
+                    help="TensorRT engines: build where TensorRT and a GPU exist (auto), never (skip), or fail "
+                         "before any export without them (require)")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def request(args: argparse.Namespace) -> BuildRequest:
@@ -63,13 +77,14 @@ def request(args: argparse.Namespace) -> BuildRequest:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     req = None
     try:
         req = request(args)
         result = build_bundle(req)
     except LladaVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {name_flags(str(exc), ap)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the temporary directory is already gone (atomic_directory)
         kept = req is not None and (Path(req.out) / "manifest.json").is_file()

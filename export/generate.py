@@ -26,26 +26,31 @@ from export.tiny import demo_image, ensure_tiny  # noqa: E402
 from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
 from runtime.errors import LladaVError  # noqa: E402
 from runtime.preprocess import prepare_image  # noqa: E402
-from runtime.cli_args import add_generation_args, add_strategy_args, generation_settings  # noqa: E402
+from runtime.cli_args import K_HELP, add_generation_args, add_strategy_args, generation_settings, name_flags  # noqa: E402
+from runtime.cli_args import parser as cli_parser  # noqa: E402
 from runtime.pruning import PruneSettings, pruned_count  # noqa: E402
 from runtime.tokens import TextTokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli_parser(None, __doc__)
     ap.add_argument("--model", type=Path, help="LLaDA-V checkpoint directory (default: the embedded tiny model)")
     ap.add_argument("--image", type=Path, help="image file (default: a synthetic road scene)")
-    ap.add_argument("--prompt", default="What is ahead of the car?")
+    ap.add_argument("--prompt", default="What is ahead of the car?", help="the question about the image")
     ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES, help="AnyRes tiles or one 384x384 tile")
-    ap.add_argument("--k", type=int, default=15, help="prune between decoder layers K-1 and K of step 1")
-    ap.add_argument("--p", type=float, default=50.0, help="percent of visual tokens dropped; 0 = unpruned")
+    ap.add_argument("--k", type=int, default=15, help=K_HELP)
+    ap.add_argument("--p", type=float, default=50.0, help="percent of visual tokens pruned, in [0, 100); 0 = unpruned")
     add_strategy_args(ap)
     add_generation_args(ap)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights on the CPU")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -95,11 +100,12 @@ def report(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     try:
         out = run(args)
     except LladaVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {name_flags(str(exc), ap)}", file=sys.stderr)
         return 2
     print(json.dumps(out) if args.json else report(out))
     return 0

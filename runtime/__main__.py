@@ -16,31 +16,40 @@ import sys
 from pathlib import Path
 
 from runtime.errors import LladaVError
-from runtime.cli_args import add_generation_args, add_strategy_args, generation_settings
+from runtime.cli_args import add_generation_args, add_strategy_args, generation_settings, name_flags
+from runtime.cli_args import parser as cli_parser
 from runtime.pruning import PruneSettings
+from runtime.pipeline import VERIFY
 from runtime.runners import BACKENDS
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m runtime", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--image", type=Path, required=True)
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="onnxruntime provider")
-    ap.add_argument("--model", type=Path, help="checkpoint for the pytorch backend (default: the bundle's source)")
-    ap.add_argument("--p", type=float, help="percent of visual tokens pruned (default: the bundle's P; 0 = unpruned)")
-    ap.add_argument("--k", type=int, help="refuse to run unless the bundle was built for this K")
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli_parser("python -m runtime", __doc__)
+    ap.add_argument("--bundle", type=Path, required=True, help="bundle directory from export/build_engines.py")
+    ap.add_argument("--image", type=Path, required=True, help="image file (PNG, JPEG, ...)")
+    ap.add_argument("--prompt", required=True, help="the question about the image")
+    ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the graphs")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="onnxruntime's execution provider")
+    ap.add_argument("--model", type=Path, help="checkpoint for the pytorch backend (default: the path in the "
+                                               "bundle's manifest)")
+    ap.add_argument("--p", type=float, help="percent of visual tokens pruned, in [0, 100); 0 = unpruned "
+                                            "(default: the bundle's P)")
+    ap.add_argument("--k", type=int, help="refuse to run unless the bundle was built for this K (its graphs are "
+                                          "split at K)")
     add_strategy_args(ap)
     add_generation_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--trace", action="store_true",
-                    help="per-step sequence length and timings, and the pruning map (default pruning_map.png)")
+                    help="per-step sequence length and timings, and the pruning map (pruning_map.png unless --map)")
     ap.add_argument("--map", type=Path, help="write the pruning map PNG here (with or without --trace)")
-    ap.add_argument("--verify", choices=("sizes", "hashes", "none"), default="sizes",
-                    help="check the bundle's files: present with their sizes (default), also sha256 (slow for 8B), or not")
-    return ap.parse_args(argv)
+    ap.add_argument("--verify", choices=VERIFY, default="sizes",
+                    help="check the bundle's files at start: present with their sizes, also sha256 (slow for the "
+                         "8B: ~17 GB to hash), or not")
+    return ap
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> tuple[dict, object, object]:
@@ -119,11 +128,12 @@ def report(out: dict, trace: bool) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     try:
         out, _, draw = run(args)
     except LladaVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {name_flags(str(exc), ap)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -1,31 +1,65 @@
-"""Command-line options shared by the entry points that generate (argparse stays in entry points;
-this only declares the common options and reads them back into the settings dataclasses)."""
+"""Command-line pieces shared by the entry points (argparse stays in entry points; this declares
+the common options, the help format, and turns settings errors into the words a user typed)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 
 from runtime.pruning import POSITION_MODES, QUERY_SETS
 from runtime.schedule import REMASKING, GenerationSettings
 
+K_HELP = "pruning layer K: step 1 drops tokens between decoder layers K-1 and K; 1..L-1 (L = 32 for LLaDA-V)"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default after its help text (unless the
+    help already says what the default is, or there is none: a flag, an option the user must give)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def parser(prog: str | None, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+
 
 def add_strategy_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--query", choices=QUERY_SETS, default="response", help="rows whose attention scores the tokens")
-    ap.add_argument("--random-prune", action="store_true", help="ablation: drop at random instead")
-    ap.add_argument("--positions", choices=POSITION_MODES, default="original", help="RoPE ids of kept tokens")
+    ap.add_argument("--query", choices=QUERY_SETS, default="response",
+                    help="rows whose attention scores the visual tokens: the masked response (RedVTP), the prompt "
+                         "text, or the last prompt token (FastV)")
+    ap.add_argument("--random-prune", action="store_true", help="ablation: drop the same number of tokens at random")
+    ap.add_argument("--positions", choices=POSITION_MODES, default="original",
+                    help="RoPE position ids of kept tokens: their original ones (FastV) or re-packed (RedVTP)")
 
 
 def add_generation_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--gen-length", type=int, default=32)
-    ap.add_argument("--block-length", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--cfg-scale", type=float, default=0.0)
-    ap.add_argument("--remasking", choices=REMASKING, default="low_confidence")
+    ap.add_argument("--steps", type=int, default=32,
+                    help="denoising steps: a multiple of the number of blocks (gen-length / block-length), "
+                         "at most --gen-length")
+    ap.add_argument("--gen-length", type=int, default=32, help="response length in tokens")
+    ap.add_argument("--block-length", type=int, default=32,
+                    help="tokens per semi-autoregressive block; must divide --gen-length")
+    ap.add_argument("--temperature", type=float, default=0.0, help="Gumbel sampling temperature; 0 = greedy")
+    ap.add_argument("--cfg-scale", type=float, default=0.0,
+                    help="classifier-free guidance scale; 0 = off (> 0 needs a --cfg bundle: batch 2)")
+    ap.add_argument("--remasking", choices=REMASKING, default="low_confidence",
+                    help="which masked positions each step unmasks: the most confident, or random ones")
     ap.add_argument("--no-stop-at-eot", action="store_true", help="fill the whole response even after <|eot_id|>")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed for sampling and random pruning")
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
     return GenerationSettings(args.steps, args.gen_length, args.block_length, args.temperature, args.cfg_scale,
                               args.remasking, not args.no_stop_at_eot, args.seed).validate()
+
+
+def name_flags(message: str, ap: argparse.ArgumentParser) -> str:
+    """A settings error in a command-line user's words: multi-word field names (gen_length, cfg_scale,
+    max_text_tokens, ...) become the flags that set them (--gen-length, ...)."""
+    for action in ap._actions:  # argparse keeps its options here; the mapping cannot drift from the parser
+        if "_" in action.dest and action.option_strings:
+            message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}\b", action.option_strings[0], message)
+    return message

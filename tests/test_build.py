@@ -158,8 +158,8 @@ def test_interrupted_build_leaves_the_old_bundle(bundle, tmp_path, monkeypatch):
         (["--k", "32"], "K: got 32"),
         (["--p", "100"], r"P: got 100.0; expected a percentage in [0, 100)"),
         (["--p", "-1"], "P: got -1.0"),
-        (["--precision", "int8"], "int8 needs explicit Q/DQ quantization"),
-        (["--opt-text-tokens", "300"], "opt_text_tokens=300, max_text_tokens=256"),
+        (["--opt-text-tokens", "300"], "--opt-text-tokens=300, --max-text-tokens=256: expected 1 <= "
+                                       "--opt-text-tokens <= --max-text-tokens"),
     ],
 )
 def test_bad_arguments_fail_before_heavy_work(tiny_dir, tmp_path, capsys, argv, message):
@@ -350,3 +350,13 @@ def test_ctrl_c_prints_one_line_and_exits_130(bundle, tmp_path, capsys, monkeypa
     assert (out / "manifest.json").read_text() == before
     assert main(["--model", str(req.model_dir), "--out", str(tmp_path / "new"), "--precision", "fp32"]) == 130
     assert capsys.readouterr().err == "interrupted; nothing was written\n" and not (tmp_path / "new").exists()
+
+
+def test_quantized_precisions_are_refused(tiny_dir, tmp_path, capsys):
+    """int8/int4 come with calib/: the command line does not offer them, the API says why."""
+    with pytest.raises(SystemExit):
+        main(["--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--precision", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+    with pytest.raises(LladaVError, match="int4 needs explicit Q/DQ quantization, which comes with calib/"):
+        build_bundle(BuildRequest(tiny_dir, tmp_path / "o", 15, 50, "int4"), log=quiet)
+    assert not (tmp_path / "o").exists()

@@ -28,7 +28,7 @@ def test_errors_exit_2_with_a_message(tiny_dir, tmp_path, capsys):
     assert main(["--model", str(tiny_dir), "--image", str(tmp_path / "x.png")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["--model", str(tiny_dir), "--steps", "40"]) == 2
-    assert "steps: got 40; expected <= gen_length=32" in capsys.readouterr().err
+    assert "steps: got 40; expected <= --gen-length=32" in capsys.readouterr().err  # the flag the user typed
 
 
 def test_console_commands_are_installed():
@@ -45,3 +45,26 @@ def test_console_commands_are_installed():
         assert path, f"{name} is not on PATH (reinstall: pip install -e .)"
         done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+
+
+def test_help_texts_state_defaults_units_and_rules(capsys):
+    """Every option of the three entry points has help; defaults are shown; --opt-image reads WIDTHxHEIGHT,
+    --k its range, --steps the block rule; precisions that are refused (int8, int4 before calib/) are not offered."""
+    import argparse
+
+    from export import build_engines, generate
+    from runtime import __main__ as run_cli
+
+    for module in (build_engines, generate, run_cli):
+        ap = module.build_parser()
+        for action in ap._actions:
+            if not isinstance(action, argparse._HelpAction):
+                assert action.help, (module.__name__, action.option_strings)
+        assert "(default: None)" not in ap.format_help()
+    build_help = " ".join(build_engines.build_parser().format_help().split())
+    assert "--opt-image WIDTHxHEIGHT" in build_help and "(default: 1920x1080)" in build_help
+    assert "1..L-1" in build_help and "(default: 15)" in build_help and "(default: 50.0)" in build_help
+    assert "int8" not in build_help and "int4" not in build_help and "{fp16,fp32}" in build_help
+    run_help = " ".join(run_cli.build_parser().format_help().split())
+    assert "a multiple of the number of blocks (gen-length / block-length), at most --gen-length" in run_help
+    assert "must divide --gen-length" in run_help and "(default: the bundle's P)" in run_help

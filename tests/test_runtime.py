@@ -126,7 +126,9 @@ def test_trace_writes_the_map_by_default(bundles, tmp_path, capsys, monkeypatch)
     [
         (["--k", "3"], "built for K=15; asked to run K=3"),
         (["--p", "100"], "P: got 100.0"),
-        (["--gen-length", "32", "--block-length", "32", "--steps", "8"], "gen_length: 32; the bundle's profile allows 16"),
+        (["--gen-length", "32", "--block-length", "32", "--steps", "8"], "--gen-length: 32; the bundle's profile allows 16"),
+        (["--cfg-scale", "-1"], "--cfg-scale: got -1.0; expected >= 0"),
+        (["--block-length", "3"], "--block-length: got 3; expected a divisor of --gen-length=8"),
         (["--prompt", "word " * 300], "text tokens; the bundle's profile allows 160"),
         (["--cfg-scale", "1.0"], "needs batch 2"),
         (["--backend", "tensorrt"], "TensorRT"),
