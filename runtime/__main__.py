@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from runtime.errors import LladaVError
@@ -42,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--trace", action="store_true",
                     help="per-step sequence length and timings, and the pruning map (pruning_map.png unless --map)")
     ap.add_argument("--map", type=Path, help="write the pruning map PNG here (with or without --trace)")
+    ap.add_argument("--progress", action="store_true",
+                    help="show progress on stderr (step, tokens unmasked, ms per step) even when stderr is not a "
+                         "terminal; on a terminal it is shown unless --quiet")
+    ap.add_argument("--quiet", action="store_true", help="no progress and no warnings on stderr")
     ap.add_argument("--verify", choices=VERIFY, default="sizes",
                     help="check the bundle's files at start: present with their sizes, also sha256 (slow for the "
                          "8B: ~17 GB to hash), or not")
@@ -66,12 +71,15 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
     with Pipeline(args.bundle, args.backend, args.model, args.device, expect_k=args.k,
                   verify=args.verify) as pipe:
         side = pipe.geometry.image_size
-        if min(image.size) < side:
+        if min(image.size) < side and not args.quiet:
             print(f"warning: image {args.image} is {image.width}x{image.height}, smaller than one {side}x{side} "
                   "tile: it is upscaled, and its visual tokens carry little detail", file=sys.stderr)
         p = pipe.manifest.p if args.p is None else args.p
         prune = PruneSettings(pipe.manifest.k, p, args.query, args.random_prune, args.positions, args.seed)
-        result = pipe.generate(image, args.prompt, gen, prune)
+        progress = StepProgress(sys.stderr) if shows_progress(args) else None
+        result = pipe.generate(image, args.prompt, gen, prune, progress)
+        if progress:
+            progress.close()
         tile_side = pipe.geometry.side
     out = {
         "answer": result.text,
@@ -93,6 +101,30 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
     title = (f"K={prune.k} P={p:g}: kept {result.kept_visual.size} of {result.layout.n_visual} "
              f"visual tokens ({args.query}{', random' if args.random_prune else ''})")
     return out, result, lambda: pruning_map(image, result.tile_layout, result.kept_visual, tile_side, title).save(args.map)
+
+
+def shows_progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and (args.progress or sys.stderr.isatty())
+
+
+class StepProgress:
+    """'step 3/32: unmasked 2, 24 masked left, 812 ms' per denoising step on a stream: one line rewritten
+    in place on a terminal, a line per step elsewhere. The ms are wall time since the previous step
+    (step 1 includes vision and the prompt)."""
+
+    def __init__(self, stream):
+        self.stream, self.inline = stream, stream.isatty()
+        self.last, self.shown = time.perf_counter(), False
+
+    def __call__(self, step: int, steps: int, unmasked: int, masked_left: int) -> None:
+        now = time.perf_counter()
+        text = f"step {step}/{steps}: unmasked {unmasked}, {masked_left} masked left, {(now - self.last) * 1000:.0f} ms"
+        self.last, self.shown = now, True
+        print(f"\r{text:<64}" if self.inline else text, end="" if self.inline else "\n", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.inline and self.shown:
+            print(file=self.stream, flush=True)
 
 
 def check_writable(path: Path, flag: str) -> None:

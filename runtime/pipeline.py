@@ -138,12 +138,14 @@ class Pipeline:
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, image, question: str, gen: GenerationSettings, prune: PruneSettings) -> RuntimeResult:
+    def generate(self, image, question: str, gen: GenerationSettings, prune: PruneSettings,
+                 on_step=None) -> RuntimeResult:
+        """on_step(step, steps, unmasked, masked_left) after every denoising step (progress)."""
         start = time.perf_counter()
         prompt, img, lay = self.prepare(image, question, gen, prune)
         embeds, vision_ms = self.prompt_embeddings(prompt, img)
         forward = SplitForward(self, embeds, lay, prune, gen.cfg_scale)
-        result = denoise(forward, gen, self.tokenizer.ids)
+        result = denoise(forward, gen, self.tokenizer.ids, on_step)
         answer = [int(t) for t in result.answer]
         return RuntimeResult(self.tokenizer.decode(answer), answer, result, lay, img.layout, forward.kept_visual,
                              forward.saliency, vision_ms, forward.trace, (time.perf_counter() - start) * 1000)

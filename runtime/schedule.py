@@ -122,8 +122,9 @@ def suppressed_rows(logits: np.ndarray, rows: np.ndarray, ids: TokenIds) -> np.n
     return out
 
 
-def denoise(forward, settings: GenerationSettings, ids: TokenIds) -> DenoiseResult:
-    """Run the masked-diffusion loop; `forward(response_ids)` returns the response logits."""
+def denoise(forward, settings: GenerationSettings, ids: TokenIds, on_step=None) -> DenoiseResult:
+    """Run the masked-diffusion loop; `forward(response_ids)` returns the response logits.
+    `on_step(step, steps, unmasked, masked_left)` is called after every step (progress)."""
     settings.validate()
     rng = np.random.default_rng(settings.seed)
     g, bl = settings.gen_length, settings.block_length
@@ -152,6 +153,8 @@ def denoise(forward, settings: GenerationSettings, ids: TokenIds) -> DenoiseResu
             result.scheduled.append(k)
             if settings.stop_at_eot:
                 stop = first_eot(x, ids.eot, stop)
+            if on_step is not None:
+                on_step(len(result.transfers), settings.steps, len(chosen), int(np.sum(x == ids.mask)))
     result.response, result.stop = x, stop
     result.answer = x[:stop] if stop is not None else x
     return result

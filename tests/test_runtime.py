@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 
@@ -326,3 +327,17 @@ def test_pytorch_backend_names_the_manifest_path_and_model_flag(bundles, tmp_pat
     with pytest.raises(LladaVError, match=r"the checkpoint '.*gone' \(recorded in the bundle's manifest when it was "
                                           r"built\) is not there; point to it with --model"):
         Pipeline(moved, backend="pytorch")
+
+
+def test_progress_on_stderr(bundles, tmp_path, capsys):
+    img = tmp_path / "road.png"
+    gradient_image(400, 400).save(img)
+    base = ["--bundle", str(bundles[15]), "--image", str(img), "--prompt", "Clear?", "--steps", "2",
+            "--gen-length", "8", "--block-length", "8", "--json"]
+    assert main(base) == 0  # stderr is not a terminal here: no progress unless asked
+    assert capsys.readouterr().err == ""
+    assert main(base + ["--progress"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and re.fullmatch(r"step 1/2: unmasked 4, 4 masked left, \d+ ms", err[0]), err
+    assert re.fullmatch(r"step 2/2: unmasked 4, 0 masked left, \d+ ms", err[1]), err
+    assert main(base + ["--progress", "--quiet"]) == 0 and capsys.readouterr().err == ""
