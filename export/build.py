@@ -25,7 +25,7 @@ from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate,
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
                              settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
-from runtime.bundle import (FileInfo, Manifest, SubgraphEntry, TensorInfo, file_info, read_manifest,
+from runtime.bundle import (FileInfo, Manifest, SubgraphEntry, TensorInfo, file_info, graph_identity, read_manifest,
                             sha256_file, write_manifest)
 from runtime.errors import LladaVError, expect
 from runtime.files import atomic_directory
@@ -156,8 +156,9 @@ class Builder:
             return entry
         self.log(f"{spec.name}: exporting (opset {self.req.opset}) and validating ...")
         # the ONNX graph does not depend on the profile: validate it at fixed sizes (proving its axes dynamic)
+        identity = graph_identity(spec.name, self.req.k, self.cfg.n_layers, ckpt_hash, self.req.precision)
         report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, self.req.precision,
-                                     onnx_path, list(VALIDATION_SIZES), self.req.opset)
+                                     onnx_path, list(VALIDATION_SIZES), self.req.opset, identity)
         self.release_weights(spec)
         worst = worst_check(report.checks)
         self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - PyTorch| "

@@ -74,8 +74,9 @@ def float_dtype(precision: str) -> str:
 
 
 def export_onnx(spec: SubgraphSpec, module: torch.nn.Module, cfg, precision: str, dst: Path,
-                example_axes: dict, opset: int = DEFAULT_OPSET) -> Path:
-    """torch.onnx.export (TorchScript exporter) at `opset` -> dst + dst.data."""
+                example_axes: dict, opset: int = DEFAULT_OPSET, identity: dict | None = None) -> Path:
+    """torch.onnx.export (TorchScript exporter) at `opset` -> dst + dst.data; `identity` becomes the
+    graph's metadata_props (runtime.bundle.graph_identity)."""
     feeds = dummy_inputs(spec, cfg, example_axes, float_dtype(precision))
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
@@ -89,8 +90,15 @@ def export_onnx(spec: SubgraphSpec, module: torch.nn.Module, cfg, precision: str
                 module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
             )
-        consolidate_external_data(raw, dst, edit=lambda m: stamp_io_dims(m, spec, cfg))
+        consolidate_external_data(raw, dst, edit=lambda m: stamp(m, spec, cfg, identity or {}))
     return dst
+
+
+def stamp(model, spec: SubgraphSpec, cfg, identity: dict) -> None:
+    stamp_io_dims(model, spec, cfg)
+    for key, value in identity.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
 
 
 def stamp_io_dims(model, spec: SubgraphSpec, cfg) -> None:
@@ -283,13 +291,13 @@ def check_bidirectional(path: Path, spec: SubgraphSpec, cfg, precision: str, axe
 
 
 def export_and_validate(spec: SubgraphSpec, module, cfg, precision: str, dst: Path, axes_list: list[dict],
-                        opset: int = DEFAULT_OPSET) -> ExportReport:
+                        opset: int = DEFAULT_OPSET, identity: dict | None = None) -> ExportReport:
     """Export to dst (+ .data), then run every check. A failed check removes the files."""
     import time
 
     start = time.perf_counter()
     try:
-        export_onnx(spec, module, cfg, precision, dst, axes_list[0], opset)
+        export_onnx(spec, module, cfg, precision, dst, axes_list[0], opset, identity)
         report = ExportReport(spec.name, dst, dst.with_name(dst.name + ".data"))
         release_memory()  # the exporter's transient copies, before a session loads the weights again
         report.ops = check_graph(dst, spec)

@@ -8,8 +8,11 @@
       tokenizer/                    tokenizer.json, tokenizer_config.json, special_tokens_map.json
       jetson/build_engines.sh       trtexec commands with the profile shapes filled in
       engines/                      TensorRT engines, where they were built
+      manifest.json.sha256          the manifest's digest: an edited manifest is refused
 
-A runtime refuses a bundle whose format version, K or model it does not expect.
+A runtime refuses a bundle whose format version, K or model it does not expect, a manifest that
+was changed after the build, and graphs whose own identity (ONNX metadata_props, written at
+export: subgraph, layer range, K, model content hash, precision, format) disagrees with it.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from runtime.errors import LladaVError, expect
-from runtime.files import read_json, write_json
+from runtime.files import read_json, write_json, write_text
 
 FORMAT = "lladav-edge-bundle"
-FORMAT_VERSION = 2  # 2: validation results carry their allowed bound
+FORMAT_VERSION = 2  # 2: validation results carry their bound; graphs carry their identity; manifest digest
 MANIFEST = "manifest.json"
+DIGEST = "manifest.json.sha256"
 
 
 @dataclass
@@ -114,13 +118,47 @@ def file_info(bundle: Path, path: Path) -> FileInfo:
 
 
 def write_manifest(bundle: Path, manifest: Manifest) -> None:
+    """The manifest, then its digest (both through temporary names)."""
     write_json(bundle / MANIFEST, manifest.to_dict())
+    write_text(bundle / DIGEST, f"{sha256_file(bundle / MANIFEST)}  {MANIFEST}\n")
 
 
 def read_manifest(bundle) -> Manifest:
+    """The manifest, refused if its format is another or it changed since the build (its digest)."""
     bundle = Path(bundle)
     expect(bundle.is_dir(), f"bundle {str(bundle)!r}: not a directory; expected the output of build_engines.py")
-    return Manifest.from_dict(read_json(bundle / MANIFEST, "bundle manifest"))
+    manifest = Manifest.from_dict(read_json(bundle / MANIFEST, "bundle manifest"))
+    digest = bundle / DIGEST
+    expect(digest.is_file(), f"bundle {str(bundle)!r}: {DIGEST} is missing; rebuild the bundle")
+    expect(digest.read_text().split()[:1] == [sha256_file(bundle / MANIFEST)],
+           f"bundle {str(bundle)!r}: {MANIFEST} was changed after the build (its sha256 differs from {DIGEST}); "
+           "restore it or rebuild the bundle")
+    return manifest
+
+
+def graph_identity(subgraph: str, k: int, n_layers: int, model_hash: str, precision: str) -> dict[str, str]:
+    """What an exported graph says about itself (ONNX metadata_props). The vision graph does not
+    depend on K, so it is reused across K and says nothing about it."""
+    layers = {"vision": "vision", "decoder_pre": f"0-{k}", "decoder_post": f"{k}-{n_layers}"}[subgraph]
+    return {"lladav.format": FORMAT, "lladav.format_version": str(FORMAT_VERSION), "lladav.subgraph": subgraph,
+            "lladav.layers": layers, "lladav.k": "-" if subgraph == "vision" else str(k),
+            "lladav.model_hash": model_hash, "lladav.precision": precision}
+
+
+def verify_identity(bundle: Path, manifest: Manifest) -> None:
+    """Every graph's own identity agrees with the manifest (reads graph protos only, not weights)."""
+    import onnx
+
+    for name, entry in manifest.subgraphs.items():
+        want = graph_identity(name, manifest.k, manifest.n_layers, manifest.model["content_hash"], manifest.precision)
+        try:
+            model = onnx.load(str(bundle / entry.onnx.path), load_external_data=False)
+        except Exception as exc:  # protobuf's DecodeError and OSError: the file is not an ONNX graph
+            raise LladaVError(f"bundle {str(bundle)!r}: {entry.onnx.path} is not a readable ONNX graph ({exc})") from None
+        got = {p.key: p.value for p in model.metadata_props if p.key.startswith("lladav.")}
+        wrong = [f"{k.removeprefix('lladav.')} {got.get(k)!r} (manifest: {v!r})" for k, v in want.items() if got.get(k) != v]
+        expect(not wrong, f"bundle {str(bundle)!r}: {entry.onnx.path} was exported with {', '.join(wrong)}: the "
+                          "manifest was edited or files from other bundles were mixed in; rebuild the bundle")
 
 
 def verify_files(bundle: Path, manifest: Manifest, check_hashes: bool = True) -> None:

@@ -28,9 +28,14 @@ def read_json(path, what: str) -> dict:
 
 def write_json(path, data) -> None:
     """Write JSON through a temporary name, renamed into place when complete."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path, text: str) -> None:
+    """Write text through a temporary name, renamed into place when complete."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 

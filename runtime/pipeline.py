@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.anyres import ImageGeometry, TileLayout
-from runtime.bundle import Manifest, read_manifest, verify_files
+from runtime.bundle import Manifest, read_manifest, verify_files, verify_identity
 from runtime.errors import expect
 from runtime.merge import merge_tiles
 from runtime.preprocess import ImageInput, prepare_image
@@ -77,6 +77,7 @@ class Pipeline:
         expect(verify in VERIFY, f"verify: got {verify!r}; expected one of {VERIFY}")
         if verify != "none":  # sizes: every file present and whole; hashes: also sha256 (slow for 8B)
             verify_files(self.bundle, m, check_hashes=verify == "hashes")
+            verify_identity(self.bundle, m)  # the graphs say what they are; an edited manifest is refused
         self.tokenizer = TextTokenizer(self.bundle / "tokenizer")
         expect(self.tokenizer.ids.to_dict() == m.token_ids,
                f"bundle {str(self.bundle)!r}: tokenizer ids {self.tokenizer.ids.to_dict()} differ from the manifest's")

@@ -16,7 +16,7 @@ from export.model import PRESETS
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
 from export.profiles import ProfileSettings, axis_ranges, input_shapes, validation_axes
 from export.subgraphs import DECODER_PRE, SUBGRAPHS, VISION, dummy_inputs
-from runtime.bundle import Manifest, read_manifest, verify_files
+from runtime.bundle import Manifest, read_manifest, sha256_file, verify_files
 from runtime.errors import LladaVError
 
 REAL = PRESETS["llada-v-8b"]
@@ -84,6 +84,14 @@ def test_bundle_contents_and_manifest(bundle, tiny, tokenizer):
     script = (req.out / m.tensorrt["script"]).read_text()
     assert script.count("--onnx=") == 3 and "--maxShapes=hidden_states:1x921x64" in script
     assert (req.out / "tokenizer" / "tokenizer.json").is_file() and (req.out / "host" / "embed_tokens.npy").is_file()
+    import onnx
+
+    meta = {e.name: {p.key: p.value for p in onnx.load(str(req.out / e.onnx.path), load_external_data=False)
+                     .metadata_props} for e in m.subgraphs.values()}
+    assert meta["decoder_pre"]["lladav.layers"] == "0-15" and meta["decoder_post"]["lladav.layers"] == "15-32"
+    assert meta["decoder_pre"]["lladav.k"] == "15" and meta["vision"]["lladav.k"] == "-"
+    assert {v["lladav.model_hash"] for v in meta.values()} == {ckpt.content_hash()}
+    assert (req.out / "manifest.json.sha256").read_text().split()[0] == sha256_file(req.out / "manifest.json")
     text = summary(result)
     assert "onnx/decoder_pre.onnx" in text and "not built" in text and "build_engines.sh" in text
     assert "size with its .onnx.data" in text

@@ -15,6 +15,7 @@ from PIL import Image
 from export.build import BuildRequest, build_bundle
 from export.reference import ReferenceForward, generate, prompt_embeddings
 from runtime.__main__ import main
+from runtime.bundle import Manifest, read_manifest, write_manifest
 from runtime.errors import LladaVError
 from runtime.pipeline import Pipeline, SplitForward
 from runtime.preprocess import prepare_image
@@ -321,9 +322,9 @@ def test_small_image_warns_and_a_failing_map_keeps_the_answer(bundles, tmp_path,
 def test_pytorch_backend_names_the_manifest_path_and_model_flag(bundles, tmp_path):
     moved = tmp_path / "b"
     shutil.copytree(bundles[15], moved)
-    manifest = json.loads((moved / "manifest.json").read_text())
-    manifest["model"]["source"] = str(tmp_path / "gone")
-    (moved / "manifest.json").write_text(json.dumps(manifest))
+    manifest = read_manifest(moved)
+    manifest.model["source"] = str(tmp_path / "gone")  # as if the checkpoint had moved since the build
+    write_manifest(moved, manifest)
     with pytest.raises(LladaVError, match=r"the checkpoint '.*gone' \(recorded in the bundle's manifest when it was "
                                           r"built\) is not there; point to it with --model"):
         Pipeline(moved, backend="pytorch")
@@ -341,3 +342,22 @@ def test_progress_on_stderr(bundles, tmp_path, capsys):
     assert len(err) == 2 and re.fullmatch(r"step 1/2: unmasked 4, 4 masked left, \d+ ms", err[0]), err
     assert re.fullmatch(r"step 2/2: unmasked 4, 0 masked left, \d+ ms", err[1]), err
     assert main(base + ["--progress", "--quiet"]) == 0 and capsys.readouterr().err == ""
+
+
+def test_an_edited_manifest_is_not_believed(bundles, tmp_path, capsys):
+    """Issue 9: editing manifest.json from K=15 to K=3 made the runtime report K=3 over K=15 graphs."""
+    edited = tmp_path / "edited"
+    shutil.copytree(bundles[15], edited)
+    raw = json.loads((edited / "manifest.json").read_text())
+    raw["k"] = 3
+    (edited / "manifest.json").write_text(json.dumps(raw, indent=2))
+    with pytest.raises(LladaVError, match=r"manifest.json was changed after the build \(its sha256 differs"):
+        Pipeline(edited)
+    write_manifest(edited, Manifest.from_dict(raw))  # a thorough edit, digest and all: the graphs still disagree
+    with pytest.raises(LladaVError, match=r"onnx/decoder_pre.onnx was exported with layers '0-15' \(manifest: "
+                                          r"'0-3'\), k '15' \(manifest: '3'\)"):
+        Pipeline(edited)
+    img = tmp_path / "i.png"
+    gradient_image(400, 400).save(img)
+    assert main(["--bundle", str(edited), "--image", str(img), "--prompt", "x", "--k", "3"]) == 2
+    assert "was exported with layers '0-15'" in capsys.readouterr().err
