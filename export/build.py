@@ -25,8 +25,8 @@ from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate,
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
                              settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
-from runtime.bundle import (FileInfo, Manifest, SubgraphEntry, TensorInfo, file_info, graph_identity, read_manifest,
-                            sha256_file, write_manifest)
+from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, device_engines, engine_problem,
+                            engine_provenance, file_info, graph_identity, read_manifest, sha256_file, write_manifest)
 from runtime.errors import LladaVError, expect
 from runtime.files import atomic_directory
 from runtime.pruning import PruneSettings
@@ -47,6 +47,7 @@ class BuildRequest:
     profiles: ProfileSettings = field(default_factory=ProfileSettings)
     opset: int = DEFAULT_OPSET
     engines: str = "auto"  # auto: build where TensorRT and a GPU exist; skip; require
+    clean: bool = False  # delete the old bundle's stale engines instead of keeping them
 
 
 @dataclass
@@ -59,6 +60,7 @@ class BuildResult:
     engines_reason: str
     seconds: float
     retuned: str | None = None  # what changed in the profiles of the bundle this build replaced
+    stale: list[str] = field(default_factory=list)  # engines of the old bundle that no longer fit
 
 
 class Progress:
@@ -218,7 +220,8 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
     ckpt_hash = ckpt.content_hash()
     source = exporter_source_hash()
     b = Builder(req, ckpt, log)
-    with atomic_directory(req.out) as tmp:
+    dropped: set[Path] = set()  # files of the old bundle not carried over (stale engines, with --clean)
+    with atomic_directory(req.out, keep=lambda rel: rel not in dropped) as tmp:
         for sub in ("onnx", "tokenizer", "jetson"):
             (tmp / sub).mkdir()
         entries = {s.name: b.subgraph(tmp, s, ckpt_hash, source) for s in SUBGRAPHS}
@@ -226,17 +229,42 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
         tokenizer = [name for name in TOKENIZER_FILES if (ckpt.path / name).is_file()]
         for name in tokenizer:
             shutil.copy2(ckpt.path / name, tmp / "tokenizer" / name)
-        commands = {n: trtexec_command(e.onnx.path, f"engines/{n}.engine", e.shapes, b.settings,
-                                       "engines/timing.cache") for n, e in entries.items()}
-        script = tmp / "jetson" / "build_engines.sh"
-        script.write_text(build_script(commands))
-        script.chmod(0o755)
         trt = engines_stage(req, tmp, entries, b, log)
         manifest = make_manifest(req, ckpt, ckpt_hash, token_ids, b.ranges, entries, host, tokenizer, trt)
+        write_jetson_script(tmp, manifest, b.settings)
+        stale = stale_engines(Path(req.out), manifest, req.clean, dropped, log)
         write_manifest(tmp, manifest)
     log(f"bundle written to {req.out}")
     return BuildResult(manifest, Path(req.out), b.reused, b.exported, trt["built"], trt["reason"],
-                       time.perf_counter() - start, retuned(b.old, manifest))
+                       time.perf_counter() - start, retuned(b.old, manifest), stale)
+
+
+def write_jetson_script(tmp: Path, manifest: Manifest, settings: EngineBuildSettings) -> None:
+    """jetson/build_engines.sh: the trtexec command of every engine, each recording its provenance."""
+    commands = {n: trtexec_command(e.onnx.path, f"{ENGINES}/{n}.engine", e.shapes, settings,
+                                   f"{ENGINES}/timing.cache") for n, e in manifest.subgraphs.items()}
+    script = tmp / manifest.tensorrt["script"]
+    script.write_text(build_script(commands, {n: engine_provenance(manifest, n) for n in commands}))
+    script.chmod(0o755)
+
+
+def stale_engines(old: Path, manifest: Manifest, clean: bool, dropped: set, log) -> list[str]:
+    """Engines the old bundle holds (built on the device by its script) that no longer fit the new
+    manifest: reported, kept unless `clean` (then added to `dropped`). Fitting ones are kept silently."""
+    notes = []
+    for name in device_engines(old) if old.is_dir() else []:
+        if name not in manifest.subgraphs or manifest.subgraphs[name].engine is not None:
+            continue  # not ours to judge, or replaced by an engine this build made
+        problem = engine_problem(old, manifest, name, None)
+        if problem is None:
+            continue
+        files = [Path(ENGINES) / f"{name}.engine", Path(ENGINES) / f"{name}.engine.json"]
+        if clean:
+            dropped.update(files)
+        action = "deleted (--clean)" if clean else "kept; rebuild it with jetson/build_engines.sh, or --clean deletes it"
+        notes.append(f"{ENGINES}/{name}.engine is {problem}: {action}")
+        log(notes[-1])
+    return notes
 
 
 def retuned(old: Manifest | None, new: Manifest) -> str | None:
@@ -346,6 +374,8 @@ def summary(result: BuildResult) -> str:
     else:
         rows.append(f"TensorRT engines: not built: {result.engines_reason}")
         rows.append(f"  build them on the Jetson: bash {out / m.tensorrt['script']}")
+    for note in result.stale:
+        rows.append(note)
     if result.retuned:
         rows.append(f"this bundle replaced one tuned differently: {result.retuned}")
     rows.append(f"done in {result.seconds:.1f}s")

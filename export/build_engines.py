@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--engines", choices=("auto", "skip", "require"), default="auto",
                     help="TensorRT engines: build where TensorRT and a GPU exist (auto), never (skip), or fail "
                          "before any export without them (require)")
+    ap.add_argument("--clean", action="store_true",
+                    help="when rebuilding into an existing bundle, delete its engines that no longer match (stale) "
+                         "instead of keeping them; every other file the build did not write is always kept")
     return ap
 
 
@@ -73,7 +76,7 @@ def request(args: argparse.Namespace) -> BuildRequest:
     out = args.out or Path("bundles") / f"{name}-k{args.k}-p{args.p:g}-{args.precision}"  # P tunes the profile
     profiles = ProfileSettings(args.layout, args.max_text_tokens, args.opt_text_tokens, args.max_response,
                                args.opt_response, args.opt_image, 2 if args.cfg else 1)
-    return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines)
+    return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines, args.clean)
 
 
 def main(argv=None) -> int:

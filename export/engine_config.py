@@ -11,6 +11,7 @@ int8/fp8/int4 precision flags are refused there); `--memPoolSize=workspace:NM` s
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import asdict, dataclass
 
@@ -60,8 +61,10 @@ def trtexec_command(onnx: str, engine: str, shapes: dict, settings: EngineBuildS
             f"--timingCacheFile={timing_cache}", "--skipInference"]
 
 
-def build_script(commands: dict[str, list[str]]) -> str:
-    """A bash script for the Jetson: each engine built under a temporary name, then renamed."""
+def build_script(commands: dict[str, list[str]], provenance: dict[str, dict]) -> str:
+    """A bash script for the Jetson: each engine built under a temporary name, then renamed, and
+    beside it `<engine>.json`, what it was built from (runtime.bundle.engine_provenance) and with
+    which TensorRT: a later rebuild of the bundle or the runtime can tell a stale engine."""
     lines = [
         "#!/usr/bin/env bash",
         "# Build this bundle's TensorRT engines ON THE TARGET: engines are tied to the GPU and the",
@@ -69,14 +72,18 @@ def build_script(commands: dict[str, list[str]]) -> str:
         "set -euo pipefail",
         'cd "$(dirname "$0")/.."',
         'TRTEXEC="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"',
+        "TRT_VERSION=\"$(python3 -c 'import tensorrt; print(tensorrt.__version__)' 2>/dev/null || echo unknown)\"",
         "mkdir -p engines",
     ]
     for name, cmd in commands.items():
         final = next(a.split("=", 1)[1] for a in cmd if a.startswith("--saveEngine="))
         tmp_cmd = [a if not a.startswith("--saveEngine=") else f"--saveEngine={final}.tmp" for a in cmd]
+        record = json.dumps({**provenance[name], "tensorrt": "@TRT_VERSION@"}, sort_keys=True)
         lines += ["", f'echo "building {name} ..."',
                   " \\\n    ".join(a if a == "$TRTEXEC" else shlex.quote(a) for a in tmp_cmd).replace(
                       "$TRTEXEC", '"$TRTEXEC"'),
-                  f"mv {shlex.quote(final + '.tmp')} {shlex.quote(final)}"]
+                  f"echo {shlex.quote(record)} | sed \"s/@TRT_VERSION@/$TRT_VERSION/\" > {shlex.quote(final + '.json.tmp')}",
+                  f"mv {shlex.quote(final + '.tmp')} {shlex.quote(final)}",
+                  f"mv {shlex.quote(final + '.json.tmp')} {shlex.quote(final + '.json')}"]
     lines += ["", 'echo "engines built in $(pwd)/engines"', ""]
     return "\n".join(lines)

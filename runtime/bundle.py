@@ -173,3 +173,40 @@ def verify_files(bundle: Path, manifest: Manifest, check_hashes: bool = True) ->
         expect(size == info.bytes, f"bundle {str(bundle)!r}: {info.path} has {size} bytes; manifest says {info.bytes}")
         if check_hashes:
             expect(sha256_file(path) == info.sha256, f"bundle {str(bundle)!r}: {info.path} is corrupt (sha256 mismatch)")
+
+
+ENGINES = "engines"
+
+
+def engine_provenance(manifest: Manifest, name: str) -> dict:
+    """What an engine of subgraph `name` must have been built from to serve this manifest
+    (jetson/build_engines.sh writes it, with the TensorRT version, beside each engine it builds)."""
+    e = manifest.subgraphs[name]
+    return {"subgraph": name, "onnx_sha256": e.onnx.sha256, "data_sha256": e.data.sha256, "shapes": e.shapes,
+            "build_settings": manifest.tensorrt.get("build_settings")}
+
+
+def engine_problem(bundle: Path, manifest: Manifest, name: str, tensorrt_version: str | None) -> str | None:
+    """Why the engine of `name` in `bundle` must not serve `manifest` (stale, or of unknown origin),
+    or None. `tensorrt_version` None skips the version check (a build host without TensorRT)."""
+    entry = manifest.subgraphs[name]
+    if entry.engine is not None:  # built with the bundle: the manifest says how
+        built = manifest.tensorrt.get("version")
+        if tensorrt_version and built != tensorrt_version:
+            return f"stale: built with TensorRT {built}, this host has {tensorrt_version}"
+        return None
+    record = Path(bundle) / ENGINES / f"{name}.engine.json"
+    if not record.is_file():
+        return f"of unknown origin: {ENGINES}/{name}.engine.json (what it was built from) is missing"
+    got, want = read_json(record, "engine record"), engine_provenance(manifest, name)
+    words = {"subgraph": "subgraph", "onnx_sha256": "ONNX graph", "data_sha256": "ONNX weights",
+             "shapes": "profile", "build_settings": "build settings"}
+    changed = [words[k] for k in want if got.get(k) != want[k]]
+    if tensorrt_version and got.get("tensorrt") != tensorrt_version:
+        changed.append(f"TensorRT version ({got.get('tensorrt')}; this host has {tensorrt_version})")
+    return f"stale (changed since it was built: {', '.join(changed)})" if changed else None
+
+
+def device_engines(bundle: Path) -> list[str]:
+    """Subgraph names with an engine file in the bundle's engines/ directory."""
+    return sorted(p.name.removesuffix(".engine") for p in (Path(bundle) / ENGINES).glob("*.engine"))

@@ -40,10 +40,12 @@ def write_text(path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(final):
+def atomic_directory(final, keep=lambda rel: False):
     """Yield a temporary sibling directory; on success it replaces `final`, on error it is removed.
 
-    A reader never sees a partly written `final`: it either does not exist or is complete.
+    Files of the old `final` that the new one does not have are carried over (hard links) when
+    `keep(relative path)` says so. A reader never sees a partly written `final`: the old one is
+    renamed aside, the new one renamed into place, then the old one removed.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +56,29 @@ def atomic_directory(final):
     try:
         yield tmp
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            carry_over(final, tmp, keep)
+            aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, aside / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def carry_over(old: Path, new: Path, keep) -> list[Path]:
+    """Hard-link (or copy) into `new` every file of `old` that `new` lacks and `keep` accepts."""
+    carried = []
+    for path in sorted(p for p in old.rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = path.relative_to(old)
+        if (new / rel).exists() or not keep(rel):
+            continue
+        (new / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, new / rel)
+        except OSError:
+            shutil.copy2(path, new / rel)
+        carried.append(rel)
+    return carried

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.bundle import Manifest, SubgraphEntry
+from runtime.bundle import Manifest, SubgraphEntry, engine_problem
 from runtime.cuda import CudaApi, DeviceTensor
 from runtime.errors import LladaVError, expect
 from runtime.runners import Runner
@@ -291,18 +291,26 @@ class TrtRunner(Runner):
         return self.backend.gather_rows(x, rows, self.name, tensor)
 
 
+def check_engines(bundle: Path, manifest: Manifest, tensorrt_version: str) -> None:
+    """Every engine present, and built from this bundle's graphs, profiles and settings with this
+    TensorRT: a missing, stale or unexplained engine is an error before anything runs."""
+    rebuild = f"build the engines on this device with bash {Path(bundle) / manifest.tensorrt['script']}"
+    for name, entry in manifest.subgraphs.items():
+        path = engine_path(bundle, entry)
+        expect(path.is_file(), f"backend tensorrt: {path} is missing; {rebuild}")
+        problem = engine_problem(bundle, manifest, name, tensorrt_version)
+        expect(problem is None, f"backend tensorrt: {path} is {problem}; {rebuild}")
+
+
 def make_trt_runners(bundle: Path, manifest: Manifest, fdt, cuda_factory=None, engine_factory=None) -> dict:
     """{subgraph: TrtRunner} sharing one backend. The factories default to CUDA and TensorRT."""
     if engine_factory is None:
         try:
-            import tensorrt  # noqa: F401
+            import tensorrt
         except ImportError:
             raise LladaVError("backend tensorrt: the TensorRT Python package is not installed "
                               "(on the Jetson it comes with JetPack); use --backend onnxruntime") from None
         engine_factory = TrtEngine
-        for entry in manifest.subgraphs.values():  # a missing engine is an error before anything runs
-            expect(engine_path(bundle, entry).is_file(),
-                   f"backend tensorrt: {engine_path(bundle, entry)} is missing; build the engines on this device "
-                   f"with bash {Path(bundle) / 'jetson' / 'build_engines.sh'}")
+        check_engines(bundle, manifest, tensorrt.__version__)
     backend = TrtBackend(bundle, manifest, fdt, cuda_factory, engine_factory)
     return {name: TrtRunner(entry, fdt, backend) for name, entry in manifest.subgraphs.items()}

@@ -54,8 +54,9 @@ def test_input_shapes_and_trtexec_command():
     fp32 = trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, r), EngineBuildSettings("fp32"), "c", "trtexec")
     assert "--stronglyTyped" not in fp32 and "--fp16" not in fp32 and "--noTF32" in fp32
     script = build_script({"vision": trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, r),
-                                                     EngineBuildSettings("fp32"), "c")})
+                                                     EngineBuildSettings("fp32"), "c")}, {"vision": {"onnx_sha256": "ab"}})
     assert '"$TRTEXEC"' in script and "--saveEngine=a.engine.tmp" in script and "mv a.engine.tmp a.engine" in script
+    assert "mv a.engine.json.tmp a.engine.json" in script and '"onnx_sha256": "ab"' in script
 
 
 @pytest.fixture(scope="module")
@@ -368,3 +369,57 @@ def test_quantized_precisions_are_refused(tiny_dir, tmp_path, capsys):
     with pytest.raises(LladaVError, match="int4 needs explicit Q/DQ quantization, which comes with calib/"):
         build_bundle(BuildRequest(tiny_dir, tmp_path / "o", 15, 50, "int4"), log=quiet)
     assert not (tmp_path / "o").exists()
+
+
+def run_jetson_script(bundle, tmp_path):
+    """The bundle's jetson/build_engines.sh with a stand-in trtexec that writes a placeholder engine file
+    (TensorRT does not run here): what the script leaves behind, engines and their records."""
+    import subprocess
+
+    stub = tmp_path / "trtexec-stand-in"
+    stub.write_text('#!/bin/sh\nfor a in "$@"; do case "$a" in --saveEngine=*) echo placeholder > "${a#--saveEngine=}";;'
+                    ' esac; done\n')
+    stub.chmod(0o755)
+    done = subprocess.run(["bash", str(bundle / "jetson" / "build_engines.sh")], env={"TRTEXEC": str(stub),
+                          "PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+def test_rebuild_keeps_what_it_did_not_write_and_reports_stale_engines(bundle, tmp_path):
+    """Issue 9: a rebuild deleted engines/ (minutes of Jetson work) and a user's NOTES.txt."""
+    from runtime.trt_runner import check_engines
+
+    req, _ = bundle
+    out = tmp_path / "b"
+    shutil.copytree(req.out, out)
+    run_jetson_script(out, tmp_path)
+    (out / "NOTES.txt").write_text("mine")
+    engines = {n: out / "engines" / f"{n}.engine" for n in ("vision", "decoder_pre", "decoder_post")}
+    record = json.loads((out / "engines" / "decoder_pre.engine.json").read_text())
+    assert record["onnx_sha256"] == read_manifest(out).subgraphs["decoder_pre"].onnx.sha256
+    check_engines(out, read_manifest(out), record["tensorrt"])  # fresh: no error
+    with pytest.raises(LladaVError, match=r"vision.engine is stale \(changed since it was built: TensorRT version "
+                                          r"\(unknown; this host has 10.99.0\)\); build the engines on this device"):
+        check_engines(out, read_manifest(out), "10.99.0")
+
+    same = build_bundle(replace(req, out=out), log=quiet)  # the same bundle again
+    assert same.stale == [] and all(e.is_file() for e in engines.values()) and (out / "NOTES.txt").read_text() == "mine"
+    retuned = build_bundle(replace(req, out=out, p=70), log=quiet)  # another P: the decoders' opt shapes change
+    assert retuned.stale == [f"engines/{n}.engine is stale (changed since it was built: profile): kept; rebuild it "
+                             "with jetson/build_engines.sh, or --clean deletes it" for n in ("decoder_post", "decoder_pre")]
+    moved = build_bundle(replace(req, out=out, k=3), log=quiet)  # new decoders: their engines are stale
+    assert [n.split(" ")[0] for n in moved.stale] == ["engines/decoder_post.engine", "engines/decoder_pre.engine"]
+    assert moved.stale[1] == ("engines/decoder_pre.engine is stale (changed since it was built: ONNX graph, ONNX "
+                              "weights): kept; rebuild it with jetson/build_engines.sh, or --clean deletes it")
+    assert all(e.is_file() for e in engines.values()) and (out / "NOTES.txt").read_text() == "mine"
+    assert "engines/decoder_pre.engine is stale" in summary(moved)
+    with pytest.raises(LladaVError, match=r"engines/decoder_pre.engine is stale \(changed since it was built: ONNX"):
+        check_engines(out, read_manifest(out), record["tensorrt"])  # never silently used
+
+    cleaned = build_bundle(replace(req, out=out, k=3, clean=True), log=quiet)
+    assert all("deleted (--clean)" in n for n in cleaned.stale) and len(cleaned.stale) == 2
+    assert not engines["decoder_pre"].exists() and not (out / "engines" / "decoder_pre.engine.json").exists()
+    assert engines["vision"].is_file() and (out / "NOTES.txt").read_text() == "mine"
+    (out / "engines" / "vision.engine.json").unlink()
+    with pytest.raises(LladaVError, match=r"vision.engine is of unknown origin"):
+        check_engines(out, read_manifest(out), record["tensorrt"])
