@@ -94,7 +94,7 @@ def run(shape: BenchShape, workdir: Path, log) -> dict:
     from export.checkpoint import load_model
     from export.profiles import ProfileSettings
     from export.reference import generate
-    from export.tiny import demo_image
+    from runtime.demo import demo_image
     from runtime.pipeline import Pipeline
     from runtime.preprocess import prepare_image
     from runtime.pruning import PruneSettings

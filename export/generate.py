@@ -22,7 +22,8 @@ import torch  # noqa: E402
 
 from export.checkpoint import load_model, open_checkpoint  # noqa: E402
 from export.reference import generate  # noqa: E402
-from export.tiny import demo_image, ensure_tiny  # noqa: E402
+from export.tiny import ensure_tiny  # noqa: E402
+from runtime.demo import demo_image  # noqa: E402
 from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
 from runtime.errors import LladaVError  # noqa: E402
 from runtime.preprocess import prepare_image  # noqa: E402

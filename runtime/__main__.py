@@ -27,7 +27,7 @@ from runtime.runners import BACKENDS
 def build_parser() -> argparse.ArgumentParser:
     ap = cli_parser("python -m runtime", __doc__)
     ap.add_argument("--bundle", type=Path, required=True, help="bundle directory from export/build_engines.py")
-    ap.add_argument("--image", type=Path, required=True, help="image file (PNG, JPEG, ...)")
+    ap.add_argument("--image", type=Path, help="image file (PNG, JPEG, ...); default: the built-in 640x480 demo road scene")
     ap.add_argument("--prompt", required=True, help="the question about the image")
     ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the graphs")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="onnxruntime's execution provider")
@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> tuple[dict, object, object]:
     """(JSON-able result, RuntimeResult, a function that writes the pruning map or None)."""
+    from runtime.demo import demo_image
     from runtime.pipeline import Pipeline
     from runtime.preprocess import load_image
 
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
         args.map = Path("pruning_map.png")
     if args.map:
         check_writable(args.map, "--map")  # before minutes of generation, not after
-    image = load_image(args.image)  # unreadable image: an error before any model work
+    image = load_image(args.image) if args.image else demo_image()  # unreadable image: an error before model work
     gen = generation_settings(args)
     with Pipeline(args.bundle, args.backend, args.model, args.device, expect_k=args.k,
                   verify=args.verify) as pipe:

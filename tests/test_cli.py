@@ -68,3 +68,24 @@ def test_help_texts_state_defaults_units_and_rules(capsys):
     run_help = " ".join(run_cli.build_parser().format_help().split())
     assert "a multiple of the number of blocks (gen-length / block-length), at most --gen-length" in run_help
     assert "must divide --gen-length" in run_help and "(default: the bundle's P)" in run_help
+
+
+def test_the_car_installs_without_torch_and_the_readme_commands_parse():
+    import shlex
+    import tomllib
+    from pathlib import Path
+
+    from runtime import __main__ as run_cli
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    base = " ".join(project["dependencies"])
+    assert not any(name in base for name in ("torch", "transformers", "safetensors"))  # the car's install
+    assert {"torch", "transformers", "safetensors"} <= {d.split(">")[0] for d in project["optional-dependencies"]["export"]}
+    readme = (root / "README.md").read_text()
+    assert 'pip install torch==2.13.0 && pip install -e ".[export]" && python export/build_engines.py --k 15 --p 50' in readme
+    assert "--index-url https://download.pytorch.org/whl/cpu" in readme  # the CPU-only workstation's torch
+    runs = [line for line in readme.splitlines() if line.startswith("python -m runtime ")]
+    assert runs and any("--image" not in line for line in runs)  # the quick start runs as written: demo scene
+    for line in runs:
+        run_cli.build_parser().parse_args(shlex.split(line)[3:])

@@ -229,7 +229,7 @@ def test_cfg_generates_the_reference_tokens(tiny_dir, tiny, tokenizer, image, tm
 
 def test_anyres_with_shrink_generates_the_reference_tokens(tiny_dir, tiny, tokenizer, tmp_path):
     """1920x1080 AnyRes: 16 tiles, the grid shrunk from 75x135 to 40x72 by the numpy merge (3649 tokens)."""
-    from export.tiny import demo_image
+    from runtime.demo import demo_image
 
     profile = replace(PROFILE, layout="anyres")
     out = build_bundle(BuildRequest(tiny_dir, tmp_path / "anyres", 15, 50, "fp32", profile), log=lambda m: None).out
@@ -250,7 +250,7 @@ def test_fp16_bundle_end_to_end(tiny_dir, tiny, tokenizer, tmp_path):
     set the same except for tokens whose reference score is within that tolerance of the cut; logits
     of steps 1 and 2 within fp16's logits rule; and the same answer."""
     from export.subgraphs import DECODER_POST, DECODER_PRE
-    from export.tiny import demo_image
+    from runtime.demo import demo_image
     from export.onnx_export import scaled_diff
 
     model, _ = tiny
@@ -361,3 +361,11 @@ def test_an_edited_manifest_is_not_believed(bundles, tmp_path, capsys):
     gradient_image(400, 400).save(img)
     assert main(["--bundle", str(edited), "--image", str(img), "--prompt", "x", "--k", "3"]) == 2
     assert "was exported with layers '0-15'" in capsys.readouterr().err
+
+
+def test_without_an_image_the_demo_scene_is_used(bundles, capsys):
+    argv = ["--bundle", str(bundles[15]), "--prompt", "Is the lane free?", "--steps", "2", "--gen-length", "8",
+            "--block-length", "8", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["visual_tokens"] == 729 and captured.err == ""  # 640x480: no small-image warning

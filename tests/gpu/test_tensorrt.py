@@ -25,7 +25,7 @@ from export.onnx_export import float_dtype, scaled_diff, worst_check  # noqa: E4
 from export.profiles import validation_axes  # noqa: E402
 from export.reference import generate  # noqa: E402
 from export.subgraphs import SUBGRAPHS, dummy_inputs  # noqa: E402
-from export.tiny import demo_image  # noqa: E402
+from runtime.demo import demo_image  # noqa: E402
 from export.trt_build import check_engine  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.preprocess import prepare_image  # noqa: E402
