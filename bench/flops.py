@@ -1,10 +1,10 @@
-"""FLOPs accounting for persistent visual-token pruning (REFERENCE section 4), and Orin floors.
+"""FLOPs accounting for persistent visual-token pruning (docs/flops.md), and Orin floors.
 
     python -m bench.flops                   # the paper-style table for LLaDA-V-8B
     python -m bench.flops --visual 729 --steps 16 --gen-length 16
 
 Per decoder layer over n tokens (SwiGLU): C(n) = 4nd^2 + 2n^2d + 3ndm multiply-adds, i.e. 2*C(n)
-FLOPs (REFERENCE's anchors agree: ~14 GFLOP per token per pass, ~22 TFLOP for 1.6k tokens).
+FLOPs (the anchors in docs/flops.md agree: ~14 GFLOP per token per pass, ~22 TFLOP for 1.6k tokens).
 Pruning at layer K of step 1 drops floor(V*P/100) tokens; every later step runs all L layers on
 n' tokens. The LM head costs 2*d*vocab FLOPs per position that gets logits: every position, or
 only the G response positions. The vision tower runs once per generation and is left out, like
@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from runtime.anyres import ANYRES, ImageGeometry, plan_tiles
 from runtime.pruning import pruned_count
 
-# REFERENCE section 5: dense peak throughput, FLOP/s
+# docs/orin.md: dense peak throughput, FLOP/s
 ORIN = {
     "AGX Orin 64GB": {"fp16": 42.5e12, "int8": 85e12},
     "Orin NX 16GB": {"fp16": 15e12, "int8": 30e12},
@@ -40,7 +40,7 @@ class Workload:
     visual: int = 729
     gen: int = 64  # response tokens G
     steps: int = 64
-    head: str = "response"  # logits for the G response positions, "all" positions, or "none" (REFERENCE's R)
+    head: str = "response"  # logits for the G response positions, "all" positions, or "none" (docs/flops.md's R)
 
     @property
     def n(self) -> int:
@@ -48,7 +48,7 @@ class Workload:
 
 
 def layer_macs(n: int, d: int, m: int) -> float:
-    """REFERENCE's C(n): multiply-adds of one decoder layer over n tokens."""
+    """docs/flops.md's C(n): multiply-adds of one decoder layer over n tokens."""
     return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
 
 

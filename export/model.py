@@ -6,7 +6,7 @@ post_layernorm) -> mlp2x_gelu projector -> AnyRes merge with image_newline -> LL
 
 The decoder runs as any range of layers [lo, hi) with explicit position ids, because the export
 splits it at the pruning layer K. Module names equal the checkpoint's key names, so
-`state_dict()` keys are the Hugging Face keys (REFERENCE section 1).
+`state_dict()` keys are the Hugging Face keys (docs/architecture.md).
 
 Shapes: B batch, N tokens, D hidden, H heads, Dh head dim, T tiles, S side of a tile grid.
 """
@@ -64,7 +64,7 @@ class ModelConfig:
 
 
 PRESETS = {
-    # LLaDA-8B decoder + SigLIP so400m-patch14-384 (27 layers, 26 used), REFERENCE section 1.
+    # LLaDA-8B decoder + SigLIP so400m-patch14-384 (27 layers, 26 used), docs/architecture.md.
     "llada-v-8b": ModelConfig(
         DecoderDims(n_layers=32, d_model=4096, n_heads=32, d_mlp=12288, vocab_size=126464),
         VisionDims(d_model=1152, n_layers=26, n_heads=16, d_mlp=4304),
@@ -299,7 +299,7 @@ class LladaV(nn.Module):
     def run_layers(self, h, pos, lo: int, hi: int, score_rows=None):
         """Decoder layers [lo, hi) over h (B, N, D) at positions pos (B, N).
 
-        With score_rows, also returns the saliency (B, N) from layer hi-1's q.k (REFERENCE 3).
+        With score_rows, also returns the saliency (B, N) from layer hi-1's q.k (docs/pruning.md).
         """
         cos, sin = rope_cos_sin(pos, self.cfg.decoder.d_head, self.cfg.decoder.rope_theta)
         saliency = None

@@ -23,7 +23,7 @@ from runtime.errors import LladaVError
 
 OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
 DATA_DEPENDENT_OPS = {"NonZero", "Unique", "NonMaxSuppression", "Compress", "Loop", "If", "Scan"}
-DEFAULT_OPSET = 18  # TensorRT 10.3 parses opsets 17-20 (REFERENCE section 6)
+DEFAULT_OPSET = 18  # TensorRT 10.3 parses opsets 17-20 (docs/tensorrt.md)
 EXTERNAL_THRESHOLD = 1024  # bytes: initializers at least this large go to the .data file
 ALIGN = 64
 

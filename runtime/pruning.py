@@ -1,6 +1,6 @@
 """Persistent visual-token pruning: which tokens survive step 1, and which positions they keep.
 
-REFERENCE section 3: in the first denoising step, between decoder layers K-1 and K, drop
+docs/pruning.md: in the first denoising step, between decoder layers K-1 and K, drop
 floor(V * P / 100) of the V visual tokens with the lowest attention saliency (ties: the lower
 index survives), keep the rest in their original order, never drop text or response tokens,
 and run every later step on the reduced sequence. Kept tokens keep their original RoPE

@@ -1,7 +1,7 @@
 """The LLaDA masked-diffusion loop over the response, independent of how logits are computed.
 
 `denoise(forward, settings, ids)` calls `forward(response_ids) -> logits (G, vocab)` once per
-denoising step and applies LLaDA's unmasking rule (REFERENCE section 2, LLaDA `generate.py`,
+denoising step and applies LLaDA's unmasking rule (docs/generation.md, LLaDA `generate.py`,
 LLaDA-V `generate_with_embeds`): semi-autoregressive blocks, a fixed number of tokens unmasked
 per step, the most confident first, special tokens never generated, stop at `<|eot_id|>`.
 The PyTorch reference and every runtime backend share this loop, so they differ only in
@@ -22,7 +22,7 @@ REMASKING = ("low_confidence", "random")
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """LLaDA sampling settings. LLaDA-V evaluates with temperature 0 (see REFERENCE section 2)."""
+    """LLaDA sampling settings. LLaDA-V evaluates with temperature 0 (docs/generation.md)."""
 
     steps: int = 32
     gen_length: int = 32

@@ -1,4 +1,4 @@
-"""FLOPs accounting against REFERENCE section 4's formula and worked examples."""
+"""FLOPs accounting against docs/flops.md's formula and worked examples."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from tests.conftest import gradient_image
 
 REAL = ImageGeometry()  # 384/14, (1x1)..(6x6), anyres_max_4: LLaDA-V's geometry
 
-# REFERENCE section 1 (emulated from LLaDA-V's code)
+# docs/architecture.md (emulated from LLaDA-V's code)
 TOKEN_COUNTS = {(384, 384): 1485, (640, 480): 2929, (1024, 768): 3627, (1920, 1080): 3649}
 
 

@@ -1,4 +1,4 @@
-"""The masked-diffusion loop (REFERENCE section 2) with scripted logits."""
+"""The masked-diffusion loop (docs/generation.md) with scripted logits."""
 
 from __future__ import annotations
 
