@@ -140,16 +140,22 @@ def test_rerun_reuses_and_k_change_reexports_only_decoders(bundle, tmp_path):
     verify_files(out, read_manifest(out))
 
 
-def test_interrupted_build_leaves_the_old_bundle(bundle, tmp_path, monkeypatch):
+@pytest.fixture
+def interrupted(bundle, tmp_path, monkeypatch):
+    """A copy of the bundle at tmp_path/kept, and every export interrupted as by Ctrl-C: (req, out, manifest text)."""
     req, _ = bundle
     out = tmp_path / "kept"
     shutil.copytree(req.out, out)
-    before = (out / "manifest.json").read_text()
 
-    def boom(*a, **k):
+    def ctrl_c(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mod, "export_and_validate", boom)
+    monkeypatch.setattr(build_mod, "export_and_validate", ctrl_c)
+    return req, out, (out / "manifest.json").read_text()
+
+
+def test_interrupted_build_leaves_the_old_bundle(interrupted, tmp_path):
+    req, out, before = interrupted
     with pytest.raises(KeyboardInterrupt):
         build_bundle(replace(req, out=out, k=7), log=quiet)
     assert (out / "manifest.json").read_text() == before
@@ -344,16 +350,8 @@ def test_default_bundle_names_carry_k_p_and_precision(tiny_dir):
     assert request(parse_args(["--model", str(tiny_dir), "--k", "3", "--p", "12.5"])).out.name == "tiny-k3-p12.5-fp16"
 
 
-def test_ctrl_c_prints_one_line_and_exits_130(bundle, tmp_path, capsys, monkeypatch):
-    req, _ = bundle
-    out = tmp_path / "kept"
-    shutil.copytree(req.out, out)
-    before = (out / "manifest.json").read_text()
-
-    def interrupted(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(build_mod, "export_and_validate", interrupted)
+def test_ctrl_c_prints_one_line_and_exits_130(interrupted, tmp_path, capsys):
+    req, out, before = interrupted
     assert main(["--model", str(req.model_dir), "--out", str(out), "--k", "7", "--precision", "fp32"]) == 130
     assert capsys.readouterr().err == f"interrupted; nothing was written, the previous bundle {out} is intact\n"
     assert (out / "manifest.json").read_text() == before
