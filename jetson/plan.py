@@ -1,0 +1,133 @@
+"""The engine runs one answer really makes, from a bundle's manifest (no TensorRT, no torch).
+
+For an image size, a prompt, S steps and a response of G tokens, with V visual tokens, T text
+tokens, n = T + V + G and n'(P) = n - floor(V * P / 100):
+
+    vision        once, at the image's tile count
+    decoder_pre   step 1 on the full sequence n (score rows: the G masked response rows; 1 row at P=0)
+    decoder_post  step 1 on the reduced sequence n'(P), logits for the G response rows
+    decoder_pre   each later step on n'(P) (1 score row: its saliency is unused)
+    decoder_post  each later step on n'(P)
+
+so one answer costs  vision + pre(n) + post(n') + (S - 1) * (pre(n') + post(n')).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.anyres import plan_tiles
+from runtime.bundle import Manifest
+from runtime.errors import LladaVError
+from runtime.pipeline import geometry_of
+from runtime.pruning import pruned_count
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The sizes of one answer."""
+
+    image: tuple[int, int]
+    tiles: int
+    visual: int
+    text: int
+    response: int
+    steps: int
+
+    @property
+    def full(self) -> int:
+        return self.text + self.visual + self.response
+
+    def reduced(self, p: float) -> int:
+        return self.full - pruned_count(self.visual, p)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One engine at one set of input shapes."""
+
+    subgraph: str
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]  # (input, shape), in the graph's input order
+
+    @property
+    def label(self) -> str:
+        dims = dict(self.shapes)
+        if self.subgraph == "vision":
+            return f"vision tiles={dims['pixel_values'][0]}"
+        rows = dims.get("score_rows", dims.get("logit_rows"))[0]
+        return f"{self.subgraph} seq={dims['position_ids'][1]} rows={rows}"
+
+
+@dataclass(frozen=True)
+class AnswerCases:
+    """The cases one answer at one P runs, and how many times each."""
+
+    p: float
+    vision: Case
+    pre_step1: Case
+    post: Case  # every step, step 1 included
+    pre_later: Case
+
+    def predicted_ms(self, ms: dict[Case, float], steps: int) -> float:
+        return (ms[self.vision] + ms[self.pre_step1] + ms[self.post]
+                + (steps - 1) * (ms[self.pre_later] + ms[self.post]))
+
+
+def generation(manifest: Manifest, image: tuple[int, int], text_tokens: int, steps: int, response: int) -> Generation:
+    layout = manifest.profiles["settings"]["layout"]
+    tiles = plan_tiles(image, geometry_of(manifest), layout)
+    return Generation(tuple(image), tiles.num_tiles, tiles.num_visual_tokens, text_tokens, response, steps)
+
+
+def answer_cases(manifest: Manifest, g: Generation, p: float) -> AnswerCases:
+    d, side = manifest.model["decoder"]["d_model"], manifest.geometry["image_size"]
+    n, n_red = g.full, g.reduced(p)
+
+    def decoder(name: str, seq: int, rows: int) -> Case:
+        first, rows_input = ("inputs_embeds", "score_rows") if name == "decoder_pre" else ("hidden_states", "logit_rows")
+        return Case(name, ((first, (1, seq, d)), ("position_ids", (1, seq)), (rows_input, (rows,))))
+
+    return AnswerCases(
+        p,
+        Case("vision", (("pixel_values", (g.tiles, 3, side, side)),)),
+        decoder("decoder_pre", n, g.response if pruned_count(g.visual, p) > 0 else 1),
+        decoder("decoder_post", n_red, g.response),
+        decoder("decoder_pre", n_red, 1),
+    )
+
+
+def unique_cases(answers: list[AnswerCases]) -> list[Case]:
+    seen: dict[Case, None] = {}
+    for a in answers:
+        for c in (a.vision, a.pre_step1, a.post, a.pre_later):
+            seen.setdefault(c, None)
+    return list(seen)
+
+
+def check_inside_profile(manifest: Manifest, case: Case) -> None:
+    """A shape outside the engine's profile is an error before anything runs."""
+    entry = manifest.subgraphs[case.subgraph]
+    for name, shape in case.shapes:
+        lo, hi = entry.shapes[name]["min"], entry.shapes[name]["max"]
+        if not all(a <= s <= b for s, a, b in zip(shape, lo, hi)):
+            raise LladaVError(f"{case.subgraph}: input '{name}' would be {shape} for this image and prompt; the "
+                              f"bundle's profile allows {tuple(lo)} to {tuple(hi)} (a smaller --image-size, or "
+                              "rebuild the bundle with larger maxima)")
+
+
+def feeds(case: Case, fdt: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
+    """Valid inputs for a case: small random activations, positions 0..n-1, row indices inside the
+    sequence (the response rows at its end). Random indices would read outside the sequence."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in case.shapes:
+        if name == "position_ids":
+            out[name] = np.broadcast_to(np.arange(shape[1], dtype=np.int64), shape).copy()
+        elif name in ("score_rows", "logit_rows"):
+            seq = dict(case.shapes)["position_ids"][1]
+            out[name] = np.arange(seq - shape[0], seq, dtype=np.int64)
+        else:
+            out[name] = (0.5 * rng.standard_normal(shape)).astype(fdt)
+    return out
