@@ -20,17 +20,9 @@ if __package__ in (None, ""):  # run as a script from a checkout
 from export.build import PRECISIONS, BuildRequest, build_bundle, summary  # noqa: E402
 from export.profiles import ProfileSettings  # noqa: E402
 from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
-from runtime.cli_args import K_HELP, name_flags  # noqa: E402
+from runtime.cli_args import K_HELP, image_size, name_flags  # noqa: E402
 from runtime.cli_args import parser as cli_parser  # noqa: E402
 from runtime.errors import LladaVError  # noqa: E402
-
-
-def image_size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(x) for x in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"got {text!r}; expected WIDTHxHEIGHT, e.g. 1920x1080") from None
-    return w, h
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,6 +26,25 @@ def parser(prog: str | None, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """argparse type for WIDTHxHEIGHT."""
+    try:
+        w, h = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected WIDTHxHEIGHT, e.g. 1920x1080") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected positive WIDTHxHEIGHT")
+    return w, h
+
+
+def percent_list(text: str) -> tuple[float, ...]:
+    """argparse type for a comma-separated list of P values, e.g. 0,50,70."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"got {text!r}; expected percentages separated by commas, e.g. 0,50,70") from None
+
+
 def add_strategy_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--query", choices=QUERY_SETS, default="response",
                     help="rows whose attention scores the visual tokens: the masked response (RedVTP), the prompt "

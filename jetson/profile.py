@@ -1,0 +1,346 @@
+"""Profile a bundle at the shapes one answer really runs, and write a latency report.
+
+    python jetson/profile.py --bundle B                       # on the Jetson: TensorRT, trtexec, tegrastats
+    python jetson/profile.py --bundle B --backend onnxruntime # anywhere: ONNX Runtime on the CPU
+    python jetson/profile.py --bundle B --dry-run             # print every command, run none
+
+For an image size and a list of P: times each engine at its shapes (vision at the image's tile
+count, decoder_pre on the full step-1 sequence, decoder_pre and decoder_post on each reduced
+one), predicts one answer per P from those times, runs the runtime itself for the same image
+and P, and writes report.md, report.json and report.png (default: B/profile-<backend>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jetson import device, tegrastats, trtexec  # noqa: E402
+from jetson.plan import AnswerCases, Case, answer_cases, check_inside_profile, feeds, generation, unique_cases  # noqa: E402
+from jetson.report import write_report  # noqa: E402
+from runtime.bundle import Manifest, read_manifest, verify_files  # noqa: E402
+from runtime.cli_args import image_size, name_flags, percent_list  # noqa: E402
+from runtime.cli_args import parser as cli_parser  # noqa: E402
+from runtime.errors import LladaVError, expect  # noqa: E402
+from runtime.tokens import TextTokenizer  # noqa: E402
+
+BACKENDS = ("tensorrt", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    bundle: Path
+    backend: str = "tensorrt"
+    image: tuple[int, int] | None = None  # default: the profile's opt image
+    ps: tuple[float, ...] = (0, 50, 70)
+    prompt: str = "Is the lane free?"
+    steps: int | None = None  # default: the profile's opt response (G = S)
+    out: Path | None = None
+    dry_run: bool = False
+    lock_clocks: bool = False
+    build: bool = True
+    iterations: int = 20  # onnxruntime: timed runs per case
+    repeats: int = 3  # measured answers per P (the report takes their median)
+    timing: trtexec.Timing = field(default_factory=trtexec.Timing)
+    trtexec: str | None = None
+
+
+@dataclass
+class Plan:
+    manifest: Manifest
+    generation: object
+    answers: list[AnswerCases]
+    cases: list[Case]
+
+
+def make_plan(req: ProfileRequest) -> Plan:
+    """Everything checked before any long run: the bundle, P, the shapes against the profiles."""
+    m = read_manifest(req.bundle)
+    verify_files(req.bundle, m, check_hashes=False)
+    for p in req.ps:
+        expect(0 <= p < 100, f"--p: got {p:g}; expected percentages in [0, 100)")
+    settings = m.profiles["settings"]
+    image = req.image or tuple(settings["opt_image"])
+    prompt = TextTokenizer(req.bundle / "tokenizer").encode_prompt(req.prompt)
+    steps = req.steps or settings["opt_response"]
+    g = generation(m, image, len(prompt.prefix) + len(prompt.suffix), steps, steps)
+    answers = [answer_cases(m, g, p) for p in req.ps]
+    cases = unique_cases(answers)
+    for case in cases:
+        check_inside_profile(m, case)
+    return Plan(m, g, answers, cases)
+
+
+# ---------------------------------------------------------------- ONNX Runtime: times of the runners
+
+
+def time_cases(runners: dict, a: AnswerCases, iterations: int, fdt, samples: dict[Case, list[float]]) -> None:
+    """Host wall time of one answer's cases, run the way a generation runs them: decoder_pre and
+    decoder_post alternate (later steps: pre(n'), post(n'); step 1: pre(n), post(n')), so neither
+    finds its weights hot in cache from running itself back to back; vision alone."""
+    inputs = {c: feeds(c, fdt) for c in (a.vision, a.pre_step1, a.post, a.pre_later)}
+    for c, f in inputs.items():
+        runners[c.subgraph].infer(f)  # warm-up at this shape
+
+    def timed(c: Case) -> None:
+        runners[c.subgraph].infer(inputs[c])
+        samples.setdefault(c, []).append(runners[c.subgraph].last_ms())
+
+    for _ in range(iterations):
+        timed(a.pre_later)
+        timed(a.post)
+    for _ in range(max(3, iterations // 4)):
+        for c in (a.vision, a.pre_step1, a.post):
+            timed(c)
+
+
+# ---------------------------------------------------------------- TensorRT: trtexec and tegrastats
+
+
+def trtexec_path(req: ProfileRequest) -> str:
+    path = req.trtexec or shutil.which("trtexec") or trtexec.TRTEXEC_ON_JETPACK
+    if not req.dry_run:
+        expect(Path(path).is_file() or shutil.which(path) is not None,
+               f"trtexec: not found at {path} nor on PATH; JetPack puts it at {trtexec.TRTEXEC_ON_JETPACK} "
+               "(or pass --trtexec)")
+    return path
+
+
+def engine_file(bundle: Path, name: str) -> Path:
+    return bundle / "engines" / f"{name}.engine"
+
+
+def tensorrt_commands(req: ProfileRequest, plan: Plan, work: Path) -> list[tuple[Case | None, str, list[str]]]:
+    """(case, what, command) in order: the engine build if any engine is missing, then per case
+    tegrastats start, the trtexec profile, tegrastats stop."""
+    cmds = []
+    missing = [n for n in plan.manifest.subgraphs if not engine_file(req.bundle, n).is_file()]
+    if missing:
+        expect(req.build, f"engines {missing} are missing in {req.bundle / 'engines'} and --no-build was given; "
+                          f"build them with bash {req.bundle / 'jetson' / 'build_engines.sh'}")
+        cmds.append((None, "build engines", ["bash", str(req.bundle / "jetson" / "build_engines.sh")]))
+    exe = trtexec_path(req)
+    for i, case in enumerate(plan.cases):
+        stem = work / f"case{i}"
+        inputs = {n: stem.parent / "inputs" / f"{case.subgraph}-{n}-{'x'.join(map(str, s))}.bin"
+                  for n, s in case.shapes if n in ("position_ids", "score_rows", "logit_rows")}
+        cmds += [(case, "tegrastats", tegrastats.start_command(f"{stem}.tegrastats")),
+                 (case, "trtexec", trtexec.profile_command(exe, engine_file(req.bundle, case.subgraph), case, inputs,
+                                                          Path(f"{stem}.times.json"), Path(f"{stem}.profile.json"),
+                                                          req.timing)),
+                 (case, "tegrastats stop", tegrastats.stop_command())]
+    return cmds
+
+
+def time_tensorrt(req: ProfileRequest, plan: Plan, work: Path) -> dict[Case, dict]:
+    from runtime.trt_runner import check_engines
+
+    version = device.tensorrt_version()
+    expect(version is not None, "backend tensorrt: the TensorRT Python package is not installed (JetPack installs it "
+                                "with python3-libnvinfer); use --backend onnxruntime elsewhere")
+    commands = tensorrt_commands(req, plan, work)
+    out: dict[Case, dict] = {}
+    for case, what, cmd in commands:
+        if what == "trtexec":
+            trtexec.index_inputs(case, work / "inputs")
+        run(cmd, what)
+        if what == "build engines":
+            check_engines(req.bundle, read_manifest(req.bundle), version)
+        if what == "tegrastats stop":
+            out[case] = collect(case, commands, work)
+    return out
+
+
+def collect(case: Case, commands, work: Path) -> dict:
+    i = [c for c, what, _ in commands if what == "trtexec"].index(case)
+    stem = work / f"case{i}"
+    result = trtexec.parse_times(Path(f"{stem}.times.json").read_text())
+    result["top_layers"] = trtexec.parse_profile(Path(f"{stem}.profile.json").read_text())["layers"]
+    power = tegrastats.summarize(Path(f"{stem}.tegrastats").read_text()) if Path(f"{stem}.tegrastats").is_file() else {}
+    result["tegrastats"] = power
+    rails = power.get("rails_mw") or {}
+    result["power_w"] = (max(rails.values()) / 1000) if rails else None  # the largest rail: the module's input
+    return result
+
+
+def run(cmd: list[str], what: str) -> None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as exc:
+        raise LladaVError(f"{what}: could not run {cmd[0]} ({exc})") from None
+    if done.returncode != 0:
+        raise LladaVError(f"{what} failed ({shlex.join(cmd)}):\n{done.stderr.strip()[-2000:]}")
+
+
+# ---------------------------------------------------------------- the runtime itself
+
+
+def measure(req: ProfileRequest, plan: Plan, time_engines: bool) -> tuple[dict[Case, dict], dict[float, dict]]:
+    """Per P, with one set of sessions (the runtime's own runners): its engines timed at their shapes
+    (`time_engines`: ONNX Runtime; TensorRT's come from trtexec), then answers through the runtime on
+    the demo scene at the image size, exactly S steps (no stop at <|eot_id|>), a warm-up answer first
+    (a backend's first run at new shapes pays one-off costs) and the median of `repeats`. Engine
+    times and answers are taken back to back, under the same conditions."""
+    from runtime.demo import demo_image
+    from runtime.pipeline import Pipeline
+    from runtime.pruning import PruneSettings
+    from runtime.schedule import GenerationSettings
+
+    g = plan.generation
+    gen = GenerationSettings(g.steps, g.response, g.response, stop_at_eot=False)
+    image = demo_image(*g.image)
+    samples: dict[Case, list[float]] = {}
+    measured = {}
+    with Pipeline(req.bundle, backend=req.backend) as pipe:
+        for a in plan.answers:
+            if time_engines:
+                time_cases(pipe.runners, a, req.iterations, pipe.fdt, samples)
+            prune = PruneSettings(plan.manifest.k, a.p)
+            pipe.generate(image, req.prompt, gen, prune)  # warm-up
+            runs = [pipe.generate(image, req.prompt, gen, prune) for _ in range(req.repeats)]
+            totals = [r.total_ms for r in runs]
+            engines = [r.vision_ms + sum(s.pre_ms + s.post_ms for s in r.steps) for r in runs]
+            measured[a.p] = {"total_ms": float(np.median(totals)), "engines_ms": float(np.median(engines)),
+                             "outside_ms": float(np.median([t - e for t, e in zip(totals, engines)])),
+                             "total_ms_runs": totals, "steps": len(runs[0].steps), "seq_len": runs[0].steps[-1].seq_len}
+    return {c: {"compute_ms": trtexec.stats(ms)} for c, ms in samples.items()}, measured
+
+
+# ---------------------------------------------------------------- the report
+
+
+def assemble(req: ProfileRequest, plan: Plan, times: dict[Case, dict], measured: dict[float, dict] | None,
+             dev: dict) -> dict:
+    from bench.flops import Workload, remaining
+
+    m, g = plan.manifest, plan.generation
+    d = m.model["decoder"]
+    work = Workload(d=d["d_model"], m=d["d_mlp"], layers=d["layers"], vocab=d["vocab"], text=g.text, visual=g.visual,
+                    gen=g.response, steps=g.steps)
+    median = {c: t["compute_ms"]["median"] for c, t in times.items()}
+    base = plan.answers[0].predicted_ms(median, g.steps) if plan.answers[0].p == 0 else None
+    answers = []
+    for a in plan.answers:
+        predicted = a.predicted_ms(median, g.steps)
+        answers.append({"p": a.p, "reduced_seq": g.reduced(a.p), "predicted_ms": predicted,
+                        "predicted_vs_p0": predicted / base if base else float("nan"),
+                        "flops_vs_p0": remaining(work, m.k, a.p), "measured": (measured or {}).get(a.p)})
+    source = ("trtexec GPU compute time (CUDA graph, no host transfers), tegrastats power"
+              if req.backend == "tensorrt" else
+              "ONNX Runtime on this machine's CPU, host wall-clock time per run (no trtexec, no tegrastats: "
+              "no GPU time, no power)")
+    return {"bundle": str(req.bundle), "backend": req.backend, "k": m.k, "device": dev, "timing_source": source,
+            "generation": {"image": list(g.image), "tiles": g.tiles, "visual": g.visual, "text": g.text,
+                           "response": g.response, "steps": g.steps},
+            "cases": [{"label": c.label, "subgraph": c.subgraph, "shapes": {n: list(s) for n, s in c.shapes}, **times[c]}
+                      for c in plan.cases],
+            "answers": answers,
+            "notes": ["FLOPs vs P=0: bench.flops for this shape (docs/flops.md); predicted: the median engine times."]}
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def profile(req: ProfileRequest) -> dict | None:
+    plan = make_plan(req)
+    if req.dry_run:
+        print_plan(req, plan)
+        return None
+    out = req.out or req.bundle / f"profile-{req.backend}"
+    with tempfile.TemporaryDirectory(prefix="lladav-profile-") as tmp:
+        work = Path(tmp)
+        if req.backend == "onnxruntime":
+            times, measured = measure(req, plan, time_engines=True)
+            dev = device.identity(clocks_locked=False)
+        elif req.lock_clocks:
+            with device.locked_clocks(work / "clocks.conf", lambda cmd: run(cmd, "jetson_clocks")):
+                times, (_, measured) = time_tensorrt(req, plan, work), measure(req, plan, time_engines=False)
+                dev = device.identity(clocks_locked=True)
+        else:
+            times, (_, measured) = time_tensorrt(req, plan, work), measure(req, plan, time_engines=False)
+            dev = device.identity(clocks_locked=False)
+    report = assemble(req, plan, times, measured, dev)
+    write_report(out, report)
+    print(f"report written to {out}/report.md")
+    return report
+
+
+def print_plan(req: ProfileRequest, plan: Plan) -> None:
+    g = plan.generation
+    print(f"# {req.bundle}: {g.image[0]}x{g.image[1]} ({g.tiles} tiles, {g.visual} visual), {g.text} text, "
+          f"{g.response} response, {g.steps} steps, P {', '.join(f'{p:g}' for p in req.ps)}")
+    work = Path("$WORK")
+    lines = []
+    if req.lock_clocks:
+        store, lock, _restore = device.clock_commands(work / "clocks.conf")
+        lines += [store, lock]
+    if req.backend == "tensorrt":
+        lines += [cmd for _, _, cmd in tensorrt_commands(req, plan, work)]
+    else:
+        lines += [["# onnxruntime", case.label] for case in plan.cases]
+    for p in req.ps:
+        lines.append(["python", "-m", "runtime", "--bundle", str(req.bundle), "--backend", req.backend, "--p", f"{p:g}",
+                      "--steps", str(g.steps), "--gen-length", str(g.response), "--block-length", str(g.response),
+                      "--no-stop-at-eot", "--prompt", req.prompt, "--trace", "--json"])
+    if req.lock_clocks:
+        lines.append(device.clock_commands(work / "clocks.conf")[2])
+    for cmd in lines:
+        print(shlex.join(cmd) if not cmd[0].startswith("#") else " ".join(cmd))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = cli_parser(None, __doc__)
+    ap.add_argument("--bundle", type=Path, required=True, help="bundle directory from export/build_engines.py")
+    ap.add_argument("--backend", choices=BACKENDS, default="tensorrt",
+                    help="tensorrt: trtexec, tegrastats and the TensorRT runtime (a GPU with TensorRT); onnxruntime: "
+                         "the same report from ONNX Runtime on this machine's CPU")
+    ap.add_argument("--image-size", type=image_size, metavar="WIDTHxHEIGHT",
+                    help="camera frame size in pixels (default: the bundle's profile opt image)")
+    ap.add_argument("--p", type=percent_list, default="0,50,70", help="P values to profile, percent, comma-separated")
+    ap.add_argument("--prompt", default="Is the lane free?", help="the question (its token count sets the text length)")
+    ap.add_argument("--steps", type=int, help="denoising steps = response tokens (default: the profile's opt response)")
+    ap.add_argument("--out", type=Path, help="report directory (default: <bundle>/profile-<backend>)")
+    ap.add_argument("--dry-run", action="store_true", help="print every command (clocks, builds, trtexec, tegrastats, "
+                                                           "runtime) and run none")
+    ap.add_argument("--lock-clocks", action="store_true",
+                    help="jetson_clocks --store, pin clocks for the run, restore them at exit (needs sudo)")
+    ap.add_argument("--no-build", action="store_true", help="fail instead of building missing engines")
+    ap.add_argument("--iterations", type=int, default=20, help="timed runs per engine and shape (trtexec: at least)")
+    ap.add_argument("--repeats", type=int, default=3, help="measured answers per P through the runtime (median)")
+    ap.add_argument("--duration", type=float, default=3.0, help="trtexec: seconds of timed runs per engine and shape")
+    ap.add_argument("--warmup", type=int, default=200, help="trtexec: warm-up milliseconds per engine and shape")
+    ap.add_argument("--trtexec", help=f"trtexec binary (default: on PATH, else {trtexec.TRTEXEC_ON_JETPACK})")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    timing = trtexec.Timing(args.warmup, args.duration, args.iterations)
+    req = ProfileRequest(args.bundle, args.backend, args.image_size, args.p, args.prompt, args.steps, args.out,
+                         args.dry_run, args.lock_clocks, not args.no_build, args.iterations, args.repeats, timing,
+                         args.trtexec)
+    try:
+        profile(req)
+    except LladaVError as exc:
+        print(f"error: {name_flags(str(exc), ap)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no report was written (an earlier one is intact)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""jetson/profile.py: the ONNX Runtime report end to end on the tiny bundle, the Jetson plan (--dry-run),
+and bad input. Nothing here runs trtexec, tegrastats or TensorRT."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+
+import pytest
+
+from jetson import profile as prof
+from jetson.plan import answer_cases, generation
+from runtime.bundle import read_manifest
+
+# every flag the plan uses, as TensorRT 10.3's trtexec spells it (samples/common/sampleOptions.cpp, release/10.3)
+TRTEXEC_10_3_FLAGS = {"--loadEngine", "--shapes", "--loadInputs", "--noDataTransfers", "--useCudaGraph", "--useSpinWait",
+                      "--warmUp", "--duration", "--iterations", "--percentile", "--exportTimes", "--exportProfile",
+                      "--separateProfileRun"}
+
+
+def test_onnxruntime_report_end_to_end(runtime_bundles, tmp_path):
+    out = tmp_path / "report"
+    argv = ["--bundle", str(runtime_bundles[15]), "--backend", "onnxruntime", "--p", "0,50", "--iterations", "3",
+            "--repeats", "1", "--out", str(out)]
+    assert prof.main(argv) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert (out / "report.png").stat().st_size > 0 and "no trtexec, no tegrastats" in (out / "report.md").read_text()
+    g = r["generation"]
+    assert (g["tiles"], g["visual"], g["response"], g["steps"]) == (1, 729, 8, 8)  # the bundle's opt response
+    median = {c["label"]: c["compute_ms"]["median"] for c in r["cases"]}
+    n = g["text"] + 729 + 8
+    for a in r["answers"]:
+        n_red = n - 729 * int(a["p"]) // 100
+        pre_step1 = median[f"decoder_pre seq={n} rows={8 if a['p'] else 1}"]
+        post, pre = median[f"decoder_post seq={n_red} rows=8"], median[f"decoder_pre seq={n_red} rows=1"]
+        assert a["predicted_ms"] == pytest.approx(median["vision tiles=1"] + pre_step1 + post + 7 * (pre + post))
+        m = a["measured"]
+        assert m["steps"] == 8 and m["seq_len"] == n_red and m["total_ms"] >= m["engines_ms"] > 0
+    assert r["answers"][0]["predicted_vs_p0"] == 1.0 and 0 < r["answers"][1]["flops_vs_p0"] < 1
+
+
+def test_a_failed_report_leaves_the_earlier_one(runtime_bundles, tmp_path, monkeypatch):
+    import jetson.report as report
+
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "report.md").write_text("earlier")
+
+    def broken_plot(r, path):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "plot", broken_plot)
+    with pytest.raises(OSError):
+        prof.profile(prof.ProfileRequest(runtime_bundles[15], "onnxruntime", ps=(0,), iterations=1, repeats=1, out=out))
+    assert (out / "report.md").read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_dry_run_prints_the_jetson_plan(runtime_bundles, capsys):
+    bundle = runtime_bundles[15]
+    assert prof.main(["--bundle", str(bundle), "--dry-run", "--lock-clocks", "--p", "0,50,70"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == ["sudo jetson_clocks --store '$WORK/clocks.conf'", "sudo jetson_clocks"]
+    assert lines[-1] == "sudo jetson_clocks --restore '$WORK/clocks.conf'"
+    assert lines[3] == f"bash {bundle}/jetson/build_engines.sh"  # no engines yet: built with the bundle's commands
+    m = read_manifest(bundle)
+    text = int(re.search(r"(\d+) text", lines[0]).group(1))  # the prompt's token count, as the plan states it
+    g = generation(m, tuple(m.profiles["settings"]["opt_image"]), text, 8, 8)
+    want = set()
+    for p in (0, 50, 70):
+        a = answer_cases(m, g, p)
+        want |= {",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in c.shapes) for c in (a.vision, a.pre_step1, a.post,
+                                                                                       a.pre_later)}
+    runs = [shlex.split(line) for line in lines if "trtexec" in line]
+    assert {a.split("=", 1)[1] for cmd in runs for a in cmd if a.startswith("--shapes=")} == want
+    for cmd in runs:
+        flags = {a.split("=", 1)[0] for a in cmd[1:]}
+        assert flags <= TRTEXEC_10_3_FLAGS, flags - TRTEXEC_10_3_FLAGS
+        engine = next(a.split("=", 1)[1] for a in cmd if a.startswith("--loadEngine="))
+        shapes = dict(s.split(":") for s in next(a for a in cmd if a.startswith("--shapes=")).split("=", 1)[1].split(","))
+        assert set(shapes) == {t.name for t in m.subgraphs[engine.rsplit("/", 1)[1][:-7]].inputs}
+        if "vision" not in engine:  # integer inputs come from files, never trtexec's random values
+            loads = next(a for a in cmd if a.startswith("--loadInputs=")).split("=", 1)[1]
+            assert {x.split(":")[0] for x in loads.split(",")} == set(shapes) - {"inputs_embeds", "hidden_states"}
+    assert sum("tegrastats --interval" in line for line in lines) == len(runs) == len(want)
+    assert sum(line.startswith("python -m runtime") for line in lines) == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--p", "0,100"], "--p: got 100; expected percentages in [0, 100)"),
+    (["--prompt", "word " * 300, "--backend", "onnxruntime"], "input 'inputs_embeds' would be (1, "),
+    (["--dry-run", "--no-build"], "are missing in"),
+    (["--backend", "tensorrt"], "the TensorRT Python package is not installed"),
+    (["--image-size", "big"], None),
+])
+def test_bad_input_is_refused_before_any_long_run(runtime_bundles, tmp_path, capsys, argv, message):
+    base = ["--bundle", str(runtime_bundles[15]), "--out", str(tmp_path / "r")]
+    if message is None:
+        with pytest.raises(SystemExit):
+            prof.main(base + argv)
+        assert "expected WIDTHxHEIGHT" in capsys.readouterr().err
+        return
+    assert prof.main(base + argv) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_the_jetson_package_imports_without_tensorrt_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, jetson.profile, jetson.plan, jetson.trtexec, jetson.tegrastats, jetson.device, jetson.report; "
+            "print(sorted(m for m in ('torch', 'tensorrt', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    assert re.search(r"usage: profile.py", subprocess.run([sys.executable, "jetson/profile.py", "--help"],
+                                                          capture_output=True, text=True).stdout)
