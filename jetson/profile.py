@@ -150,16 +150,40 @@ def time_tensorrt(req: ProfileRequest, plan: Plan, work: Path) -> dict[Case, dic
     expect(version is not None, "backend tensorrt: the TensorRT Python package is not installed (JetPack installs it "
                                 "with python3-libnvinfer); use --backend onnxruntime elsewhere")
     commands = tensorrt_commands(req, plan, work)
+    if not any(what == "build engines" for _, what, _ in commands):
+        check_engines(req.bundle, plan.manifest, version)  # stale or foreign engines: refused before any run
     out: dict[Case, dict] = {}
-    for case, what, cmd in commands:
-        if what == "trtexec":
-            trtexec.index_inputs(case, work / "inputs")
-        run(cmd, what)
-        if what == "build engines":
-            check_engines(req.bundle, read_manifest(req.bundle), version)
-        if what == "tegrastats stop":
-            out[case] = collect(case, commands, work)
+    logger = None
+    try:
+        for case, what, cmd in commands:
+            if what == "tegrastats":  # in the background while trtexec runs; we own the process
+                logger = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                continue
+            if what == "tegrastats stop":
+                stop_logger(logger, cmd)
+                logger = None
+                out[case] = collect(case, commands, work)
+                continue
+            if what == "trtexec":
+                trtexec.index_inputs(case, work / "inputs")
+            run(cmd, what)
+            if what == "build engines":
+                check_engines(req.bundle, read_manifest(req.bundle), version)
+    finally:
+        stop_logger(logger, tegrastats.stop_command())
     return out
+
+
+def stop_logger(logger, stop_cmd: list[str]) -> None:
+    """Terminate the tegrastats we started, and ask any daemonised instance to stop (best effort)."""
+    if logger is None:
+        return
+    logger.terminate()
+    try:
+        logger.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        logger.kill()
+    subprocess.run(stop_cmd, capture_output=True)
 
 
 def collect(case: Case, commands, work: Path) -> dict:
@@ -286,7 +310,7 @@ def print_plan(req: ProfileRequest, plan: Plan) -> None:
         store, lock, _restore = device.clock_commands(work / "clocks.conf")
         lines += [store, lock]
     if req.backend == "tensorrt":
-        lines += [cmd for _, _, cmd in tensorrt_commands(req, plan, work)]
+        lines += [cmd + (["&"] if what == "tegrastats" else []) for _, what, cmd in tensorrt_commands(req, plan, work)]
     else:
         lines += [["# onnxruntime", case.label] for case in plan.cases]
     for p in req.ps:
@@ -296,7 +320,9 @@ def print_plan(req: ProfileRequest, plan: Plan) -> None:
     if req.lock_clocks:
         lines.append(device.clock_commands(work / "clocks.conf")[2])
     for cmd in lines:
-        print(shlex.join(cmd) if not cmd[0].startswith("#") else " ".join(cmd))
+        background = cmd[-1:] == ["&"]
+        text = " ".join(cmd) if cmd[0].startswith("#") else shlex.join(cmd[:-1] if background else cmd)
+        print(text + (" &" if background else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:

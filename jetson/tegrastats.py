@@ -5,7 +5,8 @@ Line shape, JetPack 6 (L4T r36):
   GR3D_FREQ 12%@1300 cpu@52.9C gpu@47.6C VDD_GPU_SOC 5139mW/5139mW VDD_CPU_CV 3268mW/3268mW
   VIN_SYS_5V0 5500mW/5500mW
 JetPack 7 prints the GPU as `GR3D_FREQ 12%@[1300,1300]`. Rail names differ by module; power is
-current/average mW. Start: `tegrastats --interval MS --logfile F`; stop: `tegrastats --stop`.
+current/average mW. Logging: `tegrastats --interval MS --logfile F`, run in the background by the
+profiler (which terminates it), and `tegrastats --stop` for an instance that daemonised itself.
 """
 
 from __future__ import annotations
