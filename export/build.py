@@ -21,7 +21,8 @@ import numpy as np
 
 from export.checkpoint import TOKENIZER_FILES, Checkpoint, load_model, open_checkpoint
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
-from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate, worst_check
+from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate
+from runtime.checks import worst_check
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
                              settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
@@ -155,6 +156,7 @@ class Builder:
             self.reused.append(spec.name)
             entry = copy.deepcopy(old)  # the old manifest stays as it was: engines_stage compares against it
             entry.shapes, entry.engine, entry.engine_check = shapes, None, {}
+            entry.tolerances = spec.tolerances_for(self.req.precision)
             return entry
         self.log(f"{spec.name}: exporting (opset {self.req.opset}) and validating ...")
         # the ONNX graph does not depend on the profile: validate it at fixed sizes (proving its axes dynamic)
@@ -170,7 +172,7 @@ class Builder:
             spec.name, file_info(tmp, onnx_path), file_info(tmp, report.data),
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.inputs],
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.outputs],
-            shapes, key, report.checks, report.ops)
+            shapes, key, report.checks, report.ops, tolerances=spec.tolerances_for(self.req.precision))
 
     def release_weights(self, spec: SubgraphSpec) -> None:
         """Drop the PyTorch weights only this (exported, validated) graph needs: the model shrinks as the

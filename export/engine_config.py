@@ -6,7 +6,8 @@ TensorRT 10.3 facts (trtexec `samples/common/sampleOptions.cpp`, `sampleEngines.
 int8/fp8/int4 precision flags are refused there); `--memPoolSize=workspace:NM` sets
 `MemoryPoolType.WORKSPACE` in MiB; `--builderOptimizationLevel` sets
 `builder_optimization_level`; `--stronglyTyped` creates the network with
-`NetworkDefinitionCreationFlag.STRONGLY_TYPED`.
+`NetworkDefinitionCreationFlag.STRONGLY_TYPED`; `--profilingVerbosity=layer_names_only|detailed|none`
+sets `profiling_verbosity` (`ProfilingVerbosity.LAYER_NAMES_ONLY`, `DETAILED`, `NONE`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import asdict, dataclass
+
+
+PROFILING_VERBOSITY = {"layer_names_only": "LAYER_NAMES_ONLY", "detailed": "DETAILED", "none": "NONE"}  # trtexec -> enum
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,9 @@ class EngineBuildSettings:
     # TensorRT runs fp32 MatMuls in TF32 on Ampere (Orin) unless told otherwise: that breaks the fp32
     # tolerance, and the float32 islands of fp16 graphs (norms, softmax, saliency, logits) are float32 on purpose.
     tf32: bool = False
+    # layer names and details in trtexec's --exportProfile / --exportLayerInfo (jetson/profile.py); the
+    # runtime lowers its context's NVTX verbosity, since DETAILED adds NVTX work to every enqueue
+    profiling_verbosity: str = "detailed"
 
     @property
     def strongly_typed(self) -> bool:
@@ -33,7 +40,8 @@ class EngineBuildSettings:
         flags = ["--stronglyTyped"] if self.strongly_typed else []
         flags += [] if self.tf32 else ["--noTF32"]
         return flags + [f"--memPoolSize=workspace:{self.workspace_mib}M",
-                        f"--builderOptimizationLevel={self.opt_level}"]
+                        f"--builderOptimizationLevel={self.opt_level}",
+                        f"--profilingVerbosity={self.profiling_verbosity}"]
 
     def network_flags(self, trt) -> int:
         return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if self.strongly_typed else 0
@@ -44,6 +52,7 @@ class EngineBuildSettings:
         config.builder_optimization_level = self.opt_level
         if not self.tf32:
             config.clear_flag(trt.BuilderFlag.TF32)
+        config.profiling_verbosity = getattr(trt.ProfilingVerbosity, PROFILING_VERBOSITY[self.profiling_verbosity])
 
     def to_dict(self) -> dict:
         return asdict(self)

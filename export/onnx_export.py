@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from export.subgraphs import SubgraphSpec, dummy_inputs, export_patches, model_dims
+from runtime.checks import output_check
 from runtime.errors import LladaVError
 
 OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
@@ -243,25 +244,6 @@ def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, ax
                 raise ParityError(f"{spec.name}: output {name} differs from PyTorch by {check['max_abs_diff']:.3g} "
                                   f"at {key}; expected <= {check['rule']} = {check['allowed']:.3g}")
     return report
-
-
-def scaled_diff(got, ref, atol: float, rtol: float) -> tuple[bool, float, float]:
-    """(ok, max|got - ref|, max|ref|): the tolerance rule, relative to the output's scale."""
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    diff, scale = float(np.max(np.abs(got - ref))), float(np.max(np.abs(ref)))
-    return diff <= atol + rtol * scale, diff, scale
-
-
-def output_check(got, ref, atol: float, rtol: float) -> dict:
-    """The tolerance rule's numbers for one output, as the manifest records them."""
-    _, diff, scale = scaled_diff(got, ref, atol, rtol)
-    return {"max_abs_diff": diff, "allowed": atol + rtol * scale, "rule": f"{atol:g} + {rtol:g} * max|ref| {scale:.3g}"}
-
-
-def worst_check(checks: dict) -> dict:
-    """Of {key: {output: check}}, the check closest to (or furthest past) its bound."""
-    flat = [c for per_key in checks.values() for c in per_key.values()]
-    return max(flat, key=lambda c: c["max_abs_diff"] / c["allowed"] if c["allowed"] else float("inf"))
 
 
 def _check_shapes(spec, outputs, dims, fdt):

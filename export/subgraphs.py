@@ -22,13 +22,13 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from export import model as model_math
 from export.model import LladaV
+from runtime.checks import random_feeds
 
 FLOAT = "float"  # the precision's float type: float16 or float32
 F32, I64 = "float32", "int64"
@@ -67,6 +67,10 @@ class SubgraphSpec:
         """(atol, rtol) for one output, checked as max|got - ref| <= atol + rtol * max|ref|."""
         t = next(t for t in self.outputs if t.name == output)
         return next((a, r) for p, a, r in t.tolerances if p == precision)
+
+    def tolerances_for(self, precision: str) -> dict[str, list[float]]:
+        """{output: [atol, rtol]}: what the manifest records, so the car checks engines by the same rule."""
+        return {t.name: list(self.tolerance(precision, t.name)) for t in self.outputs}
 
     @property
     def input_names(self) -> list[str]:
@@ -156,20 +160,9 @@ SUBGRAPHS = (VISION, DECODER_PRE, DECODER_POST)
 
 
 def dummy_inputs(spec: SubgraphSpec, cfg, axes: dict[str, int], float_dtype: str, seed: int = 0) -> dict:
-    """Random feeds for `spec` at the given axis sizes: plausible values for every input."""
-    rng = np.random.default_rng(seed)
+    """Random feeds for `spec` at the given axis sizes (runtime.checks.random_feeds)."""
     dims = {**model_dims(cfg), **axes}
-    feeds = {}
-    for t in spec.inputs:
-        dtype, shape = t.resolve(dims, float_dtype)
-        if t.name == "position_ids":
-            pos = np.sort(rng.choice(np.arange(shape[1] * 2), size=shape[1], replace=False))  # gaps: a pruned seq
-            feeds[t.name] = np.broadcast_to(pos, shape).astype(np.int64).copy()
-        elif t.name in ("score_rows", "logit_rows"):
-            feeds[t.name] = np.sort(rng.choice(dims["seq"], size=shape[0], replace=False)).astype(np.int64)
-        else:
-            feeds[t.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
+    return random_feeds([(t.name, *t.resolve(dims, float_dtype)) for t in spec.inputs], seed)
 
 
 # ---------------------------------------------------------------- export-only patches

@@ -64,28 +64,10 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, settings: Eng
 
 
 def check_engine(engine_path: Path, onnx_path: Path, feeds_list: list[dict], spec, precision: str) -> dict:
-    """TensorRT vs ONNX Runtime on the same feeds (Polygraphy), with the export's tolerance rule per output."""
-    from polygraphy.backend.common import BytesFromPath
-    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
-    from polygraphy.comparator import Comparator
+    """TensorRT vs ONNX Runtime on the same feeds, with the export's tolerance rule per output."""
+    from runtime.checks import compare_engine
 
-    from export.onnx_export import output_check
-
-    runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))), name="tensorrt"),
-               OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"]), name="onnxrt")]
-    results = Comparator.run(runners, data_loader=feeds_list)
-    report = {}
-    for i, (trt_out, ort_out) in enumerate(zip(results[0][1], results[1][1])):
-        report[str(i)] = {}
-        for name in ort_out.keys():
-            check = output_check(trt_out[name], ort_out[name], *spec.tolerance(precision, name))
-            report[str(i)][name] = check
-            if check["max_abs_diff"] > check["allowed"]:
-                raise EngineBuildError(f"{engine_path.name}: output {name} differs from ONNX Runtime by "
-                                       f"{check['max_abs_diff']:.3g}; expected <= {check['rule']} = "
-                                       f"{check['allowed']:.3g}")
-    return report
+    return compare_engine(engine_path, onnx_path, feeds_list, spec.tolerances_for(precision), spec.name)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -45,7 +45,7 @@ def identity(clocks_locked: bool) -> dict:
     """What the report says about the machine. `clocks_locked` is whether this run pinned them."""
     model = _read(MODEL_FILE)
     return {
-        "jetson": bool(model and "jetson" in model.lower()),
+        "jetson": is_jetson(),
         "model": model or platform.processor() or platform.machine(),
         "l4t": (_read(L4T_FILE) or "").splitlines()[0] if _read(L4T_FILE) else None,
         "tensorrt": tensorrt_version(),
@@ -74,3 +74,20 @@ def locked_clocks(store: Path, run):
         yield
     finally:
         run(restore)
+
+
+def require_gpu() -> None:
+    """A usable CUDA GPU, or a LladaVError saying why not (one 1-byte allocation through libcudart)."""
+    from runtime.cuda import CudaError, CudaRuntime
+    from runtime.errors import LladaVError
+
+    try:
+        cuda = CudaRuntime()
+        cuda.free(cuda.malloc(1))
+    except CudaError as exc:
+        raise LladaVError(f"backend tensorrt: no usable GPU ({exc}); use --backend onnxruntime on this machine") from None
+
+
+def is_jetson() -> bool:
+    model = _read(MODEL_FILE)
+    return bool(model and "jetson" in model.lower())

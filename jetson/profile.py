@@ -62,6 +62,7 @@ class Plan:
     generation: object
     answers: list[AnswerCases]
     cases: list[Case]
+    engine_check: dict = field(default_factory=dict)  # TensorRT: subgraph -> worst check vs ONNX Runtime
 
 
 def make_plan(req: ProfileRequest) -> Plan:
@@ -121,9 +122,10 @@ def engine_file(bundle: Path, name: str) -> Path:
     return bundle / "engines" / f"{name}.engine"
 
 
-def tensorrt_commands(req: ProfileRequest, plan: Plan, work: Path) -> list[tuple[Case | None, str, list[str]]]:
+def tensorrt_commands(req: ProfileRequest, plan: Plan, work: Path,
+                      power: bool = True) -> list[tuple[Case | None, str, list[str]]]:
     """(case, what, command) in order: the engine build if any engine is missing, then per case
-    tegrastats start, the trtexec profile, tegrastats stop."""
+    tegrastats start, the trtexec profile, tegrastats stop (tegrastats only with `power`: a Jetson)."""
     cmds = []
     missing = [n for n in plan.manifest.subgraphs if not engine_file(req.bundle, n).is_file()]
     if missing:
@@ -135,11 +137,13 @@ def tensorrt_commands(req: ProfileRequest, plan: Plan, work: Path) -> list[tuple
         stem = work / f"case{i}"
         inputs = {n: stem.parent / "inputs" / f"{case.subgraph}-{n}-{'x'.join(map(str, s))}.bin"
                   for n, s in case.shapes if n in ("position_ids", "score_rows", "logit_rows")}
-        cmds += [(case, "tegrastats", tegrastats.start_command(f"{stem}.tegrastats")),
-                 (case, "trtexec", trtexec.profile_command(exe, engine_file(req.bundle, case.subgraph), case, inputs,
-                                                          Path(f"{stem}.times.json"), Path(f"{stem}.profile.json"),
-                                                          req.timing)),
-                 (case, "tegrastats stop", tegrastats.stop_command())]
+        profile = trtexec.profile_command(exe, engine_file(req.bundle, case.subgraph), case, inputs,
+                                          Path(f"{stem}.times.json"), Path(f"{stem}.profile.json"), req.timing)
+        if power:
+            cmds += [(case, "tegrastats", tegrastats.start_command(f"{stem}.tegrastats")), (case, "trtexec", profile),
+                     (case, "tegrastats stop", tegrastats.stop_command())]
+        else:
+            cmds += [(case, "trtexec", profile), (case, "results", [])]
     return cmds
 
 
@@ -149,28 +153,65 @@ def time_tensorrt(req: ProfileRequest, plan: Plan, work: Path) -> dict[Case, dic
     version = device.tensorrt_version()
     expect(version is not None, "backend tensorrt: the TensorRT Python package is not installed (JetPack installs it "
                                 "with python3-libnvinfer); use --backend onnxruntime elsewhere")
-    commands = tensorrt_commands(req, plan, work)
+    device.require_gpu()
+    jetson = device.is_jetson()
+    if not jetson:
+        print("note: not a Jetson (no Jetson in /proc/device-tree/model): trtexec profiling works on any NVIDIA GPU; "
+              "no tegrastats, so no power figures", file=sys.stderr)
+    commands = tensorrt_commands(req, plan, work, power=jetson)
     if not any(what == "build engines" for _, what, _ in commands):
         check_engines(req.bundle, plan.manifest, version)  # stale or foreign engines: refused before any run
     out: dict[Case, dict] = {}
+    checked = False
     logger = None
     try:
         for case, what, cmd in commands:
             if what == "tegrastats":  # in the background while trtexec runs; we own the process
                 logger = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 continue
-            if what == "tegrastats stop":
+            if what in ("tegrastats stop", "results"):
                 stop_logger(logger, cmd)
                 logger = None
                 out[case] = collect(case, commands, work)
                 continue
             if what == "trtexec":
+                if not checked:  # engines agree with ONNX Runtime before any of them is timed
+                    plan.engine_check, checked = check_against_onnxruntime(req.bundle, plan.manifest), True
                 trtexec.index_inputs(case, work / "inputs")
             run(cmd, what)
             if what == "build engines":
                 check_engines(req.bundle, read_manifest(req.bundle), version)
     finally:
         stop_logger(logger, tegrastats.stop_command())
+    return out
+
+
+def validation_feeds(manifest: Manifest, name: str) -> list[dict]:
+    """Random feeds for subgraph `name` at each of the bundle's validation shapes (inside its profile)."""
+    from runtime.checks import random_feeds
+    from runtime.runners import float_dtype
+
+    fdt, dims, entry = float_dtype(manifest), manifest.model_dims(), manifest.subgraphs[name]
+    out = []
+    for i, axes in enumerate(manifest.profiles["validation_axes"]):
+        sizes = {**dims, **axes}
+        tensors = [(t.name, str(fdt) if t.dtype == "float" else t.dtype,
+                    tuple(d if isinstance(d, int) else sizes[d] for d in t.dims)) for t in entry.inputs]
+        out.append(random_feeds(tensors, seed=100 + i))
+    return out
+
+
+def check_against_onnxruntime(bundle: Path, manifest: Manifest) -> dict[str, dict]:
+    """Every engine vs ONNX Runtime with Polygraphy at the bundle's validation shapes, by the
+    bundle's own tolerance rule (manifest tolerances per output)."""
+    from runtime.checks import compare_engine, worst_check
+
+    out = {}
+    for name, entry in manifest.subgraphs.items():
+        expect(bool(entry.tolerances), f"bundle {str(bundle)!r}: no tolerances recorded for {name}; rebuild the bundle")
+        report = compare_engine(engine_file(bundle, name), bundle / entry.onnx.path, validation_feeds(manifest, name),
+                                {o: tuple(v) for o, v in entry.tolerances.items()}, name)
+        out[name] = worst_check(report)
     return out
 
 
@@ -270,6 +311,7 @@ def assemble(req: ProfileRequest, plan: Plan, times: dict[Case, dict], measured:
             "cases": [{"label": c.label, "subgraph": c.subgraph, "shapes": {n: list(s) for n, s in c.shapes}, **times[c]}
                       for c in plan.cases],
             "answers": answers,
+            "engine_check": plan.engine_check,
             "notes": ["FLOPs vs P=0: bench.flops for this shape (docs/flops.md); predicted: the median engine times."]}
 
 
@@ -310,7 +352,12 @@ def print_plan(req: ProfileRequest, plan: Plan) -> None:
         store, lock, _restore = device.clock_commands(work / "clocks.conf")
         lines += [store, lock]
     if req.backend == "tensorrt":
-        lines += [cmd + (["&"] if what == "tegrastats" else []) for _, what, cmd in tensorrt_commands(req, plan, work)]
+        commands = tensorrt_commands(req, plan, work)
+        first_run = next(i for i, (_, what, _) in enumerate(commands) if what != "build engines")
+        lines += [cmd for _, _, cmd in commands[:first_run]]
+        lines += [["# check", f"{name}.engine", "vs ONNX Runtime (Polygraphy) at the bundle's validation shapes"]
+                  for name in plan.manifest.subgraphs]
+        lines += [cmd + (["&"] if what == "tegrastats" else []) for _, what, cmd in commands[first_run:]]
     else:
         lines += [["# onnxruntime", case.label] for case in plan.cases]
     for p in req.ps:

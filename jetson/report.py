@@ -17,6 +17,10 @@ def markdown(r: dict) -> str:
               f"- timing: {r['timing_source']}",
               f"- one answer: image {g['image'][0]}x{g['image'][1]} ({g['tiles']} tiles, {g['visual']} visual tokens), "
               f"{g['text']} text tokens, {g['response']} response tokens, {g['steps']} steps; K={r['k']}", ""]
+    if r.get("engine_check"):
+        lines += ["## Engines vs ONNX Runtime (the bundle's validation shapes and tolerance rule)", ""]
+        lines += [f"- {name}: max |diff| {c['max_abs_diff']:.2e} <= {c['allowed']:.2e} allowed ({c['rule']})"
+                  for name, c in r["engine_check"].items()] + [""]
     lines += ["## Engines at the shapes one answer runs", "",
               "| engine and shapes | median ms | p90 ms | p99 ms | avg power W | energy per call mJ |", "|---|---|---|---|---|---|"]
     for c in r["cases"]:

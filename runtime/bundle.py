@@ -58,6 +58,7 @@ class SubgraphEntry:
     ops: dict = field(default_factory=dict)
     engine: FileInfo | None = None
     engine_check: dict = field(default_factory=dict)  # feed index -> the same, TensorRT vs ONNX Runtime, where built
+    tolerances: dict = field(default_factory=dict)  # output -> [atol, rtol] of the checks above, for this precision
 
 
 @dataclass
@@ -81,6 +82,12 @@ class Manifest:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def model_dims(self) -> dict[str, int]:
+        """The model dims that tensor dims name (D, V, S, F, Dv)."""
+        d, g = self.model["decoder"], self.geometry
+        return {"D": d["d_model"], "V": d["vocab"], "S": g["image_size"], "F": g["tokens_per_tile"],
+                "Dv": self.model["vision"]["d_model"]}
 
     @staticmethod
     def from_dict(d: dict) -> "Manifest":

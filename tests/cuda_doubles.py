@@ -192,7 +192,7 @@ class SimulatedEngine:
                  entry: SubgraphEntry | None = None):
         self.entry = entry or manifest.subgraphs[name]
         self.fdt, self.cuda = np.dtype(fdt), cuda
-        self.model_dims = model_dims(manifest)
+        self.model_dims = manifest.model_dims()
         entry = self.entry
         self.profile = profile or entry.shapes
         self.tensors = {t.name: t for t in (*entry.inputs, *entry.outputs)}
@@ -248,13 +248,6 @@ class SimulatedEngine:
 
     def close(self) -> None:
         self.addresses.clear()
-
-
-def model_dims(manifest: Manifest) -> dict[str, int]:
-    """The model dims that tensor dims name (export.subgraphs.MODEL_DIMS), from the manifest."""
-    m, g = manifest.model, manifest.geometry
-    return {"D": m["decoder"]["d_model"], "V": m["decoder"]["vocab"], "S": g["image_size"],
-            "F": g["tokens_per_tile"], "Dv": m["vision"]["d_model"]}
 
 
 def stamp(run: int, shape: tuple, dtype) -> np.ndarray:

@@ -258,6 +258,8 @@ class RecordingBuilderConfig:
 
 TRT_ENUMS = SimpleNamespace(  # TensorRT's enum members, by name
     BuilderFlag=SimpleNamespace(TF32="BuilderFlag.TF32"),
+    ProfilingVerbosity=SimpleNamespace(DETAILED="ProfilingVerbosity.DETAILED", NONE="ProfilingVerbosity.NONE",
+                                       LAYER_NAMES_ONLY="ProfilingVerbosity.LAYER_NAMES_ONLY"),
     MemoryPoolType=SimpleNamespace(WORKSPACE="MemoryPoolType.WORKSPACE"),
     NetworkDefinitionCreationFlag=SimpleNamespace(STRONGLY_TYPED=0),
 )
@@ -279,8 +281,10 @@ def test_one_source_drives_the_builder_and_the_trtexec_command():
     assert flags == 1 and "--stronglyTyped" in EngineBuildSettings("fp16").trtexec_flags()
     assert ("set_memory_pool_limit", "MemoryPoolType.WORKSPACE", 4096 << 20) in calls
     assert ("set", "builder_optimization_level", 3) in calls
+    assert ("set", "profiling_verbosity", "ProfilingVerbosity.DETAILED") in calls  # layer names for jetson/profile.py
+    assert "--profilingVerbosity=detailed" in EngineBuildSettings("fp16").trtexec_flags()
     base = EngineBuildSettings("fp32")
-    variants = {"precision": "fp16", "workspace_mib": 1024, "opt_level": 5, "tf32": True}
+    variants = {"precision": "fp16", "workspace_mib": 1024, "opt_level": 5, "tf32": True, "profiling_verbosity": "none"}
     assert set(variants) == set(base.to_dict())  # a new setting must be added here, and to both paths
     for field_name, value in variants.items():
         other = replace(base, **{field_name: value})

@@ -260,7 +260,7 @@ def test_saliency_tolerance_refuses_a_reordering_at_8b_scale():
     """At ~2000 tokens saliency values are ~5e-4 (decoder_pre on random inputs: max 1.2e-3, mean 5e-4).
     The generic fp16 rule (1e-3 + 1e-2 * max) accepted the scores of other tokens; saliency's own
     rule, relative to its maximum, refuses them and accepts fp16-sized noise (measured 2.4e-3 of max)."""
-    from export.onnx_export import scaled_diff
+    from runtime.checks import scaled_diff
     from export.subgraphs import TOLERANCES
     from runtime.pruning import keep_by_score
 

@@ -114,3 +114,37 @@ def test_the_jetson_package_imports_without_tensorrt_or_torch():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
     assert re.search(r"usage: profile.py", subprocess.run([sys.executable, "jetson/profile.py", "--help"],
                                                           capture_output=True, text=True).stdout)
+
+
+def test_the_engine_check_feeds_and_rule_come_from_the_bundle(runtime_bundles):
+    """What the Jetson's engine check feeds (the bundle's validation shapes) runs through ONNX Runtime,
+    and the rule it applies is the export's, recorded in the manifest (the car has no export code)."""
+    from export.subgraphs import SUBGRAPHS
+    from runtime.runners import make_runners
+
+    m = read_manifest(runtime_bundles[15])
+    runners = make_runners("onnxruntime", runtime_bundles[15], m)
+    for spec in SUBGRAPHS:
+        assert m.subgraphs[spec.name].tolerances == spec.tolerances_for("fp32")
+        with runners[spec.name] as runner:
+            for f in prof.validation_feeds(m, spec.name):  # Runner.check: names, dtypes, inside the profile
+                assert set(runner.infer(f)) == {t.name for t in m.subgraphs[spec.name].outputs}
+    assert m.subgraphs["decoder_pre"].tolerances["saliency"] == [0.0, 1e-4]
+
+
+def test_no_gpu_is_a_clear_error():
+    """Here libcudart loads (the CUDA toolkit is installed) but there is no driver or GPU."""
+    from jetson import device
+    from runtime.cuda import CudaError, CudaRuntime
+    from runtime.errors import LladaVError
+
+    try:
+        CudaRuntime()
+    except CudaError as exc:
+        pytest.skip(f"no libcudart on this host: {exc}")
+    try:
+        device.require_gpu()
+    except LladaVError as exc:
+        assert re.match(r"backend tensorrt: no usable GPU \(cudaMalloc failed: cudaError\w+", str(exc)), str(exc)
+    else:
+        pytest.skip("this host has a usable GPU")

@@ -251,7 +251,7 @@ def test_fp16_bundle_end_to_end(tiny_dir, tiny, tokenizer, tmp_path):
     of steps 1 and 2 within fp16's logits rule; and the same answer."""
     from export.subgraphs import DECODER_POST, DECODER_PRE
     from runtime.demo import demo_image
-    from export.onnx_export import scaled_diff
+    from runtime.checks import scaled_diff
 
     model, _ = tiny
     out = build_bundle(BuildRequest(tiny_dir, tmp_path / "fp16", 15, 50, "fp16", replace(PROFILE, layout="anyres")),

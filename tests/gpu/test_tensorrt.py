@@ -10,6 +10,7 @@ here has run yet: it is written against the TensorRT 10 API (10.3 on JetPack 6).
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ if not USABLE:
     pytest.skip(f"needs TensorRT and a GPU: {WHY}", allow_module_level=True)
 
 from export.build import BuildRequest, build_bundle  # noqa: E402
-from export.onnx_export import float_dtype, scaled_diff, worst_check  # noqa: E402
+from export.onnx_export import float_dtype  # noqa: E402
+from runtime.checks import scaled_diff, worst_check  # noqa: E402
 from export.profiles import validation_axes  # noqa: E402
 from export.reference import generate  # noqa: E402
 from export.subgraphs import SUBGRAPHS, dummy_inputs  # noqa: E402
@@ -123,3 +125,22 @@ def test_device_work_over_real_cuda(engines):
     assert all(i < first_run for i, c in enumerate(log) if c.op == "malloc")
     assert sorted(c.result for c in calls("malloc")) == sorted(c.args[0] for c in calls("free"))
     assert len(calls("event_destroy")) == len(calls("event_create")) == 6
+
+
+def test_profile_with_trtexec(engines, tmp_path):
+    """jetson/profile.py over TensorRT: engines checked against ONNX Runtime, trtexec timings at the
+    shapes of an answer, and the runtime's answers (power only on a Jetson)."""
+    import shutil
+
+    from jetson import profile as prof
+    from jetson.trtexec import TRTEXEC_ON_JETPACK
+
+    exe = shutil.which("trtexec") or (TRTEXEC_ON_JETPACK if Path(TRTEXEC_ON_JETPACK).is_file() else None)
+    if exe is None:
+        pytest.skip(f"needs trtexec on PATH or at {TRTEXEC_ON_JETPACK}")
+    bundle = engines["fp32"].out
+    r = prof.profile(prof.ProfileRequest(bundle, "tensorrt", ps=(0, 50), steps=4, iterations=10, repeats=1,
+                                         out=tmp_path / "report", trtexec=exe))
+    assert set(r["engine_check"]) == {"vision", "decoder_pre", "decoder_post"}
+    assert all(c["compute_ms"]["median"] > 0 and c["top_layers"] for c in r["cases"])
+    assert all(a["measured"]["steps"] == 4 for a in r["answers"])

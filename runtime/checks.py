@@ -1,0 +1,76 @@
+"""Numerical checks shared by the build (export/) and the Jetson profiler (jetson/): the tolerance
+rule, validation feeds, and TensorRT vs ONNX Runtime through Polygraphy. No torch here, so the
+car can run them; TensorRT is imported only by the engine check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import LladaVError
+
+
+class EngineCheckError(LladaVError):
+    """A TensorRT engine's outputs differ from ONNX Runtime's beyond the bundle's tolerance."""
+
+
+def scaled_diff(got, ref, atol: float, rtol: float) -> tuple[bool, float, float]:
+    """(ok, max|got - ref|, max|ref|): the tolerance rule, relative to the output's scale."""
+    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+    diff, scale = float(np.max(np.abs(got - ref))), float(np.max(np.abs(ref)))
+    return diff <= atol + rtol * scale, diff, scale
+
+
+def output_check(got, ref, atol: float, rtol: float) -> dict:
+    """The tolerance rule's numbers for one output, as the manifest records them."""
+    _, diff, scale = scaled_diff(got, ref, atol, rtol)
+    return {"max_abs_diff": diff, "allowed": atol + rtol * scale, "rule": f"{atol:g} + {rtol:g} * max|ref| {scale:.3g}"}
+
+
+def worst_check(checks: dict) -> dict:
+    """Of {key: {output: check}}, the check closest to (or furthest past) its bound."""
+    flat = [c for per_key in checks.values() for c in per_key.values()]
+    return max(flat, key=lambda c: c["max_abs_diff"] / c["allowed"] if c["allowed"] else float("inf"))
+
+
+def random_feeds(tensors: list[tuple[str, str, tuple[int, ...]]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Plausible values for (name, dtype, shape) inputs: activations ~N(0, 1); position ids ascending
+    with gaps (a pruned sequence); score/logit rows distinct indices inside the sequence."""
+    rng = np.random.default_rng(seed)
+    seq = next((s[1] for n, _, s in tensors if n == "position_ids"), None)
+    feeds = {}
+    for name, dtype, shape in tensors:
+        if name == "position_ids":
+            pos = np.sort(rng.choice(np.arange(shape[1] * 2), size=shape[1], replace=False))
+            feeds[name] = np.broadcast_to(pos, shape).astype(np.int64).copy()
+        elif name in ("score_rows", "logit_rows"):
+            feeds[name] = np.sort(rng.choice(seq, size=shape[0], replace=False)).astype(np.int64)
+        else:
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def compare_engine(engine: Path, onnx: Path, feeds_list: list[dict], tolerances: dict[str, tuple[float, float]],
+                   name: str) -> dict:
+    """TensorRT vs ONNX Runtime (CPU) on the same feeds with Polygraphy; every output within its
+    (atol, rtol). Returns {feed index: {output: check}}; raises EngineCheckError past a bound."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator
+
+    runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="tensorrt"),
+               OnnxrtRunner(SessionFromOnnx(str(onnx), providers=["CPUExecutionProvider"]), name="onnxrt")]
+    results = Comparator.run(runners, data_loader=feeds_list)
+    report = {}
+    for i, (trt_out, ort_out) in enumerate(zip(results[0][1], results[1][1])):
+        report[str(i)] = {}
+        for output in ort_out.keys():
+            check = output_check(trt_out[output], ort_out[output], *tolerances[output])
+            report[str(i)][output] = check
+            if check["max_abs_diff"] > check["allowed"]:
+                raise EngineCheckError(f"{name}: {engine.name} output {output} differs from ONNX Runtime by "
+                                       f"{check['max_abs_diff']:.3g}; expected <= {check['rule']} = {check['allowed']:.3g}")
+    return report
