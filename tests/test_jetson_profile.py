@@ -3,6 +3,7 @@ and bad input. Nothing here runs trtexec, tegrastats or TensorRT."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shlex
@@ -148,3 +149,19 @@ def test_no_gpu_is_a_clear_error():
         assert re.match(r"backend tensorrt: no usable GPU \(cudaMalloc failed: cudaError\w+", str(exc)), str(exc)
     else:
         pytest.skip("this host has a usable GPU")
+
+
+@pytest.mark.parametrize("failure", [None, RuntimeError("trtexec failed"), KeyboardInterrupt()])
+def test_clocks_are_stored_pinned_and_restored_whatever_happens(tmp_path, failure):
+    from jetson import device
+
+    ran = []
+    store = tmp_path / "clocks.conf"
+    with pytest.raises(type(failure)) if failure else contextlib.nullcontext():
+        with device.locked_clocks(store, ran.append):
+            ran.append(["trtexec"])
+            if failure:
+                raise failure
+    assert ran == [["sudo", "jetson_clocks", "--store", str(store)], ["sudo", "jetson_clocks"], ["trtexec"],
+                   ["sudo", "jetson_clocks", "--restore", str(store)]]
+    assert device.identity(clocks_locked=False)["clocks_locked"] is False  # never claimed unless this run pinned them
