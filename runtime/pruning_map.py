@@ -25,6 +25,28 @@ def token_boxes(layout: TileLayout, side: int):
                 yield side * side + r * (cols + 1) + c, (r, c), (rows, cols), 1
 
 
+def tokens_covering(layout: TileLayout, side: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Visual indices (ascending) of the tokens whose image cell holds the centre of at least one
+    pixel of box (x0, y0, x1, y1) (original image pixels, x1/y1 exclusive): the box's tokens in the
+    global tile and, for AnyRes, in the grid (both panels cover the whole image, as token_boxes)."""
+    w, h = layout.image_size
+    x0, y0, x1, y1 = box
+
+    def cells(lo: int, hi: int, n: int, size: int) -> set[int]:
+        return set(np.floor((np.arange(lo, hi) + 0.5) * n / size).astype(int).tolist())
+
+    out = []
+    for i, (r, c), (rows, cols), _panel in token_boxes(layout, side):
+        if r in cells(y0, y1, rows, h) and c in cells(x0, x1, cols, w):
+            out.append(i)
+    return np.array(out, dtype=np.int64)
+
+
+def object_recall(covering: np.ndarray, kept: np.ndarray) -> float:
+    """Share of an object's tokens that pruning kept (1.0 for an object with no tokens)."""
+    return float(np.isin(covering, kept).mean()) if covering.size else 1.0
+
+
 def pruning_map(image: Image.Image, layout: TileLayout, kept: np.ndarray, side: int, title: str = "") -> Image.Image:
     image = image.convert("RGB")
     scale = PANEL / max(image.size)

@@ -59,3 +59,35 @@ def test_held_out_set_is_disjoint_fixed_and_covers_every_answer():
     assert {"no", "yes, on the left", "yes, on the right"} == set(answers["pedestrian"])
     assert {"zero", "one", "two", "three"} <= set(answers["count"]) and "none" in answers["ahead"]
     assert set(answers["left_free"]) == set(answers["right_free"]) == {"yes", "no"}
+
+
+def test_tokens_covering_an_object_match_an_independent_mask():
+    """The harness's object recall: which visual tokens cover a box, against a pixel mask pooled onto
+    each panel's token grid (numpy, independent of runtime.pruning_map's loop)."""
+    from runtime.anyres import ImageGeometry, plan_tiles
+    from runtime.pruning_map import object_recall, tokens_covering
+
+    geometry = ImageGeometry()
+    layout = plan_tiles(SIZE, geometry, "anyres")
+    side = geometry.image_size // geometry.patch_size
+    w, h = SIZE
+    rows, cols = layout.merged
+    for seed in (0, 1):
+        for obj in scene(seed).objects:
+            b = obj.box
+            mask = np.zeros((h, w), bool)
+            mask[b.y0:b.y1, b.x0:b.x1] = True
+            want = []
+            for n_rows, n_cols, offset, stride in ((side, side, 0, side), (rows, cols, side * side, cols + 1)):
+                r_of = (np.floor((np.arange(h) + 0.5) * n_rows / h)).astype(int)  # pixel centre -> token row
+                c_of = (np.floor((np.arange(w) + 0.5) * n_cols / w)).astype(int)
+                hit = np.zeros((n_rows, n_cols), bool)
+                ys, xs = np.nonzero(mask)
+                hit[r_of[ys], c_of[xs]] = True
+                want += [offset + r * stride + c for r, c in zip(*np.nonzero(hit))]
+            got = tokens_covering(layout, side, (b.x0, b.y0, b.x1, b.y1))
+            assert got.tolist() == sorted(want), (seed, obj.kind)
+            assert got.max() < layout.num_visual_tokens and (got < side * side).any() and (got >= side * side).any()
+            assert object_recall(got, np.arange(layout.num_visual_tokens)) == 1.0
+            assert object_recall(got, np.setdiff1d(np.arange(layout.num_visual_tokens), got)) == 0.0
+            assert object_recall(got, got[::2]) == got[::2].size / got.size
