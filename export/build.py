@@ -26,8 +26,8 @@ from runtime.checks import worst_check
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
                              settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
-from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, device_engines, engine_problem,
-                            engine_provenance, file_info, graph_identity, read_manifest, sha256_file, write_manifest)
+from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, device_engine, device_engines,
+                            engine_problem, engine_provenance, file_info, graph_identity, read_manifest, sha256_file, write_manifest)
 from runtime.errors import LladaVError, expect
 from runtime.files import atomic_directory
 from runtime.pruning import PruneSettings
@@ -243,7 +243,7 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
 
 def write_jetson_script(tmp: Path, manifest: Manifest, settings: EngineBuildSettings) -> None:
     """jetson/build_engines.sh: the trtexec command of every engine, each recording its provenance."""
-    commands = {n: trtexec_command(e.onnx.path, f"{ENGINES}/{n}.engine", e.shapes, settings,
+    commands = {n: trtexec_command(e.onnx.path, device_engine(n), e.shapes, settings,
                                    f"{ENGINES}/timing.cache") for n, e in manifest.subgraphs.items()}
     script = tmp / manifest.tensorrt["script"]
     script.write_text(build_script(commands, {n: engine_provenance(manifest, n) for n in commands}))
@@ -260,11 +260,10 @@ def stale_engines(old: Path, manifest: Manifest, clean: bool, dropped: set, log)
         problem = engine_problem(old, manifest, name, None)
         if problem is None:
             continue
-        files = [Path(ENGINES) / f"{name}.engine", Path(ENGINES) / f"{name}.engine.json"]
         if clean:
-            dropped.update(files)
+            dropped.update([Path(device_engine(name)), Path(f"{device_engine(name)}.json")])
         action = "deleted (--clean)" if clean else "kept; rebuild it with jetson/build_engines.sh, or --clean deletes it"
-        notes.append(f"{ENGINES}/{name}.engine is {problem}: {action}")
+        notes.append(f"{device_engine(name)} is {problem}: {action}")
         log(notes[-1])
     return notes
 
@@ -301,7 +300,7 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
         shutil.copy2(Path(req.out) / "engines" / "timing.cache", cache)
     for name, entry in entries.items():
         spec = next(s for s in SUBGRAPHS if s.name == name)
-        engine = tmp / "engines" / f"{name}.engine"
+        engine = tmp / device_engine(name)
         old = b.old.subgraphs.get(name) if b.old else None
         if old and old.engine and reusable_engine(b.old, old, entry, version, b.settings) \
                 and intact(Path(req.out), old.engine):

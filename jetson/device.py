@@ -9,6 +9,7 @@ puts them back at exit, also after an error or Ctrl-C.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -43,17 +44,17 @@ def tensorrt_version() -> str | None:
 
 def identity(clocks_locked: bool) -> dict:
     """What the report says about the machine. `clocks_locked` is whether this run pinned them."""
-    model = _read(MODEL_FILE)
+    model, l4t = _read(MODEL_FILE), _read(L4T_FILE)
     return {
         "jetson": is_jetson(),
         "model": model or platform.processor() or platform.machine(),
-        "l4t": (_read(L4T_FILE) or "").splitlines()[0] if _read(L4T_FILE) else None,
+        "l4t": l4t.splitlines()[0] if l4t else None,
         "tensorrt": tensorrt_version(),
         "nvpmodel": _run(["nvpmodel", "-q"]),
         "clocks": _run(["jetson_clocks", "--show"]),
         "clocks_locked": clocks_locked,
         "host": platform.node(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
     }
 
 

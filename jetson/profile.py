@@ -34,6 +34,7 @@ from runtime.cli_args import image_size, name_flags, percent_list  # noqa: E402
 from runtime.cli_args import parser as cli_parser  # noqa: E402
 from runtime.errors import LladaVError, expect  # noqa: E402
 from runtime.tokens import TextTokenizer  # noqa: E402
+from runtime.trt_runner import engine_path  # noqa: E402
 
 BACKENDS = ("tensorrt", "onnxruntime")
 
@@ -118,8 +119,9 @@ def trtexec_path(req: ProfileRequest) -> str:
     return path
 
 
-def engine_file(bundle: Path, name: str) -> Path:
-    return bundle / "engines" / f"{name}.engine"
+def case_stem(work: Path, plan: Plan, case: Case) -> Path:
+    """The prefix of a case's trtexec and tegrastats files."""
+    return work / f"case{plan.cases.index(case)}"
 
 
 def tensorrt_commands(req: ProfileRequest, plan: Plan, work: Path,
@@ -127,17 +129,17 @@ def tensorrt_commands(req: ProfileRequest, plan: Plan, work: Path,
     """(case, what, command) in order: the engine build if any engine is missing, then per case
     tegrastats start, the trtexec profile, tegrastats stop (tegrastats only with `power`: a Jetson)."""
     cmds = []
-    missing = [n for n in plan.manifest.subgraphs if not engine_file(req.bundle, n).is_file()]
+    engines = {n: engine_path(req.bundle, e) for n, e in plan.manifest.subgraphs.items()}
+    missing = [n for n, path in engines.items() if not path.is_file()]
     if missing:
         expect(req.build, f"engines {missing} are missing in {req.bundle / 'engines'} and --no-build was given; "
                           f"build them with bash {req.bundle / 'jetson' / 'build_engines.sh'}")
         cmds.append((None, "build engines", ["bash", str(req.bundle / "jetson" / "build_engines.sh")]))
     exe = trtexec_path(req)
-    for i, case in enumerate(plan.cases):
-        stem = work / f"case{i}"
-        inputs = {n: stem.parent / "inputs" / f"{case.subgraph}-{n}-{'x'.join(map(str, s))}.bin"
-                  for n, s in case.shapes if n in ("position_ids", "score_rows", "logit_rows")}
-        profile = trtexec.profile_command(exe, engine_file(req.bundle, case.subgraph), case, inputs,
+    for case in plan.cases:
+        stem = case_stem(work, plan, case)
+        profile = trtexec.profile_command(exe, engines[case.subgraph], case,
+                                          trtexec.index_input_files(case, work / "inputs"),
                                           Path(f"{stem}.times.json"), Path(f"{stem}.profile.json"), req.timing)
         if power:
             cmds += [(case, "tegrastats", tegrastats.start_command(f"{stem}.tegrastats")), (case, "trtexec", profile),
@@ -172,12 +174,12 @@ def time_tensorrt(req: ProfileRequest, plan: Plan, work: Path) -> dict[Case, dic
             if what in ("tegrastats stop", "results"):
                 stop_logger(logger, cmd)
                 logger = None
-                out[case] = collect(case, commands, work)
+                out[case] = collect(case_stem(work, plan, case))
                 continue
             if what == "trtexec":
                 if not checked:  # engines agree with ONNX Runtime before any of them is timed
                     plan.engine_check, checked = check_against_onnxruntime(req.bundle, plan.manifest), True
-                trtexec.index_inputs(case, work / "inputs")
+                trtexec.write_index_inputs(case, work / "inputs")
             run(cmd, what)
             if what == "build engines":
                 check_engines(req.bundle, read_manifest(req.bundle), version)
@@ -209,7 +211,7 @@ def check_against_onnxruntime(bundle: Path, manifest: Manifest) -> dict[str, dic
     out = {}
     for name, entry in manifest.subgraphs.items():
         expect(bool(entry.tolerances), f"bundle {str(bundle)!r}: no tolerances recorded for {name}; rebuild the bundle")
-        report = compare_engine(engine_file(bundle, name), bundle / entry.onnx.path, validation_feeds(manifest, name),
+        report = compare_engine(engine_path(bundle, entry), bundle / entry.onnx.path, validation_feeds(manifest, name),
                                 {o: tuple(v) for o, v in entry.tolerances.items()}, name)
         out[name] = worst_check(report)
     return out
@@ -227,9 +229,8 @@ def stop_logger(logger, stop_cmd: list[str]) -> None:
     subprocess.run(stop_cmd, capture_output=True)
 
 
-def collect(case: Case, commands, work: Path) -> dict:
-    i = [c for c, what, _ in commands if what == "trtexec"].index(case)
-    stem = work / f"case{i}"
+def collect(stem: Path) -> dict:
+    """One case's trtexec times and layer profile, and tegrastats where it ran."""
     result = trtexec.parse_times(Path(f"{stem}.times.json").read_text())
     result["top_layers"] = trtexec.parse_profile(Path(f"{stem}.profile.json").read_text())["layers"]
     power = tegrastats.summarize(Path(f"{stem}.tegrastats").read_text()) if Path(f"{stem}.tegrastats").is_file() else {}

@@ -34,16 +34,22 @@ def shapes_arg(case: Case) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in case.shapes)
 
 
-def index_inputs(case: Case, directory: Path) -> dict[str, Path]:
-    """Raw int64 files for the integer inputs (positions and row indices), which trtexec would
-    otherwise fill with random values: random row indices read outside the sequence."""
+INDEX_INPUTS = ("position_ids", "score_rows", "logit_rows")  # int64: trtexec would fill them with random values
+
+
+def index_input_files(case: Case, directory: Path) -> dict[str, Path]:
+    """Where the raw int64 values of a case's integer inputs go (for --loadInputs)."""
+    return {name: directory / f"{case.subgraph}-{name}-{'x'.join(map(str, shape))}.bin"
+            for name, shape in case.shapes if name in INDEX_INPUTS}
+
+
+def write_index_inputs(case: Case, directory: Path) -> None:
+    """The integer inputs' values (positions, row indices inside the sequence) in those files:
+    random row indices would read outside the sequence."""
     directory.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name, x in feeds(case, np.dtype(np.float32)).items():
-        if x.dtype == np.int64:
-            out[name] = directory / f"{case.subgraph}-{name}-{'x'.join(map(str, x.shape))}.bin"
-            x.tofile(out[name])
-    return out
+    values = feeds(case, np.dtype(np.float32))
+    for name, path in index_input_files(case, directory).items():
+        values[name].tofile(path)
 
 
 def profile_command(trtexec: str, engine: Path, case: Case, inputs: dict[str, Path], times: Path, profile: Path,

@@ -185,6 +185,12 @@ def verify_files(bundle: Path, manifest: Manifest, check_hashes: bool = True) ->
 ENGINES = "engines"
 
 
+def device_engine(name: str) -> str:
+    """Where an engine of subgraph `name` lives in a bundle (built here or by jetson/build_engines.sh);
+    its record (what it was built from) is this path + ".json"."""
+    return f"{ENGINES}/{name}.engine"
+
+
 def engine_provenance(manifest: Manifest, name: str) -> dict:
     """What an engine of subgraph `name` must have been built from to serve this manifest
     (jetson/build_engines.sh writes it, with the TensorRT version, beside each engine it builds)."""
@@ -202,9 +208,9 @@ def engine_problem(bundle: Path, manifest: Manifest, name: str, tensorrt_version
         if tensorrt_version and built != tensorrt_version:
             return f"stale: built with TensorRT {built}, this host has {tensorrt_version}"
         return None
-    record = Path(bundle) / ENGINES / f"{name}.engine.json"
+    record = Path(bundle) / f"{device_engine(name)}.json"
     if not record.is_file():
-        return f"of unknown origin: {ENGINES}/{name}.engine.json (what it was built from) is missing"
+        return f"of unknown origin: {device_engine(name)}.json (what it was built from) is missing"
     got, want = read_json(record, "engine record"), engine_provenance(manifest, name)
     words = {"subgraph": "subgraph", "onnx_sha256": "ONNX graph", "data_sha256": "ONNX weights",
              "shapes": "profile", "build_settings": "build settings"}

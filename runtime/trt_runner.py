@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.bundle import Manifest, SubgraphEntry, engine_problem
+from runtime.bundle import Manifest, SubgraphEntry, device_engine, engine_problem
 from runtime.cuda import CudaApi, DeviceTensor
 from runtime.errors import LladaVError, expect
 from runtime.runners import Runner
@@ -42,7 +42,7 @@ def row_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
 
 def engine_path(bundle: Path, entry: SubgraphEntry) -> Path:
     """The engine the manifest records, or the one jetson/build_engines.sh wrote on this device."""
-    return bundle / (entry.engine.path if entry.engine else f"engines/{entry.name}.engine")
+    return bundle / (entry.engine.path if entry.engine else device_engine(entry.name))
 
 
 class TrtEngine:
