@@ -5,7 +5,7 @@
 Exports the vision, decoder_pre (layers < K, with saliency) and decoder_post (layers >= K,
 response logits) ONNX subgraphs, validates each against PyTorch, writes the manifest and the
 trtexec commands for the Jetson, and builds TensorRT engines where TensorRT and a GPU exist.
-Without --model it uses the embedded tiny default (written on first use).
+Without --model it uses the embedded default: the trained miniature LLaDA-V (miniature/checkpoint).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--p", type=float, default=50.0,
                     help="percent of visual tokens pruned, in [0, 100): what the runtime uses unless told "
                          "otherwise, and the reduced length the engines are tuned (opt) for")
-    ap.add_argument("--model", type=Path, help="LLaDA-V checkpoint directory (default: the embedded tiny model)")
+    ap.add_argument("--model", type=Path, help="LLaDA-V checkpoint directory (default: the embedded miniature, miniature/checkpoint)")
     ap.add_argument("--out", type=Path, help="bundle directory (default: bundles/<model>-k<K>-p<P>-<precision>)")
     ap.add_argument("--precision", default="fp16", choices=PRECISIONS,
                     help="weights and activations of the exported graphs (norms, softmax, saliency and logits stay "
@@ -61,10 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def request(args: argparse.Namespace) -> BuildRequest:
-    from export.tiny import ensure_tiny
+    from miniature import embedded_checkpoint
 
-    model_dir = args.model if args.model is not None else ensure_tiny()
-    name = "tiny" if args.model is None else model_dir.name
+    model_dir = args.model if args.model is not None else embedded_checkpoint()
+    name = "miniature" if args.model is None else model_dir.name
     out = args.out or Path("bundles") / f"{name}-k{args.k}-p{args.p:g}-{args.precision}"  # P tunes the profile
     profiles = ProfileSettings(args.layout, args.max_text_tokens, args.opt_text_tokens, args.max_response,
                                args.opt_response, args.opt_image, 2 if args.cfg else 1)

@@ -140,6 +140,13 @@ def _vision_dims(raw: dict, path: Path) -> VisionDims:
     )
 
 
+def vision_tower_name(cfg: ModelConfig) -> str:
+    """The real model names Google's tower; our small ones name their own shape."""
+    if cfg.name == "llada-v-8b":
+        return "google/siglip-so400m-patch14-384"
+    return f"siglip-{cfg.name}-patch{cfg.vision.patch_size}-{cfg.vision.image_size}"
+
+
 def config_to_json(cfg: ModelConfig, token_ids: dict, torch_dtype: str = "bfloat16") -> dict:
     """ModelConfig -> config.json in LLaDA-V's layout (with an explicit vision_config)."""
     d, v, g = cfg.decoder, cfg.vision, cfg.geometry
@@ -163,7 +170,7 @@ def config_to_json(cfg: ModelConfig, token_ids: dict, torch_dtype: str = "bfloat
         "bos_token_id": token_ids["bos"],
         "eos_token_id": token_ids["eos"],
         "pad_token_id": token_ids["eos"],
-        "mm_vision_tower": "siglip-tiny-patch14-384" if cfg.name == "tiny" else "google/siglip-so400m-patch14-384",
+        "mm_vision_tower": vision_tower_name(cfg),
         "mm_projector_type": "mlp2x_gelu",
         "mm_hidden_size": v.d_model,
         "mm_vision_select_layer": -2,

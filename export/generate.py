@@ -1,10 +1,10 @@
 """Run the PyTorch reference generator with persistent visual-token pruning.
 
-    python export/generate.py --k 15 --p 50 --prompt "What is ahead of the car?"
+    python export/generate.py --k 15 --p 50 --prompt "What color is the vehicle ahead?"
 
-Without --model it uses the embedded tiny default (written on first use); without --image, a
-synthetic road scene. The tiny model's weights are random, so its answer is noise: this shows
-the pipeline, the token counts and the pruning, not a real answer.
+Without --model it uses the embedded default, the trained miniature LLaDA-V (miniature/): it
+answers the questions of its driving-scene task (docs/miniature.md) about scenes of that kind;
+without --image, the demo scene (the first held-out scene).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from export.checkpoint import load_model, open_checkpoint  # noqa: E402
 from export.reference import generate  # noqa: E402
-from export.tiny import ensure_tiny  # noqa: E402
+from miniature import embedded_checkpoint  # noqa: E402
 from runtime.demo import demo_image  # noqa: E402
 from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
 from runtime.errors import LladaVError  # noqa: E402
@@ -37,9 +37,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def build_parser() -> argparse.ArgumentParser:
     ap = cli_parser(None, __doc__)
-    ap.add_argument("--model", type=Path, help="LLaDA-V checkpoint directory (default: the embedded tiny model)")
-    ap.add_argument("--image", type=Path, help="image file (default: a synthetic road scene)")
-    ap.add_argument("--prompt", default="What is ahead of the car?", help="the question about the image")
+    ap.add_argument("--model", type=Path, help="LLaDA-V checkpoint directory (default: the embedded miniature, miniature/checkpoint)")
+    ap.add_argument("--image", type=Path, help="image file (default: the demo driving scene)")
+    ap.add_argument("--prompt", default="What color is the vehicle ahead?", help="the question about the image")
     ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES, help="AnyRes tiles or one 384x384 tile")
     ap.add_argument("--k", type=int, default=15, help=K_HELP)
     ap.add_argument("--p", type=float, default=50.0, help="percent of visual tokens pruned, in [0, 100); 0 = unpruned")
@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     gen = generation_settings(args)
     prune = PruneSettings(args.k, args.p, args.query, args.random_prune, args.positions, args.seed)
-    model_dir = args.model if args.model is not None else ensure_tiny()
+    model_dir = args.model if args.model is not None else embedded_checkpoint()
     prune.validate(open_checkpoint(model_dir).config.n_layers)  # refuse bad K/P before loading weights
     model, ckpt = load_model(model_dir, DTYPES[args.dtype])
     tokenizer = TextTokenizer(model_dir)
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict:
     lay = result.layout
     return {
         "model": str(model_dir),
-        "tiny": args.model is None,
+        "embedded": args.model is None,
         "layers": ckpt.config.n_layers,
         "image_tiles": image.layout.num_tiles,
         "visual_tokens": lay.n_visual,
@@ -96,7 +96,7 @@ def report(out: dict) -> str:
         f"pruning   K={out['k']} P={out['p']:g}: {out['pruned_visual_tokens']} visual tokens dropped in step 1; "
         f"sequence {out['sequence_full']} -> {out['sequence_reduced']} from layer {out['k']} of step 1 on",
         f"steps     {out['steps_run']} in {out['seconds']:.2f} s (eager PyTorch, CPU)",
-        f"answer    {out['answer']!r}" + ("  (random tiny weights: noise)" if out["tiny"] else ""),
+        f"answer    {out['answer']!r}",
     ])
 
 

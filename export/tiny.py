@@ -1,6 +1,9 @@
-"""The embedded tiny default: an LLaDA-V checkpoint in the real layout, written on demand.
+"""The random `tiny` model: an LLaDA-V checkpoint in the real layout, written on demand.
 
-Seeded random weights of the `tiny` preset (32 decoder layers, real 384/14 tile geometry) in
+    python -m export.tiny        # writes it if needed and prints its directory
+
+The embedded default is the trained miniature (miniature/); the tiny model stays for what needs
+the real 384/14 token counts (tests, benchmarks at real sequence lengths). Seeded random weights of the `tiny` preset (32 decoder layers, real 384/14 tile geometry) in
 bf16 shards with an index, and a small byte-level BPE tokenizer of its own carrying LLaDA-V's
 special tokens (appended after the trained vocabulary, as in the real tokenizer). Writing is
 deterministic: the same files every time, so content hashes are stable.
@@ -47,8 +50,8 @@ def default_model_dir() -> Path:
     return default_home() / TINY_VERSION
 
 
-def build_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE trained on CORPUS, LLaDA-V's special tokens appended after it."""
+def build_tokenizer(vocab_size: int = 400, corpus=tuple(CORPUS)):
+    """A byte-level BPE trained on `corpus`, LLaDA-V's special tokens appended after it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -57,7 +60,7 @@ def build_tokenizer(vocab_size: int = 400):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.train_from_iterator(list(corpus) * 4, trainer)
     tok.add_special_tokens(list(SPECIAL_TOKENS.values()))
     return tok
 
@@ -123,8 +126,17 @@ def write_tiny(path, seed: int = TINY_SEED, max_shard_bytes: int | None = TINY_S
 
 
 def ensure_tiny(path=None) -> Path:
-    """The embedded default's directory, written first if it is not there yet."""
+    """The tiny model's directory, written first if it is not there yet."""
     path = Path(path) if path is not None else default_model_dir()
     if not (path / "config.json").is_file():
         write_tiny(path)
     return path
+
+
+def main() -> int:
+    print(ensure_tiny())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

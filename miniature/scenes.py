@@ -123,7 +123,7 @@ def _background(d: ImageDraw.ImageDraw, rng, w: int, h: int, horizon: int, edges
 def _vehicle(rng, lane: str, depth: float, h: int, horizon: int, edges) -> Obj:
     y_bottom = horizon + (h - horizon) * depth
     left, right = edges(y_bottom)
-    width = (right - left) / 3 * 0.7
+    width = (right - left) / 3 * 0.75
     height = width * 0.75
     cx = _lane_x(lane, y_bottom, edges)
     box = Box(int(cx - width / 2), int(y_bottom - height), int(cx + width / 2), int(y_bottom))
@@ -140,8 +140,8 @@ def _draw_vehicle(d, v: Obj) -> None:
 
 def _light(d, rng, w: int, horizon: int) -> Obj:
     lit = str(rng.choice(LIGHTS))
-    x = int(rng.choice([w * 0.2, w * 0.75])) + int(rng.integers(-20, 20))
-    lamp = 14
+    x = int(rng.choice([w * 0.22, w * 0.68])) + int(rng.integers(-20, 20))
+    lamp = 26
     box = Box(x, horizon - 5 * lamp, x + 2 * lamp, horizon - 5 * lamp + 3 * lamp + 8)
     d.rectangle([box.x0 + lamp - 2, box.y1, box.x0 + lamp + 2, horizon + 30], fill=(60, 60, 60))  # pole
     d.rectangle([box.x0, box.y0, box.x1, box.y1], fill=(30, 30, 30))
@@ -156,10 +156,10 @@ def _light(d, rng, w: int, horizon: int) -> Obj:
 def _pedestrian(rng, side: str, w: int, h: int, horizon: int, edges) -> Obj:
     y_feet = int(horizon + (h - horizon) * rng.uniform(0.35, 0.8))
     left, right = edges(y_feet)
-    x = int(left - 25 if side == "left" else right + 25) + int(rng.integers(-10, 10))
-    x = min(max(x, 15), w - 15)
-    height = int(25 + 45 * (y_feet - horizon) / (h - horizon))
-    return Obj("pedestrian", Box(x - height // 5, y_feet - height, x + height // 5, y_feet), side=side)
+    height = int(50 + 70 * (y_feet - horizon) / (h - horizon))
+    x = int(left - 35 if side == "left" else right + 35) + int(rng.integers(-10, 10))
+    x = min(max(x, height // 4 + 1), w - height // 4 - 1)
+    return Obj("pedestrian", Box(x - height // 4, y_feet - height, x + height // 4, y_feet), side=side)
 
 
 def _draw_pedestrian(d, p: Obj, shirt: tuple[int, int, int]) -> None:
@@ -176,13 +176,13 @@ def _overlap(a: Box, b: Box) -> bool:
 
 def _sign(d, rng, w: int, horizon: int) -> Obj:
     limit = int(rng.choice(LIMITS))
-    r = 22
+    r = 40
     x = int(w * rng.choice([0.08, 0.9]))
     box = Box(x - r, horizon - 2 * r - 10, x + r, horizon - 10)
     d.rectangle([x - 2, box.y1, x + 2, horizon + 25], fill=(90, 90, 90))
     d.ellipse([box.x0, box.y0, box.x1, box.y1], fill=(220, 20, 20))
     d.ellipse([box.x0 + 6, box.y0 + 6, box.x1 - 6, box.y1 - 6], fill=(250, 250, 250))
-    font = ImageFont.load_default(size=18)
+    font = ImageFont.load_default(size=34)
     d.text((x, box.y0 + r), str(limit), fill=(0, 0, 0), font=font, anchor="mm")
     return Obj("sign", box, value=limit)
 
@@ -199,7 +199,7 @@ def scene(seed: int, size: tuple[int, int] = SIZE) -> Scene:
     out.objects.append(_light(d, rng, w, horizon))
     movers: list[Obj] = []  # vehicles and a pedestrian: laid out without overlaps, then drawn far to near
     lanes = [str(x) for x in rng.choice(LANES, size=int(rng.integers(0, 5)))]
-    for lane, depth in zip(lanes, rng.uniform(0.25, 0.9, size=len(lanes))):
+    for lane, depth in zip(lanes, rng.uniform(0.3, 0.9, size=len(lanes))):
         v = _vehicle(rng, lane, depth, h, horizon, edges)
         if not any(_overlap(v.box, o.box) for o in movers):
             movers.append(v)

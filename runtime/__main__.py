@@ -73,7 +73,8 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
                   verify=args.verify) as pipe:
         side = pipe.geometry.image_size
         if min(image.size) < side and not args.quiet:
-            print(f"warning: image {args.image} is {image.width}x{image.height}, smaller than one {side}x{side} "
+            what = args.image if args.image else "the demo scene"
+            print(f"warning: image {what} is {image.width}x{image.height}, smaller than one {side}x{side} "
                   "tile: it is upscaled, and its visual tokens carry little detail", file=sys.stderr)
         p = pipe.manifest.p if args.p is None else args.p
         prune = PruneSettings(pipe.manifest.k, p, args.query, args.random_prune, args.positions, args.seed)

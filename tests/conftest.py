@@ -39,6 +39,25 @@ def runtime_bundles(tiny_dir, tmp_path_factory):
                             log=lambda m: None).out for k in (3, 15)}
 
 
+def road_sketch(width: int, height: int) -> Image.Image:
+    """The runtime's first demo scene (sky, road, lane marks, a red car): the random tiny model's
+    saliencies on it are well apart from the cut, which the fp16 kept-set test relies on."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGB", (width, height), (135, 180, 235))
+    draw = ImageDraw.Draw(img)
+    horizon = height * 9 // 20
+    draw.rectangle([0, horizon, width, height], fill=(90, 140, 70))
+    draw.polygon([(width * 0.42, horizon), (width * 0.58, horizon), (width, height), (0, height)], fill=(70, 70, 75))
+    for i in range(6):
+        y0 = horizon + (height - horizon) * i / 6
+        y1 = y0 + (height - horizon) / 14
+        draw.rectangle([width / 2 - 2 - i, y0, width / 2 + 2 + i, y1], fill=(240, 240, 240))
+    draw.rectangle([width * 0.55, height * 0.62, width * 0.72, height * 0.78], fill=(200, 30, 30))
+    draw.rectangle([width * 0.57, height * 0.58, width * 0.70, height * 0.64], fill=(160, 20, 20))
+    return img
+
+
 def gradient_image(width: int, height: int) -> Image.Image:
     """A deterministic image with structure (so tiles and tokens differ)."""
     img = Image.new("RGB", (width, height))

@@ -23,15 +23,16 @@ def test_answers_agree_with_the_pixels_and_the_layout():
         px = np.asarray(s.image).astype(int)
         qa = {q.kind: q for q in questions(s)}
         light = s.of("light")[0].box  # the lit lamp, read from the image: the one lamp that is not gray
-        lamps = [px[light.y0 + 4 + 14 * i + 5: light.y0 + 4 + 14 * i + 9, light.x0 + 12: light.x1 - 12].reshape(-1, 3).mean(0)
-                 for i in range(3)]
+        lamp, cx = light.size[0] // 2, (light.x0 + light.x1) // 2  # lamps of this diameter, stacked
+        centres = [light.y0 + 4 + lamp // 2 + lamp * i for i in range(3)]
+        lamps = [px[cy - 2: cy + 3, cx - 3: cx + 4].reshape(-1, 3).mean(0) for cy in centres]
         lit = [LIGHTS[i] for i, c in enumerate(lamps) if np.abs(c - GRAY_LAMP).max() > 60]
         assert lit == [qa["light"].answer], (seed, lamps)
         vehicles = s.of("vehicle")
         assert qa["count"].answer == ("zero", "one", "two", "three", "four")[len(vehicles)]
         for o in s.objects:  # inside the image, and large enough to cover several patches
             assert 0 <= o.box.x0 < o.box.x1 <= SIZE[0] and 0 <= o.box.y0 < o.box.y1 <= SIZE[1]
-            assert min(o.box.size) >= 14, (seed, o)
+            assert min(o.box.size) >= 25, (seed, o)
         movers = [o for o in s.objects if o.kind in ("vehicle", "pedestrian")]
         for i, a in enumerate(movers):  # nothing hides anything the questions ask about
             for b in movers[i + 1:]:

@@ -1,0 +1,269 @@
+"""The accuracy harness: every pruning strategy over the held-out driving questions.
+
+    python -m miniature.eval --bundle bundles/miniature-k15-p50-fp32            # the full table
+    python -m miniature.eval --bundle bundles/miniature-k15-p50-fp32 --limit 60 # a quick look
+
+Runs the runtime (ONNX Runtime) over the held-out set (miniature/scenes.py: 120 scenes, 720
+questions) for each strategy and reports, per question type and overall, exact-match accuracy,
+the object recall of the kept set (share of the asked-about objects' visual tokens that step-1
+pruning kept, over questions about at least one object) and the mean FLOPs remaining
+(bench.flops for that sequence). K is a bundle property: strategies at another K run on sibling
+bundles built from the same checkpoint into the output directory. Writes table.md, table.json
+(per-question answers included) and accuracy_vs_flops.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from bench.flops import Workload, remaining
+from miniature.scenes import Question, Scene, held_out_set
+from runtime.bundle import Manifest, read_manifest
+from runtime.errors import LladaVError, expect
+from runtime.files import write_json, write_text
+from runtime.pruning import PruneSettings
+from runtime.pruning_map import object_recall, tokens_covering
+from runtime.schedule import GenerationSettings
+
+KINDS = ("light", "count", "pedestrian", "ahead", "limit", "lane")
+CHANCE = {"light": 1 / 3, "count": 1 / 5, "pedestrian": 1 / 3, "ahead": 1 / 7, "limit": 1 / 5, "lane": 1 / 2}
+# LLaDA-V answers multiple choice in 2 steps; our answers are at most 7 tokens with <|eot_id|>.
+HARNESS_GEN = GenerationSettings(steps=8, gen_length=8, block_length=8)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One row of the table; `line` groups rows into one line of the plot."""
+
+    name: str
+    line: str
+    k: int | None  # None: unpruned
+    p: float = 0.0
+    query: str = "response"
+    random: bool = False
+    positions: str = "original"
+
+    def prune(self, bundle_k: int) -> PruneSettings:
+        return PruneSettings(self.k or bundle_k, self.p, self.query, self.random, self.positions)
+
+
+def strategies() -> list[Strategy]:
+    """The issue's rows: P sweep at K=15, K sweep at P=50, query sets, random, compact positions."""
+    rows = [Strategy("unpruned", "unpruned", None)]
+    rows += [Strategy(f"K15 P{p}", "saliency, K=15", 15, p) for p in (25, 50, 70, 90)]
+    rows += [Strategy(f"K{k} P50", "saliency, P=50", k, 50) for k in (3, 8, 24)]
+    rows += [Strategy(f"K15 P50 query {q}", f"query {q}, K=15", 15, 50, query=q) for q in ("prompt", "last")]
+    rows += [Strategy(f"K15 P{p} random", "random, K=15", 15, p, random=True) for p in (25, 50, 70, 90)]
+    rows += [Strategy("K15 P50 compact", "compact positions, K=15", 15, 50, positions="compact")]
+    return rows
+
+
+def kind_of(q: Question) -> str:
+    return "lane" if q.kind.endswith("_free") else q.kind
+
+
+# ---------------------------------------------------------------- running
+
+
+def sibling_bundle(manifest: Manifest, k: int, work: Path, log) -> Path:
+    """A bundle like `manifest`'s at another K, built (or reused) under `work`."""
+    from export.build import BuildRequest, build_bundle  # torch: only when another K is asked for
+    from export.profiles import ProfileSettings
+
+    settings = dict(manifest.profiles["settings"])
+    settings["opt_image"] = tuple(settings["opt_image"])
+    req = BuildRequest(Path(manifest.model["source"]), work / f"k{k}", k, manifest.p, manifest.precision,
+                       ProfileSettings(**settings), manifest.opset, engines="skip")
+    log(f"bundle for K={k}: {req.out}")
+    return build_bundle(req).out
+
+
+def workload(manifest: Manifest, lay, gen: GenerationSettings) -> Workload:
+    d = manifest.model["decoder"]
+    return Workload(d=d["d_model"], m=d["d_mlp"], layers=manifest.n_layers, vocab=d["vocab"],
+                    text=lay.n_prefix + lay.n_suffix, visual=lay.n_visual, gen=gen.gen_length, steps=gen.steps)
+
+
+def record(pipe, s: Strategy, scene_: Scene, q: Question, gen: GenerationSettings) -> dict:
+    """Run one question under one strategy: the answer and what pruning kept."""
+    res = pipe.generate(scene_.image, q.text, gen, s.prune(pipe.manifest.k))
+    side = pipe.geometry.side
+    covering = np.unique(np.concatenate(
+        [tokens_covering(res.tile_layout, side, _box(scene_, i)) for i in q.about] or [np.zeros(0, int)]))
+    w = workload(pipe.manifest, res.layout, gen)
+    return {
+        "seed": scene_.seed, "kind": kind_of(q), "question": q.text, "answer": q.answer, "got": res.text.strip(),
+        "correct": res.text.strip() == q.answer,
+        "recall": object_recall(covering, res.kept_visual) if covering.size else None,
+        # the paper's FLOPs Rem.: against an unpruned run of as many steps as this one took
+        "flops_remaining": remaining(replace(w, steps=len(res.steps)), s.k, s.p) if s.k is not None else 1.0,
+        "steps": len(res.steps), "visual": res.layout.n_visual, "kept": int(res.kept_visual.size),
+    }
+
+
+def _box(s: Scene, i: int) -> tuple[int, int, int, int]:
+    b = s.objects[i].box
+    return (b.x0, b.y0, b.x1, b.y1)
+
+
+def run_all(bundle: Path, rows: list[Strategy], items, gen: GenerationSettings, work: Path, log) -> dict:
+    """{strategy name: [record per question]}, one Pipeline per K."""
+    from runtime.pipeline import Pipeline
+
+    manifest = read_manifest(bundle)
+    by_k: dict[int, list[Strategy]] = {}
+    for s in rows:
+        by_k.setdefault(s.k if s.k is not None else manifest.k, []).append(s)
+    out: dict[str, list[dict]] = {s.name: [] for s in rows}
+    for k, group in sorted(by_k.items()):
+        path = bundle if k == manifest.k else sibling_bundle(manifest, k, work, log)
+        with Pipeline(path, "onnxruntime", expect_k=k) as pipe:
+            t0 = time.time()
+            for n, (scene_, q) in enumerate(items):
+                for s in group:
+                    out[s.name].append(record(pipe, s, scene_, q, gen))
+                if (n + 1) % 60 == 0 or n + 1 == len(items):
+                    log(f"K={k}: {n + 1}/{len(items)} questions x {len(group)} strategies, {time.time() - t0:.0f} s")
+    return out
+
+
+# ---------------------------------------------------------------- the table
+
+
+def summarize(rows: list[Strategy], records: dict[str, list[dict]]) -> list[dict]:
+    table = []
+    for s in rows:
+        recs = records[s.name]
+        acc = {kind: _mean([r["correct"] for r in recs if r["kind"] == kind]) for kind in KINDS}
+        recalls = [r["recall"] for r in recs if r["recall"] is not None]
+        table.append({
+            **asdict(s), "questions": len(recs), "accuracy": _mean([r["correct"] for r in recs]),
+            "by_kind": acc, "object_recall": _mean(recalls), "flops_remaining": _mean([r["flops_remaining"] for r in recs]),
+            "mean_steps": _mean([r["steps"] for r in recs]),
+        })
+    return table
+
+
+def _mean(xs) -> float | None:
+    return float(np.mean(xs)) if len(xs) else None
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def markdown(table: list[dict], header: str) -> str:
+    cols = ["strategy", "overall", *KINDS, "object recall", "FLOPs rem."]
+    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    base = table[0]["accuracy"] if table and table[0]["k"] is None else None
+    for row in table:
+        rel = f" ({100 * row['accuracy'] / base:.0f}% of unpruned)" if base and row["k"] is not None else ""
+        cells = [row["name"], _pct(row["accuracy"]) + rel, *(_pct(row["by_kind"][k]) for k in KINDS),
+                 _pct(row["object_recall"]), _pct(row["flops_remaining"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    chance = ", ".join(f"{k} {100 * v:.0f}%" for k, v in CHANCE.items())
+    lines += ["", f"Accuracy in %, exact match. Chance: {chance}. Object recall: share of the asked-about "
+              "objects' visual tokens kept at step 1 (questions about at least one object). FLOPs remaining: "
+              "bench.flops for each question's sequence, relative to unpruned."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    lines: dict[str, list[dict]] = {}
+    for row in table:
+        lines.setdefault(row["line"], []).append(row)
+    for name, rows in lines.items():
+        rows = sorted(rows, key=lambda r: r["flops_remaining"])
+        style = "*" if name == "unpruned" else "o-"
+        ax.plot([r["flops_remaining"] for r in rows], [100 * r["accuracy"] for r in rows], style, label=name, ms=6)
+        for r in rows:
+            if name != "unpruned":
+                ax.annotate(r["name"].split(" ")[0 if name.startswith("saliency, P") else 1],
+                            (r["flops_remaining"], 100 * r["accuracy"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.set_xlabel("FLOPs remaining (fraction of unpruned)")
+    ax.set_ylabel("accuracy on held-out questions (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from runtime.cli_args import parser
+
+    ap = parser("python -m miniature.eval", __doc__)
+    ap.add_argument("--bundle", type=Path, required=True, help="bundle of the miniature (its K is one of the rows')")
+    ap.add_argument("--limit", type=int, help="only the first N held-out questions (scene by scene, six per scene)")
+    ap.add_argument("--strategies", nargs="+", metavar="NAME",
+                    help="only these rows (names as in the table, e.g. 'unpruned' 'K15 P50')")
+    ap.add_argument("--out", type=Path, help="where table.md, table.json, the PNG and sibling bundles go "
+                                             "(default: runs/eval/<bundle name>)")
+    ap.add_argument("--steps", type=int, default=HARNESS_GEN.steps, help="denoising steps")
+    ap.add_argument("--gen-length", type=int, default=HARNESS_GEN.gen_length, help="response length in tokens")
+    return ap
+
+
+def select(rows: list[Strategy], names) -> list[Strategy]:
+    if not names:
+        return rows
+    known = {s.name: s for s in rows}
+    unknown = [n for n in names if n not in known]
+    expect(not unknown, f"--strategies: {unknown} unknown; expected names from {list(known)}")
+    return [known[n] for n in names]
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        expect(args.limit is None or args.limit >= 1, f"--limit: got {args.limit}; expected >= 1")
+        manifest = read_manifest(args.bundle)
+        rows = select(strategies(), args.strategies)
+        gen = replace(HARNESS_GEN, steps=args.steps, gen_length=args.gen_length, block_length=args.gen_length).validate()
+        items = held_out_set()[: args.limit]
+        out = args.out or Path("runs") / "eval" / args.bundle.name
+        out.mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        records = run_all(args.bundle, rows, items, gen, out / "bundles", log)
+        minutes = (time.time() - t0) / 60
+    except LladaVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    table = summarize(rows, records)
+    header = (f"Miniature LLaDA-V ({manifest.precision}, model {manifest.model['content_hash'][:12]}), "
+              f"{len(items)} held-out questions, gen_length {gen.gen_length}, {gen.steps} steps, "
+              f"ONNX Runtime CPU, {minutes:.1f} min")
+    md = markdown(table, header)
+    print(md)
+    write_json(out / "table.json", {"header": header, "generation": asdict(gen), "rows": table, "records": records})
+    write_text(out / "table.md", md)
+    plot(table, out / "accuracy_vs_flops.png", header.split(", ONNX")[0])
+    print(f"written: {out / 'table.md'}, {out / 'table.json'}, {out / 'accuracy_vs_flops.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Train the miniature LLaDA-V on driving scenes with LLaDA's SFT objective.
+
+    python -m miniature.train --seed 0      # reproduces miniature/checkpoint and prints the time
+
+Two stages. First the vision tower and projector alone learn what each visual token holds
+(`miniature.data.token_labels`: light colour, speed limit, vehicle colour and lane, pedestrian
+side) through a linear head that is not part of the model; a run without this stage saw 33.6k
+questions and its features still did not tell the speed limit apart (docs/miniature.md). Then
+the whole model trains with LLaDA's SFT loss, the token loss kept alongside: each optimizer step
+draws B training scenes and asks all six questions of each, the vision tower runs once per scene,
+the decoder over the 6*B sequences [prefix | visual | question | response]. Only response tokens
+are masked (per sequence t ~ U(0, 1)), cross-entropy on the masked positions weighted by 1/t and
+averaged over the response length. The run checkpoints its state every few minutes to `--run-dir`
+and resumes from it, so a stopped run loses little; the log is a CSV there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from export.checkpoint import config_to_json, write_checkpoint
+from export.model import PRESETS, LladaV, merge_anyres
+from export.tiny import tokenizer_files
+from miniature import CHECKPOINT
+from miniature.data import IGNORE, TOKEN_ATTRIBUTES, VALIDATION_SEEDS, Encoder, Example, training_seeds
+from miniature.tokenizer import miniature_tokenizer
+from runtime.errors import LladaVError
+from runtime.files import write_json
+from runtime.tokens import TextTokenizer
+
+HERE = Path(__file__).resolve().parent
+TRAINING = HERE / "training"  # the committed loss curve and log of the run that made the checkpoint
+RUN_DIR = HERE.parent / "runs" / "miniature"
+STATE = "train_state.pt"
+LOG = "log.csv"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    seed: int = 0
+    vision_steps: int = 1500  # stage 1: the vision tower and projector on token labels alone
+    vision_scenes_per_step: int = 8
+    token_loss_weight: float = 1.0  # stage 2: SFT loss + this x the token-label loss
+    samples: int = 33_600  # stage 2: questions seen, six per scene
+    scenes_per_step: int = 4
+    bf16_autocast: bool = True  # CPU bf16 matmuls (avx512_bf16): ~25% faster steps; fp32 master weights
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    final_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    response_lengths: tuple[int, int] = (8, 32)  # per step, uniform: EOS padding of varying length, as
+    # LLaDA's SFT pads to the batch's longest, so any gen_length in this range is in distribution
+    eval_every: int = 200  # steps
+    validation_scenes: int = 40  # x6 questions, a one-pass accuracy monitor
+    checkpoint_seconds: float = 300.0
+
+    @property
+    def sft_steps(self) -> int:
+        return self.samples // (6 * self.scenes_per_step)
+
+    @property
+    def steps(self) -> int:
+        return self.vision_steps + self.sft_steps
+
+    def lr_at(self, step: int) -> float:
+        """Stage 1: linear warmup, then constant. Stage 2: warmup again (the decoder starts
+        there), then cosine decay to final_lr_ratio * lr."""
+        if step < self.vision_steps:
+            return self.lr * min(1.0, (step + 1) / self.warmup_steps)
+        step -= self.vision_steps
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        done = (step - self.warmup_steps) / max(1, self.sft_steps - self.warmup_steps)
+        floor = self.final_lr_ratio
+        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+
+
+# ---------------------------------------------------------------- model and loss
+
+
+def init_weights(model: LladaV, seed: int) -> None:
+    """N(0, 0.02) for the decoder and projector; the residual branches' output projections (o_proj,
+    down_proj) start at zero, so the 32-layer decoder starts as the identity and every layer gets
+    gradient from the first step (SkipInit/ReZero-style depth scaling). The SigLIP tower keeps its
+    own (transformers') initialisation."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".vision_tower." in name or p.dim() < 2:
+                continue
+            std = 0.0 if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        model.model.image_newline.copy_(torch.randn(model.model.image_newline.shape, generator=gen) * 0.02)
+
+
+class TokenHeads(nn.Module):
+    """Training-only linear heads: visual token features (V, D) -> a class per TOKEN_ATTRIBUTES
+    attribute. Not part of the model or the checkpoint."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.sizes = [len(v) for v in TOKEN_ATTRIBUTES.values()]
+        self.proj = nn.Linear(d_model, sum(self.sizes))
+
+    def forward(self, visual: torch.Tensor) -> list[torch.Tensor]:
+        return list(self.proj(visual).float().split(self.sizes, dim=-1))
+
+
+def scene_visuals(model: LladaV, batch: list[Example]) -> list[torch.Tensor]:
+    """Per scene its visual tokens (V, D): the vision tower runs once over every tile of the batch."""
+    pixels = torch.from_numpy(np.concatenate([ex.pixels for ex in batch]))
+    feats = model.encode_tiles(pixels)  # (B*T, S*S, D)
+    t = batch[0].pixels.shape[0]
+    return [merge_anyres(feats[b * t : (b + 1) * t], ex.layout, model.model.image_newline) for b, ex in enumerate(batch)]
+
+
+def token_loss(heads: TokenHeads, batch: list[Example], visuals: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
+    """Mean over attributes of the cross-entropy of every labelled visual token, and per attribute
+    the accuracy on the tokens that hold an object of that kind."""
+    labels = torch.from_numpy(np.concatenate([ex.labels for ex in batch]))  # (sum V, A)
+    loss, acc = torch.zeros(()), []
+    for a, logits in enumerate(heads(torch.cat(visuals))):
+        loss = loss + F.cross_entropy(logits, labels[:, a], ignore_index=IGNORE)
+        holds = labels[:, a] > 0
+        acc.append(float((logits.argmax(-1) == labels[:, a])[holds].float().mean()) if holds.any() else float("nan"))
+    return loss / len(heads.sizes), acc
+
+
+def batch_sequences(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor):
+    """Embeddings of every (scene, question) sequence, grouped by length so groups stack.
+
+    responses (Q, G) are the response ids as the model sees them (masks included), Q = six per
+    scene in batch order. Returns [(question indices, h (n, N, D))] per length.
+    """
+    embed = model.embed
+    groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    qi = 0
+    for ex, visual in zip(batch, visuals):
+        for prompt in ex.prompts:
+            h = torch.cat([embed(torch.tensor(prompt.prefix)), visual, embed(torch.tensor(prompt.suffix)),
+                           embed(responses[qi])])
+            groups.setdefault(h.shape[0], []).append((qi, h))
+            qi += 1
+    return [([i for i, _ in g], torch.stack([h for _, h in g])) for g in groups.values()]
+
+
+def response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor) -> torch.Tensor:
+    """(Q, G, vocab) logits at the response rows of every sequence in the batch."""
+    g = responses.shape[1]
+    out = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size)
+    for idx, h in batch_sequences(model, batch, visuals, responses):
+        pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
+        hidden, _ = model.run_layers(h, pos, 0, model.cfg.n_layers)
+        out = out.index_put((torch.tensor(idx),), model.logits(hidden[:, -g:]).float())
+    return out
+
+
+def draw_masks(q: int, g: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence t ~ U(0, 1) and ceil(t*G) of its G response positions masked, chosen uniformly
+    (at least one). Returns the realised ratio t' = masked/G, shape (Q, 1), and the mask (Q, G).
+
+    LLaDA masks each token independently with probability t and weights by the drawn t; at our
+    batch size (24) that estimator's variance (a few masked tokens weighted by 1/t for small t)
+    dominated the gradient. Masking exactly ceil(t*G) positions and weighting by the realised
+    ratio keeps E[loss] the same objective with a bounded weight (at most G)."""
+    t = torch.rand(q, 1, generator=gen)
+    n = torch.clamp(torch.ceil(t * g), min=1)  # (Q, 1)
+    rank = torch.rand(q, g, generator=gen).argsort(dim=1).argsort(dim=1)  # a random permutation per row
+    return n / g, rank < n
+
+
+def masked_ce(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """LLaDA's SFT loss: sum over masked response positions of CE / t, over the response length,
+    averaged over sequences. logits (Q, G, vocab), target and masked (Q, G), t (Q, 1)."""
+    ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # (Q, G)
+    return ((ce * masked / t).sum(1) / target.shape[1]).mean()
+
+
+def sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], length: int, mask_id: int,
+             gen: torch.Generator) -> torch.Tensor:
+    """The SFT loss of the batch's responses cut to `length`; prompts are never masked."""
+    target = torch.tensor([r[:length] for ex in batch for r in ex.responses])  # (Q, G)
+    t, masked = draw_masks(*target.shape, gen)
+    logits = response_logits(model, batch, visuals, torch.where(masked, mask_id, target))
+    return masked_ce(logits, target, masked, t)
+
+
+# ---------------------------------------------------------------- monitoring
+
+
+@torch.no_grad()
+def one_pass_accuracy(model: LladaV, examples: list[Example], tok: TextTokenizer, length: int = 8) -> dict[str, float]:
+    """Per question kind, the share answered exactly when the whole response is predicted in one
+    pass from all masks (a cheap training monitor; the harness runs the real denoising loop)."""
+    ids = tok.ids
+    hits: dict[str, list[bool]] = {}
+    for i in range(0, len(examples), 4):
+        batch = examples[i : i + 4]
+        target = torch.tensor([r[:length] for ex in batch for r in ex.responses])
+        pred = response_logits(model, batch, scene_visuals(model, batch), torch.full_like(target, ids.mask)).argmax(-1)
+        for qn, (p, t) in enumerate(zip(pred.tolist(), target.tolist())):
+            kind = batch[qn // 6].questions[qn % 6].kind.replace("right_free", "lane").replace("left_free", "lane")
+            hits.setdefault(kind, []).append(_until_stop(p, ids) == _until_stop(t, ids))
+    acc = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+    acc["overall"] = float(np.mean([h for v in hits.values() for h in v]))
+    return acc
+
+
+def _until_stop(ids_list: list[int], ids) -> list[int]:
+    for n, i in enumerate(ids_list):
+        if i in (ids.eot, ids.eos):
+            return ids_list[:n]
+    return ids_list
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Run:
+    """One training run: model, optimizer, data, checkpointed state and log in run_dir."""
+
+    def __init__(self, settings: TrainSettings, run_dir: Path):
+        self.s, self.dir = settings, run_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tok_dir = self.dir / "tokenizer"
+        files, self.token_ids = tokenizer_files(miniature_tokenizer())
+        tok_dir.mkdir(exist_ok=True)
+        for name, text in files.items():
+            (tok_dir / name).write_text(text)
+        self.tok_files = files
+        self.tok = TextTokenizer(tok_dir)
+        self.cfg = PRESETS["miniature"]
+        torch.manual_seed(settings.seed)
+        self.model = LladaV(self.cfg)
+        init_weights(self.model, settings.seed)
+        self.heads = TokenHeads(self.cfg.decoder.d_model)
+        params = [*self.model.parameters(), *self.heads.parameters()]
+        decay = [p for p in params if p.dim() >= 2]
+        rest = [p for p in params if p.dim() < 2]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+            lr=settings.lr, betas=(0.9, 0.95),
+        )
+        self.encoder = Encoder(self.tok, self.cfg.geometry, settings.response_lengths[1])
+        self.step, self.elapsed, self.log = 0, 0.0, []
+        self._resume()
+
+    def _resume(self) -> None:
+        path = self.dir / STATE
+        if not path.is_file():
+            return
+        state = torch.load(path, weights_only=False)
+        if state["settings"] != dataclasses.asdict(self.s):
+            raise LladaVError(
+                f"run dir {str(self.dir)!r}: holds a run with settings {state['settings']}; expected "
+                f"{dataclasses.asdict(self.s)} (use another --run-dir or delete it)"
+            )
+        self.model.load_state_dict(state["model"])
+        self.heads.load_state_dict(state["heads"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.elapsed, self.log = state["step"], state["elapsed"], state["log"]
+        print(f"resumed at step {self.step}/{self.s.steps} ({self.elapsed / 60:.1f} min trained)", flush=True)
+
+    def save(self) -> None:
+        state = {"settings": dataclasses.asdict(self.s), "model": self.model.state_dict(), "heads": self.heads.state_dict(),
+                 "optimizer": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed, "log": self.log}
+        tmp = self.dir / (STATE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.dir / STATE)
+        header = "step,phase,samples,loss,token_loss,lr,minutes,val_overall\n"
+        rows = "".join(f"{r['step']},{r['phase']},{r['samples']},{r['loss']:.5f},{r['token_loss']:.5f},{r['lr']:.6f},"
+                       f"{r['minutes']:.2f},{r.get('val_overall', '')}\n" for r in self.log)
+        (self.dir / LOG).write_text(header + rows)
+
+    @property
+    def phase(self) -> str:
+        return "vision" if self.step < self.s.vision_steps else "sft"
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step of the current stage: (SFT loss or 0, token-label loss)."""
+        s = self.s
+        for group in self.opt.param_groups:
+            group["lr"] = s.lr_at(self.step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16_autocast):
+            if self.phase == "vision":
+                first = self.step * s.vision_scenes_per_step
+                batch = self.encoder.examples(training_seeds(s.seed, first, s.vision_scenes_per_step), text=False)
+                sft, (tokens, _) = torch.zeros(()), token_loss(self.heads, batch, scene_visuals(self.model, batch))
+                loss = tokens
+            else:
+                sft_step = self.step - s.vision_steps
+                first = s.vision_steps * s.vision_scenes_per_step + sft_step * s.scenes_per_step
+                batch = self.encoder.examples(training_seeds(s.seed, first, s.scenes_per_step))
+                gen = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
+                length = int(np.random.default_rng([s.seed, self.step]).integers(*s.response_lengths, endpoint=True))
+                visuals = scene_visuals(self.model, batch)
+                sft = sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen)
+                tokens, _ = token_loss(self.heads, batch, visuals)
+                loss = sft + s.token_loss_weight * tokens
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *self.heads.parameters()], 1.0)
+        self.opt.step()
+        return float(sft.detach()), float(tokens.detach())
+
+    def sft_samples(self) -> int:
+        return max(0, self.step - self.s.vision_steps) * self.s.scenes_per_step * 6
+
+    def train(self) -> None:
+        s = self.s
+        validation = self.encoder.examples(VALIDATION_SEEDS[: s.validation_scenes])
+        last_save, start, losses = time.time(), time.time() - self.elapsed, []
+        while self.step < s.steps:
+            self.model.train()
+            phase = self.phase
+            losses.append(self.train_step())
+            self.step += 1
+            self.elapsed = time.time() - start
+            if self.step % 20 == 0 or self.step in (s.vision_steps, s.steps):
+                sft, tokens = np.mean(losses, axis=0)
+                row = {"step": self.step, "phase": phase, "samples": self.sft_samples(), "loss": float(sft),
+                       "token_loss": float(tokens), "lr": s.lr_at(self.step - 1), "minutes": self.elapsed / 60}
+                losses = []
+                if (phase == "sft" and (self.step - s.vision_steps) % s.eval_every == 0) or self.step in (s.vision_steps, s.steps):
+                    row.update(self.validate(validation, phase))
+                self.log.append(row)
+                print(f"step {self.step}/{s.steps} ({phase}) samples {row['samples']} loss {row['loss']:.4f} "
+                      f"token loss {row['token_loss']:.4f} lr {row['lr']:.2e} {row['minutes']:.1f} min", flush=True)
+            if time.time() - last_save > s.checkpoint_seconds or self.step == s.steps:
+                self.save()
+                last_save = time.time()
+
+    @torch.no_grad()
+    def validate(self, validation: list[Example], phase: str) -> dict:
+        """Token-label accuracy on the validation scenes and, in stage 2, one-pass answer accuracy."""
+        self.model.eval()
+        _, acc = token_loss(self.heads, validation, scene_visuals(self.model, validation))
+        out = {"token_acc": {a: round(x, 4) for a, x in zip(TOKEN_ATTRIBUTES, acc)}}
+        print("  validation token accuracy: " + " ".join(f"{k} {v:.2f}" for k, v in out["token_acc"].items()), flush=True)
+        if phase == "sft":
+            answers = one_pass_accuracy(self.model, validation, self.tok)
+            out["val_overall"] = round(answers["overall"], 4)
+            out["val"] = {k: round(v, 4) for k, v in answers.items()}
+            print("  validation (one pass): " + " ".join(f"{k} {v:.2f}" for k, v in answers.items()), flush=True)
+        return out
+
+    def write(self, out: Path) -> Path:
+        """The trained weights in the Hugging Face layout (bf16, as LLaDA-V ships)."""
+        state = {k: v.detach().to(torch.bfloat16) for k, v in self.model.state_dict().items()}
+        return write_checkpoint(out, config_to_json(self.cfg, self.token_ids), state, self.tok_files)
+
+
+def plot_loss(log: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    log = [r for r in log if r["phase"] == "sft"]  # stage 1 trains the vision tower alone: no answers yet
+    ax.plot([r["samples"] for r in log], [r["loss"] for r in log], lw=1, label="SFT loss (mean of 20 steps)")
+    ax.set_xlabel("training questions seen")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    val = [r for r in log if "val_overall" in r]
+    if val:
+        ax2 = ax.twinx()
+        ax2.plot([r["samples"] for r in val], [r["val_overall"] for r in val], "o-", color="C1", ms=3,
+                 label="validation accuracy (one pass)")
+        ax2.set_ylim(0, 1)
+        ax2.set_ylabel("accuracy")
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title("miniature LLaDA-V: SFT on driving scenes")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m miniature.train", description=__doc__.split("\n\n")[0])
+    d = TrainSettings()
+    p.add_argument("--seed", type=int, default=d.seed, help="initialisation, masking and scene order")
+    p.add_argument("--vision-steps", type=int, default=d.vision_steps,
+                   help=f"stage 1 steps of {d.vision_scenes_per_step} scenes: vision tower and projector on token labels")
+    p.add_argument("--samples", type=int, default=d.samples, help="stage 2 (SFT) training questions, six per scene")
+    p.add_argument("--scenes-per-step", type=int, default=d.scenes_per_step)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--run-dir", type=Path, default=RUN_DIR, help="checkpointed state and log (resumed if present)")
+    p.add_argument("--out", type=Path, default=CHECKPOINT, help="where the trained checkpoint is written")
+    p.add_argument("--report", type=Path, default=TRAINING, help="where loss.png and training.json go")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    settings = TrainSettings(seed=args.seed, vision_steps=args.vision_steps, samples=args.samples,
+                             scenes_per_step=args.scenes_per_step, lr=args.lr)
+    try:
+        run = Run(settings, args.run_dir)
+        n_params = sum(p.numel() for p in run.model.parameters())
+        print(f"miniature: {n_params / 1e6:.2f}M parameters, {settings.steps} steps of "
+              f"{settings.scenes_per_step * 6} questions", flush=True)
+        run.train()
+        out = run.write(args.out)
+        args.report.mkdir(parents=True, exist_ok=True)
+        plot_loss(run.log, args.report / "loss.png")
+        write_json(args.report / "training.json", {"settings": dataclasses.asdict(settings),
+                                                       "minutes": run.elapsed / 60, "log": run.log})
+    except LladaVError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last checkpoint in the run dir resumes the run", file=sys.stderr)
+        return 130
+    print(f"trained in {run.elapsed / 60:.1f} min; checkpoint written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
