@@ -49,8 +49,7 @@ def token_labels(s: Scene, layout: TileLayout, side: int) -> np.ndarray:
     out = np.full((layout.num_visual_tokens, len(names)), IGNORE, np.int64)
     out[[i for i, *_ in token_boxes(layout, side)]] = 0
     for o in s.objects:
-        b = o.box
-        cov = tokens_covering(layout, side, (b.x0, b.y0, b.x1, b.y1))
+        cov = tokens_covering(layout, side, o.box.xyxy)
         for attr, c in _object_classes(o).items():
             out[cov, names.index(attr)] = c
     return out

@@ -65,10 +65,6 @@ def strategies() -> list[Strategy]:
     return rows
 
 
-def kind_of(q: Question) -> str:
-    return "lane" if q.kind.endswith("_free") else q.kind
-
-
 # ---------------------------------------------------------------- running
 
 
@@ -96,21 +92,16 @@ def record(pipe, s: Strategy, scene_: Scene, q: Question, gen: GenerationSetting
     res = pipe.generate(scene_.image, q.text, gen, s.prune(pipe.manifest.k))
     side = pipe.geometry.side
     covering = np.unique(np.concatenate(
-        [tokens_covering(res.tile_layout, side, _box(scene_, i)) for i in q.about] or [np.zeros(0, int)]))
+        [tokens_covering(res.tile_layout, side, scene_.objects[i].box.xyxy) for i in q.about] or [np.zeros(0, int)]))
     w = workload(pipe.manifest, res.layout, gen)
     return {
-        "seed": scene_.seed, "kind": kind_of(q), "question": q.text, "answer": q.answer, "got": res.text.strip(),
+        "seed": scene_.seed, "kind": q.report_kind, "question": q.text, "answer": q.answer, "got": res.text.strip(),
         "correct": res.text.strip() == q.answer,
         "recall": object_recall(covering, res.kept_visual) if covering.size else None,
         # the paper's FLOPs Rem.: against an unpruned run of as many steps as this one took
         "flops_remaining": remaining(replace(w, steps=len(res.steps)), s.k, s.p) if s.k is not None else 1.0,
         "steps": len(res.steps), "visual": res.layout.n_visual, "kept": int(res.kept_visual.size),
     }
-
-
-def _box(s: Scene, i: int) -> tuple[int, int, int, int]:
-    b = s.objects[i].box
-    return (b.x0, b.y0, b.x1, b.y1)
 
 
 def run_all(bundle: Path, rows: list[Strategy], items, gen: GenerationSettings, work: Path, log) -> dict:

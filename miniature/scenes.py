@@ -42,6 +42,10 @@ class Box:
     def size(self) -> tuple[int, int]:
         return self.x1 - self.x0, self.y1 - self.y0
 
+    @property
+    def xyxy(self) -> tuple[int, int, int, int]:
+        return self.x0, self.y0, self.x1, self.y1
+
 
 @dataclass(frozen=True)
 class Obj:
@@ -69,6 +73,11 @@ class Question:
     text: str
     answer: str
     about: tuple[int, ...]  # indices into scene.objects
+
+    @property
+    def report_kind(self) -> str:
+        """The kind as tables report it: left_free and right_free are both 'lane'."""
+        return "lane" if self.kind.endswith("_free") else self.kind
 
 
 TEMPLATES = {

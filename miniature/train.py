@@ -211,7 +211,7 @@ def one_pass_accuracy(model: LladaV, examples: list[Example], tok: TextTokenizer
         target = torch.tensor([r[:length] for ex in batch for r in ex.responses])
         pred = response_logits(model, batch, scene_visuals(model, batch), torch.full_like(target, ids.mask)).argmax(-1)
         for qn, (p, t) in enumerate(zip(pred.tolist(), target.tolist())):
-            kind = batch[qn // 6].questions[qn % 6].kind.replace("right_free", "lane").replace("left_free", "lane")
+            kind = batch[qn // 6].questions[qn % 6].report_kind
             hits.setdefault(kind, []).append(_until_stop(p, ids) == _until_stop(t, ids))
     acc = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
     acc["overall"] = float(np.mean([h for v in hits.values() for h in v]))

@@ -35,9 +35,13 @@ def tokens_covering(layout: TileLayout, side: int, box: tuple[int, int, int, int
     def cells(lo: int, hi: int, n: int, size: int) -> set[int]:
         return set(np.floor((np.arange(lo, hi) + 0.5) * n / size).astype(int).tolist())
 
+    covered: dict[tuple[int, int], tuple[set[int], set[int]]] = {}  # per grid shape: (rows, cols) held
     out = []
     for i, (r, c), (rows, cols), _panel in token_boxes(layout, side):
-        if r in cells(y0, y1, rows, h) and c in cells(x0, x1, cols, w):
+        if (rows, cols) not in covered:
+            covered[rows, cols] = cells(y0, y1, rows, h), cells(x0, x1, cols, w)
+        held_rows, held_cols = covered[rows, cols]
+        if r in held_rows and c in held_cols:
             out.append(i)
     return np.array(out, dtype=np.int64)
 
