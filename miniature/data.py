@@ -5,7 +5,7 @@ per visual token what the scene holds there (the vision tower's auxiliary labels
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -66,6 +66,12 @@ class Example:
     prompts: tuple[PromptIds, ...]
     responses: tuple[tuple[int, ...], ...]  # each exactly response_length ids
     labels: np.ndarray  # (V, attributes) token_labels
+
+    def asking(self, kinds) -> "Example":
+        """The same scene asking only the questions of these kinds (Question.report_kind), in order."""
+        keep = [i for i, q in enumerate(self.questions) if q.report_kind in kinds]
+        return replace(self, questions=tuple(self.questions[i] for i in keep),
+                       prompts=tuple(self.prompts[i] for i in keep), responses=tuple(self.responses[i] for i in keep))
 
 
 class Encoder:

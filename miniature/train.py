@@ -2,7 +2,7 @@
 
     python -m miniature.train --seed 0      # reproduces miniature/checkpoint and prints the time
 
-Two stages. First the vision tower and projector alone learn what each visual token holds
+Three stages. First the vision tower and projector alone learn what each visual token holds
 (`miniature.data.token_labels`: light colour, speed limit, vehicle colour and lane, pedestrian
 side) through a linear head that is not part of the model; a run without this stage saw 33.6k
 questions and its features still did not tell the speed limit apart (docs/miniature.md). Then
@@ -10,7 +10,10 @@ the whole model trains with LLaDA's SFT loss, the token loss kept alongside: eac
 draws B training scenes and asks all six questions of each, the vision tower runs once per scene,
 the decoder over the 6*B sequences [prefix | visual | question | response]. Only response tokens
 are masked (per sequence t ~ U(0, 1)), cross-entropy on the masked positions weighted by 1/t and
-averaged over the response length. The run checkpoints its state every few minutes to `--run-dir`
+averaged over the response length. Last, the same loss on questions drawn with more weight on the
+ones that read an attribute off an object (light colour, speed limit, colour of the vehicle ahead):
+by the end of stage 2 the decoder answered the presence and position questions and still gave one
+fixed answer to the light and the limit (docs/miniature.md). The run checkpoints its state every few minutes to `--run-dir`
 and resumes from it, so a stopped run loses little; the log is a CSV there.
 """
 
@@ -55,13 +58,24 @@ class TrainSettings:
     token_loss_weight: float = 1.0  # stage 2: SFT loss + this x the token-label loss
     samples: int = 33_600  # stage 2: questions seen, six per scene
     scenes_per_step: int = 4
-    bf16_autocast: bool = True  # CPU bf16 matmuls (avx512_bf16): ~25% faster steps; fp32 master weights
+    bf16_autocast: bool = True  # stages 1 and 2: CPU bf16 matmuls, fp32 master weights (3 and 4 run in fp32)
     lr: float = 2e-3
     warmup_steps: int = 200
     final_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     response_lengths: tuple[int, int] = (8, 32)  # per step, uniform: EOS padding of varying length, as
     # LLaDA's SFT pads to the batch's longest, so any gen_length in this range is in distribution
+    focus_steps: int = 300  # stage 3: questions drawn by focus_weights
+    focus_scenes_per_step: int = 12
+    focus_questions_per_scene: int = 2  # distinct kinds per scene, drawn without replacement
+    focus_weights: tuple[tuple[str, float], ...] = (("light", 1.0), ("limit", 1.0), ("ahead", 0.0),
+                                                    ("count", 0.0), ("pedestrian", 0.0), ("lane", 0.0))
+    focus_lr: float = 1e-3  # after warmup, constant: stage 4 decays
+    focus_warmup_steps: int = 30
+    focus_response_length: int = 8  # stage 3: no token loss, responses of this length
+    review_steps: int = 200  # stage 4: stage 2's batches (all six questions per scene) at a lower learning rate
+    review_lr: float = 3e-4
+    review_warmup_steps: int = 10
     eval_every: int = 200  # steps
     validation_scenes: int = 40  # x6 questions, a one-pass accuracy monitor
     checkpoint_seconds: float = 300.0
@@ -72,19 +86,73 @@ class TrainSettings:
 
     @property
     def steps(self) -> int:
-        return self.vision_steps + self.sft_steps
+        return self.vision_steps + self.sft_steps + self.focus_steps + self.review_steps
+
+    def stages(self) -> list[tuple[str, int, int]]:
+        """(phase, first step, steps) of the four stages in order."""
+        out, first = [], 0
+        for name, n in (("vision", self.vision_steps), ("sft", self.sft_steps), ("focus", self.focus_steps),
+                        ("review", self.review_steps)):
+            out.append((name, first, n))
+            first += n
+        return out
+
+    def phase(self, step: int) -> str:
+        return next((name for name, first, n in self.stages() if step < first + n), "review")
+
+    def stage_step(self, step: int) -> int:
+        """The step's index within its stage."""
+        return step - next(first for name, first, _ in self.stages() if name == self.phase(step))
+
+    def scenes_per(self, phase: str) -> int:
+        return {"vision": self.vision_scenes_per_step, "sft": self.scenes_per_step,
+                "focus": self.focus_scenes_per_step, "review": self.scenes_per_step}[phase]
+
+    def questions_per_scene(self, phase: str) -> int:
+        return {"vision": 0, "sft": 6, "focus": self.focus_questions_per_scene, "review": 6}[phase]
+
+    def _before(self, step: int, per_step) -> int:
+        return sum(min(max(0, step - first), n) * per_step(name) for name, first, n in self.stages())
+
+    def first_scene(self, step: int) -> int:
+        """Index of the step's first scene in the run's stream: every step reads the next scenes."""
+        return self._before(step, self.scenes_per)
+
+    def questions_before(self, step: int) -> int:
+        """Training questions seen in the steps before `step` (stage 1 asks none)."""
+        return self._before(step, lambda name: self.scenes_per(name) * self.questions_per_scene(name))
+
+    @property
+    def stage_ends(self) -> set[int]:
+        return {first + n for _, first, n in self.stages()}
+
+    def focus_kinds(self, step: int) -> list[tuple[str, ...]]:
+        """Per scene of a stage-3 step, the kinds it asks: focus_questions_per_scene distinct kinds drawn
+        with probability proportional to focus_weights."""
+        names = [k for k, _ in self.focus_weights]
+        w = np.array([x for _, x in self.focus_weights])
+        rng = np.random.default_rng([self.seed, step, 3])
+        return [tuple(str(k) for k in rng.choice(names, self.focus_questions_per_scene, replace=False, p=w / w.sum()))
+                for _ in range(self.focus_scenes_per_step)]
 
     def lr_at(self, step: int) -> float:
-        """Stage 1: linear warmup, then constant. Stage 2: warmup again (the decoder starts
-        there), then cosine decay to final_lr_ratio * lr."""
+        """Stages 1 and 3: linear warmup, then constant. Stages 2 and 4: warmup again (the decoder
+        starts in stage 2), then cosine decay to final_lr_ratio of the stage's peak."""
         if step < self.vision_steps:
             return self.lr * min(1.0, (step + 1) / self.warmup_steps)
-        step -= self.vision_steps
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        done = (step - self.warmup_steps) / max(1, self.sft_steps - self.warmup_steps)
-        floor = self.final_lr_ratio
-        return self.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+        phase, i = self.phase(step), self.stage_step(step)
+        if phase == "focus":
+            return self.focus_lr * min(1.0, (i + 1) / self.focus_warmup_steps)
+        steps, warmup, peak = {"sft": (self.sft_steps, self.warmup_steps, self.lr),
+                               "review": (self.review_steps, self.review_warmup_steps, self.review_lr)}[phase]
+        return _warmup_cosine(i, steps, warmup, peak, self.final_lr_ratio)
+
+
+def _warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    done = (step - warmup) / max(1, steps - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
 
 
 # ---------------------------------------------------------------- model and loss
@@ -141,8 +209,8 @@ def token_loss(heads: TokenHeads, batch: list[Example], visuals: list[torch.Tens
 def batch_sequences(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor):
     """Embeddings of every (scene, question) sequence, grouped by length so groups stack.
 
-    responses (Q, G) are the response ids as the model sees them (masks included), Q = six per
-    scene in batch order. Returns [(question indices, h (n, N, D))] per length.
+    responses (Q, G) are the response ids as the model sees them (masks included), Q = every
+    question of every scene, in batch order. Returns [(question indices, h (n, N, D))] per length.
     """
     embed = model.embed
     groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
@@ -210,9 +278,9 @@ def one_pass_accuracy(model: LladaV, examples: list[Example], tok: TextTokenizer
         batch = examples[i : i + 4]
         target = torch.tensor([r[:length] for ex in batch for r in ex.responses])
         pred = response_logits(model, batch, scene_visuals(model, batch), torch.full_like(target, ids.mask)).argmax(-1)
-        for qn, (p, t) in enumerate(zip(pred.tolist(), target.tolist())):
-            kind = batch[qn // 6].questions[qn % 6].report_kind
-            hits.setdefault(kind, []).append(_until_stop(p, ids) == _until_stop(t, ids))
+        asked = [q for ex in batch for q in ex.questions]
+        for q, p, t in zip(asked, pred.tolist(), target.tolist()):
+            hits.setdefault(q.report_kind, []).append(_until_stop(p, ids) == _until_stop(t, ids))
     acc = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
     acc["overall"] = float(np.mean([h for v in hits.values() for h in v]))
     return acc
@@ -286,28 +354,36 @@ class Run:
 
     @property
     def phase(self) -> str:
-        return "vision" if self.step < self.s.vision_steps else "sft"
+        return self.s.phase(self.step)
+
+    def batch(self) -> list[Example]:
+        """The current step's training scenes, each asking the questions its stage asks; every
+        stage reads the next scenes of the run's stretch of training seeds."""
+        s, phase = self.s, self.phase
+        seeds = training_seeds(s.seed, s.first_scene(self.step), s.scenes_per(phase))
+        scenes = self.encoder.examples(seeds, text=phase != "vision")
+        if phase != "focus":
+            return scenes
+        return [ex.asking(kinds) for ex, kinds in zip(scenes, s.focus_kinds(self.step))]
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step of the current stage: (SFT loss or 0, token-label loss)."""
         s = self.s
         for group in self.opt.param_groups:
             group["lr"] = s.lr_at(self.step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16_autocast):
+        batch = self.batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16_autocast and self.phase in ("vision", "sft")):
             if self.phase == "vision":
-                first = self.step * s.vision_scenes_per_step
-                batch = self.encoder.examples(training_seeds(s.seed, first, s.vision_scenes_per_step), text=False)
                 sft, (tokens, _) = torch.zeros(()), token_loss(self.heads, batch, scene_visuals(self.model, batch))
                 loss = tokens
             else:
-                sft_step = self.step - s.vision_steps
-                first = s.vision_steps * s.vision_scenes_per_step + sft_step * s.scenes_per_step
-                batch = self.encoder.examples(training_seeds(s.seed, first, s.scenes_per_step))
                 gen = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
                 length = int(np.random.default_rng([s.seed, self.step]).integers(*s.response_lengths, endpoint=True))
+                focus = self.phase == "focus"
                 visuals = scene_visuals(self.model, batch)
-                sft = sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen)
-                tokens, _ = token_loss(self.heads, batch, visuals)
+                sft = sft_loss(self.model, batch, visuals, s.focus_response_length if focus else length,
+                               self.tok.ids.mask, gen)
+                tokens = torch.zeros(()) if focus else token_loss(self.heads, batch, visuals)[0]
                 loss = sft + s.token_loss_weight * tokens
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -315,8 +391,6 @@ class Run:
         self.opt.step()
         return float(sft.detach()), float(tokens.detach())
 
-    def sft_samples(self) -> int:
-        return max(0, self.step - self.s.vision_steps) * self.s.scenes_per_step * 6
 
     def train(self) -> None:
         s = self.s
@@ -328,12 +402,12 @@ class Run:
             losses.append(self.train_step())
             self.step += 1
             self.elapsed = time.time() - start
-            if self.step % 20 == 0 or self.step in (s.vision_steps, s.steps):
+            if self.step % 20 == 0 or self.step in s.stage_ends:
                 sft, tokens = np.mean(losses, axis=0)
-                row = {"step": self.step, "phase": phase, "samples": self.sft_samples(), "loss": float(sft),
+                row = {"step": self.step, "phase": phase, "samples": s.questions_before(self.step), "loss": float(sft),
                        "token_loss": float(tokens), "lr": s.lr_at(self.step - 1), "minutes": self.elapsed / 60}
                 losses = []
-                if (phase == "sft" and (self.step - s.vision_steps) % s.eval_every == 0) or self.step in (s.vision_steps, s.steps):
+                if (phase != "vision" and (self.step - s.vision_steps) % s.eval_every == 0) or self.step in s.stage_ends:
                     row.update(self.validate(validation, phase))
                 self.log.append(row)
                 print(f"step {self.step}/{s.steps} ({phase}) samples {row['samples']} loss {row['loss']:.4f} "
@@ -344,12 +418,12 @@ class Run:
 
     @torch.no_grad()
     def validate(self, validation: list[Example], phase: str) -> dict:
-        """Token-label accuracy on the validation scenes and, in stage 2, one-pass answer accuracy."""
+        """Token-label accuracy on the validation scenes and, after stage 1, one-pass answer accuracy."""
         self.model.eval()
         _, acc = token_loss(self.heads, validation, scene_visuals(self.model, validation))
         out = {"token_acc": {a: round(x, 4) for a, x in zip(TOKEN_ATTRIBUTES, acc)}}
         print("  validation token accuracy: " + " ".join(f"{k} {v:.2f}" for k, v in out["token_acc"].items()), flush=True)
-        if phase == "sft":
+        if phase != "vision":
             answers = one_pass_accuracy(self.model, validation, self.tok)
             out["val_overall"] = round(answers["overall"], 4)
             out["val"] = {k: round(v, 4) for k, v in answers.items()}
@@ -369,8 +443,13 @@ def plot_loss(log: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    log = [r for r in log if r["phase"] == "sft"]  # stage 1 trains the vision tower alone: no answers yet
+    log = [r for r in log if r["phase"] != "vision"]  # stage 1 trains the vision tower alone: no answers yet
     ax.plot([r["samples"] for r in log], [r["loss"] for r in log], lw=1, label="SFT loss (mean of 20 steps)")
+    focus = [r["samples"] for r in log if r["phase"] == "focus"]
+    if focus:
+        start = max(r["samples"] for r in log if r["phase"] == "sft")
+        ax.axvline(start, color="grey", ls=":", lw=1)
+        ax.text(start, ax.get_ylim()[1], " stage 3: attribute questions weighted up", va="top", fontsize=8, color="grey")
     ax.set_xlabel("training questions seen")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -383,7 +462,7 @@ def plot_loss(log: list[dict], path: Path) -> None:
         ax2.set_ylabel("accuracy")
         ax2.legend(loc="center right")
     ax.legend(loc="upper right")
-    ax.set_title("miniature LLaDA-V: SFT on driving scenes")
+    ax.set_title("miniature LLaDA-V: SFT on driving scenes (stages 2 and 3)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -397,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-steps", type=int, default=d.vision_steps,
                    help=f"stage 1 steps of {d.vision_scenes_per_step} scenes: vision tower and projector on token labels")
     p.add_argument("--samples", type=int, default=d.samples, help="stage 2 (SFT) training questions, six per scene")
+    p.add_argument("--focus-steps", type=int, default=d.focus_steps,
+                   help=f"stage 3 steps of {d.focus_scenes_per_step} scenes x {d.focus_questions_per_scene} questions")
     p.add_argument("--scenes-per-step", type=int, default=d.scenes_per_step)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--run-dir", type=Path, default=RUN_DIR, help="checkpointed state and log (resumed if present)")
@@ -408,13 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    settings = TrainSettings(seed=args.seed, vision_steps=args.vision_steps, samples=args.samples,
+    settings = TrainSettings(seed=args.seed, vision_steps=args.vision_steps, samples=args.samples, focus_steps=args.focus_steps,
                              scenes_per_step=args.scenes_per_step, lr=args.lr)
     try:
         run = Run(settings, args.run_dir)
         n_params = sum(p.numel() for p in run.model.parameters())
-        print(f"miniature: {n_params / 1e6:.2f}M parameters, {settings.steps} steps of "
-              f"{settings.scenes_per_step * 6} questions", flush=True)
+        print(f"miniature: {n_params / 1e6:.2f}M parameters; {settings.vision_steps} vision steps, "
+              f"{settings.sft_steps} SFT steps, {settings.focus_steps} focus steps, {settings.review_steps} review steps", flush=True)
         run.train()
         out = run.write(args.out)
         args.report.mkdir(parents=True, exist_ok=True)
