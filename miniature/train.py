@@ -445,11 +445,13 @@ def plot_loss(log: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     log = [r for r in log if r["phase"] != "vision"]  # stage 1 trains the vision tower alone: no answers yet
     ax.plot([r["samples"] for r in log], [r["loss"] for r in log], lw=1, label="SFT loss (mean of 20 steps)")
-    focus = [r["samples"] for r in log if r["phase"] == "focus"]
-    if focus:
-        start = max(r["samples"] for r in log if r["phase"] == "sft")
-        ax.axvline(start, color="grey", ls=":", lw=1)
-        ax.text(start, ax.get_ylim()[1], " stage 3: attribute questions weighted up", va="top", fontsize=8, color="grey")
+    for phase, label in (("focus", "stage 3: light, limit only"), ("review", "stage 4: review")):
+        before = [r["samples"] for r in log if r["phase"] != phase and any(x["phase"] == phase for x in log)
+                  and r["samples"] < min(x["samples"] for x in log if x["phase"] == phase)]
+        if before:
+            ax.axvline(max(before), color="grey", ls=":", lw=1)
+            ax.text(max(before), 0.03, label + " ", transform=ax.get_xaxis_transform(), fontsize=7, color="grey",
+                    rotation=90, ha="right", va="bottom")
     ax.set_xlabel("training questions seen")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -462,7 +464,7 @@ def plot_loss(log: list[dict], path: Path) -> None:
         ax2.set_ylabel("accuracy")
         ax2.legend(loc="center right")
     ax.legend(loc="upper right")
-    ax.set_title("miniature LLaDA-V: SFT on driving scenes (stages 2 and 3)")
+    ax.set_title("miniature LLaDA-V: SFT on driving scenes (stages 2-4)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
