@@ -2,7 +2,7 @@
 
     python -m miniature.train --seed 0      # reproduces miniature/checkpoint and prints the time
 
-Three stages. First the vision tower and projector alone learn what each visual token holds
+Four stages. First the vision tower and projector alone learn what each visual token holds
 (`miniature.data.token_labels`: light colour, speed limit, vehicle colour and lane, pedestrian
 side) through a linear head that is not part of the model; a run without this stage saw 33.6k
 questions and its features still did not tell the speed limit apart (docs/miniature.md). Then
@@ -10,10 +10,10 @@ the whole model trains with LLaDA's SFT loss, the token loss kept alongside: eac
 draws B training scenes and asks all six questions of each, the vision tower runs once per scene,
 the decoder over the 6*B sequences [prefix | visual | question | response]. Only response tokens
 are masked (per sequence t ~ U(0, 1)), cross-entropy on the masked positions weighted by 1/t and
-averaged over the response length. Last, the same loss on questions drawn with more weight on the
-ones that read an attribute off an object (light colour, speed limit, colour of the vehicle ahead):
-by the end of stage 2 the decoder answered the presence and position questions and still gave one
-fixed answer to the light and the limit (docs/miniature.md). The run checkpoints its state every few minutes to `--run-dir`
+averaged over the response length. By its end the decoder answered the presence and position
+questions and still gave one fixed answer to the light and the limit (docs/miniature.md), so stage 3
+asks only those two (questions drawn by focus_weights), and stage 4 reviews all six at a lower
+learning rate. The run checkpoints its state every few minutes to `--run-dir`
 and resumes from it, so a stopped run loses little; the log is a CSV there.
 """
 
@@ -446,8 +446,8 @@ def plot_loss(log: list[dict], path: Path) -> None:
     log = [r for r in log if r["phase"] != "vision"]  # stage 1 trains the vision tower alone: no answers yet
     ax.plot([r["samples"] for r in log], [r["loss"] for r in log], lw=1, label="SFT loss (mean of 20 steps)")
     for phase, label in (("focus", "stage 3: light, limit only"), ("review", "stage 4: review")):
-        before = [r["samples"] for r in log if r["phase"] != phase and any(x["phase"] == phase for x in log)
-                  and r["samples"] < min(x["samples"] for x in log if x["phase"] == phase)]
+        first = next((r["samples"] for r in log if r["phase"] == phase), None)
+        before = [r["samples"] for r in log if first is not None and r["samples"] < first]
         if before:
             ax.axvline(max(before), color="grey", ls=":", lw=1)
             ax.text(max(before), 0.03, label + " ", transform=ax.get_xaxis_transform(), fontsize=7, color="grey",
