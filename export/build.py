@@ -14,14 +14,14 @@ import hashlib
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from export.checkpoint import TOKENIZER_FILES, Checkpoint, load_model, open_checkpoint
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
-from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate
+from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate, float_dtype
 from runtime.checks import worst_check
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
                              settings_dict, validation_axes)
@@ -33,8 +33,9 @@ from runtime.files import atomic_directory
 from runtime.pruning import PruneSettings
 from runtime.tokens import TextTokenizer
 
-PRECISIONS = ("fp16", "fp32")
-LATER_PRECISIONS = ("int8", "int4")  # explicit Q/DQ quantization: the calibration issue
+PRECISIONS = ("fp16", "fp32", "int8")  # int8: fp16 graphs whose decoders calib/ quantizes (W8A8 Q/DQ)
+LATER_PRECISIONS = ("int4",)  # weight-only INT4: not yet
+QUANTIZED = ("int8",)
 SOURCES = ("model.py", "subgraphs.py", "onnx_export.py")
 
 
@@ -46,9 +47,26 @@ class BuildRequest:
     p: float
     precision: str = "fp16"
     profiles: ProfileSettings = field(default_factory=ProfileSettings)
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None  # None: DEFAULT_OPSET, or the quantization scheme's minimum
     engines: str = "auto"  # auto: build where TensorRT and a GPU exist; skip; require
     clean: bool = False  # delete the old bundle's stale engines instead of keeping them
+    quant: "QuantSettings | None" = None  # quantized precisions: scheme and calibration (None: the mode's defaults)
+
+    @property
+    def float_precision(self) -> str:
+        """The exported graphs' float type: quantized bundles are fp16 graphs with Q/DQ decoders."""
+        return "fp16" if self.precision in QUANTIZED else self.precision
+
+    @property
+    def graph_opset(self) -> int:
+        if self.opset is not None:
+            return self.opset
+        return self.quant_settings().scheme.min_opset if self.precision in QUANTIZED else DEFAULT_OPSET
+
+    def quant_settings(self):
+        from calib.stage import QuantSettings
+
+        return self.quant or QuantSettings.for_mode(self.precision)
 
 
 @dataclass
@@ -75,10 +93,15 @@ class Progress:
 def validate_request(req: BuildRequest) -> tuple[Checkpoint, dict]:
     """Everything that can be checked before loading weights; returns the checkpoint and its token ids."""
     expect(req.precision not in LATER_PRECISIONS,
-           f"precision: {req.precision} needs explicit Q/DQ quantization, which comes with calib/; use fp16 or fp32")
+           f"precision: {req.precision} (weight-only INT4) is not built yet; use int8, fp16 or fp32")
     expect(req.precision in PRECISIONS, f"precision: got {req.precision!r}; expected one of {PRECISIONS}")
     expect(req.engines in ("auto", "skip", "require"), f"engines: got {req.engines!r}; expected auto, skip or require")
-    expect(17 <= req.opset <= 20, f"opset: got {req.opset!r}; expected 17..20 (what TensorRT 10.3 parses)")
+    low = req.quant_settings().scheme.min_opset if req.precision in QUANTIZED else 17
+    why = f" ({req.precision} Q/DQ with float16 scales needs opset {low})" if req.precision in QUANTIZED else ""
+    expect(low <= req.graph_opset <= 20, f"opset: got {req.graph_opset!r}; expected {low}..20{why} (TensorRT 10.3 parses "
+                                         "up to 20)")
+    if req.precision in QUANTIZED:
+        req.quant_settings().calibration.validate()
     if req.engines == "require":  # before any export: minutes of work must not end in this error
         from export.trt_build import tensorrt_status
 
@@ -138,14 +161,15 @@ class Builder:
         if self.model is None:
             import torch
 
-            dtype = {"fp16": torch.float16, "fp32": torch.float32}[self.req.precision]
-            self.log(f"loading weights ({self.req.precision}) from {self.ckpt.path}")
+            dtype = {"fp16": torch.float16, "fp32": torch.float32}[self.req.float_precision]
+            self.log(f"loading weights ({self.req.float_precision}) from {self.ckpt.path}")
             self.model, _ = load_model(self.ckpt.path, dtype)
         return self.model
 
     def subgraph(self, tmp: Path, spec: SubgraphSpec, ckpt_hash: str, source: str) -> SubgraphEntry:
         k = self.req.k if spec.name.startswith("decoder") else "-"
-        key = artifact_key(ckpt_hash, spec.name, k, self.req.precision, self.req.opset, source)
+        fp = self.req.float_precision
+        key = artifact_key(ckpt_hash, spec.name, k, fp, self.req.graph_opset, source)
         shapes = input_shapes(spec, self.cfg, self.ranges)
         old = self.old.subgraphs.get(spec.name) if self.old else None
         onnx_path = tmp / "onnx" / f"{spec.name}.onnx"
@@ -156,13 +180,13 @@ class Builder:
             self.reused.append(spec.name)
             entry = copy.deepcopy(old)  # the old manifest stays as it was: engines_stage compares against it
             entry.shapes, entry.engine, entry.engine_check = shapes, None, {}
-            entry.tolerances = spec.tolerances_for(self.req.precision)
+            entry.tolerances, entry.precision = spec.tolerances_for(fp), fp
             return entry
-        self.log(f"{spec.name}: exporting (opset {self.req.opset}) and validating ...")
+        self.log(f"{spec.name}: exporting ({fp}, opset {self.req.graph_opset}) and validating ...")
         # the ONNX graph does not depend on the profile: validate it at fixed sizes (proving its axes dynamic)
-        identity = graph_identity(spec.name, self.req.k, self.cfg.n_layers, ckpt_hash, self.req.precision)
-        report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, self.req.precision,
-                                     onnx_path, list(VALIDATION_SIZES), self.req.opset, identity)
+        identity = graph_identity(spec.name, self.req.k, self.cfg.n_layers, ckpt_hash, fp)
+        report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, fp,
+                                     onnx_path, list(VALIDATION_SIZES), self.req.graph_opset, identity)
         self.release_weights(spec)
         worst = worst_check(report.checks)
         self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - PyTorch| "
@@ -172,7 +196,7 @@ class Builder:
             spec.name, file_info(tmp, onnx_path), file_info(tmp, report.data),
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.inputs],
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.outputs],
-            shapes, key, report.checks, report.ops, tolerances=spec.tolerances_for(self.req.precision))
+            shapes, key, report.checks, report.ops, tolerances=spec.tolerances_for(fp), precision=fp)
 
     def release_weights(self, spec: SubgraphSpec) -> None:
         """Drop the PyTorch weights only this (exported, validated) graph needs: the model shrinks as the
@@ -203,7 +227,8 @@ class Builder:
         for name in ("embed_tokens", "image_newline"):
             path = key_dir / f"{name}.npy"
             old = self.old.host.get(name) if self.old else None
-            if old and self.old.model.get("content_hash") == ckpt_hash and self.old.precision == self.req.precision \
+            same_dtype = float_dtype(self.old.precision) == float_dtype(self.req.precision) if self.old else False
+            if old and self.old.model.get("content_hash") == ckpt_hash and same_dtype \
                     and intact(self.req.out, old):
                 copy_or_link(self.req.out / old.path, path)
             else:
@@ -231,6 +256,8 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
         tokenizer = [name for name in TOKENIZER_FILES if (ckpt.path / name).is_file()]
         for name in tokenizer:
             shutil.copy2(ckpt.path / name, tmp / "tokenizer" / name)
+        if req.precision in QUANTIZED:
+            entries = quantize(req, tmp, ckpt, ckpt_hash, token_ids, b, entries, host, tokenizer, log)
         trt = engines_stage(req, tmp, entries, b, log)
         manifest = make_manifest(req, ckpt, ckpt_hash, token_ids, b.ranges, entries, host, tokenizer, trt)
         write_jetson_script(tmp, manifest, b.settings)
@@ -239,6 +266,19 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
     log(f"bundle written to {req.out}")
     return BuildResult(manifest, Path(req.out), b.reused, b.exported, trt["built"], trt["reason"],
                        time.perf_counter() - start, retuned(b.old, manifest), stale)
+
+
+def quantize(req, tmp, ckpt, ckpt_hash, token_ids, b, entries, host, tokenizer, log) -> dict:
+    """The float bundle at `tmp` (a provisional manifest makes it runnable) -> its decoders quantized
+    by calib/, calibrated on what they see when that bundle answers questions."""
+    from calib.stage import quantize_stage
+
+    float_req = replace(req, precision=req.float_precision)
+    trt = {"built": False, "reason": "provisional: calibration", "version": None, "script": "jetson/build_engines.sh",
+           "build_settings": None}
+    provisional = make_manifest(float_req, ckpt, ckpt_hash, token_ids, b.ranges, entries, host, tokenizer, trt)
+    write_manifest(tmp, provisional)
+    return quantize_stage(tmp, provisional, req.quant_settings(), log)
 
 
 def write_jetson_script(tmp: Path, manifest: Manifest, settings: EngineBuildSettings) -> None:
@@ -290,7 +330,6 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
         expect(req.engines != "require", f"engines: required, but {why}")
         log(f"TensorRT engines: not built here: {why}. Run jetson/build_engines.sh on the Jetson.")
         return status
-    from export.onnx_export import float_dtype
     from export.subgraphs import dummy_inputs
     from export.trt_build import build_engine, check_engine
 
@@ -313,7 +352,7 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
         feeds = [dummy_inputs(spec, b.cfg, axes, float_dtype(req.precision), seed=i)
                  for i, axes in enumerate(validation_axes(b.ranges))]  # inside the engine's profile
         entry.engine = file_info(tmp, engine)
-        entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, spec, req.precision)
+        entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, spec, entry.graph_precision(req.precision))
     status.update(built=True, reason=f"built with {why}")
     return status
 
@@ -340,7 +379,7 @@ def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokeni
                            "vocab": d.vocab_size, "rope_theta": d.rope_theta, "rms_eps": d.rms_eps,
                            "max_positions": d.max_positions},
                "vision": {"d_model": v.d_model, "layers": v.n_layers, "heads": v.n_heads, "d_mlp": v.d_mlp}},
-        k=req.k, p=req.p, n_layers=d.n_layers, precision=req.precision, opset=req.opset,
+        k=req.k, p=req.p, n_layers=d.n_layers, precision=req.precision, opset=req.graph_opset,
         token_ids=token_ids,
         geometry={"image_size": g.image_size, "patch_size": g.patch_size, "tokens_per_tile": g.tokens_per_tile,
                   "grid_pinpoints": [list(p) for p in g.grid_pinpoints], "max_tiles": g.max_tiles,

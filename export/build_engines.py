@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.build import PRECISIONS, BuildRequest, build_bundle, summary  # noqa: E402
+from export.build import PRECISIONS, QUANTIZED, BuildRequest, build_bundle, summary  # noqa: E402
 from export.profiles import ProfileSettings  # noqa: E402
 from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
 from runtime.cli_args import K_HELP, image_size, name_flags  # noqa: E402
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help="bundle directory (default: bundles/<model>-k<K>-p<P>-<precision>)")
     ap.add_argument("--precision", default="fp16", choices=PRECISIONS,
                     help="weights and activations of the exported graphs (norms, softmax, saliency and logits stay "
-                         "float32)")
+                         "float32); int8: fp16 graphs whose decoder linear layers are W8A8 Q/DQ, calibrated on the "
+                         "pipeline's own activations (calib/)")
     ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES,
                     help="AnyRes tiles (up to 37 tiles, ~4.3k visual tokens) or one 384x384 tile (729 tokens)")
     ap.add_argument("--max-text-tokens", type=int, default=256, help="longest prompt in tokens, chat template included")
@@ -45,11 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--opt-image", type=image_size, default="1920x1080", metavar="WIDTHxHEIGHT",
                     help="camera frame size in pixels the engines are tuned for")
     ap.add_argument("--cfg", action="store_true", help="allow batch 2 for classifier-free guidance")
-    ap.add_argument("--opset", type=int, default=18, choices=range(17, 21), metavar="{17..20}",
-                    help="ONNX opset of the exported graphs (TensorRT 10.3 parses 17..20)")
+    ap.add_argument("--opset", type=int, choices=range(17, 21), metavar="{17..20}",
+                    help="ONNX opset of the exported graphs (TensorRT 10.3 parses 17..20; default 18, int8 19)")
     ap.add_argument("--engines", choices=("auto", "skip", "require"), default="auto",
                     help="TensorRT engines: build where TensorRT and a GPU exist (auto), never (skip), or fail "
                          "before any export without them (require)")
+    cal = ap.add_argument_group("calibration (--precision int8)")
+    cal.add_argument("--calib-samples", type=int, default=48,
+                     help="questions run through the float bundle to record what each graph sees")
+    cal.add_argument("--calib-images", type=Path,
+                     help="a folder of your camera images (default: the miniature's scene generator)")
+    cal.add_argument("--calib-prompts", type=Path, help="a text file of questions, one per line (with --calib-images)")
+    cal.add_argument("--calib-method", choices=("minmax", "percentile", "entropy"), default="minmax",
+                     help="how activation ranges are taken from the calibration data")
+    cal.add_argument("--calib-dir", type=Path, default=Path("bundles") / "calibration",
+                     help="where calibration data is stored and reused (keyed by model, K, P and settings)")
     ap.add_argument("--clean", action="store_true",
                     help="when rebuilding into an existing bundle, delete its engines that no longer match (stale) "
                          "instead of keeping them; every other file the build did not write is always kept")
@@ -68,7 +79,21 @@ def request(args: argparse.Namespace) -> BuildRequest:
     out = args.out or Path("bundles") / f"{name}-k{args.k}-p{args.p:g}-{args.precision}"  # P tunes the profile
     profiles = ProfileSettings(args.layout, args.max_text_tokens, args.opt_text_tokens, args.max_response,
                                args.opt_response, args.opt_image, 2 if args.cfg else 1)
-    return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines, args.clean)
+    return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines, args.clean,
+                        quant_settings(args) if args.precision in QUANTIZED else None)
+
+
+def quant_settings(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from calib.data import CalibrationSettings
+    from calib.stage import QuantSettings
+
+    q = QuantSettings.for_mode(args.precision)
+    images = None if args.calib_images is None else str(args.calib_images)
+    prompts = None if args.calib_prompts is None else str(args.calib_prompts)
+    return replace(q, scheme=replace(q.scheme, calibration=args.calib_method), data_root=args.calib_dir,
+                   calibration=CalibrationSettings(samples=args.calib_samples, images=images, prompts=prompts))
 
 
 def main(argv=None) -> int:

@@ -22,7 +22,9 @@ PROFILING_VERBOSITY = {"layer_names_only": "LAYER_NAMES_ONLY", "detailed": "DETA
 
 @dataclass(frozen=True)
 class EngineBuildSettings:
-    precision: str  # fp16 graphs carry their precisions (fp16 weights, float32 islands by Casts): strongly typed
+    # fp16 graphs carry their precisions (fp16 weights, float32 islands by Casts), and quantized ones their
+    # Q/DQ (TensorRT: "use explicit quantization with strong typing"): both build strongly typed
+    precision: str
     workspace_mib: int = 4096
     opt_level: int = 3
     # TensorRT runs fp32 MatMuls in TF32 on Ampere (Orin) unless told otherwise: that breaks the fp32
@@ -34,7 +36,7 @@ class EngineBuildSettings:
 
     @property
     def strongly_typed(self) -> bool:
-        return self.precision == "fp16"
+        return self.precision != "fp32"
 
     def trtexec_flags(self) -> list[str]:
         flags = ["--stronglyTyped"] if self.strongly_typed else []

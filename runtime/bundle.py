@@ -59,6 +59,11 @@ class SubgraphEntry:
     engine: FileInfo | None = None
     engine_check: dict = field(default_factory=dict)  # feed index -> the same, TensorRT vs ONNX Runtime, where built
     tolerances: dict = field(default_factory=dict)  # output -> [atol, rtol] of the checks above, for this precision
+    precision: str = ""  # the graph's own: fp32, fp16, or a quantization mode (int8); "" = the manifest's
+    quantization: dict = field(default_factory=dict)  # quantized graphs: scheme, calibration, counts, error (calib/)
+
+    def graph_precision(self, manifest_precision: str) -> str:
+        return self.precision or manifest_precision
 
 
 @dataclass
@@ -67,7 +72,7 @@ class Manifest:
     k: int
     p: float  # the default strategy's P; the runtime may choose another
     n_layers: int
-    precision: str
+    precision: str  # fp32, fp16 or a quantization mode (int8: quantized decoders, fp16 float type)
     opset: int
     token_ids: dict
     geometry: dict
@@ -157,7 +162,8 @@ def verify_identity(bundle: Path, manifest: Manifest) -> None:
     import onnx
 
     for name, entry in manifest.subgraphs.items():
-        want = graph_identity(name, manifest.k, manifest.n_layers, manifest.model["content_hash"], manifest.precision)
+        want = graph_identity(name, manifest.k, manifest.n_layers, manifest.model["content_hash"],
+                              entry.graph_precision(manifest.precision))
         try:
             model = onnx.load(str(bundle / entry.onnx.path), load_external_data=False)
         except Exception as exc:  # protobuf's DecodeError and OSError: the file is not an ONNX graph

@@ -1,0 +1,174 @@
+"""Quantize an exported decoder graph with ONNX Runtime's tooling, by TensorRT's rules.
+
+    quantize_graph(src, dst, feeds, INT8)     # src: an fp16 graph at opset >= 19; feeds: calibration
+
+INT8 (W8A8, the speed lever on Orin): the decoder's linear layers (every MatMul with a constant
+weight) get per-channel symmetric INT8 weights (DequantizeLinear, axis 1: one scale per output
+channel) and per-tensor symmetric INT8 activations (QuantizeLinear -> DequantizeLinear, scale
+from the calibration feeds); every zero point is 0. Left in the graph's float type: the
+attention MatMuls (q.k and p.v, which have no constant weight), softmax, RMSNorm, RoPE, the
+saliency of layer K-1 and the LM head (its MatMul is excluded by name). MatMul outputs are not
+re-quantized: TensorRT fuses DQ -> MatMul into an INT8 GEMM with a float output. The scales are
+float16 in an fp16 graph, which ONNX allows from opset 19 (docs/quantization.md).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import LladaVError, expect
+
+
+class QuantizationError(LladaVError):
+    """A graph cannot take the asked quantization, or the result breaks TensorRT's Q/DQ rules."""
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """How one mode quantizes a graph (recorded in the bundle manifest per graph)."""
+
+    mode: str  # int8 | int4
+    weights: str  # e.g. "int8 per-channel symmetric"
+    activations: str  # e.g. "int8 per-tensor symmetric" or "fp16"
+    calibration: str = "minmax"  # ONNX Runtime CalibrationMethod: minmax | percentile | entropy
+    percentile: float = 99.999  # with calibration = percentile
+    min_opset: int = 19
+    tool: str = "onnxruntime.quantization.quantize_static"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+INT8 = QuantScheme("int8", "int8 per-channel (output channel) symmetric", "int8 per-tensor symmetric")
+SCHEMES = {"int8": INT8}
+
+
+def weight_matmuls(model) -> tuple[list, list]:
+    """(MatMuls with a constant weight, the others) of an ONNX model proto."""
+    consts = {t.name for t in model.graph.initializer}
+    mm = [n for n in model.graph.node if n.op_type == "MatMul"]
+    return [n for n in mm if n.input[1] in consts], [n for n in mm if n.input[1] not in consts]
+
+
+def lm_head_nodes(model, vocab: int) -> list[str]:
+    """Names of the MatMuls whose weight maps to the vocabulary (the LM head): kept in float."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    weighted, _ = weight_matmuls(model)
+    return [n.name for n in weighted if dims[n.input[1]][-1:] == [vocab]]
+
+
+class _Feeds:
+    """ONNX Runtime's CalibrationDataReader contract over recorded feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self.it = iter(feeds)
+
+    def get_next(self):
+        return next(self.it, None)
+
+    def rewind(self):  # some ORT versions call it between passes
+        pass
+
+
+def quantize_graph(src: Path, dst: Path, feeds: list[dict], scheme: QuantScheme, vocab: int) -> dict:
+    """src (+ .data) -> dst (+ .data) quantized by `scheme`, calibrated on `feeds`. Returns what
+    was quantized (counts) for the manifest."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    expect(bool(feeds), f"{src.name}: no calibration feeds; expected at least one (an empty calibration set)")
+    model = onnx.load(str(src), load_external_data=False)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < scheme.min_opset:
+        raise QuantizationError(f"{src.name}: opset {opset}; {scheme.mode} Q/DQ with float16 scales needs opset >= "
+                                f"{scheme.min_opset}")
+    if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
+        raise QuantizationError(f"{src.name}: already holds Q/DQ nodes; expected a float graph to quantize")
+    weighted, attention = weight_matmuls(model)
+    excluded = lm_head_nodes(model, vocab)
+    expect(len(weighted) > len(excluded), f"{src.name}: no linear layer to quantize ({len(weighted)} weighted MatMuls)")
+    # excluded by name: ORT's MatMulConstBOnly does not keep its QDQ quantizer off the attention MatMuls
+    excluded_nodes = excluded + [n.name for n in attention]
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[scheme.calibration]
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        raw = Path(tmp) / "quantized.onnx"
+        quantize_static(
+            str(src), str(raw), _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=excluded_nodes, calibrate_method=method, use_external_data_format=True,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
+                           "OpTypesToExcludeOutputQuantization": ["MatMul"], "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+                           "CalibPercentile": scheme.percentile},
+        )
+        from export.onnx_export import consolidate_external_data
+
+        consolidate_external_data(raw, dst, edit=lambda m: _restamp(m, model, scheme.mode))
+    return {"linear_layers": len(weighted) - len(excluded), "kept_float": excluded}
+
+
+def _restamp(quantized, original, mode: str) -> None:
+    """The quantized graph keeps the exported graph's identity, its precision now the mode's."""
+    del quantized.metadata_props[:]
+    for p in original.metadata_props:
+        prop = quantized.metadata_props.add()
+        prop.key, prop.value = p.key, (mode if p.key == "lladav.precision" else p.value)
+
+
+# ---------------------------------------------------------------- TensorRT's Q/DQ rules
+
+
+def check_qdq(path: Path, scheme: QuantScheme) -> dict:
+    """TensorRT's explicit-quantization rules on a quantized graph: symmetric (every zero point 0),
+    weights per-channel INT8 on the output axis, activations per-tensor. Returns counts."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=True)
+    consts = {t.name: t for t in model.graph.initializer}
+    counts = {"weights": 0, "activations": 0}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        zero = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        scale = consts.get(node.input[1])
+        if scale is None:
+            raise QuantizationError(f"{path.name}: {node.name}'s scale is not a constant; TensorRT needs constant scales")
+        if zero is not None:
+            z = numpy_helper.to_array(zero)
+            if z.dtype != np.int8 or np.any(z != 0):
+                raise QuantizationError(f"{path.name}: {node.name} has zero point {z.dtype} {z.ravel()[:4]}...; "
+                                        "TensorRT needs int8 zero points of 0 (symmetric)")
+        s = numpy_helper.to_array(scale)
+        if node.op_type == "DequantizeLinear" and node.input[0] in consts:  # a weight
+            w = consts[node.input[0]]
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            if w.data_type != onnx.TensorProto.INT8 or s.ndim != 1 or len(w.dims) != 2 or axis != 1 \
+                    or s.size != w.dims[1]:
+                raise QuantizationError(f"{path.name}: weight {node.input[0]} is not int8 per output channel (dims "
+                                        f"{list(w.dims)}, scale shape {s.shape}, axis {axis})")
+            counts["weights"] += 1
+        elif s.ndim != 0:
+            raise QuantizationError(f"{path.name}: activation {node.input[0]} has a scale of shape {s.shape}; "
+                                    "expected per-tensor (a scalar)")
+        elif node.op_type == "QuantizeLinear":
+            counts["activations"] += 1
+    expect(counts["weights"] > 0, f"{path.name}: no quantized weight found")
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    weights = {n.output[0] for n in dqs if n.input[0] in consts}
+    dq_out = {n.output[0] for n in dqs}
+    attention = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights | set(consts)]
+    touched = [n.name for n in attention if set(n.input) & dq_out]
+    if touched:
+        raise QuantizationError(f"{path.name}: attention MatMuls {touched[:3]} read quantized inputs; expected them "
+                                "in float (softmax(q.k) and p.v stay fp16/fp32)")
+    return counts
+
+
+def file_bytes(path: Path) -> int:
+    return os.path.getsize(path) + os.path.getsize(path.with_name(path.name + ".data"))

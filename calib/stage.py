@@ -1,0 +1,102 @@
+"""The bundle build's quantization stage: calibrate on the exported graphs, then quantize the decoders.
+
+Runs inside the build's temporary bundle, after the float graphs (the quantized graphs' float
+type, fp16) are exported and validated and a provisional manifest names them:
+
+    1. record (or reuse) calibration data by running that bundle (calib.data)
+    2. per decoder graph: quantize (calib.quantize), then validate right away: TensorRT's op list,
+       its Q/DQ rules, ONNX Runtime runs it, and its error against the float graph on the
+       calibration feeds is recorded (typed errors; a failure leaves nothing behind)
+    3. the entry's files, precision, op counts and `quantization` record are updated
+
+The vision graph stays fp16: one pass per image against 8-32 decoder passes per answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from calib.data import CalibrationSettings, record_calibration
+from calib.quantize import SCHEMES, QuantScheme, check_qdq, quantize_graph
+from runtime.bundle import Manifest, SubgraphEntry, file_info
+from runtime.errors import expect
+
+QUANTIZED_GRAPHS = ("decoder_pre", "decoder_post")
+DEFAULT_DATA_ROOT = Path("bundles") / "calibration"
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    scheme: QuantScheme
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    data_root: Path = DEFAULT_DATA_ROOT  # where calibration data is stored and reused, by key
+
+    @staticmethod
+    def for_mode(mode: str, **kw) -> "QuantSettings":
+        expect(mode in SCHEMES, f"precision: {mode!r} has no quantization scheme; expected one of {tuple(SCHEMES)}")
+        return QuantSettings(SCHEMES[mode], **kw)
+
+
+def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict[str, SubgraphEntry]:
+    """The decoder entries of `manifest` (a complete float bundle at `tmp`), quantized in place."""
+    from export.build import artifact_key
+    from export.onnx_export import check_graph
+    from export.subgraphs import SUBGRAPHS
+
+    data = record_calibration(tmp, q.calibration, q.data_root, log)
+    data.check_for(manifest.model["content_hash"], manifest.k)
+    out = dict(manifest.subgraphs)
+    for name in QUANTIZED_GRAPHS:
+        entry = manifest.subgraphs[name]
+        src = tmp / entry.onnx.path
+        work = src.parent / f".{q.scheme.mode}"  # same names as the float graph: the .onnx names its .data file
+        work.mkdir(exist_ok=True)
+        dst = work / src.name
+        log(f"{name}: quantizing ({q.scheme.mode}: weights {q.scheme.weights}, activations {q.scheme.activations}) ...")
+        try:
+            info = quantize_graph(src, dst, data.feeds(name), q.scheme, manifest.model["decoder"]["vocab"])
+            ops = check_graph(dst, next(s for s in SUBGRAPHS if s.name == name))
+            counts = check_qdq(dst, q.scheme)
+            error = quantization_error(src, dst, data.feeds(name)[:8])
+        except Exception:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        float_bytes = entry.data.bytes
+        for suffix in ("", ".data"):  # the quantized graph takes the float graph's place
+            os.replace(dst.with_name(dst.name + suffix), src.with_name(src.name + suffix))
+        work.rmdir()
+        new = dataclasses.replace(entry, onnx=file_info(tmp, src), data=file_info(tmp, src.with_name(src.name + ".data")),
+                                  ops=ops, precision=q.scheme.mode,
+                                  key=artifact_key(entry.key, data.meta["key"], sorted(q.scheme.to_dict().items())))
+        new.quantization = {"scheme": q.scheme.to_dict(), "calibration": {"key": data.meta["key"], "counts": data.meta["counts"],
+                                                                         "settings": data.meta["settings"]},
+                            "quantized": counts, "kept_float": info["kept_float"], "weight_bytes": new.data.bytes,
+                            "float_weight_bytes": float_bytes, "error_vs_float": error}
+        worst = max(error.values(), key=lambda e: e["relative"])
+        log(f"{name}: {counts['weights']} int8 weights, {counts['activations']} activation Q/DQ; "
+            f"weights {float_bytes / 2**20:.2f} -> {new.data.bytes / 2**20:.2f} MiB; max |quantized - float| "
+            f"{worst['max_abs_diff']:.3g} ({worst['relative']:.2%} of max|float|) on {len(data.feeds(name)[:8])} calibration feeds")
+        out[name] = new
+    return out
+
+
+def quantization_error(float_path: Path, quant_path: Path, feeds: list[dict]) -> dict:
+    """Per output, max |quantized - float| over the feeds and that relative to max |float|: what
+    quantization costs, measured on what the graph really sees. ONNX Runtime runs both graphs."""
+    from export.onnx_export import ort_session
+
+    a, b = ort_session(float_path), ort_session(quant_path)
+    names = [o.name for o in a.get_outputs()]
+    diff, scale = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+    for f in feeds:
+        for n, x, y in zip(names, a.run(None, f), b.run(None, f)):
+            x, y = x.astype(np.float64), y.astype(np.float64)
+            diff[n] = max(diff[n], float(np.max(np.abs(x - y))))
+            scale[n] = max(scale[n], float(np.max(np.abs(x))))
+    return {n: {"max_abs_diff": diff[n], "relative": diff[n] / scale[n] if scale[n] else 0.0} for n in names}

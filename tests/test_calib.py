@@ -1,0 +1,196 @@
+"""calib/: calibration data from the pipeline, INT8 Q/DQ by TensorRT's rules, int8 bundles end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from calib.data import CalibrationSettings, load_calibration, record_calibration, recorded_steps
+from calib.quantize import INT8, QuantizationError, check_qdq, quantize_graph
+from runtime.errors import LladaVError
+
+quiet = lambda *a: None  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory):
+    """The shipped miniature as an int8 bundle at K=15, calibrated on 8 generator questions."""
+    from calib.stage import QuantSettings
+    from export.build import BuildRequest, build_bundle
+    from export.profiles import ProfileSettings
+    from miniature import embedded_checkpoint
+
+    root = tmp_path_factory.mktemp("int8")
+    profile = ProfileSettings(layout="anyres", max_text_tokens=96, opt_text_tokens=64, max_response=32,
+                              opt_response=8, opt_image=(640, 360))
+    q = QuantSettings.for_mode("int8", calibration=CalibrationSettings(samples=8), data_root=root / "calibration")
+    req = BuildRequest(embedded_checkpoint(), root / "k15", 15, 50, "int8", profile, quant=q)
+    return build_bundle(req, log=quiet).out
+
+
+def _graph(bundle, name):
+    return onnx.load(str(bundle / "onnx" / f"{name}.onnx"), load_external_data=True)
+
+
+def test_int8_bundle_quantizes_the_decoder_linears_by_tensorrts_rules(int8_bundle):
+    """Read back independently of calib.quantize: every linear layer of both decoder halves has an int8
+    weight with one float16 scale per output channel (axis 1) and a per-tensor activation Q/DQ; every zero
+    point is 0; attention, the LM head and the vision tower stay float; the graphs say they are int8."""
+    from runtime.bundle import read_manifest
+
+    m = read_manifest(int8_bundle)
+    assert m.precision == "int8" and m.opset == 19
+    layers = {"decoder_pre": 15, "decoder_post": 32 - 15}
+    for name, entry in m.subgraphs.items():
+        model = _graph(int8_bundle, name)
+        ops = [n.op_type for n in model.graph.node]
+        props = {p.key: p.value for p in model.metadata_props}
+        if name == "vision":
+            assert entry.precision == "fp16" and props["lladav.precision"] == "fp16"
+            assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
+            continue
+        assert entry.precision == props["lladav.precision"] == "int8"
+        consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        weights = acts = 0
+        for n in model.graph.node:
+            if n.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            scale, zero = consts[n.input[1]], consts[n.input[2]]
+            assert scale.dtype == np.float16 and zero.dtype == np.int8 and not zero.any(), n.name
+            if n.op_type == "DequantizeLinear" and n.input[0] in consts:
+                w = consts[n.input[0]]
+                axis = {a.name: a.i for a in n.attribute}.get("axis", 1)
+                assert w.dtype == np.int8 and axis == 1 and scale.shape == (w.shape[1],), n.name
+                weights += 1
+            elif n.op_type == "QuantizeLinear":
+                assert scale.shape == (), n.name
+                acts += 1
+        # q, k, v, o, gate, up, down per layer; q/k/v share one activation Q/DQ, gate/up another
+        assert weights == 7 * layers[name] and acts == 4 * layers[name], (name, weights, acts)
+        lm = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts
+              and consts[n.input[1]].shape[-1] == m.model["decoder"]["vocab"]]
+        assert len(lm) == (name == "decoder_post") and all(consts[n.input[1]].dtype == np.float16 for n in lm)
+        q = entry.quantization
+        assert q["scheme"]["mode"] == "int8" and q["calibration"]["counts"]["vision"] == 8
+        assert q["weight_bytes"] < 0.55 * q["float_weight_bytes"]  # int8 against fp16 (scales and norms remain)
+        assert entry.data.bytes == q["weight_bytes"]
+
+
+def test_int8_bundle_builds_strongly_typed_on_the_jetson(int8_bundle):
+    """TensorRT: explicit quantization with strong typing; no precision flags beside it."""
+    script = (int8_bundle / "jetson" / "build_engines.sh").read_text()
+    assert script.count("--stronglyTyped") == 3
+    assert "--int8" not in script and "--fp16" not in script
+
+
+def test_the_int8_miniature_answers_above_the_floor(int8_bundle, tmp_path):
+    """The harness runs an int8 bundle like any other (one more row per precision): the first 60
+    held-out questions unpruned and at K=15 P=50 clear the fp32 floors of test_miniature."""
+    from miniature.eval import main
+    from tests.test_miniature import SHIPPED_FLOOR
+
+    assert main(["--bundle", str(int8_bundle), "--limit", "60", "--strategies", "unpruned", "K15 P50",
+                 "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "table.json").read_text())
+    assert "(int8," in data["header"]
+    rows = {r["name"]: r for r in data["rows"]}
+    for name, floor in SHIPPED_FLOOR.items():
+        assert rows[name]["accuracy"] >= floor, (name, rows[name]["by_kind"])
+
+
+def test_calibration_records_what_each_graph_sees_and_is_reused_by_key(int8_bundle, tmp_path):
+    from runtime.bundle import read_manifest
+
+    m = read_manifest(int8_bundle)
+    settings = CalibrationSettings(samples=2, steps_recorded=3)
+    logs = []
+    data = record_calibration(int8_bundle, settings, tmp_path, logs.append)
+    assert data.meta["counts"]["vision"] == 2 and data.meta["model_hash"] == m.model["content_hash"]
+    pre, post = data.feeds("decoder_pre"), data.feeds("decoder_post")
+    assert 2 <= len(pre) <= 6 and len(post) == len(pre)
+    full, reduced = pre[0]["inputs_embeds"].shape[1], post[0]["hidden_states"].shape[1]
+    assert full == 184 + reduced - 92  # step 1: all 184 visual tokens; after it P=50 dropped 92
+    assert pre[1]["inputs_embeds"].shape[1] == reduced and pre[0]["inputs_embeds"].dtype == np.float16
+    again = record_calibration(int8_bundle, settings, tmp_path, logs.append)
+    assert "reused" in logs[-1] and again.path == data.path
+    loaded = load_calibration(data.path)
+    for graph in ("vision", "decoder_pre", "decoder_post"):
+        for a, b in zip(loaded.feeds(graph), data.feeds(graph)):
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    data.check_for(m.model["content_hash"], 15)
+    with pytest.raises(LladaVError, match=r"recorded for model \w{12} K=15; this build is model \w{12} K=8"):
+        data.check_for(m.model["content_hash"], 8)
+    with pytest.raises(LladaVError, match="recorded for model"):
+        data.check_for("0" * 64, 15)
+
+
+def test_recorded_steps_are_step_one_and_spread_later_ones():
+    assert recorded_steps(8, 1) == [0]
+    assert recorded_steps(8, 3) == [0, 1, 7]
+    assert recorded_steps(32, 4) == [0, 1, 16, 31]
+
+
+def test_bad_calibration_inputs_are_named_and_nothing_is_written(int8_bundle, tmp_path):
+    root = tmp_path / "root"
+    images, prompts = tmp_path / "images", tmp_path / "prompts.txt"
+    images.mkdir()
+    prompts.write_text("What is ahead?\n")
+    cases = [
+        (CalibrationSettings(samples=0), "calibration samples: got 0; expected an integer >= 1"),
+        (CalibrationSettings(images=str(images)), "--calib-images and --calib-prompts go together"),
+        (CalibrationSettings(images=str(images), prompts=str(prompts)), "holds no images"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(LladaVError, match=message):
+            record_calibration(int8_bundle, settings, root, quiet)
+    (images / "frame.png").write_bytes(b"not a png")
+    with pytest.raises(LladaVError, match=r"image '.*frame.png': unreadable"):
+        record_calibration(int8_bundle, CalibrationSettings(images=str(images), prompts=str(prompts), samples=1), root, quiet)
+    prompts.write_text("\n  \n")
+    with pytest.raises(LladaVError, match="holds no questions"):
+        record_calibration(int8_bundle, CalibrationSettings(images=str(images), prompts=str(prompts)), root, quiet)
+    assert not root.exists() or not any(p.name.endswith(".json") for p in root.rglob("*"))
+
+
+def _tiny_qdq(path, zero=0, weight_scale_shape=(3,), opset=19):
+    """x (1, 4) fp16 -> Q/DQ -> MatMul with an int8 weight (4, 3) behind a DequantizeLinear (axis 1)."""
+    inits = [numpy_helper.from_array(np.float16(0.1), "xs"), numpy_helper.from_array(np.int8(zero), "xz"),
+             numpy_helper.from_array(np.arange(12, dtype=np.int8).reshape(4, 3), "w"),
+             numpy_helper.from_array(np.full(weight_scale_shape, 0.01, np.float16), "ws"),
+             numpy_helper.from_array(np.zeros(weight_scale_shape, np.int8), "wz")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq"),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="wdq", axis=1),
+             helper.make_node("MatMul", ["xd", "wd"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
+def test_qdq_check_refuses_what_tensorrt_refuses(tmp_path):
+    assert check_qdq(_tiny_qdq(tmp_path / "ok.onnx"), INT8) == {"weights": 1, "activations": 1}
+    with pytest.raises(QuantizationError, match="zero point .* TensorRT needs int8 zero points of 0"):
+        check_qdq(_tiny_qdq(tmp_path / "asym.onnx", zero=3), INT8)
+    with pytest.raises(QuantizationError, match=r"weight w is not int8 per output channel .*scale shape \(1,\)"):
+        check_qdq(_tiny_qdq(tmp_path / "per_tensor_w.onnx", weight_scale_shape=(1,)), INT8)
+
+
+def test_quantize_graph_refuses_graphs_it_cannot_take(int8_bundle, tmp_path):
+    feeds = [{"x": np.ones((1, 4), np.float16)}]
+    with pytest.raises(QuantizationError, match="opset 18; int8 Q/DQ with float16 scales needs opset >= 19"):
+        quantize_graph(_tiny_qdq(tmp_path / "o18.onnx", opset=18), tmp_path / "out.onnx", feeds, INT8, 512)
+    src = tmp_path / "pre"
+    src.mkdir()
+    for suffix in ("", ".data"):
+        shutil.copy(int8_bundle / "onnx" / f"decoder_pre.onnx{suffix}", src / f"decoder_pre.onnx{suffix}")
+    with pytest.raises(QuantizationError, match="already holds Q/DQ nodes; expected a float graph"):
+        quantize_graph(src / "decoder_pre.onnx", tmp_path / "out.onnx", feeds, INT8, 512)
+    with pytest.raises(LladaVError, match="no calibration feeds"):
+        quantize_graph(src / "decoder_pre.onnx", tmp_path / "out.onnx", [], INT8, 512)
+    assert not (tmp_path / "out.onnx").exists()
