@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -194,3 +195,39 @@ def test_quantize_graph_refuses_graphs_it_cannot_take(int8_bundle, tmp_path):
     with pytest.raises(LladaVError, match="no calibration feeds"):
         quantize_graph(src / "decoder_pre.onnx", tmp_path / "out.onnx", [], INT8, 512)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_compare_reports_agreement_overlap_and_logits_error_against_the_reference(int8_bundle, tmp_path, capsys):
+    """calib.compare over an fp32 reference and the int8 bundle: the reference against itself is exact; the
+    int8 rows carry a small, non-zero step-1 logits error and an overlap of the kept tokens; bundles of
+    another model are refused by name."""
+    from calib.compare import main
+    from export.build import BuildRequest, build_bundle
+    from export.profiles import ProfileSettings
+    from runtime.bundle import read_manifest
+
+    m = read_manifest(int8_bundle)
+    settings = dict(m.profiles["settings"], opt_image=tuple(m.profiles["settings"]["opt_image"]))
+
+    ref = build_bundle(BuildRequest(Path(m.model["source"]), tmp_path / "fp32", 15, 50, "fp32",
+                                    ProfileSettings(**settings)), log=quiet).out
+    assert main(["--bundles", str(ref), str(int8_bundle), "--limit", "3", "--out", str(tmp_path / "cmp")]) == 0
+    rows = {(r["bundle"].split(" ")[-1], r["strategy"]): r for r in
+            json.loads((tmp_path / "cmp" / "precision.json").read_text())["rows"]}
+    assert set(rows) == {(p, s) for p in ("(fp32)", "(int8)") for s in ("unpruned", "K15 P50")}
+    for s in ("unpruned", "K15 P50"):
+        exact = rows["(fp32)", s]
+        assert exact["agreement"] == exact["kept_overlap_min"] == 1.0 and exact["logits_rel_error_max"] == 0.0
+        q = rows["(int8)", s]
+        assert 0 < q["logits_rel_error_mean"] <= q["logits_rel_error_max"] < 0.2 and q["questions"] == 3
+        assert 0.8 <= q["kept_overlap_min"] <= q["kept_overlap_mean"] <= 1.0
+    assert rows["(int8)", "unpruned"]["kept_overlap_min"] == 1.0  # nothing pruned: every token kept by both
+
+
+
+def test_compare_refuses_bundles_of_different_models(int8_bundle, runtime_bundles, tmp_path, capsys):
+    from calib.compare import main
+
+    assert main(["--bundles", str(runtime_bundles[15]), str(int8_bundle), "--out", str(tmp_path)]) == 2
+    assert "--bundles: built from different models" in capsys.readouterr().err
+    assert not (tmp_path / "precision.json").exists()
