@@ -52,8 +52,10 @@ def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict
     data = record_calibration(tmp, q.calibration, q.data_root, log)
     data.check_for(manifest.model["content_hash"], manifest.k)
     out = dict(manifest.subgraphs)
+    if q.scheme.smooth_alpha:
+        out.update(smoothed_graphs(tmp, manifest, data, q.scheme.smooth_alpha, log))
     for name in QUANTIZED_GRAPHS:
-        entry = manifest.subgraphs[name]
+        entry = out[name]
         src = tmp / entry.onnx.path
         work = src.parent / f".{q.scheme.mode}"  # same names as the float graph: the .onnx names its .data file
         work.mkdir(exist_ok=True)
@@ -83,6 +85,44 @@ def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict
             f"weights {float_bytes / 2**20:.2f} -> {new.data.bytes / 2**20:.2f} MiB; max |quantized - float| "
             f"{worst['max_abs_diff']:.3g} ({worst['relative']:.2%} of max|float|) on {len(data.feeds(name)[:8])} calibration feeds")
         out[name] = new
+    return out
+
+
+def smoothed_graphs(tmp: Path, manifest: Manifest, data, alpha: float, log) -> dict[str, SubgraphEntry]:
+    """The decoder graphs re-exported (and validated) from the checkpoint with SmoothQuant's migration
+    folded into their weights (calib.smooth), the activation maxima taken on the calibration feeds.
+    The graphs compute the same function, so the feeds recorded on the unsmoothed ones still hold."""
+    import torch
+
+    from calib.smooth import input_maxima, smooth
+    from export.checkpoint import load_model
+    from export.onnx_export import export_and_validate, release_memory
+    from export.profiles import VALIDATION_SIZES
+    from export.subgraphs import SUBGRAPHS
+    from runtime.bundle import graph_identity
+
+    log(f"SmoothQuant (alpha {alpha}): activation maxima on the calibration feeds, then re-export ...")
+    model, _ = load_model(Path(manifest.model["source"]), torch.float32)
+    k, n = manifest.k, manifest.n_layers
+    spans = {"decoder_pre": range(0, k), "decoder_post": range(k, n)}
+    specs = {s.name: s for s in SUBGRAPHS}
+    for name, span in spans.items():
+        blocks = {i: model.model.layers[i] for i in span}
+        with torch.inference_mode():
+            maxima = input_maxima(specs[name].build(model, k), blocks, data.feeds(name), specs[name].input_names)
+        smooth(blocks, maxima, alpha)
+    model = model.half()
+    out = {}
+    for name in spans:
+        entry, spec = manifest.subgraphs[name], specs[name]
+        path = tmp / entry.onnx.path
+        identity = graph_identity(name, k, n, manifest.model["content_hash"], "fp16")
+        report = export_and_validate(spec, spec.build(model, k), model.cfg, "fp16", path, list(VALIDATION_SIZES),
+                                     manifest.opset, identity)
+        out[name] = dataclasses.replace(entry, onnx=file_info(tmp, path), data=file_info(tmp, report.data),
+                                        validation=report.checks, ops=report.ops)
+    del model
+    release_memory()
     return out
 
 

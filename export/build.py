@@ -273,7 +273,7 @@ def quantize(req, tmp, ckpt, ckpt_hash, token_ids, b, entries, host, tokenizer, 
     by calib/, calibrated on what they see when that bundle answers questions."""
     from calib.stage import quantize_stage
 
-    float_req = replace(req, precision=req.float_precision)
+    float_req = replace(req, precision=req.float_precision, opset=req.graph_opset)
     trt = {"built": False, "reason": "provisional: calibration", "version": None, "script": "jetson/build_engines.sh",
            "build_settings": None}
     provisional = make_manifest(float_req, ckpt, ckpt_hash, token_ids, b.ranges, entries, host, tokenizer, trt)

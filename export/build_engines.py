@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calib-prompts", type=Path, help="a text file of questions, one per line (with --calib-images)")
     cal.add_argument("--calib-method", choices=("minmax", "percentile", "entropy"), default="minmax",
                      help="how activation ranges are taken from the calibration data")
+    cal.add_argument("--smooth-alpha", type=float,
+                     help="SmoothQuant migration strength in [0, 1) (0: off; default: the scheme's)")
     cal.add_argument("--calib-dir", type=Path, default=Path("bundles") / "calibration",
                      help="where calibration data is stored and reused (keyed by model, K, P and settings)")
     ap.add_argument("--clean", action="store_true",
@@ -92,7 +94,8 @@ def quant_settings(args: argparse.Namespace):
     q = QuantSettings.for_mode(args.precision)
     images = None if args.calib_images is None else str(args.calib_images)
     prompts = None if args.calib_prompts is None else str(args.calib_prompts)
-    return replace(q, scheme=replace(q.scheme, calibration=args.calib_method), data_root=args.calib_dir,
+    alpha = q.scheme.smooth_alpha if args.smooth_alpha is None else args.smooth_alpha
+    return replace(q, scheme=replace(q.scheme, calibration=args.calib_method, smooth_alpha=alpha), data_root=args.calib_dir,
                    calibration=CalibrationSettings(samples=args.calib_samples, images=images, prompts=prompts))
 
 

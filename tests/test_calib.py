@@ -231,3 +231,48 @@ def test_compare_refuses_bundles_of_different_models(int8_bundle, runtime_bundle
     assert main(["--bundles", str(runtime_bundles[15]), str(int8_bundle), "--out", str(tmp_path)]) == 2
     assert "--bundles: built from different models" in capsys.readouterr().err
     assert not (tmp_path / "precision.json").exists()
+
+
+def test_smoothquant_migration_keeps_the_function_and_divides_the_activations():
+    """calib.smooth on a random 32-layer model (layers 15..31, decoder_post's half): the hooks' maxima
+    equal max |RMSNorm(h)| computed directly at a layer's input; after smoothing, decoder_post's logits
+    are unchanged (fp32, relative 1e-4) while every smoothed input channel's maximum is a_j / s_j."""
+    import torch
+
+    from calib.smooth import input_maxima, scales, smooth
+    from export.model import PRESETS, LladaV
+    from export.subgraphs import DECODER_POST
+
+    torch.manual_seed(0)
+    model = LladaV(PRESETS["tiny"]).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight"):
+                p.copy_(torch.rand_like(p) * 2 + 0.1)
+    d = model.cfg.decoder.d_model
+    rng = np.random.default_rng(0)
+    feeds = []
+    for n in (40, 56):
+        h = rng.standard_normal((1, n, d)).astype(np.float32)
+        h[..., 3] *= 30  # an outlier channel, as LLMs have
+        feeds.append({"hidden_states": h, "position_ids": np.arange(n)[None], "logit_rows": np.arange(n - 8, n)})
+    blocks = {i: model.model.layers[i] for i in range(15, 32)}
+    names = DECODER_POST.input_names
+    module = DECODER_POST.build(model, 15)
+    with torch.no_grad():
+        maxima = input_maxima(module, blocks, feeds, names)
+        direct = torch.stack([model.model.layers[20].input_layernorm(
+            model.run_layers(torch.from_numpy(f["hidden_states"]), torch.from_numpy(f["position_ids"]), 15, 20)[0]
+        ).abs().reshape(-1, d).amax(0) for f in feeds]).amax(0)
+        assert torch.allclose(maxima[20, "q"], direct, rtol=1e-5) and torch.equal(maxima[20, "q"], maxima[20, "v"])
+        before = [module(*[torch.from_numpy(f[n]) for n in names])[0] for f in feeds]
+        w = [model.model.layers[20].self_attn.q_proj.weight.clone(), model.model.layers[20].self_attn.k_proj.weight.clone(),
+             model.model.layers[20].self_attn.v_proj.weight.clone()]
+        s = scales(maxima[20, "q"], w, 0.5)
+        smooth(blocks, maxima, 0.5)
+        after = [module(*[torch.from_numpy(f[n]) for n in names])[0] for f in feeds]
+        for a, b in zip(before, after):
+            assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max())
+        again = input_maxima(module, blocks, feeds, names)
+        assert torch.allclose(again[20, "q"], maxima[20, "q"] / s, rtol=1e-4)
+        assert float(again[20, "q"].max() / again[20, "q"].median()) < float(maxima[20, "q"].max() / maxima[20, "q"].median())
