@@ -20,3 +20,21 @@ def test_quick_benchmark_writes_json_and_png(tmp_path, capsys):
     assert set(data["weight_bytes"]) >= {"vision", "decoder_pre", "decoder_post"}
     assert Image.open(png).size == (900, 380)
     assert "FLOPs pred." in capsys.readouterr().out
+
+
+def test_quant_bench_times_every_decoder_in_every_variant(tmp_path, capsys):
+    """bench.quant --quick: fp32, the shipped int8 (fp16 graphs with Q/DQ) and int8 on fp32 graphs, each
+    decoder timed once built; int8 weights are about a quarter of fp32's; the attention share is docs/flops.md's."""
+    from bench.quant import attention_share, main
+
+    assert abs(attention_share(831, 1024, 2816) - 2 * 831 / (4 * 1024 + 2 * 831 + 3 * 2816)) < 1e-12
+    assert 0.11 < attention_share(831, 1024, 2816) < 0.13  # d=1024: the linear layers dominate, as on the 8B
+    assert main(["--quick", "--workdir", str(tmp_path), "--json", str(tmp_path / "q.json")]) == 0
+    out = json.loads((tmp_path / "q.json").read_text())
+    assert out["int8_precision"] == "int8"
+    assert set(out["seconds"]) == {f"{v}/{g}" for v in ("fp32", "int8", "int8 on fp32") for g in ("decoder_pre", "decoder_post")}
+    assert all(t > 0 for t in out["seconds"].values())
+    for g in ("decoder_pre", "decoder_post"):
+        assert out["weight_bytes"][f"int8/{g}"] < 0.35 * out["weight_bytes"][f"fp32/{g}"]
+    text = capsys.readouterr().out
+    assert "decoder_pre" in text and "x fp32" in text
