@@ -76,6 +76,9 @@ class TrainSettings:
     review_steps: int = 200  # stage 4: stage 2's batches (all six questions per scene) at a lower learning rate
     review_lr: float = 3e-4
     review_warmup_steps: int = 10
+    # then rounds of (kinds, focus steps, review steps): a focus stage asking only these kinds (equally
+    # weighted), then a review like stage 4; stage names "focus 2", "review 2", ...
+    rounds: tuple[tuple[tuple[str, ...], int, int], ...] = ()
     eval_every: int = 200  # steps
     validation_scenes: int = 40  # x6 questions, a one-pass accuracy monitor
     checkpoint_seconds: float = 300.0
@@ -86,19 +89,25 @@ class TrainSettings:
 
     @property
     def steps(self) -> int:
-        return self.vision_steps + self.sft_steps + self.focus_steps + self.review_steps
+        return sum(n for _, _, n in self.stages())
 
     def stages(self) -> list[tuple[str, int, int]]:
-        """(phase, first step, steps) of the four stages in order."""
+        """(phase, first step, steps) of every stage in order: the four, then the rounds'."""
+        plan = [("vision", self.vision_steps), ("sft", self.sft_steps), ("focus", self.focus_steps),
+                ("review", self.review_steps)]
+        for i, (_, focus, review) in enumerate(self.rounds, start=2):
+            plan += [(f"focus {i}", focus), (f"review {i}", review)]
         out, first = [], 0
-        for name, n in (("vision", self.vision_steps), ("sft", self.sft_steps), ("focus", self.focus_steps),
-                        ("review", self.review_steps)):
+        for name, n in plan:
             out.append((name, first, n))
             first += n
         return out
 
     def phase(self, step: int) -> str:
-        return next((name for name, first, n in self.stages() if step < first + n), "review")
+        return next((name for name, first, n in self.stages() if step < first + n), self.stages()[-1][0])
+
+    def stage_steps(self, phase: str) -> int:
+        return next(n for name, _, n in self.stages() if name == phase)
 
     def stage_step(self, step: int) -> int:
         """The step's index within its stage."""
@@ -106,10 +115,10 @@ class TrainSettings:
 
     def scenes_per(self, phase: str) -> int:
         return {"vision": self.vision_scenes_per_step, "sft": self.scenes_per_step,
-                "focus": self.focus_scenes_per_step, "review": self.scenes_per_step}[phase]
+                "focus": self.focus_scenes_per_step, "review": self.scenes_per_step}[kind_of(phase)]
 
     def questions_per_scene(self, phase: str) -> int:
-        return {"vision": 0, "sft": 6, "focus": self.focus_questions_per_scene, "review": 6}[phase]
+        return {"vision": 0, "sft": 6, "focus": self.focus_questions_per_scene, "review": 6}[kind_of(phase)]
 
     def _before(self, step: int, per_step) -> int:
         return sum(min(max(0, step - first), n) * per_step(name) for name, first, n in self.stages())
@@ -126,11 +135,18 @@ class TrainSettings:
     def stage_ends(self) -> set[int]:
         return {first + n for _, first, n in self.stages()}
 
+    def focus_weights_of(self, phase: str) -> tuple[tuple[str, float], ...]:
+        """A round's focus stage weighs its kinds equally; every other phase has focus_weights."""
+        if kind_of(phase) != "focus" or phase == "focus":
+            return self.focus_weights
+        return tuple((k, 1.0) for k in self.rounds[int(phase.split()[1]) - 2][0])
+
     def focus_kinds(self, step: int) -> list[tuple[str, ...]]:
-        """Per scene of a stage-3 step, the kinds it asks: focus_questions_per_scene distinct kinds drawn
-        with probability proportional to focus_weights."""
-        names = [k for k, _ in self.focus_weights]
-        w = np.array([x for _, x in self.focus_weights])
+        """Per scene of a focus step, the kinds it asks: focus_questions_per_scene distinct kinds drawn
+        with probability proportional to the stage's weights (focus_weights, or a round's kinds equally)."""
+        weights = self.focus_weights_of(self.phase(step))
+        names = [k for k, _ in weights]
+        w = np.array([x for _, x in weights])
         rng = np.random.default_rng([self.seed, step, 3])
         return [tuple(str(k) for k in rng.choice(names, self.focus_questions_per_scene, replace=False, p=w / w.sum()))
                 for _ in range(self.focus_scenes_per_step)]
@@ -141,11 +157,15 @@ class TrainSettings:
         if step < self.vision_steps:
             return self.lr * min(1.0, (step + 1) / self.warmup_steps)
         phase, i = self.phase(step), self.stage_step(step)
-        if phase == "focus":
+        if kind_of(phase) == "focus":
             return self.focus_lr * min(1.0, (i + 1) / self.focus_warmup_steps)
-        steps, warmup, peak = {"sft": (self.sft_steps, self.warmup_steps, self.lr),
-                               "review": (self.review_steps, self.review_warmup_steps, self.review_lr)}[phase]
-        return _warmup_cosine(i, steps, warmup, peak, self.final_lr_ratio)
+        warmup, peak = {"sft": (self.warmup_steps, self.lr), "review": (self.review_warmup_steps, self.review_lr)}[kind_of(phase)]
+        return _warmup_cosine(i, self.stage_steps(phase), warmup, peak, self.final_lr_ratio)
+
+
+def kind_of(phase: str) -> str:
+    """A stage's kind: vision, sft, focus or review (rounds add "focus 2", "review 2", ...)."""
+    return phase.split()[0]
 
 
 def _warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
@@ -362,7 +382,7 @@ class Run:
         s, phase = self.s, self.phase
         seeds = training_seeds(s.seed, s.first_scene(self.step), s.scenes_per(phase))
         scenes = self.encoder.examples(seeds, text=phase != "vision")
-        if phase != "focus":
+        if kind_of(phase) != "focus":
             return scenes
         return [ex.asking(kinds) for ex, kinds in zip(scenes, s.focus_kinds(self.step))]
 
@@ -379,7 +399,7 @@ class Run:
             else:
                 gen = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
                 length = int(np.random.default_rng([s.seed, self.step]).integers(*s.response_lengths, endpoint=True))
-                focus = self.phase == "focus"
+                focus = kind_of(self.phase) == "focus"
                 visuals = scene_visuals(self.model, batch)
                 sft = sft_loss(self.model, batch, visuals, s.focus_response_length if focus else length,
                                self.tok.ids.mask, gen)
@@ -436,7 +456,7 @@ class Run:
         return write_checkpoint(out, config_to_json(self.cfg, self.token_ids), state, self.tok_files)
 
 
-def plot_loss(log: list[dict], path: Path) -> None:
+def plot_loss(log: list[dict], path: Path, settings: TrainSettings) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -445,7 +465,9 @@ def plot_loss(log: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     log = [r for r in log if r["phase"] != "vision"]  # stage 1 trains the vision tower alone: no answers yet
     ax.plot([r["samples"] for r in log], [r["loss"] for r in log], lw=1, label="SFT loss (mean of 20 steps)")
-    for phase, label in (("focus", "stage 3: light, limit only"), ("review", "stage 4: review")):
+    for n, (phase, _, _) in enumerate(settings.stages()[2:], start=3):
+        kinds = [k for k, w in settings.focus_weights_of(phase) if w] if kind_of(phase) == "focus" else []
+        label = f"stage {n}: " + (", ".join(kinds) + " only" if kinds else "review")
         first = next((r["samples"] for r in log if r["phase"] == phase), None)
         before = [r["samples"] for r in log if first is not None and r["samples"] < first]
         if before:
@@ -464,7 +486,7 @@ def plot_loss(log: list[dict], path: Path) -> None:
         ax2.set_ylabel("accuracy")
         ax2.legend(loc="center right")
     ax.legend(loc="upper right")
-    ax.set_title("miniature LLaDA-V: SFT on driving scenes (stages 2-4)")
+    ax.set_title("miniature LLaDA-V: SFT on driving scenes (stage 2 on)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -501,7 +523,7 @@ def main(argv=None) -> int:
         run.train()
         out = run.write(args.out)
         args.report.mkdir(parents=True, exist_ok=True)
-        plot_loss(run.log, args.report / "loss.png")
+        plot_loss(run.log, args.report / "loss.png", settings)
         write_json(args.report / "training.json", {"settings": dataclasses.asdict(settings),
                                                        "minutes": run.elapsed / 60, "log": run.log})
     except LladaVError as exc:

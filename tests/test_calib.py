@@ -276,3 +276,16 @@ def test_smoothquant_migration_keeps_the_function_and_divides_the_activations():
         again = input_maxima(module, blocks, feeds, names)
         assert torch.allclose(again[20, "q"], maxima[20, "q"] / s, rtol=1e-4)
         assert float(again[20, "q"].max() / again[20, "q"].median()) < float(maxima[20, "q"].max() / maxima[20, "q"].median())
+
+
+def test_jetson_profiles_an_int8_bundle_like_any_other(int8_bundle, tmp_path, capsys):
+    """The on-target profiler plans an int8 bundle's engines (dry run: every trtexec command printed) and its
+    ONNX Runtime path runs the quantized graphs."""
+    from jetson.profile import main
+
+    assert main(["--bundle", str(int8_bundle), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("--loadEngine=") >= 3 and "decoder_pre" in text and "decoder_post" in text
+    assert main(["--bundle", str(int8_bundle), "--backend", "onnxruntime", "--steps", "2", "--repeats", "1",
+                 "--iterations", "1", "--p", "50", "--out", str(tmp_path / "prof")]) == 0
+    assert (tmp_path / "prof" / "report.md").is_file()

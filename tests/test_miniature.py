@@ -331,6 +331,35 @@ def test_focus_stage_asks_distinct_weighted_kinds_of_new_scenes(tmp_path, small_
     assert all(len(ex.questions) == 6 for ex in review)
 
 
+def test_rounds_add_focus_and_review_stages_on_their_kinds(tmp_path, small_run_settings):
+    """Each round is a focus stage asking only its kinds (equally often), with the focus learning rate
+    warming up again, then a review of all six questions, its cosine restarting; every stage reads new scenes."""
+    from collections import Counter
+
+    from miniature.train import Run
+
+    s = dataclasses.replace(small_run_settings, focus_scenes_per_step=4, rounds=((("count", "ahead"), 3, 2),))
+    names = [name for name, _, _ in s.stages()]
+    assert names == ["vision", "sft", "focus", "review", "focus 2", "review 2"] and s.steps == 2 + 2 + 2 + 2 + 3 + 2
+    first = dict((name, f) for name, f, _ in s.stages())
+    assert s.phase(first["focus 2"]) == "focus 2" and s.phase(s.steps - 1) == "review 2"
+    assert s.lr_at(first["focus 2"]) == s.focus_lr / s.focus_warmup_steps
+    assert s.lr_at(first["review 2"]) == s.review_lr / s.review_warmup_steps
+    counts = Counter(k for step in range(first["focus 2"], first["review 2"]) for kinds in s.focus_kinds(step)
+                     for k in kinds)
+    assert counts == {"count": 12, "ahead": 12}
+    run = Run(s, tmp_path / "run")
+    seen = set()
+    for run.step in range(first["focus 2"]):
+        seen |= {ex.seed for ex in run.batch()}
+    run.step = first["focus 2"]
+    batch = run.batch()
+    assert not seen & {ex.seed for ex in batch}
+    assert all(sorted(q.report_kind for q in ex.questions) == ["ahead", "count"] for ex in batch)
+    run.step = first["review 2"]
+    assert all(len(ex.questions) == 6 for ex in run.batch())
+
+
 # ---------------------------------------------------------------- the shipped model
 
 
