@@ -38,8 +38,10 @@ class QuantScheme:
     calibration: str = "minmax"  # ONNX Runtime CalibrationMethod: minmax | percentile | entropy
     percentile: float = 99.999  # with calibration = percentile
     smooth_alpha: float = 0.0  # SmoothQuant migration strength (calib.smooth); 0: off
-    min_opset: int = 19
+    min_opset: int = 19  # of the exported float graph
     tool: str = "onnxruntime.quantization.quantize_static"
+    block: int = 0  # blocked weights (int4): input rows per scale
+    graph_opset: int = 0  # the quantized graph's opset, when the scheme needs a later one than the export's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +49,18 @@ class QuantScheme:
 
 # alpha 0.8: on the miniature it gave the least step-1 logits error of 0 / 0.5 / 0.8 (docs/quantization.md)
 INT8 = QuantScheme("int8", "int8 per-channel (output channel) symmetric", "int8 per-tensor symmetric", smooth_alpha=0.8)
-SCHEMES = {"int8": INT8}
+INT4 = QuantScheme("int4", "int4 blocked (128 input rows per scale) symmetric, weight-only", "fp16 (not quantized)",
+                   calibration="none", tool="calib.int4 (round to nearest)", block=128, graph_opset=21)
+SCHEMES = {"int8": INT8, "int4": INT4}
+
+
+def quantize(src: Path, dst: Path, feeds: list[dict], scheme: QuantScheme, vocab: int) -> dict:
+    """The scheme's quantizer: ONNX Runtime's static W8A8 for int8, calib.int4 for int4."""
+    if scheme.mode == "int4":
+        from calib.int4 import quantize_int4
+
+        return quantize_int4(src, dst, vocab, scheme.block)
+    return quantize_graph(src, dst, feeds, scheme, vocab)
 
 
 def weight_matmuls(model) -> tuple[list, list]:
@@ -127,8 +140,9 @@ def _restamp(quantized, original, mode: str) -> None:
 
 
 def check_qdq(path: Path, scheme: QuantScheme) -> dict:
-    """TensorRT's explicit-quantization rules on a quantized graph: symmetric (every zero point 0),
-    weights per-channel INT8 on the output axis, activations per-tensor. Returns counts."""
+    """TensorRT's explicit-quantization rules on a quantized graph: symmetric (every zero point 0);
+    int8: weights per-channel INT8 on the output axis, activations per-tensor; int4: weights INT4
+    blocked along the input axis (axis 0, block_size), no activation Q/DQ. Returns counts."""
     import onnx
     from onnx import numpy_helper
 
@@ -148,7 +162,12 @@ def check_qdq(path: Path, scheme: QuantScheme) -> dict:
                 raise QuantizationError(f"{path.name}: {node.name} has zero point {z.dtype} {z.ravel()[:4]}...; "
                                         "TensorRT needs int8 zero points of 0 (symmetric)")
         s = numpy_helper.to_array(scale)
-        if node.op_type == "DequantizeLinear" and node.input[0] in consts:  # a weight
+        if node.op_type == "DequantizeLinear" and node.input[0] in consts and scheme.block:
+            _check_blocked(path, node, consts[node.input[0]], s, scheme.block)
+            counts["weights"] += 1
+        elif scheme.block:
+            raise QuantizationError(f"{path.name}: {node.op_type} {node.name} on an activation; {scheme.mode} is weight-only")
+        elif node.op_type == "DequantizeLinear" and node.input[0] in consts:  # a weight
             w = consts[node.input[0]]
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             if w.data_type != onnx.TensorProto.INT8 or s.ndim != 1 or len(w.dims) != 2 or axis != 1 \
@@ -171,6 +190,17 @@ def check_qdq(path: Path, scheme: QuantScheme) -> dict:
         raise QuantizationError(f"{path.name}: attention MatMuls {touched[:3]} read quantized inputs; expected them "
                                 "in float (softmax(q.k) and p.v stay fp16/fp32)")
     return counts
+
+
+def _check_blocked(path: Path, node, w, s: np.ndarray, block: int) -> None:
+    import onnx
+
+    attrs = {a.name: a.i for a in node.attribute}
+    rows, cols = w.dims
+    if w.data_type != onnx.TensorProto.INT4 or attrs.get("axis") != 0 or attrs.get("block_size") != block \
+            or s.shape != (rows // block, cols):
+        raise QuantizationError(f"{path.name}: weight {node.input[0]} is not int4 blocked by {block} along its input rows "
+                                f"(dims {list(w.dims)}, scale shape {s.shape}, attributes {attrs})")
 
 
 def file_bytes(path: Path) -> int:

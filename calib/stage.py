@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from calib.data import CalibrationSettings, record_calibration
-from calib.quantize import SCHEMES, QuantScheme, check_qdq, quantize_graph
+from calib.quantize import SCHEMES, QuantScheme, check_qdq, quantize
 from runtime.bundle import Manifest, SubgraphEntry, file_info
 from runtime.errors import expect
 
@@ -62,7 +62,7 @@ def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict
         dst = work / src.name
         log(f"{name}: quantizing ({q.scheme.mode}: weights {q.scheme.weights}, activations {q.scheme.activations}) ...")
         try:
-            info = quantize_graph(src, dst, data.feeds(name), q.scheme, manifest.model["decoder"]["vocab"])
+            info = quantize(src, dst, data.feeds(name), q.scheme, manifest.model["decoder"]["vocab"])
             ops = check_graph(dst, next(s for s in SUBGRAPHS if s.name == name))
             counts = check_qdq(dst, q.scheme)
             error = quantization_error(src, dst, data.feeds(name)[:8])
@@ -81,7 +81,7 @@ def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict
                             "quantized": counts, "kept_float": info["kept_float"], "weight_bytes": new.data.bytes,
                             "float_weight_bytes": float_bytes, "error_vs_float": error}
         worst = max(error.values(), key=lambda e: e["relative"])
-        log(f"{name}: {counts['weights']} int8 weights, {counts['activations']} activation Q/DQ; "
+        log(f"{name}: {counts['weights']} {q.scheme.mode} weights, {counts['activations']} activation Q/DQ; "
             f"weights {float_bytes / 2**20:.2f} -> {new.data.bytes / 2**20:.2f} MiB; max |quantized - float| "
             f"{worst['max_abs_diff']:.3g} ({worst['relative']:.2%} of max|float|) on {len(data.feeds(name)[:8])} calibration feeds")
         out[name] = new

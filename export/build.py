@@ -33,9 +33,9 @@ from runtime.files import atomic_directory
 from runtime.pruning import PruneSettings
 from runtime.tokens import TextTokenizer
 
-PRECISIONS = ("fp16", "fp32", "int8")  # int8: fp16 graphs whose decoders calib/ quantizes (W8A8 Q/DQ)
-LATER_PRECISIONS = ("int4",)  # weight-only INT4: not yet
-QUANTIZED = ("int8",)
+# int8 / int4: fp16 graphs whose decoders calib/ quantizes (W8A8 Q/DQ; INT4 weight-only, blocked DQ)
+PRECISIONS = ("fp16", "fp32", "int8", "int4")
+QUANTIZED = ("int8", "int4")
 SOURCES = ("model.py", "subgraphs.py", "onnx_export.py")
 
 
@@ -92,12 +92,11 @@ class Progress:
 
 def validate_request(req: BuildRequest) -> tuple[Checkpoint, dict]:
     """Everything that can be checked before loading weights; returns the checkpoint and its token ids."""
-    expect(req.precision not in LATER_PRECISIONS,
-           f"precision: {req.precision} (weight-only INT4) is not built yet; use int8, fp16 or fp32")
     expect(req.precision in PRECISIONS, f"precision: got {req.precision!r}; expected one of {PRECISIONS}")
     expect(req.engines in ("auto", "skip", "require"), f"engines: got {req.engines!r}; expected auto, skip or require")
     low = req.quant_settings().scheme.min_opset if req.precision in QUANTIZED else 17
     why = f" ({req.precision} Q/DQ with float16 scales needs opset {low})" if req.precision in QUANTIZED else ""
+    # int4's blocked DequantizeLinear is opset 21: calib.int4 raises the quantized graphs' opset itself
     expect(low <= req.graph_opset <= 20, f"opset: got {req.graph_opset!r}; expected {low}..20{why} (TensorRT 10.3 parses "
                                          "up to 20)")
     if req.precision in QUANTIZED:
@@ -379,7 +378,7 @@ def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokeni
                            "vocab": d.vocab_size, "rope_theta": d.rope_theta, "rms_eps": d.rms_eps,
                            "max_positions": d.max_positions},
                "vision": {"d_model": v.d_model, "layers": v.n_layers, "heads": v.n_heads, "d_mlp": v.d_mlp}},
-        k=req.k, p=req.p, n_layers=d.n_layers, precision=req.precision, opset=req.graph_opset,
+        k=req.k, p=req.p, n_layers=d.n_layers, precision=req.precision, opset=final_opset(req),
         token_ids=token_ids,
         geometry={"image_size": g.image_size, "patch_size": g.patch_size, "tokens_per_tile": g.tokens_per_tile,
                   "grid_pinpoints": [list(p) for p in g.grid_pinpoints], "max_tiles": g.max_tiles,
@@ -392,6 +391,12 @@ def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokeni
                   "transformers": transformers.__version__, "tensorrt": trt["version"]},
         tensorrt=trt,
     )
+
+
+def final_opset(req: BuildRequest) -> int:
+    """The bundle's graphs' opset: the export's, or the quantization scheme's when it needs a later one."""
+    later = req.quant_settings().scheme.graph_opset if req.precision in QUANTIZED else 0
+    return max(req.graph_opset, later)
 
 
 def summary(result: BuildResult) -> str:

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--precision", default="fp16", choices=PRECISIONS,
                     help="weights and activations of the exported graphs (norms, softmax, saliency and logits stay "
                          "float32); int8: fp16 graphs whose decoder linear layers are W8A8 Q/DQ, calibrated on the "
-                         "pipeline's own activations (calib/)")
+                         "pipeline's own activations; int4: their weights INT4 (blocks of 128), activations fp16 (calib/)")
     ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES,
                     help="AnyRes tiles (up to 37 tiles, ~4.3k visual tokens) or one 384x384 tile (729 tokens)")
     ap.add_argument("--max-text-tokens", type=int, default=256, help="longest prompt in tokens, chat template included")
@@ -47,11 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="camera frame size in pixels the engines are tuned for")
     ap.add_argument("--cfg", action="store_true", help="allow batch 2 for classifier-free guidance")
     ap.add_argument("--opset", type=int, choices=range(17, 21), metavar="{17..20}",
-                    help="ONNX opset of the exported graphs (TensorRT 10.3 parses 17..20; default 18, int8 19)")
+                    help="ONNX opset of the exported graphs (TensorRT 10.3 parses 17..20; default 18, int8 and int4 19; "
+                         "int4 graphs become opset 21 when quantized)")
     ap.add_argument("--engines", choices=("auto", "skip", "require"), default="auto",
                     help="TensorRT engines: build where TensorRT and a GPU exist (auto), never (skip), or fail "
                          "before any export without them (require)")
-    cal = ap.add_argument_group("calibration (--precision int8)")
+    cal = ap.add_argument_group("calibration (--precision int8 or int4)")
     cal.add_argument("--calib-samples", type=int, default=48,
                      help="questions run through the float bundle to record what each graph sees")
     cal.add_argument("--calib-images", type=Path,
@@ -95,7 +96,8 @@ def quant_settings(args: argparse.Namespace):
     images = None if args.calib_images is None else str(args.calib_images)
     prompts = None if args.calib_prompts is None else str(args.calib_prompts)
     alpha = q.scheme.smooth_alpha if args.smooth_alpha is None else args.smooth_alpha
-    return replace(q, scheme=replace(q.scheme, calibration=args.calib_method, smooth_alpha=alpha), data_root=args.calib_dir,
+    method = args.calib_method if q.scheme.mode == "int8" else q.scheme.calibration  # int4 takes no activation ranges
+    return replace(q, scheme=replace(q.scheme, calibration=method, smooth_alpha=alpha), data_root=args.calib_dir,
                    calibration=CalibrationSettings(samples=args.calib_samples, images=images, prompts=prompts))
 
 

@@ -36,13 +36,13 @@ F32, I64 = "float32", "int64"
 
 # max|got - ref| <= atol + rtol * max|reference| per output, per precision: relative to the output's
 # scale (one fp16 ulp at |x| = 80 is already 0.06).
-# int8: a TensorRT engine against ONNX Runtime on the same Q/DQ graph (both int8 GEMMs; a rounding tie
+# int8, int4: a TensorRT engine against ONNX Runtime on the same Q/DQ graph (both int8 GEMMs; a rounding tie
 # can move one activation by a quantization step): 5x fp16's bound, unverified on a device so far.
-TOLERANCES = (("fp32", 1e-4, 1e-5), ("fp16", 1e-3, 1e-2), ("int8", 5e-3, 5e-2))
+TOLERANCES = (("fp32", 1e-4, 1e-5), ("fp16", 1e-3, 1e-2), ("int8", 5e-3, 5e-2), ("int4", 5e-3, 5e-2))
 # Saliency is a softmax average over ~N keys: its values are ~1/N (5e-4 at N=2000), so an absolute
 # floor like 1e-3 would accept any order of the tokens. Relative to its own maximum only; measured
 # ORT-vs-PyTorch errors: fp16 1.2-2.4e-3 of max, fp32 ~1e-6 (N = 48..2000).
-SALIENCY_TOLERANCES = (("fp32", 0.0, 1e-4), ("fp16", 0.0, 1e-2), ("int8", 0.0, 5e-2))
+SALIENCY_TOLERANCES = (("fp32", 0.0, 1e-4), ("fp16", 0.0, 1e-2), ("int8", 0.0, 5e-2), ("int4", 0.0, 5e-2))
 
 
 @dataclass(frozen=True)

@@ -363,16 +363,13 @@ def test_ctrl_c_prints_one_line_and_exits_130(interrupted, tmp_path, capsys):
     assert capsys.readouterr().err == "interrupted; nothing was written\n" and not (tmp_path / "new").exists()
 
 
-def test_int4_is_refused_and_int8_needs_opset_19(tiny_dir, tmp_path, capsys):
-    """int4 is not built yet: the command line does not offer it, the API says so. int8's Q/DQ with float16
-    scales needs opset 19: an explicit lower opset is refused before any export."""
-    with pytest.raises(SystemExit):
-        main(["--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--precision", "int4"])
-    assert "invalid choice: 'int4'" in capsys.readouterr().err
-    with pytest.raises(LladaVError, match=r"int4 \(weight-only INT4\) is not built yet"):
-        build_bundle(BuildRequest(tiny_dir, tmp_path / "o", 15, 50, "int4"), log=quiet)
-    with pytest.raises(LladaVError, match=r"opset: got 18; expected 19..20 \(int8 Q/DQ with float16 scales needs opset 19\)"):
-        build_bundle(BuildRequest(tiny_dir, tmp_path / "o", 15, 50, "int8", opset=18), log=quiet)
+def test_quantized_precisions_need_opset_19(tiny_dir, tmp_path):
+    """int8 and int4 quantize fp16 graphs whose Q/DQ carry float16 scales (opset 19): an explicit lower
+    opset is refused before any export."""
+    for precision in ("int8", "int4"):
+        with pytest.raises(LladaVError, match=rf"opset: got 18; expected 19..20 \({precision} Q/DQ with float16 scales "
+                                              "needs opset 19\\)"):
+            build_bundle(BuildRequest(tiny_dir, tmp_path / "o", 15, 50, precision, opset=18), log=quiet)
     assert not (tmp_path / "o").exists()
 
 

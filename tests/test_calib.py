@@ -289,3 +289,68 @@ def test_jetson_profiles_an_int8_bundle_like_any_other(int8_bundle, tmp_path, ca
     assert main(["--bundle", str(int8_bundle), "--backend", "onnxruntime", "--steps", "2", "--repeats", "1",
                  "--iterations", "1", "--p", "50", "--out", str(tmp_path / "prof")]) == 0
     assert (tmp_path / "prof" / "report.md").is_file()
+
+
+@pytest.fixture(scope="module")
+def int4_bundle(int8_bundle):
+    """The shipped miniature as an int4 bundle at K=15 (the int8 bundle's calibration data reused)."""
+    from calib.stage import QuantSettings
+    from export.build import BuildRequest, build_bundle
+    from export.profiles import ProfileSettings
+    from miniature import embedded_checkpoint
+
+    profile = ProfileSettings(layout="anyres", max_text_tokens=96, opt_text_tokens=64, max_response=32,
+                              opt_response=8, opt_image=(640, 360))
+    q = QuantSettings.for_mode("int4", calibration=CalibrationSettings(samples=8),
+                               data_root=int8_bundle.parent / "calibration")
+    return build_bundle(BuildRequest(embedded_checkpoint(), int8_bundle.parent / "int4", 15, 50, "int4", profile, quant=q),
+                        log=quiet).out
+
+
+def test_int4_bundle_holds_blocked_int4_weights_that_round_the_checkpoints(int4_bundle):
+    """Every decoder linear is an INT4 initializer behind DequantizeLinear(axis 0, block_size 128) with float16
+    scales per block and output column, and no activation is quantized; dequantized, layer 0's q_proj is the
+    checkpoint's weight (transposed) within half a step of its block; the graphs are opset 21; the decoders'
+    weight bytes are under 0.3x their fp16 size."""
+    import torch
+    from safetensors.torch import load_file
+
+    from miniature import embedded_checkpoint
+    from runtime.bundle import read_manifest
+
+    m = read_manifest(int4_bundle)
+    assert m.precision == "int4" and m.opset == 21
+    ckpt = {}
+    for f in sorted(embedded_checkpoint().glob("*.safetensors")):
+        ckpt.update(load_file(str(f)))
+    layers = {"decoder_pre": 15, "decoder_post": 17}
+    for name in layers:
+        model = _graph(int4_bundle, name)
+        assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [21]
+        assert not [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+        consts = {t.name: t for t in model.graph.initializer}
+        dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+        assert len(dqs) == 7 * layers[name]
+        for n in dqs:
+            attrs = {a.name: a.i for a in n.attribute}
+            w, s = consts[n.input[0]], numpy_helper.to_array(consts[n.input[1]])
+            assert w.data_type == TensorProto.INT4 and attrs == {"axis": 0, "block_size": 128} and len(n.input) == 2
+            assert s.dtype == np.float16 and s.shape == (w.dims[0] // 128, w.dims[1])
+        e = m.subgraphs[name]
+        assert e.precision == "int4" and e.quantization["weight_bytes"] < 0.3 * e.quantization["float_weight_bytes"]
+    model = _graph(int4_bundle, "decoder_pre")
+    consts = {t.name: t for t in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.name == "/layers.0/self_attn/q_proj/MatMul_dq")
+    q = numpy_helper.to_array(consts[dq.input[0]]).astype(np.float32)
+    s = numpy_helper.to_array(consts[dq.input[1]]).astype(np.float32)
+    assert q.min() >= -8 and q.max() <= 7
+    want = ckpt["model.layers.0.self_attn.q_proj.weight"].to(torch.float16).float().numpy().T  # (in, out)
+    got = q * np.repeat(s, 128, axis=0)
+    assert np.all(np.abs(got - want) <= np.repeat(s, 128, axis=0) * 0.5 + 1e-3)
+
+
+def test_int4_rules_refuse_activation_qdq_and_unblocked_weights(tmp_path):
+    from calib.quantize import INT4
+
+    with pytest.raises(QuantizationError, match="on an activation; int4 is weight-only"):
+        check_qdq(_tiny_qdq(tmp_path / "w8a8.onnx"), INT4)

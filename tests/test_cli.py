@@ -49,7 +49,7 @@ def test_console_commands_are_installed():
 
 def test_help_texts_state_defaults_units_and_rules(capsys):
     """Every option of the three entry points has help; defaults are shown; --opt-image reads WIDTHxHEIGHT,
-    --k its range, --steps the block rule; a precision that is refused (int4) is not offered."""
+    --k its range, --steps the block rule; every precision is offered."""
     import argparse
 
     from export import build_engines, generate
@@ -64,7 +64,7 @@ def test_help_texts_state_defaults_units_and_rules(capsys):
     build_help = " ".join(build_engines.build_parser().format_help().split())
     assert "--opt-image WIDTHxHEIGHT" in build_help and "(default: 1920x1080)" in build_help
     assert "1..L-1" in build_help and "(default: 15)" in build_help and "(default: 50.0)" in build_help
-    assert "int4" not in build_help and "{fp16,fp32,int8}" in build_help
+    assert "{fp16,fp32,int8,int4}" in build_help
     run_help = " ".join(run_cli.build_parser().format_help().split())
     assert "a multiple of the number of blocks (gen-length / block-length), at most --gen-length" in run_help
     assert "must divide --gen-length" in run_help and "(default: the bundle's P)" in run_help
