@@ -2,7 +2,7 @@
 
     python -m miniature.train --seed 0      # reproduces miniature/checkpoint and prints the time
 
-Four stages. First the vision tower and projector alone learn what each visual token holds
+Four stages and two rounds. First the vision tower and projector alone learn what each visual token holds
 (`miniature.data.token_labels`: light colour, speed limit, vehicle colour and lane, pedestrian
 side) through a linear head that is not part of the model; a run without this stage saw 33.6k
 questions and its features still did not tell the speed limit apart (docs/miniature.md). Then
@@ -13,7 +13,8 @@ are masked (per sequence t ~ U(0, 1)), cross-entropy on the masked positions wei
 averaged over the response length. By its end the decoder answered the presence and position
 questions and still gave one fixed answer to the light and the limit (docs/miniature.md), so stage 3
 asks only those two (questions drawn by focus_weights), and stage 4 reviews all six at a lower
-learning rate. The run checkpoints its state every few minutes to `--run-dir`
+learning rate. Two rounds of the same follow (`rounds`): count and the vehicle ahead, then the
+limit and the vehicle ahead, each a focus stage and a review. The run checkpoints its state every few minutes to `--run-dir`
 and resumes from it, so a stopped run loses little; the log is a CSV there.
 """
 
@@ -78,7 +79,7 @@ class TrainSettings:
     review_warmup_steps: int = 10
     # then rounds of (kinds, focus steps, review steps): a focus stage asking only these kinds (equally
     # weighted), then a review like stage 4; stage names "focus 2", "review 2", ...
-    rounds: tuple[tuple[tuple[str, ...], int, int], ...] = ()
+    rounds: tuple[tuple[tuple[str, ...], int, int], ...] = ((("count", "ahead"), 200, 200), (("limit", "ahead"), 200, 300))
     eval_every: int = 200  # steps
     validation_scenes: int = 40  # x6 questions, a one-pass accuracy monitor
     checkpoint_seconds: float = 300.0
@@ -519,7 +520,9 @@ def main(argv=None) -> int:
         run = Run(settings, args.run_dir)
         n_params = sum(p.numel() for p in run.model.parameters())
         print(f"miniature: {n_params / 1e6:.2f}M parameters; {settings.vision_steps} vision steps, "
-              f"{settings.sft_steps} SFT steps, {settings.focus_steps} focus steps, {settings.review_steps} review steps", flush=True)
+              f"{settings.sft_steps} SFT steps, {settings.focus_steps} focus steps, {settings.review_steps} review steps"
+              + "".join(f"; round {i}: {focus} steps on {', '.join(kinds)}, {review} review steps"
+                        for i, (kinds, focus, review) in enumerate(settings.rounds, start=2)), flush=True)
         run.train()
         out = run.write(args.out)
         args.report.mkdir(parents=True, exist_ok=True)
