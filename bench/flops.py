@@ -47,9 +47,19 @@ class Workload:
         return self.text + self.visual + self.gen
 
 
+def linear_macs(n: int, d: int, m: int) -> float:
+    """Multiply-adds of one layer's linear layers (q, k, v, o; gate, up, down) over n tokens."""
+    return 4 * n * d * d + 3 * n * d * m
+
+
+def attention_macs(n: int, d: int) -> float:
+    """Multiply-adds of one layer's q.k and p.v over n tokens."""
+    return 2 * n * n * d
+
+
 def layer_macs(n: int, d: int, m: int) -> float:
     """docs/flops.md's C(n): multiply-adds of one decoder layer over n tokens."""
-    return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+    return linear_macs(n, d, m) + attention_macs(n, d)
 
 
 def layer_flops(n: int, d: int, m: int) -> float:

@@ -92,11 +92,11 @@ def vision_activation_bytes(tiles: int, tokens: int, d: int, m: int, heads: int)
 def floor(w, k: int, p: float, peak: dict, precision: str) -> float:
     """Seconds of one later denoising step (the reduced sequence when p > 0) at dense peak: linear
     layers at `precision`, attention and the LM head at FP16."""
-    from bench.flops import step_flops
+    from bench.flops import linear_macs, step_flops
     from runtime.pruning import pruned_count
 
     n = w.n - pruned_count(w.visual, p)
-    linear = w.layers * 2 * n * (4 * w.d * w.d + 3 * w.d * w.m)
+    linear = w.layers * 2 * linear_macs(n, w.d, w.m)
     _, total = step_flops(w, k if p else None, p)
     return linear / peak[precision] + (total - linear) / peak["fp16"]
 

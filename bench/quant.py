@@ -44,9 +44,9 @@ QUICK = QuantBenchShape(d_model=128, heads=2, d_mlp=352, layers=4, k=2, repeats=
 
 def attention_share(n: int, d: int, m: int) -> float:
     """Share of one decoder layer's multiply-adds in q.k and p.v (docs/flops.md's C(n))."""
-    from bench.flops import layer_macs
+    from bench.flops import attention_macs, layer_macs
 
-    return 2 * n * n * d / layer_macs(n, d, m)
+    return attention_macs(n, d) / layer_macs(n, d, m)
 
 
 def build(shape: QuantBenchShape, workdir: Path, log) -> dict[str, Path]:
@@ -70,19 +70,20 @@ def build(shape: QuantBenchShape, workdir: Path, log) -> dict[str, Path]:
         req = BuildRequest(ckpt, workdir / precision, shape.k, 50, precision, profile, engines="skip",
                            quant=q if precision == "int8" else None)
         out[precision] = build_bundle(req, log=lambda m: None).out
-    out["int8 on fp32"] = int8_on_fp32(out["fp32"], workdir, q, log)
+    out["int8 on fp32"] = int8_on_fp32(out["fp32"], out["int8"], workdir, q, log)
     return out
 
 
-def int8_on_fp32(fp32: Path, workdir: Path, q, log) -> Path:
-    """The fp32 bundle's decoders quantized by the int8 scheme with float32 scales (opset 18 allows them)."""
+def int8_on_fp32(fp32: Path, int8: Path, workdir: Path, q, log) -> Path:
+    """The fp32 bundle's decoders quantized by the int8 scheme with float32 scales (opset 18 allows them),
+    on the calibration data the int8 bundle was made from."""
     from calib.data import load_calibration
     from calib.quantize import quantize_graph
     from runtime.bundle import read_manifest
 
     m = read_manifest(fp32)
-    data_dir = next(p for p in (workdir / "calibration").iterdir() if (p / "calibration.json").is_file())
-    data = load_calibration(data_dir)
+    key = read_manifest(int8).subgraphs["decoder_pre"].quantization["calibration"]["key"]
+    data = load_calibration(q.data_root / key)
     dst = workdir / "int8-on-fp32"
     dst.mkdir(exist_ok=True)
     for name in ("decoder_pre", "decoder_post"):

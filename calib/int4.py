@@ -36,11 +36,6 @@ def blocked_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
     return q.reshape(rows, cols), scale
 
 
-def dequantized(q: np.ndarray, scale: np.ndarray, block: int) -> np.ndarray:
-    """What DequantizeLinear(axis=0, block_size=block) computes: q * scale repeated over each block."""
-    return q.astype(np.float32) * np.repeat(scale, block, axis=0)
-
-
 def quantize_int4(src: Path, dst: Path, vocab: int, block: int = 128) -> dict:
     """src (+ .data) -> dst (+ .data): the decoder linears INT4 weight-only. Returns counts."""
     import ml_dtypes

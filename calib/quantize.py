@@ -14,7 +14,6 @@ float16 in an fp16 graph, which ONNX allows from opset 19 (docs/quantization.md)
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -202,6 +201,3 @@ def _check_blocked(path: Path, node, w, s: np.ndarray, block: int) -> None:
         raise QuantizationError(f"{path.name}: weight {node.input[0]} is not int4 blocked by {block} along its input rows "
                                 f"(dims {list(w.dims)}, scale shape {s.shape}, attributes {attrs})")
 
-
-def file_bytes(path: Path) -> int:
-    return os.path.getsize(path) + os.path.getsize(path.with_name(path.name + ".data"))

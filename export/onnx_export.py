@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from export.subgraphs import SubgraphSpec, dummy_inputs, export_patches, model_dims
+from runtime.bundle import float_type
 from runtime.checks import output_check
 from runtime.errors import LladaVError
 
@@ -67,9 +68,7 @@ class ExportReport:
     seconds: float = 0.0
 
 
-def float_dtype(precision: str) -> str:
-    """The graphs' float type: fp32 bundles float32; fp16 and quantized (int8) bundles float16."""
-    return "float32" if precision == "fp32" else "float16"
+float_dtype = float_type  # the name export/ uses: a precision's float type (runtime.bundle)
 
 
 # ---------------------------------------------------------------- export

@@ -66,6 +66,12 @@ class SubgraphEntry:
         return self.precision or manifest_precision
 
 
+def float_type(precision: str) -> str:
+    """A bundle's float type by its precision: fp32 bundles float32; fp16 and quantized (int8, int4:
+    fp16 graphs with Q/DQ) bundles float16. The one rule the exporter and the runtime share."""
+    return "float32" if precision == "fp32" else "float16"
+
+
 @dataclass
 class Manifest:
     model: dict  # name, source path, content hash, dims

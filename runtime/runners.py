@@ -19,15 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import Manifest, SubgraphEntry
+from runtime.bundle import Manifest, SubgraphEntry, float_type
 from runtime.errors import LladaVError
 
 BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 
 
 def float_dtype(manifest: Manifest) -> np.dtype:
-    """The graphs' float inputs and outputs: fp32 bundles take float32; fp16 and quantized ones float16."""
-    return np.dtype(np.float32 if manifest.precision == "fp32" else np.float16)
+    """The graphs' float inputs and outputs (runtime.bundle.float_type)."""
+    return np.dtype(float_type(manifest.precision))
 
 
 class Runner:
