@@ -5,12 +5,13 @@
 
 A LLaDA-shaped decoder wide enough that, as on the 8B, the linear layers dominate (d=1024, m=2816:
 attention is ~12% of a layer's FLOPs at the step-1 length), random weights, the real 384/14 tile
-(729 visual tokens) and a ~70-token prompt. Builds an fp32 bundle and an int8 bundle (the shipped
-scheme: fp16 graphs with W8A8 Q/DQ, calibrated and smoothed as `--precision int8` does), and
-quantizes the fp32 bundle's decoders with the same scheme but float32 scales ('int8 on fp32',
-what ONNX Runtime's CPU kernels fuse best). Times each decoder graph at the step-1 length
-(decoder_pre, full sequence) and the reduced length (decoder_post after P=50): medians of
-`repeats` runs after a warm-up, ONNX Runtime CPU, its default threads. Prints the ratios.
+(729 visual tokens) and a ~70-token prompt. Builds four bundles: fp32, fp16, int8 fp16-based (the
+default scheme, what TensorRT on Orin takes: fp16 graphs with W8A8 Q/DQ) and int8 fp32-based
+(`--quant-float fp32`, the same scheme on float32 graphs: what ONNX Runtime's x86 integer GEMMs
+take), the int8 ones calibrated and smoothed as `--precision int8` does. Times each decoder graph
+at the step-1 length (decoder_pre, full sequence) and the reduced length (decoder_post after
+P=50): medians of `repeats` runs after a warm-up, ONNX Runtime CPU, its default threads, quantized
+graphs with the runtime's session settings. Prints the ratios to fp32.
 """
 
 from __future__ import annotations
@@ -49,7 +50,14 @@ def attention_share(n: int, d: int, m: int) -> float:
     return attention_macs(n, d) / layer_macs(n, d, m)
 
 
+VARIANTS = {  # name: (precision, quantized graphs' float type)
+    "fp32": ("fp32", None), "fp16": ("fp16", None), "int8 fp16-based": ("int8", "fp16"), "int8 fp32-based": ("int8", "fp32"),
+}
+
+
 def build(shape: QuantBenchShape, workdir: Path, log) -> dict[str, Path]:
+    """One bundle per variant, from one random checkpoint; the int8 ones calibrated and smoothed as
+    `--precision int8` does (each on its own float bundle's feeds)."""
     from bench.cpu import BenchShape, write_bench_checkpoint
     from calib.data import CalibrationSettings
     from calib.stage import QuantSettings
@@ -62,46 +70,25 @@ def build(shape: QuantBenchShape, workdir: Path, log) -> dict[str, Path]:
         write_bench_checkpoint(ckpt, BenchShape(d_model=shape.d_model, heads=shape.heads, d_mlp=shape.d_mlp,
                                                 layers=shape.layers))
     profile = ProfileSettings(layout="single", max_text_tokens=128, opt_text_tokens=80, max_response=32, opt_response=32)
-    q = QuantSettings.for_mode("int8", calibration=CalibrationSettings(samples=shape.calib_samples),
-                               data_root=workdir / "calibration")
     out = {}
-    for precision in ("fp32", "int8"):
-        log(f"building the {precision} bundle")
-        req = BuildRequest(ckpt, workdir / precision, shape.k, 50, precision, profile, engines="skip",
-                           quant=q if precision == "int8" else None)
-        out[precision] = build_bundle(req, log=lambda m: None).out
-    out["int8 on fp32"] = int8_on_fp32(out["fp32"], out["int8"], workdir, q, log)
+    for variant, (precision, base) in VARIANTS.items():
+        log(f"building the {variant} bundle")
+        q = None if base is None else QuantSettings.for_mode(
+            precision, calibration=CalibrationSettings(samples=shape.calib_samples), data_root=workdir / "calibration",
+            float_precision=base)
+        req = BuildRequest(ckpt, workdir / variant.replace(" ", "-"), shape.k, 50, precision, profile, engines="skip", quant=q)
+        out[variant] = build_bundle(req, log=lambda m: None).out
     return out
-
-
-def int8_on_fp32(fp32: Path, int8: Path, workdir: Path, q, log) -> Path:
-    """The fp32 bundle's decoders quantized by the int8 scheme with float32 scales (opset 18 allows them),
-    on the calibration data the int8 bundle was made from."""
-    from calib.data import load_calibration
-    from calib.quantize import quantize_graph
-    from runtime.bundle import read_manifest
-
-    m = read_manifest(fp32)
-    key = read_manifest(int8).subgraphs["decoder_pre"].quantization["calibration"]["key"]
-    data = load_calibration(q.data_root / key)
-    dst = workdir / "int8-on-fp32"
-    dst.mkdir(exist_ok=True)
-    for name in ("decoder_pre", "decoder_post"):
-        log(f"quantizing the fp32 {name} (float32 scales)")
-        feeds = [{k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in f.items()} for f in data.feeds(name)]
-        quantize_graph(fp32 / "onnx" / f"{name}.onnx", dst / f"{name}.onnx", feeds, replace(q.scheme, min_opset=13),
-                       m.model["decoder"]["vocab"])
-    return dst
 
 
 def graph_path(bundle: Path, name: str) -> Path:
     return bundle / "onnx" / f"{name}.onnx" if (bundle / "onnx").is_dir() else bundle / f"{name}.onnx"
 
 
-def time_graph(path: Path, feeds: dict, repeats: int) -> float:
+def time_graph(path: Path, feeds: dict, repeats: int, quantized: bool) -> float:
     from export.onnx_export import ort_session
 
-    sess = ort_session(path)
+    sess = ort_session(path, quantized)
     sess.run(None, feeds)
     times = []
     for _ in range(repeats):
@@ -120,7 +107,7 @@ def feeds_for(name: str, n: int, d: int, dtype, rows: int = 32) -> dict:
 
 
 def run(shape: QuantBenchShape, workdir: Path, log) -> dict:
-    from runtime.bundle import read_manifest
+    from runtime.bundle import float_type, read_manifest
     from runtime.pruning import pruned_count
 
     bundles = build(shape, workdir, log)
@@ -128,18 +115,18 @@ def run(shape: QuantBenchShape, workdir: Path, log) -> dict:
     n_full = visual + text + gen
     n_reduced = n_full - pruned_count(visual, 50)
     cases = {"decoder_pre": n_full, "decoder_post": n_reduced}
-    dtypes = {"fp32": np.float32, "int8": np.float16, "int8 on fp32": np.float32}
     times = {}
     for variant, bundle in bundles.items():
+        m = read_manifest(bundle)
+        dtype = np.dtype(float_type(m.graphs_float()))
         for name, n in cases.items():
             log(f"timing {variant} {name} at {n} tokens")
-            times[f"{variant}/{name}"] = time_graph(graph_path(bundle, name), feeds_for(name, n, shape.d_model, dtypes[variant]),
-                                                    shape.repeats)
+            times[f"{variant}/{name}"] = time_graph(graph_path(bundle, name), feeds_for(name, n, shape.d_model, dtype),
+                                                    shape.repeats, bool(m.subgraphs[name].quantization))
     weights = {f"{v}/{n}": graph_path(b, n).with_name(f"{n}.onnx.data").stat().st_size for v, b in bundles.items()
                for n in cases}
     return {"shape": asdict(shape), "tokens": {"full": n_full, "reduced": n_reduced},
-            "attention_share": attention_share(n_full, shape.d_model, shape.d_mlp), "seconds": times, "weight_bytes": weights,
-            "int8_precision": read_manifest(bundles["int8"]).precision}
+            "attention_share": attention_share(n_full, shape.d_model, shape.d_mlp), "seconds": times, "weight_bytes": weights}
 
 
 def report(out: dict) -> str:
@@ -147,12 +134,13 @@ def report(out: dict) -> str:
     lines = [f"decoder d={s['d_model']}, m={s['d_mlp']}, {s['layers']} layers (K={s['k']}); decoder_pre at {t['full']} tokens "
              f"(step 1), decoder_post at {t['reduced']} (after P=50); attention {out['attention_share']:.1%} of a layer's "
              f"FLOPs at {t['full']}; ONNX Runtime CPU, medians of {s['repeats']}", "",
-             f"{'graph':<14} {'fp32 ms':>8} {'int8 (fp16 graph) ms':>21} {'x fp32':>7} {'int8 on fp32 ms':>16} {'x fp32':>7}"]
+             f"{'graph':<14} " + " ".join(f"{v + ' ms':>17} {'x fp32':>7}" for v in VARIANTS)]
     sec = out["seconds"]
     for name in ("decoder_pre", "decoder_post"):
-        f32, q16, q32 = (sec[f"{v}/{name}"] for v in ("fp32", "int8", "int8 on fp32"))
-        lines.append(f"{name:<14} {1000 * f32:>8.1f} {1000 * q16:>21.1f} {f32 / q16:>6.2f}x {1000 * q32:>16.1f} {f32 / q32:>6.2f}x")
-    lines.append("'x fp32': fp32 time / int8 time (above 1: int8 is faster)")
+        f32 = sec[f"fp32/{name}"]
+        lines.append(f"{name:<14} " + " ".join(f"{1000 * sec[f'{v}/{name}']:>17.1f} {f32 / sec[f'{v}/{name}']:>6.2f}x"
+                                               for v in VARIANTS))
+    lines.append("'x fp32': fp32 time / the variant's time (above 1: faster than fp32)")
     lines += ["", "weights: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in out["weight_bytes"].items())]
     return "\n".join(lines)
 

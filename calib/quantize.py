@@ -41,6 +41,7 @@ class QuantScheme:
     tool: str = "onnxruntime.quantization.quantize_static"
     block: int = 0  # blocked weights (int4): input rows per scale
     graph_opset: int = 0  # the quantized graph's opset, when the scheme needs a later one than the export's
+    awq_grid: int = 0  # int4: activation-aware scales searched over this many alphas (calib.awq); 0: off
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,7 +50,8 @@ class QuantScheme:
 # alpha 0.8: on the miniature it gave the least step-1 logits error of 0 / 0.5 / 0.8 (docs/quantization.md)
 INT8 = QuantScheme("int8", "int8 per-channel (output channel) symmetric", "int8 per-tensor symmetric", smooth_alpha=0.8)
 INT4 = QuantScheme("int4", "int4 blocked (128 input rows per scale) symmetric, weight-only", "fp16 (not quantized)",
-                   calibration="none", tool="calib.int4 (round to nearest)", block=128, graph_opset=21)
+                   calibration="none", tool="calib.awq scales + calib.int4 (round to nearest)", block=128, graph_opset=21,
+                   awq_grid=20)
 SCHEMES = {"int8": INT8, "int4": INT4}
 
 
@@ -113,11 +115,13 @@ def quantize_graph(src: Path, dst: Path, feeds: list[dict], scheme: QuantScheme,
               "entropy": CalibrationMethod.Entropy}[scheme.calibration]
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         raw = Path(tmp) / "quantized.onnx"
+        # DedicatedQDQPair: each linear layer gets its own Q -> DQ on its input, also where q/k/v
+        # (gate/up) read the same tensor: TensorRT shares no Q/DQ pair between nodes
         quantize_static(
             str(src), str(raw), _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
             nodes_to_exclude=excluded_nodes, calibrate_method=method, use_external_data_format=True,
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True,
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "MatMulConstBOnly": True, "DedicatedQDQPair": True,
                            "OpTypesToExcludeOutputQuantization": ["MatMul"], "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
                            "CalibPercentile": scheme.percentile},
         )
@@ -140,7 +144,8 @@ def _restamp(quantized, original, mode: str) -> None:
 
 def check_qdq(path: Path, scheme: QuantScheme) -> dict:
     """TensorRT's explicit-quantization rules on a quantized graph: symmetric (every zero point 0);
-    int8: weights per-channel INT8 on the output axis, activations per-tensor; int4: weights INT4
+    int8: weights per-channel INT8 on the output axis, activations per-tensor, one Q/DQ pair per
+    consuming node; int4: weights INT4
     blocked along the input axis (axis 0, block_size), no activation Q/DQ. Returns counts."""
     import onnx
     from onnx import numpy_helper
@@ -184,6 +189,14 @@ def check_qdq(path: Path, scheme: QuantScheme) -> dict:
     weights = {n.output[0] for n in dqs if n.input[0] in consts}
     dq_out = {n.output[0] for n in dqs}
     attention = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] not in weights | set(consts)]
+    consumers: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    shared = [n.name for n in dqs if n.input[0] not in consts and consumers.get(n.output[0], 0) > 1]
+    if shared:
+        raise QuantizationError(f"{path.name}: activation Q/DQ {shared[:3]} feed more than one node; expected a "
+                                "dedicated Q/DQ pair per consumer (TensorRT shares none between nodes)")
     touched = [n.name for n in attention if set(n.input) & dq_out]
     if touched:
         raise QuantizationError(f"{path.name}: attention MatMuls {touched[:3]} read quantized inputs; expected them "

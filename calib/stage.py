@@ -29,6 +29,7 @@ from runtime.errors import expect
 
 QUANTIZED_GRAPHS = ("decoder_pre", "decoder_post")
 DEFAULT_DATA_ROOT = Path("bundles") / "calibration"
+FLOAT_BASES = ("fp16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,19 @@ class QuantSettings:
     scheme: QuantScheme
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     data_root: Path = DEFAULT_DATA_ROOT  # where calibration data is stored and reused, by key
+    # the quantized graphs' float type: fp16 for TensorRT on Orin; fp32 for ONNX Runtime on x86 CPUs,
+    # whose integer GEMM fusion takes float32 graphs only (fp16 runs through casts: docs/quantization.md)
+    float_precision: str = "fp16"
+
+    def validate(self) -> None:
+        expect(self.float_precision in FLOAT_BASES, f"quantized graphs' float type: got {self.float_precision!r}; "
+                                                   f"expected one of {FLOAT_BASES}")
+        s = self.scheme
+        expect(not (s.smooth_alpha and s.awq_grid), f"{s.mode}: SmoothQuant (alpha {s.smooth_alpha}) and AWQ (grid "
+                                                    f"{s.awq_grid}) both asked for; expected one (SmoothQuant for int8, AWQ for int4)")
+        expect(s.awq_grid >= 0 and (not s.awq_grid or s.mode == "int4"),
+               f"AWQ grid: got {s.awq_grid!r} for {s.mode}; expected 0 (off), or a count of alphas with int4")
+        self.calibration.validate()
 
     @staticmethod
     def for_mode(mode: str, **kw) -> "QuantSettings":
@@ -51,9 +65,10 @@ def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict
 
     data = record_calibration(tmp, q.calibration, q.data_root, log)
     data.check_for(manifest.model["content_hash"], manifest.k)
-    out = dict(manifest.subgraphs)
-    if q.scheme.smooth_alpha:
-        out.update(smoothed_graphs(tmp, manifest, data, q.scheme.smooth_alpha, log))
+    out, folded = dict(manifest.subgraphs), {}
+    if q.scheme.smooth_alpha or q.scheme.awq_grid:
+        entries, folded = folded_graphs(tmp, manifest, data, q.scheme, log)
+        out.update(entries)
     for name in QUANTIZED_GRAPHS:
         entry = out[name]
         src = tmp / entry.onnx.path
@@ -80,6 +95,8 @@ def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict
                                                                          "settings": data.meta["settings"]},
                             "quantized": counts, "kept_float": info["kept_float"], "weight_bytes": new.data.bytes,
                             "float_weight_bytes": float_bytes, "error_vs_float": error}
+        if name in folded:
+            new.quantization["awq"] = folded[name]
         worst = max(error.values(), key=lambda e: e["relative"])
         log(f"{name}: {counts['weights']} {q.scheme.mode} weights, {counts['activations']} activation Q/DQ; "
             f"weights {float_bytes / 2**20:.2f} -> {new.data.bytes / 2**20:.2f} MiB; max |quantized - float| "
@@ -88,42 +105,63 @@ def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict
     return out
 
 
-def smoothed_graphs(tmp: Path, manifest: Manifest, data, alpha: float, log) -> dict[str, SubgraphEntry]:
-    """The decoder graphs re-exported (and validated) from the checkpoint with SmoothQuant's migration
-    folded into their weights (calib.smooth), the activation maxima taken on the calibration feeds.
-    The graphs compute the same function, so the feeds recorded on the unsmoothed ones still hold."""
+def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log) -> tuple[dict[str, SubgraphEntry], dict]:
+    """The decoder graphs re-exported (and validated) from the checkpoint with per-channel scales
+    folded into their weights, taken on the calibration feeds: SmoothQuant's migration (int8,
+    calib.smooth) or AWQ's searched scales (int4, calib.awq). The graphs compute the same function,
+    so the feeds recorded on the unscaled ones still hold. Returns the entries and, for AWQ, what the
+    search chose per graph."""
     import torch
 
-    from calib.smooth import input_maxima, smooth
     from export.checkpoint import load_model
     from export.onnx_export import export_and_validate, release_memory
     from export.profiles import VALIDATION_SIZES
     from export.subgraphs import SUBGRAPHS
     from runtime.bundle import graph_identity
 
-    log(f"SmoothQuant (alpha {alpha}): activation maxima on the calibration feeds, then re-export ...")
     model, _ = load_model(Path(manifest.model["source"]), torch.float32)
     k, n = manifest.k, manifest.n_layers
     spans = {"decoder_pre": range(0, k), "decoder_post": range(k, n)}
     specs = {s.name: s for s in SUBGRAPHS}
+    chosen = {}
     for name, span in spans.items():
         blocks = {i: model.model.layers[i] for i in span}
-        with torch.inference_mode():
-            maxima = input_maxima(specs[name].build(model, k), blocks, data.feeds(name), specs[name].input_names)
-        smooth(blocks, maxima, alpha)
-    model = model.half()
+        chosen[name] = fold_scales(specs[name].build(model, k), blocks, data.feeds(name), specs[name].input_names, scheme, log)
+    fp = manifest.graphs_float()
+    model = model.half() if fp == "fp16" else model
     out = {}
     for name in spans:
         entry, spec = manifest.subgraphs[name], specs[name]
         path = tmp / entry.onnx.path
-        identity = graph_identity(name, k, n, manifest.model["content_hash"], "fp16")
-        report = export_and_validate(spec, spec.build(model, k), model.cfg, "fp16", path, list(VALIDATION_SIZES),
+        identity = graph_identity(name, k, n, manifest.model["content_hash"], fp)
+        report = export_and_validate(spec, spec.build(model, k), model.cfg, fp, path, list(VALIDATION_SIZES),
                                      manifest.opset, identity)
         out[name] = dataclasses.replace(entry, onnx=file_info(tmp, path), data=file_info(tmp, report.data),
                                         validation=report.checks, ops=report.ops)
     del model
     release_memory()
-    return out
+    return out, {name: c for name, c in chosen.items() if c}
+
+
+def fold_scales(module, blocks: dict, feeds: list[dict], names: list[str], scheme: QuantScheme, log) -> dict:
+    """One decoder half's scales, measured on its calibration feeds and folded into `blocks` (in place)."""
+    import torch
+
+    if scheme.smooth_alpha:
+        from calib.smooth import input_maxima, smooth
+
+        log(f"SmoothQuant (alpha {scheme.smooth_alpha}): activation maxima of layers {min(blocks)}..{max(blocks)} ...")
+        with torch.inference_mode():
+            smooth(blocks, input_maxima(module, blocks, feeds, names), scheme.smooth_alpha)
+        return {}
+    from calib.awq import awq, group_inputs
+
+    log(f"AWQ: searching the scales of layers {min(blocks)}..{max(blocks)} over {scheme.awq_grid} alphas ...")
+    with torch.inference_mode():
+        found = awq(blocks, group_inputs(module, blocks, feeds, names), scheme.block, scheme.awq_grid)
+    log(f"AWQ: output error on the calibration rows {found['output_error_rtn']:.4g} (round to nearest) -> "
+        f"{found['output_error_awq']:.4g}")
+    return found
 
 
 def quantization_error(float_path: Path, quant_path: Path, feeds: list[dict]) -> dict:
@@ -131,7 +169,7 @@ def quantization_error(float_path: Path, quant_path: Path, feeds: list[dict]) ->
     quantization costs, measured on what the graph really sees. ONNX Runtime runs both graphs."""
     from export.onnx_export import ort_session
 
-    a, b = ort_session(float_path), ort_session(quant_path)
+    a, b = ort_session(float_path), ort_session(quant_path, quantized=True)
     names = [o.name for o in a.get_outputs()]
     diff, scale = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for f in feeds:

@@ -54,8 +54,9 @@ class BuildRequest:
 
     @property
     def float_precision(self) -> str:
-        """The exported graphs' float type: quantized bundles are fp16 graphs with Q/DQ decoders."""
-        return "fp16" if self.precision in QUANTIZED else self.precision
+        """The exported graphs' float type: quantized bundles are fp16 (or, asked for, fp32) graphs with
+        Q/DQ decoders."""
+        return self.quant_settings().float_precision if self.precision in QUANTIZED else self.precision
 
     @property
     def graph_opset(self) -> int:
@@ -100,7 +101,7 @@ def validate_request(req: BuildRequest) -> tuple[Checkpoint, dict]:
     expect(low <= req.graph_opset <= 20, f"opset: got {req.graph_opset!r}; expected {low}..20{why} (TensorRT 10.3 parses "
                                          "up to 20)")
     if req.precision in QUANTIZED:
-        req.quant_settings().calibration.validate()
+        req.quant_settings().validate()
     if req.engines == "require":  # before any export: minutes of work must not end in this error
         from export.trt_build import tensorrt_status
 
@@ -226,7 +227,7 @@ class Builder:
         for name in ("embed_tokens", "image_newline"):
             path = key_dir / f"{name}.npy"
             old = self.old.host.get(name) if self.old else None
-            same_dtype = float_dtype(self.old.precision) == float_dtype(self.req.precision) if self.old else False
+            same_dtype = self.old.graphs_float() == self.req.float_precision if self.old else False
             if old and self.old.model.get("content_hash") == ckpt_hash and same_dtype \
                     and intact(self.req.out, old):
                 copy_or_link(self.req.out / old.path, path)
@@ -348,7 +349,7 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
             continue
         log(f"{name}: building TensorRT engine ...")
         build_engine(tmp / entry.onnx.path, engine, entry.shapes, b.settings, cache)
-        feeds = [dummy_inputs(spec, b.cfg, axes, float_dtype(req.precision), seed=i)
+        feeds = [dummy_inputs(spec, b.cfg, axes, float_dtype(req.float_precision), seed=i)
                  for i, axes in enumerate(validation_axes(b.ranges))]  # inside the engine's profile
         entry.engine = file_info(tmp, engine)
         entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, spec, entry.graph_precision(req.precision))
@@ -389,7 +390,7 @@ def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokeni
         subgraphs=entries, host=host, tokenizer=sorted(tokenizer),
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                   "transformers": transformers.__version__, "tensorrt": trt["version"]},
-        tensorrt=trt,
+        tensorrt=trt, float_precision=req.float_precision,
     )
 
 

@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how activation ranges are taken from the calibration data")
     cal.add_argument("--smooth-alpha", type=float,
                      help="SmoothQuant migration strength in [0, 1) (0: off; default: the scheme's)")
+    cal.add_argument("--awq-grid", type=int,
+                     help="int4: alphas searched for AWQ's activation-aware scales (0: round to nearest; default: the "
+                          "scheme's 20)")
+    cal.add_argument("--quant-float", choices=("fp16", "fp32"), default="fp16",
+                     help="the quantized graphs' float type: fp16 for TensorRT on Orin (default); fp32 for ONNX Runtime "
+                          "on an x86 CPU, whose integer GEMMs take float32 graphs only")
     cal.add_argument("--calib-dir", type=Path, default=Path("bundles") / "calibration",
                      help="where calibration data is stored and reused (keyed by model, K, P and settings)")
     ap.add_argument("--clean", action="store_true",
@@ -96,8 +102,10 @@ def quant_settings(args: argparse.Namespace):
     images = None if args.calib_images is None else str(args.calib_images)
     prompts = None if args.calib_prompts is None else str(args.calib_prompts)
     alpha = q.scheme.smooth_alpha if args.smooth_alpha is None else args.smooth_alpha
+    grid = q.scheme.awq_grid if args.awq_grid is None else args.awq_grid
     method = args.calib_method if q.scheme.mode == "int8" else q.scheme.calibration  # int4 takes no activation ranges
-    return replace(q, scheme=replace(q.scheme, calibration=method, smooth_alpha=alpha), data_root=args.calib_dir,
+    return replace(q, scheme=replace(q.scheme, calibration=method, smooth_alpha=alpha, awq_grid=grid), data_root=args.calib_dir,
+                   float_precision=args.quant_float,
                    calibration=CalibrationSettings(samples=args.calib_samples, images=images, prompts=prompts))
 
 

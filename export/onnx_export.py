@@ -203,12 +203,16 @@ def check_graph(path: Path, spec: SubgraphSpec) -> dict:
     return dict(sorted(ops.items()))
 
 
-def ort_session(path: Path):
+def ort_session(path: Path, quantized: bool = False):
+    """A CPU session; `quantized`: with the optimizer settings the runtime uses for Q/DQ graphs."""
     import onnxruntime as ort
+
+    from runtime.runners import QDQ_DISABLED_OPTIMIZERS
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=QDQ_DISABLED_OPTIMIZERS if quantized else [])
 
 
 def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, axes_list: list[dict],

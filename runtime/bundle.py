@@ -67,8 +67,9 @@ class SubgraphEntry:
 
 
 def float_type(precision: str) -> str:
-    """A bundle's float type by its precision: fp32 bundles float32; fp16 and quantized (int8, int4:
-    fp16 graphs with Q/DQ) bundles float16. The one rule the exporter and the runtime share."""
+    """The numpy float type of a float precision (fp32: float32; fp16: float16) or, for a quantized
+    mode, of its default float base (fp16 graphs with Q/DQ; Manifest.graphs_float names a bundle's).
+    The one rule the exporter and the runtime share."""
     return "float32" if precision == "fp32" else "float16"
 
 
@@ -88,11 +89,16 @@ class Manifest:
     tokenizer: list[str]
     versions: dict
     tensorrt: dict  # {"built": bool, "reason": str, "script": path, "version": str|None}
+    float_precision: str = ""  # the graphs' float type, fp16 or fp32 ("": by precision, bundles written before)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def graphs_float(self) -> str:
+        """fp16 or fp32: what the graphs' float inputs and outputs are (quantized bundles: either)."""
+        return self.float_precision or ("fp32" if self.precision == "fp32" else "fp16")
 
     def model_dims(self) -> dict[str, int]:
         """The model dims that tensor dims name (D, V, S, F, Dv)."""

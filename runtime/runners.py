@@ -24,10 +24,17 @@ from runtime.errors import LladaVError
 
 BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 
+# ONNX Runtime's common-subexpression elimination merges the dedicated Q/DQ pair a quantized graph
+# gives each linear layer (TensorRT shares no Q/DQ pair between nodes) back into one Q per shared
+# input; ONNX Runtime's CPU fusion of Q -> DQ -> MatMul into an integer GEMM (MatMulIntegerToFloat)
+# then skips every linear layer that shares its input (q/k/v, gate/up), which runs as a float GEMM
+# on weights dequantized at every run (measured: docs/quantization.md). Off for quantized graphs.
+QDQ_DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
+
 
 def float_dtype(manifest: Manifest) -> np.dtype:
     """The graphs' float inputs and outputs (runtime.bundle.float_type)."""
-    return np.dtype(float_type(manifest.precision))
+    return np.dtype(float_type(manifest.graphs_float()))
 
 
 class Runner:
@@ -141,7 +148,8 @@ class OrtRunner(Runner):
         # 2 cores: unpruned 7.1 s -> 6.0 s, K=15 P=50 4.0 s -> 3.1 s for 32 steps).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+            self.session = ort.InferenceSession(str(self.path), opts, providers=providers,
+                                                disabled_optimizers=QDQ_DISABLED_OPTIMIZERS if self.entry.quantization else [])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise LladaVError(f"{self.name}: cannot load {self.path.name} ({exc})") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 from PIL import Image
 
 from bench.cpu import main
@@ -23,18 +24,25 @@ def test_quick_benchmark_writes_json_and_png(tmp_path, capsys):
 
 
 def test_quant_bench_times_every_decoder_in_every_variant(tmp_path, capsys):
-    """bench.quant --quick: fp32, the shipped int8 (fp16 graphs with Q/DQ) and int8 on fp32 graphs, each
-    decoder timed once built; int8 weights are about a quarter of fp32's; the attention share is docs/flops.md's."""
-    from bench.quant import attention_share, main
+    """bench.quant --quick: fp32, fp16, int8 on fp16 graphs (TensorRT's) and int8 on fp32 graphs (ONNX Runtime
+    CPU's), each decoder timed once built; int8 weights are about a quarter of fp32's (fp16-based), under half (fp32-based, float32 LM head); the fp32-based
+    int8 bundle's graphs take float32; the attention share is docs/flops.md's."""
+    from bench.quant import VARIANTS, attention_share, main
+    from runtime.bundle import read_manifest
 
     assert abs(attention_share(831, 1024, 2816) - 2 * 831 / (4 * 1024 + 2 * 831 + 3 * 2816)) < 1e-12
     assert 0.11 < attention_share(831, 1024, 2816) < 0.13  # d=1024: the linear layers dominate, as on the 8B
     assert main(["--quick", "--workdir", str(tmp_path), "--json", str(tmp_path / "q.json")]) == 0
     out = json.loads((tmp_path / "q.json").read_text())
-    assert out["int8_precision"] == "int8"
-    assert set(out["seconds"]) == {f"{v}/{g}" for v in ("fp32", "int8", "int8 on fp32") for g in ("decoder_pre", "decoder_post")}
+    assert set(out["seconds"]) == {f"{v}/{g}" for v in VARIANTS for g in ("decoder_pre", "decoder_post")}
     assert all(t > 0 for t in out["seconds"].values())
     for g in ("decoder_pre", "decoder_post"):
-        assert out["weight_bytes"][f"int8/{g}"] < 0.35 * out["weight_bytes"][f"fp32/{g}"]
+        assert out["weight_bytes"][f"int8 fp16-based/{g}"] < 0.35 * out["weight_bytes"][f"fp32/{g}"]
+        # fp32-based: the linears int8 too, but the LM head stays float32 (at d=128 a large share of decoder_post)
+        assert out["weight_bytes"][f"int8 fp32-based/{g}"] < 0.45 * out["weight_bytes"][f"fp32/{g}"]
+    m = read_manifest(tmp_path / "quick" / "int8-fp32-based")
+    assert (m.precision, m.graphs_float()) == ("int8", "fp32")
+    pre = onnx.load(str(tmp_path / "quick" / "int8-fp32-based" / "onnx" / "decoder_pre.onnx"), load_external_data=False)
+    assert pre.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     text = capsys.readouterr().out
     assert "decoder_pre" in text and "x fp32" in text
