@@ -1,15 +1,18 @@
 """The bundle build's quantization stage: calibrate on the exported graphs, then quantize the decoders.
 
 Runs inside the build's temporary bundle, after the float graphs (the quantized graphs' float
-type, fp16) are exported and validated and a provisional manifest names them:
+type: fp16, or fp32 with `float_precision`) are exported and validated and a provisional manifest
+names them:
 
     1. record (or reuse) calibration data by running that bundle (calib.data)
-    2. per decoder graph: quantize (calib.quantize), then validate right away: TensorRT's op list,
-       its Q/DQ rules, ONNX Runtime runs it, and its error against the float graph on the
-       calibration feeds is recorded (typed errors; a failure leaves nothing behind)
-    3. the entry's files, precision, op counts and `quantization` record are updated
+    2. int8: SmoothQuant, int4: AWQ scales, folded into the checkpoint and the decoders re-exported
+    3. per decoder graph (and vision, with `quantize_vision`): quantize (calib.quantize), then
+       validate right away: TensorRT's op list, its Q/DQ rules, ONNX Runtime runs it, and its error
+       against the float graph on the calibration feeds is recorded (typed errors; a failure leaves
+       nothing behind); the entry's files, precision, op counts and `quantization` record are updated
 
-The vision graph stays fp16: one pass per image against 8-32 decoder passes per answer.
+The vision graph stays fp16 by default: one pass per image against 8-32 decoder passes per answer,
+and W8A8 there doubles the step-1 logits error on the miniature (docs/quantization.md).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class QuantSettings:
     # the quantized graphs' float type: fp16 for TensorRT on Orin; fp32 for ONNX Runtime on x86 CPUs,
     # whose integer GEMM fusion takes float32 graphs only (fp16 runs through casts: docs/quantization.md)
     float_precision: str = "fp16"
+    # int8 only: the vision tower W8A8 too (off by default: measured in docs/quantization.md)
+    quantize_vision: bool = False
+
+    def graphs(self) -> tuple[str, ...]:
+        return ("vision",) + QUANTIZED_GRAPHS if self.quantize_vision else QUANTIZED_GRAPHS
 
     def validate(self) -> None:
         expect(self.float_precision in FLOAT_BASES, f"quantized graphs' float type: got {self.float_precision!r}; "
@@ -49,6 +57,8 @@ class QuantSettings:
                                                     f"{s.awq_grid}) both asked for; expected one (SmoothQuant for int8, AWQ for int4)")
         expect(s.awq_grid >= 0 and (not s.awq_grid or s.mode == "int4"),
                f"AWQ grid: got {s.awq_grid!r} for {s.mode}; expected 0 (off), or a count of alphas with int4")
+        expect(not self.quantize_vision or s.mode == "int8",
+               f"quantize vision: asked for with {s.mode}; expected int8 (W8A8 of the vision tower's linears)")
         self.calibration.validate()
 
     @staticmethod
@@ -58,51 +68,56 @@ class QuantSettings:
 
 
 def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict[str, SubgraphEntry]:
-    """The decoder entries of `manifest` (a complete float bundle at `tmp`), quantized in place."""
-    from export.build import artifact_key
-    from export.onnx_export import check_graph
-    from export.subgraphs import SUBGRAPHS
-
+    """The entries of `manifest` (a complete float bundle at `tmp`), their graphs quantized in place."""
     data = record_calibration(tmp, q.calibration, q.data_root, log)
     data.check_for(manifest.model["content_hash"], manifest.k)
     out, folded = dict(manifest.subgraphs), {}
     if q.scheme.smooth_alpha or q.scheme.awq_grid:
         entries, folded = folded_graphs(tmp, manifest, data, q.scheme, log)
         out.update(entries)
-    for name in QUANTIZED_GRAPHS:
-        entry = out[name]
-        src = tmp / entry.onnx.path
-        work = src.parent / f".{q.scheme.mode}"  # same names as the float graph: the .onnx names its .data file
-        work.mkdir(exist_ok=True)
-        dst = work / src.name
-        log(f"{name}: quantizing ({q.scheme.mode}: weights {q.scheme.weights}, activations {q.scheme.activations}) ...")
-        try:
-            info = quantize(src, dst, data.feeds(name), q.scheme, manifest.model["decoder"]["vocab"])
-            ops = check_graph(dst, next(s for s in SUBGRAPHS if s.name == name))
-            counts = check_qdq(dst, q.scheme)
-            error = quantization_error(src, dst, data.feeds(name)[:8])
-        except Exception:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        float_bytes = entry.data.bytes
-        for suffix in ("", ".data"):  # the quantized graph takes the float graph's place
-            os.replace(dst.with_name(dst.name + suffix), src.with_name(src.name + suffix))
-        work.rmdir()
-        new = dataclasses.replace(entry, onnx=file_info(tmp, src), data=file_info(tmp, src.with_name(src.name + ".data")),
-                                  ops=ops, precision=q.scheme.mode,
-                                  key=artifact_key(entry.key, data.meta["key"], sorted(q.scheme.to_dict().items())))
-        new.quantization = {"scheme": q.scheme.to_dict(), "calibration": {"key": data.meta["key"], "counts": data.meta["counts"],
-                                                                         "settings": data.meta["settings"]},
-                            "quantized": counts, "kept_float": info["kept_float"], "weight_bytes": new.data.bytes,
-                            "float_weight_bytes": float_bytes, "error_vs_float": error}
+    for name in q.graphs():
+        out[name] = quantize_entry(tmp, out[name], data, q.scheme, manifest.model["decoder"]["vocab"], log)
         if name in folded:
-            new.quantization["awq"] = folded[name]
-        worst = max(error.values(), key=lambda e: e["relative"])
-        log(f"{name}: {counts['weights']} {q.scheme.mode} weights, {counts['activations']} activation Q/DQ; "
-            f"weights {float_bytes / 2**20:.2f} -> {new.data.bytes / 2**20:.2f} MiB; max |quantized - float| "
-            f"{worst['max_abs_diff']:.3g} ({worst['relative']:.2%} of max|float|) on {len(data.feeds(name)[:8])} calibration feeds")
-        out[name] = new
+            out[name].quantization["awq"] = folded[name]
     return out
+
+
+def quantize_entry(tmp: Path, entry: SubgraphEntry, data, scheme: QuantScheme, vocab: int, log) -> SubgraphEntry:
+    """One graph quantized and validated right away (op list, TensorRT's Q/DQ rules, ONNX Runtime runs it,
+    error against the float graph), then put in the float graph's place; its entry updated."""
+    from export.build import artifact_key
+    from export.onnx_export import check_graph
+    from export.subgraphs import SUBGRAPHS
+
+    name, src = entry.name, tmp / entry.onnx.path
+    work = src.parent / f".{scheme.mode}"  # same names as the float graph: the .onnx names its .data file
+    work.mkdir(exist_ok=True)
+    dst = work / src.name
+    log(f"{name}: quantizing ({scheme.mode}: weights {scheme.weights}, activations {scheme.activations}) ...")
+    try:
+        info = quantize(src, dst, data.feeds(name), scheme, vocab)
+        ops = check_graph(dst, next(s for s in SUBGRAPHS if s.name == name))
+        counts = check_qdq(dst, scheme)
+        error = quantization_error(src, dst, data.feeds(name)[:8])
+    except Exception:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    float_bytes = entry.data.bytes
+    for suffix in ("", ".data"):  # the quantized graph takes the float graph's place
+        os.replace(dst.with_name(dst.name + suffix), src.with_name(src.name + suffix))
+    work.rmdir()
+    new = dataclasses.replace(entry, onnx=file_info(tmp, src), data=file_info(tmp, src.with_name(src.name + ".data")),
+                              ops=ops, precision=scheme.mode,
+                              key=artifact_key(entry.key, data.meta["key"], sorted(scheme.to_dict().items())))
+    new.quantization = {"scheme": scheme.to_dict(), "calibration": {"key": data.meta["key"], "counts": data.meta["counts"],
+                                                                   "settings": data.meta["settings"]},
+                        "quantized": counts, "kept_float": info["kept_float"], "weight_bytes": new.data.bytes,
+                        "float_weight_bytes": float_bytes, "error_vs_float": error}
+    worst = max(error.values(), key=lambda e: e["relative"])
+    log(f"{name}: {counts['weights']} {scheme.mode} weights, {counts['activations']} activation Q/DQ; "
+        f"weights {float_bytes / 2**20:.2f} -> {new.data.bytes / 2**20:.2f} MiB; max |quantized - float| "
+        f"{worst['max_abs_diff']:.3g} ({worst['relative']:.2%} of max|float|) on {len(data.feeds(name)[:8])} calibration feeds")
+    return new
 
 
 def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log) -> tuple[dict[str, SubgraphEntry], dict]:

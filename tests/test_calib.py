@@ -20,7 +20,8 @@ quiet = lambda *a: None  # noqa: E731
 
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory):
-    """The shipped miniature as an int8 bundle at K=15, calibrated on 8 generator questions."""
+    """The shipped miniature as an int8 bundle at K=15, calibrated on 8 generator questions, its vision
+    tower quantized too (--quantize-vision; the int4 bundle keeps the default fp16 vision)."""
     from calib.stage import QuantSettings
     from export.build import BuildRequest, build_bundle
     from export.profiles import ProfileSettings
@@ -29,7 +30,8 @@ def int8_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("int8")
     profile = ProfileSettings(layout="anyres", max_text_tokens=96, opt_text_tokens=64, max_response=32,
                               opt_response=8, opt_image=(640, 360))
-    q = QuantSettings.for_mode("int8", calibration=CalibrationSettings(samples=8), data_root=root / "calibration")
+    q = QuantSettings.for_mode("int8", calibration=CalibrationSettings(samples=8), data_root=root / "calibration",
+                               quantize_vision=True)
     req = BuildRequest(embedded_checkpoint(), root / "k15", 15, 50, "int8", profile, quant=q)
     return build_bundle(req, log=quiet).out
 
@@ -41,20 +43,17 @@ def _graph(bundle, name):
 def test_int8_bundle_quantizes_the_decoder_linears_by_tensorrts_rules(int8_bundle):
     """Read back independently of calib.quantize: every linear layer of both decoder halves has an int8
     weight with one float16 scale per output channel (axis 1) and a per-tensor activation Q/DQ; every zero
-    point is 0; attention, the LM head and the vision tower stay float; the graphs say they are int8."""
+    point is 0; attention and the LM head stay float; the vision tower (asked for) has the same rules with
+    its attention float too; the graphs say they are int8."""
     from runtime.bundle import read_manifest
 
     m = read_manifest(int8_bundle)
     assert m.precision == "int8" and m.opset == 19
-    layers = {"decoder_pre": 15, "decoder_post": 32 - 15}
+    layers = {"decoder_pre": 15, "decoder_post": 32 - 15, "vision": m.model["vision"]["layers"]}
+    per_layer = {"decoder_pre": 7, "decoder_post": 7, "vision": 6}  # vision: q, k, v, out, fc1, fc2
     for name, entry in m.subgraphs.items():
         model = _graph(int8_bundle, name)
-        ops = [n.op_type for n in model.graph.node]
         props = {p.key: p.value for p in model.metadata_props}
-        if name == "vision":
-            assert entry.precision == "fp16" and props["lladav.precision"] == "fp16"
-            assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops
-            continue
         assert entry.precision == props["lladav.precision"] == "int8"
         consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         weights = acts = 0
@@ -71,14 +70,17 @@ def test_int8_bundle_quantizes_the_decoder_linears_by_tensorrts_rules(int8_bundl
             elif n.op_type == "QuantizeLinear":
                 assert scale.shape == (), n.name
                 acts += 1
-        # q, k, v, o, gate, up, down per layer, each with its own activation Q/DQ pair (none shared)
-        assert weights == 7 * layers[name] and acts == 7 * layers[name], (name, weights, acts)
+        # decoder: q, k, v, o, gate, up, down per layer, each with its own activation Q/DQ pair (none shared)
+        # vision: + the projector's two linears; the patch embedding (a Conv) stays float
+        want = per_layer[name] * layers[name] + 2 * (name == "vision")
+        assert weights == acts == want, (name, weights, acts, want)
         lm = [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts
               and consts[n.input[1]].shape[-1] == m.model["decoder"]["vocab"]]
         assert len(lm) == (name == "decoder_post") and all(consts[n.input[1]].dtype == np.float16 for n in lm)
         q = entry.quantization
         assert q["scheme"]["mode"] == "int8" and q["calibration"]["counts"]["vision"] == 8
-        assert q["weight_bytes"] < 0.55 * q["float_weight_bytes"]  # int8 against fp16 (scales and norms remain)
+        # int8 against fp16 (scales and norms remain; vision: the patch Conv and position embeddings stay fp16)
+        assert q["weight_bytes"] < (0.65 if name == "vision" else 0.55) * q["float_weight_bytes"]
         assert entry.data.bytes == q["weight_bytes"]
 
 
@@ -156,6 +158,23 @@ def test_bad_calibration_inputs_are_named_and_nothing_is_written(int8_bundle, tm
     with pytest.raises(LladaVError, match="holds no questions"):
         record_calibration(int8_bundle, CalibrationSettings(images=str(images), prompts=str(prompts)), root, quiet)
     assert not root.exists() or not any(p.name.endswith(".json") for p in root.rglob("*"))
+
+
+def test_quantization_settings_that_cannot_go_together_are_named():
+    from dataclasses import replace
+
+    from calib.quantize import INT4
+    from calib.stage import QuantSettings
+
+    cases = [
+        (QuantSettings.for_mode("int4", quantize_vision=True), "quantize vision: asked for with int4; expected int8"),
+        (QuantSettings.for_mode("int8", float_precision="bf16"), "float type: got 'bf16'; expected one of"),
+        (QuantSettings(replace(INT4, smooth_alpha=0.5)), "SmoothQuant .* and AWQ .* both asked for"),
+        (QuantSettings(replace(INT8, smooth_alpha=0.0, awq_grid=10)), "AWQ grid: got 10 for int8"),
+    ]
+    for settings, message in cases:
+        with pytest.raises(LladaVError, match=message):
+            settings.validate()
 
 
 def _tiny_qdq(path, zero=0, weight_scale_shape=(3,), opset=19):
@@ -371,6 +390,9 @@ def test_int4_bundle_holds_blocked_int4_weights_that_round_the_checkpoints(int4_
 
     m = read_manifest(int4_bundle)
     assert m.precision == "int4" and m.opset == 21
+    vision = _graph(int4_bundle, "vision")  # the default: the vision tower stays fp16
+    assert m.subgraphs["vision"].precision == "fp16" and not m.subgraphs["vision"].quantization
+    assert not [n for n in vision.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     ckpt = {}
     for f in sorted(embedded_checkpoint().glob("*.safetensors")):
         ckpt.update(load_file(str(f)))
