@@ -146,14 +146,17 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.n_heads, self.d_head).transpose(1, 2)
 
-    def forward(self, x, cos, sin, score_rows=None):
-        """x (B, N, D) -> (B, N, D), and the visual saliency (B, N) when score_rows is given."""
+    def forward(self, x, cos, sin, score_rows=None, past=None):
+        """x (B, N, D) -> (B, N, D); the visual saliency (B, N) when score_rows is given; x's own keys
+        (after RoPE) and values (B, H, N, Dh). past: keys and values (B, H, P, Dh) of P other
+        positions that x's rows attend to beside their own (no mask: the order does not matter)."""
         q = apply_rope(self._heads(self.q_proj(x)), cos, sin)
         k = apply_rope(self._heads(self.k_proj(x)), cos, sin)
         v = self._heads(self.v_proj(x))
-        out = attend(q, k, v).transpose(1, 2).reshape(x.shape)
-        saliency = None if score_rows is None else attention_saliency(q, k, score_rows)
-        return self.o_proj(out), saliency
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = attend(q, keys, values).transpose(1, 2).reshape(x.shape)
+        saliency = None if score_rows is None else attention_saliency(q, keys, score_rows)
+        return self.o_proj(out), saliency, (k, v)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -193,10 +196,11 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(dims.d_model, dims.rms_eps)
         self.mlp = MLP(dims)
 
-    def forward(self, h, cos, sin, score_rows=None):
-        a, saliency = self.self_attn(self.input_layernorm(h), cos, sin, score_rows)
+    def forward(self, h, cos, sin, score_rows=None, past=None):
+        """h (B, N, D) -> h, saliency (or None), x's keys and values (Attention.forward)."""
+        a, saliency, kv = self.self_attn(self.input_layernorm(h), cos, sin, score_rows, past)
         h = h + a
-        return h + self.mlp(self.post_attention_layernorm(h)), saliency
+        return h + self.mlp(self.post_attention_layernorm(h)), saliency, kv
 
 
 # ---------------------------------------------------------------- vision side
@@ -317,13 +321,21 @@ class LladaV(nn.Module):
 
         With score_rows, also returns the saliency (B, N) from layer hi-1's q.k (docs/pruning.md).
         """
+        h, saliency, _ = self.run_layers_kv(h, pos, lo, hi, score_rows)
+        return h, saliency
+
+    def run_layers_kv(self, h, pos, lo: int, hi: int, score_rows=None, past=None):
+        """run_layers that also returns each layer's keys and values of h's rows ([(k, v)] for layers
+        lo..hi-1, (B, H, N, Dh)); past: [(k, v)] per layer of other positions (B, H, P, Dh) that h's
+        rows attend to as well (a KV cache: docs/caching.md)."""
         cos, sin = rope_cos_sin(pos, self.cfg.decoder.d_head, self.cfg.decoder.rope_theta)
-        saliency = None
+        saliency, presents = None, []
         for i in range(lo, hi):
             rows = score_rows if i == hi - 1 else None
-            h, s = self.model.layers[i](h, cos, sin, rows)
+            h, s, kv = self.model.layers[i](h, cos, sin, rows, None if past is None else past[i - lo])
             saliency = s if s is not None else saliency
-        return h, saliency
+            presents.append(kv)
+        return h, saliency, presents
 
     def logits(self, h: torch.Tensor, rows=None) -> torch.Tensor:
         """Final norm and LM head, for the given sequence rows only (all rows if None)."""

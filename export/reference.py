@@ -4,8 +4,10 @@ The first denoising step runs layers [0, K) over the full sequence, scores the v
 the attention of the chosen query rows at layer K-1, keeps V - floor(V*P/100) of them, and runs
 layers [K, L) on the reduced sequence. Every later step runs all L layers on the reduced
 sequence; only the response embeddings change between steps. With P = 0 every token is kept
-and the loop equals the unpruned one exactly. The ONNX export and every runtime backend must
-reproduce this generator token for token.
+and the loop equals the unpruned one exactly. With a KV cache (runtime.caching, docs/caching.md)
+a refresh keeps every layer's keys and values, and the steps between refreshes recompute only
+the current block's rows (dual) or the block and the rows after it (prefix). The ONNX export and
+every runtime backend must reproduce this generator token for token.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from export.model import LladaV
+from runtime.caching import CacheSettings, RefreshClock, cache_window
 from runtime.errors import expect
 from runtime.preprocess import ImageInput
 from runtime.pruning import (
@@ -38,6 +41,7 @@ class GenerationResult:
     kept_visual: np.ndarray  # indices into the V visual tokens, ascending
     saliency: np.ndarray | None  # (V,) scores at layer K-1 of step 1, if computed
     seq_lens: list[int] = field(default_factory=list)  # tokens after layer K of each forward
+    computed_rows: list[int] = field(default_factory=list)  # rows each forward recomputed (all on a refresh)
 
     @property
     def answer_ids(self) -> list[int]:
@@ -56,8 +60,12 @@ def prompt_embeddings(model: LladaV, prompt: PromptIds, image: ImageInput, n_res
 class ReferenceForward:
     """`forward(response_ids) -> logits (G, vocab)` for one generation, pruning at its first call."""
 
-    def __init__(self, model, prompt, layout, prune, cfg_scale, mask_id):
+    def __init__(self, model, prompt, layout, prune, cfg_scale, mask_id, cache: CacheSettings | None = None):
         self.model, self.layout, self.prune, self.cfg_scale = model, layout, prune, cfg_scale
+        self.cache = cache or CacheSettings()
+        self.clock = RefreshClock(self.cache)
+        self.kv = None  # [(k, v)] per layer over every row of the (reduced) sequence, (B, H, n, Dh)
+        self.computed_rows: list[int] = []
         self.mask_id = mask_id
         self.prompt = prompt  # (N_prompt, D), reduced after step 1
         self.mask_embed = model.embed(torch.tensor([mask_id]))[0]
@@ -75,25 +83,51 @@ class ReferenceForward:
             h = torch.cat([h, un])
         return h
 
+    def start_block(self, start: int, end: int) -> None:
+        self.clock.start_block(start, end)
+
     @torch.inference_mode()
     def __call__(self, response_ids: np.ndarray) -> np.ndarray:
         response = self.model.embed(torch.from_numpy(response_ids))
         h = self._batch(response)
         pos = self.pos.expand(h.shape[0], -1)
         L = self.model.cfg.n_layers
+        refresh = self.clock.next_step_refreshes()
         if self.first and self.prune is not None:
             h, pos = self._first_step(h, pos, response_ids)
             self.first = False
+        elif refresh:
+            h, _, kv = self.model.run_layers_kv(h, pos, 0, L)
+            self.kv = kv if self.cache.enabled else None
         else:
-            h, _ = self.model.run_layers(h, pos, 0, L)
+            return self._cached_step(h, pos)
         self.seq_lens.append(h.shape[1])
+        self.computed_rows.append(h.shape[1])
+        return self._response_logits(h, np.arange(h.shape[1]), h.shape[1])
+
+    def _response_logits(self, h, rows: np.ndarray, n: int) -> np.ndarray:
+        """(G, vocab) logits for the response rows among `rows` (h holds exactly those rows); zeros
+        for response rows not computed (a cached step reads only its block)."""
         g = self.layout.n_response
-        logits = self.model.logits(h, torch.arange(h.shape[1] - g, h.shape[1])).float()
-        if self.cfg_scale > 0:
-            logits = logits[1] + (self.cfg_scale + 1) * (logits[0] - logits[1])
-        else:
-            logits = logits[0]
-        return logits.numpy()
+        at = np.flatnonzero(rows >= n - g)
+        logits = self.model.logits(h, torch.from_numpy(at)).float()
+        logits = logits[1] + (self.cfg_scale + 1) * (logits[0] - logits[1]) if self.cfg_scale > 0 else logits[0]
+        out = np.zeros((g, logits.shape[-1]), dtype=np.float32)
+        out[rows[at] - (n - g)] = logits.numpy()
+        return out
+
+    def _cached_step(self, h, pos) -> np.ndarray:
+        """Recompute the window's rows against the cached keys and values of the others."""
+        n = h.shape[1]
+        w = cache_window(self.cache.mode, n, self.layout.n_response, self.clock.block)
+        compute, past = torch.from_numpy(w.compute), torch.from_numpy(w.past)
+        cached = [(k[:, :, past], v[:, :, past]) for k, v in self.kv]
+        out, _, fresh = self.model.run_layers_kv(h[:, compute], pos[:, compute], 0, self.model.cfg.n_layers, past=cached)
+        for (k, v), (fk, fv) in zip(self.kv, fresh):  # the block's rows, updated in place
+            k[:, :, compute], v[:, :, compute] = fk, fv
+        self.seq_lens.append(n)
+        self.computed_rows.append(len(w.compute))
+        return self._response_logits(out, w.compute, n)
 
     def _first_step(self, h, pos, response_ids):
         """Layers [0, K) on the full sequence, keep by saliency, layers [K, L) on the rest."""
@@ -101,7 +135,7 @@ class ReferenceForward:
         rows = None
         if not self.prune.random:
             rows = torch.from_numpy(query_rows(lay, self.prune.query, response_ids == self.mask_id))
-        h, saliency = self.model.run_layers(h, pos, 0, k, score_rows=rows)
+        h, saliency, kv_pre = self.model.run_layers_kv(h, pos, 0, k, score_rows=rows)
         if self.prune.random:
             keep = keep_at_random(lay.n_visual, p, self.prune.seed)
         else:
@@ -113,7 +147,10 @@ class ReferenceForward:
         self.prompt = self.prompt[torch.from_numpy(kept[: kept.shape[0] - lay.n_response])]
         h = h[:, torch.from_numpy(kept)]
         pos = self.pos.expand(h.shape[0], -1)
-        h, _ = self.model.run_layers(h, pos, k, self.model.cfg.n_layers)
+        h, _, kv_post = self.model.run_layers_kv(h, pos, k, self.model.cfg.n_layers)
+        if self.cache.enabled:  # the first refresh: layers < K keep the kept rows' keys and values of the full pass
+            rows = torch.from_numpy(kept)
+            self.kv = [(kk[:, :, rows], vv[:, :, rows]) for kk, vv in kv_pre] + kv_post
         return h, pos
 
 
@@ -124,9 +161,11 @@ def generate(
     image: ImageInput,
     gen: GenerationSettings,
     prune: PruneSettings | None,
+    cache: CacheSettings | None = None,
 ) -> GenerationResult:
-    """Generate an answer; `prune=None` is the unpruned baseline."""
+    """Generate an answer; `prune=None` is the unpruned baseline, `cache=None` uncached."""
     gen.validate()
+    cache = (cache or CacheSettings()).validate()
     if prune is not None:
         prune.validate(model.cfg.n_layers)
     with torch.inference_mode():
@@ -136,6 +175,7 @@ def generate(
         f"sequence: {layout.total} tokens (prompt {layout.n_prompt} incl. {layout.n_visual} visual, "
         f"response {layout.n_response}); expected at most max_position_embeddings={model.cfg.decoder.max_positions}",
     )
-    forward = ReferenceForward(model, embeds, layout, prune, gen.cfg_scale, ids.mask)
+    forward = ReferenceForward(model, embeds, layout, prune, gen.cfg_scale, ids.mask, cache)
     result = denoise(forward, gen, ids)
-    return GenerationResult(result, layout, forward.kept_visual, forward.saliency, forward.seq_lens)
+    return GenerationResult(result, layout, forward.kept_visual, forward.saliency, forward.seq_lens,
+                            forward.computed_rows)

@@ -4,6 +4,7 @@
 denoising step and applies LLaDA's unmasking rule (docs/generation.md, LLaDA `generate.py`,
 LLaDA-V `generate_with_embeds`): semi-autoregressive blocks, a fixed number of tokens unmasked
 per step, the most confident first, special tokens never generated, stop at `<|eot_id|>`.
+With a threshold, Fast-dLLM's parallel rule replaces the fixed count (docs/caching.md).
 The PyTorch reference and every runtime backend share this loop, so they differ only in
 `forward`.
 """
@@ -32,6 +33,9 @@ class GenerationSettings:
     remasking: str = "low_confidence"
     stop_at_eot: bool = True
     seed: int = 0
+    # Fast-dLLM's parallel decoding: in the current block, unmask every masked position whose
+    # confidence exceeds it, at least one per step, instead of the fixed count (0: off)
+    threshold: float = 0.0
 
     def validate(self) -> "GenerationSettings":
         for name in ("steps", "gen_length", "block_length"):
@@ -50,6 +54,10 @@ class GenerationSettings:
         expect(self.temperature >= 0, f"temperature: got {self.temperature}; expected >= 0")
         expect(self.cfg_scale >= 0, f"cfg_scale: got {self.cfg_scale}; expected >= 0")
         expect(self.remasking in REMASKING, f"remasking: got {self.remasking!r}; expected one of {REMASKING}")
+        expect(0 <= self.threshold < 1, f"threshold: got {self.threshold!r}; expected a probability in [0, 1) (0: off)")
+        expect(self.threshold == 0 or self.remasking == "low_confidence",
+               f"threshold: {self.threshold} needs remasking 'low_confidence' (a probability to compare); got "
+               f"{self.remasking!r}")
         return self
 
     @property
@@ -122,9 +130,18 @@ def suppressed_rows(logits: np.ndarray, rows: np.ndarray, ids: TokenIds) -> np.n
     return out
 
 
+def above_threshold(confidence: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices whose confidence exceeds the threshold; the most confident one if none does."""
+    hits = np.flatnonzero(confidence > threshold)
+    return hits if hits.size else np.array([int(np.argmax(confidence))])
+
+
 def denoise(forward, settings: GenerationSettings, ids: TokenIds, on_step=None) -> DenoiseResult:
-    """Run the masked-diffusion loop; `forward(response_ids)` returns the response logits.
-    `on_step(step, steps, unmasked, masked_left)` is called after every step (progress)."""
+    """Run the masked-diffusion loop; `forward(response_ids)` returns the response logits (rows
+    outside the current block may be anything: they are never read). A forward with a
+    `start_block(start, end)` method hears of each block before its first step (KV caching).
+    `on_step(step, steps, unmasked, masked_left)` is called after every step (progress); with a
+    threshold, `steps` is the most the loop may take (one token per step)."""
     settings.validate()
     rng = np.random.default_rng(settings.seed)
     g, bl = settings.gen_length, settings.block_length
@@ -135,7 +152,10 @@ def denoise(forward, settings: GenerationSettings, ids: TokenIds, on_step=None) 
         start, end = block * bl, (block + 1) * bl
         if stop is not None and stop <= start:
             break
-        counts = transfer_counts(int(np.sum(x[start:end] == ids.mask)), settings.steps_per_block)
+        n_masked = int(np.sum(x[start:end] == ids.mask))
+        counts = [0] * n_masked if settings.threshold else transfer_counts(n_masked, settings.steps_per_block)
+        if hasattr(forward, "start_block"):
+            forward.start_block(start, end)
         for k in counts:
             masked = x == ids.mask
             limit = end if stop is None else min(stop, end)
@@ -146,15 +166,19 @@ def denoise(forward, settings: GenerationSettings, ids: TokenIds, on_step=None) 
                 raise LladaVError(f"forward: returned logits of shape {logits.shape}; expected ({g}, vocab)")
             rows = np.flatnonzero(masked & (np.arange(g) < limit))  # the positions this step may unmask
             x0, confidence = propose(suppressed_rows(logits, rows, ids), settings, rng)
-            picked = most_confident(confidence, np.ones(rows.size, bool), k)
+            if settings.threshold:
+                picked = above_threshold(confidence, settings.threshold)
+            else:
+                picked = most_confident(confidence, np.ones(rows.size, bool), k)
             chosen = rows[picked]
             x[chosen] = x0[picked]
             result.transfers.append(len(chosen))
-            result.scheduled.append(k)
+            result.scheduled.append(k if not settings.threshold else len(chosen))
             if settings.stop_at_eot:
                 stop = first_eot(x, ids.eot, stop)
             if on_step is not None:
-                on_step(len(result.transfers), settings.steps, len(chosen), int(np.sum(x == ids.mask)))
+                on_step(len(result.transfers), g if settings.threshold else settings.steps, len(chosen),
+                        int(np.sum(x == ids.mask)))
     result.response, result.stop = x, stop
     result.answer = x[:stop] if stop is not None else x
     return result

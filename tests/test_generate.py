@@ -32,20 +32,20 @@ class LayerSpy:
     def __init__(self, model):
         self.model, self.lens, self.positions = model, [], []
         self.hooks = [layer.register_forward_pre_hook(self._record(i)) for i, layer in enumerate(model.model.layers)]
-        self._run = model.run_layers
-        model.run_layers = self._run_layers
+        self._run = model.run_layers_kv
+        model.run_layers_kv = self._run_layers
 
     def _record(self, i):
         return lambda module, args: self.lens.append((i, args[0].shape[1]))
 
-    def _run_layers(self, h, pos, lo, hi, score_rows=None):
+    def _run_layers(self, h, pos, lo, hi, score_rows=None, past=None):
         self.positions.append((lo, hi, pos[0].clone()))
-        return self._run(h, pos, lo, hi, score_rows)
+        return self._run(h, pos, lo, hi, score_rows, past)
 
     def close(self):
         for hook in self.hooks:
             hook.remove()
-        del self.model.run_layers
+        del self.model.run_layers_kv
 
     def forwards(self):
         """[[tokens seen by layer 0..L-1] per forward pass]"""
