@@ -106,6 +106,12 @@ def feeds_for(name: str, n: int, d: int, dtype, rows: int = 32) -> dict:
     return {first: x, "position_ids": np.arange(n, dtype=np.int64)[None], last[0]: last[1].astype(np.int64)}
 
 
+def with_empty_past(feeds: dict, manifest, name: str) -> dict:
+    from runtime.pipeline import empty_past
+
+    return {**feeds, **empty_past(manifest, name, 1, next(iter(feeds.values())).dtype)}
+
+
 def run(shape: QuantBenchShape, workdir: Path, log) -> dict:
     from runtime.bundle import float_type, read_manifest
     from runtime.pruning import pruned_count
@@ -121,7 +127,8 @@ def run(shape: QuantBenchShape, workdir: Path, log) -> dict:
         dtype = np.dtype(float_type(m.graphs_float()))
         for name, n in cases.items():
             log(f"timing {variant} {name} at {n} tokens")
-            times[f"{variant}/{name}"] = time_graph(graph_path(bundle, name), feeds_for(name, n, shape.d_model, dtype),
+            feeds = with_empty_past(feeds_for(name, n, shape.d_model, dtype), m, name)
+            times[f"{variant}/{name}"] = time_graph(graph_path(bundle, name), feeds,
                                                     shape.repeats, bool(m.subgraphs[name].quantization))
     weights = {f"{v}/{n}": graph_path(b, n).with_name(f"{n}.onnx.data").stat().st_size for v, b in bundles.items()
                for n in cases}

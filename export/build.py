@@ -170,7 +170,7 @@ class Builder:
         k = self.req.k if spec.name.startswith("decoder") else "-"
         fp = self.req.float_precision
         key = artifact_key(ckpt_hash, spec.name, k, fp, self.req.graph_opset, source)
-        shapes = input_shapes(spec, self.cfg, self.ranges)
+        shapes = input_shapes(spec, self.cfg, self.ranges, self.req.k)
         old = self.old.subgraphs.get(spec.name) if self.old else None
         onnx_path = tmp / "onnx" / f"{spec.name}.onnx"
         if old and old.key == key and intact(self.req.out, old.onnx) and intact(self.req.out, old.data):
@@ -186,7 +186,7 @@ class Builder:
         # the ONNX graph does not depend on the profile: validate it at fixed sizes (proving its axes dynamic)
         identity = graph_identity(spec.name, self.req.k, self.cfg.n_layers, ckpt_hash, fp)
         report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, fp,
-                                     onnx_path, list(VALIDATION_SIZES), self.req.graph_opset, identity)
+                                     onnx_path, list(VALIDATION_SIZES), self.req.graph_opset, identity, self.req.k)
         self.release_weights(spec)
         worst = worst_check(report.checks)
         self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - PyTorch| "
@@ -349,7 +349,7 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
             continue
         log(f"{name}: building TensorRT engine ...")
         build_engine(tmp / entry.onnx.path, engine, entry.shapes, b.settings, cache)
-        feeds = [dummy_inputs(spec, b.cfg, axes, float_dtype(req.float_precision), seed=i)
+        feeds = [dummy_inputs(spec, b.cfg, axes, float_dtype(req.float_precision), seed=i, k=req.k)
                  for i, axes in enumerate(validation_axes(b.ranges))]  # inside the engine's profile
         entry.engine = file_info(tmp, engine)
         entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, spec, entry.graph_precision(req.precision))

@@ -155,7 +155,8 @@ class Attention(nn.Module):
         v = self._heads(self.v_proj(x))
         keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
         out = attend(q, keys, values).transpose(1, 2).reshape(x.shape)
-        saliency = None if score_rows is None else attention_saliency(q, keys, score_rows)
+        # saliency over x's own keys (a softmax over those only): pruning scores step 1, which has no past
+        saliency = None if score_rows is None else attention_saliency(q, k, score_rows)
         return self.o_proj(out), saliency, (k, v)
 
 

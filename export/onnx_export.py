@@ -75,10 +75,11 @@ float_dtype = float_type  # the name export/ uses: a precision's float type (run
 
 
 def export_onnx(spec: SubgraphSpec, module: torch.nn.Module, cfg, precision: str, dst: Path,
-                example_axes: dict, opset: int = DEFAULT_OPSET, identity: dict | None = None) -> Path:
+                example_axes: dict, opset: int = DEFAULT_OPSET, identity: dict | None = None,
+                k: int | None = None) -> Path:
     """torch.onnx.export (TorchScript exporter) at `opset` -> dst + dst.data; `identity` becomes the
-    graph's metadata_props (runtime.bundle.graph_identity)."""
-    feeds = dummy_inputs(spec, cfg, example_axes, float_dtype(precision))
+    graph's metadata_props (runtime.bundle.graph_identity); k: the pruning layer (K/V layer counts)."""
+    feeds = dummy_inputs(spec, cfg, example_axes, float_dtype(precision), k=k)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -91,20 +92,20 @@ def export_onnx(spec: SubgraphSpec, module: torch.nn.Module, cfg, precision: str
                 module, args, str(raw), input_names=spec.input_names, output_names=spec.output_names,
                 dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
             )
-        consolidate_external_data(raw, dst, edit=lambda m: stamp(m, spec, cfg, identity or {}))
+        consolidate_external_data(raw, dst, edit=lambda m: stamp(m, spec, cfg, identity or {}, k))
     return dst
 
 
-def stamp(model, spec: SubgraphSpec, cfg, identity: dict) -> None:
-    stamp_io_dims(model, spec, cfg)
+def stamp(model, spec: SubgraphSpec, cfg, identity: dict, k: int | None = None) -> None:
+    stamp_io_dims(model, spec, cfg, k)
     for key, value in identity.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
 
 
-def stamp_io_dims(model, spec: SubgraphSpec, cfg) -> None:
+def stamp_io_dims(model, spec: SubgraphSpec, cfg, k: int | None = None) -> None:
     """Graph inputs/outputs carry the spec's dims: numbers for model dims, names for dynamic axes."""
-    dims = model_dims(cfg)
+    dims = model_dims(cfg, k)
     tensors = {t.name: t for t in (*spec.inputs, *spec.outputs)}
     for value in (*model.graph.input, *model.graph.output):
         t = tensors.get(value.name)
@@ -216,7 +217,7 @@ def ort_session(path: Path, quantized: bool = False):
 
 
 def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, axes_list: list[dict],
-                 session=None) -> dict:
+                 session=None, k: int | None = None) -> dict:
     """ORT vs the PyTorch module with Polygraphy's Comparator, at each set of axis sizes.
 
     One ONNX Runtime session serves every size (a session holds ~2.3x the graph's fp16 weights)."""
@@ -227,11 +228,11 @@ def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, ax
     from export.torch_runner import TorchRunner
 
     fdt = float_dtype(precision)
-    dims = model_dims(cfg)
+    dims = model_dims(cfg, k)
     report = {}
     session = session or ort_session(path)
     for i, axes in enumerate(axes_list):
-        feeds = dummy_inputs(spec, cfg, axes, fdt, seed=i)
+        feeds = dummy_inputs(spec, cfg, axes, fdt, seed=i, k=k)
         torch_inputs = [(t.name, *t.resolve({**dims, **axes}, fdt)) for t in spec.inputs]
         runners = [OnnxrtRunner(session, name="onnxrt"),
                    TorchRunner(module, torch_inputs, spec.output_names, name="pytorch")]
@@ -258,10 +259,11 @@ def _check_shapes(spec, outputs, dims, fdt):
             raise DynamicAxisError(f"{spec.name}: output {t.name} has shape {got} at {dims}; expected {want}")
 
 
-def check_bidirectional(path: Path, spec: SubgraphSpec, cfg, precision: str, axes: dict, session=None) -> float:
+def check_bidirectional(path: Path, spec: SubgraphSpec, cfg, precision: str, axes: dict, session=None,
+                        k: int | None = None) -> float:
     """Perturb the last token's input; the first position's output must change."""
     fdt = float_dtype(precision)
-    feeds = dummy_inputs(spec, cfg, axes, fdt, seed=7)
+    feeds = dummy_inputs(spec, cfg, axes, fdt, seed=7, k=k)
     x_name, out_name = spec.input_names[0], spec.output_names[0]
     if "logit_rows" in feeds:
         feeds["logit_rows"] = np.array([0], dtype=np.int64)
@@ -277,20 +279,21 @@ def check_bidirectional(path: Path, spec: SubgraphSpec, cfg, precision: str, axe
 
 
 def export_and_validate(spec: SubgraphSpec, module, cfg, precision: str, dst: Path, axes_list: list[dict],
-                        opset: int = DEFAULT_OPSET, identity: dict | None = None) -> ExportReport:
-    """Export to dst (+ .data), then run every check. A failed check removes the files."""
+                        opset: int = DEFAULT_OPSET, identity: dict | None = None, k: int | None = None) -> ExportReport:
+    """Export to dst (+ .data), then run every check. A failed check removes the files. k: the
+    pruning layer (the decoders' K/V tensors have one row per layer of their half)."""
     import time
 
     start = time.perf_counter()
     try:
-        export_onnx(spec, module, cfg, precision, dst, axes_list[0], opset, identity)
+        export_onnx(spec, module, cfg, precision, dst, axes_list[0], opset, identity, k)
         report = ExportReport(spec.name, dst, dst.with_name(dst.name + ".data"))
         release_memory()  # the exporter's transient copies, before a session loads the weights again
         report.ops = check_graph(dst, spec)
         session = ort_session(dst)
-        report.checks = check_parity(dst, spec, module, cfg, precision, axes_list, session)
+        report.checks = check_parity(dst, spec, module, cfg, precision, axes_list, session, k)
         if spec.name.startswith("decoder"):
-            check_bidirectional(dst, spec, cfg, precision, axes_list[-1], session)
+            check_bidirectional(dst, spec, cfg, precision, axes_list[-1], session, k)
         del session
         release_memory()
     except Exception:

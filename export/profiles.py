@@ -50,12 +50,15 @@ def axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int
     tiles_opt = 1 if settings.layout == SINGLE else plan_tiles(settings.opt_image, g, ANYRES).num_tiles
     tiles_max = 1 if settings.layout == SINGLE else 1 + g.max_grid_tiles
     reduced_opt = settings.opt_text_tokens + v_opt - pruned_count(v_opt, p) + settings.opt_response
+    seq_max = settings.max_text_tokens + v_max + settings.max_response
     return {
         "tiles": (1, tiles_opt, tiles_max),
         "batch": (1, 1, settings.max_batch),
-        "seq": (1, reduced_opt, settings.max_text_tokens + v_max + settings.max_response),
+        "seq": (1, reduced_opt, seq_max),
         "query": (1, settings.opt_response, settings.max_text_tokens + settings.max_response),
         "rows": (1, settings.opt_response, settings.max_response),
+        # cached K/V rows (docs/caching.md): 0 on refreshes and uncached steps, the profile is tuned there
+        "past": (0, 0, seq_max),
     }
 
 
@@ -64,20 +67,21 @@ def full_sequence_opt(cfg, settings: ProfileSettings) -> int:
     return settings.opt_text_tokens + visual_tokens(cfg, settings)[0] + settings.opt_response
 
 
-def input_shapes(spec: SubgraphSpec, cfg, ranges: dict) -> dict[str, dict[str, list[int]]]:
-    """{input: {"min": shape, "opt": shape, "max": shape}} for one subgraph."""
+def input_shapes(spec: SubgraphSpec, cfg, ranges: dict, k: int | None = None) -> dict[str, dict[str, list[int]]]:
+    """{input: {"min": shape, "opt": shape, "max": shape}} for one subgraph (k: the pruning layer)."""
     out = {}
     for t in spec.inputs:
         out[t.name] = {}
         for i, which in enumerate(("min", "opt", "max")):
-            dims = {**model_dims(cfg), **{a: r[i] for a, r in ranges.items()}}
+            dims = {**model_dims(cfg, k), **{a: r[i] for a, r in ranges.items()}}
             out[t.name][which] = list(t.resolve(dims, "float32")[1])
     return out
 
 
 # Two sizes of every dynamic axis for validation checks: small, and larger (reduced-sequence-like).
-VALIDATION_SIZES = ({"tiles": 1, "batch": 1, "seq": 48, "query": 8, "rows": 8},
-                    {"tiles": 2, "batch": 2, "seq": 96, "query": 3, "rows": 5})
+# The first is the export's example: its past is not 0, so the exporter sees a real K/V axis.
+VALIDATION_SIZES = ({"tiles": 1, "batch": 1, "seq": 48, "query": 8, "rows": 8, "past": 7},
+                    {"tiles": 2, "batch": 2, "seq": 96, "query": 3, "rows": 5, "past": 0})
 
 
 def validation_axes(ranges: dict) -> list[dict[str, int]]:

@@ -1,10 +1,17 @@
 """The three exported subgraphs, each described declaratively (optimum-style).
 
     vision        pixel_values (tiles, 3, S, S)                      -> features (tiles, S'^2, D)
-    decoder_pre   inputs_embeds (batch, seq, D), position_ids, score_rows (query)
-                                                                    -> hidden_states, saliency (batch, seq)
-    decoder_post  hidden_states (batch, seq, D), position_ids, logit_rows (rows)
-                                                                    -> logits (batch, rows, vocab)
+    decoder_pre   inputs_embeds (batch, seq, D), position_ids, score_rows (query),
+                  past_keys, past_values (K, batch, H, past, Dh)
+                                     -> hidden_states, saliency (batch, seq), present_keys, present_values
+    decoder_post  hidden_states (batch, seq, D), position_ids, logit_rows (rows),
+                  past_keys, past_values (L-K, batch, H, past, Dh)
+                                     -> logits (batch, rows, vocab), present_keys, present_values
+
+The K/V tensors serve block KV caching (docs/caching.md) in the same graphs, so the weights are
+held once: the seq rows computed attend to their own keys and values and to `past` cached ones
+of other positions (past = 0: the whole sequence, a refresh or an uncached step); present_*
+are the computed rows' keys (after RoPE) and values, per layer of the half.
 
 decoder_pre holds layers [0, K), decoder_post layers [K, L) plus the final norm and LM head:
 every weight lives in exactly one graph. decoder_pre serves step 1 on the full sequence and
@@ -12,7 +19,7 @@ every later step on the reduced one; its saliency comes from layer K-1's q.k for
 only (2*H*|rows|*N*Dh work, never the N x N map). decoder_post computes logits only for
 logit_rows (the response), never for the whole sequence.
 
-Named axes: tiles, batch (2 with CFG), seq, query, rows. Their ranges come from
+Named axes: tiles, batch (2 with CFG), seq, query, rows, past. Their ranges come from
 `export.profiles`.
 """
 
@@ -91,13 +98,16 @@ class SubgraphSpec:
         return axes
 
 
-MODEL_DIMS = ("D", "V", "S", "F", "T", "Dv")  # filled from the model config, never dynamic
+# filled from the model config (and K: the layers of each decoder half), never dynamic
+MODEL_DIMS = ("D", "V", "S", "F", "T", "Dv", "H", "Dh", "Lpre", "Lpost")
 
 
-def model_dims(cfg) -> dict[str, int]:
-    g = cfg.geometry
-    return {"D": cfg.decoder.d_model, "V": cfg.decoder.vocab_size, "S": g.image_size, "F": g.tokens_per_tile,
-            "Dv": cfg.vision.d_model}
+def model_dims(cfg, k: int | None = None) -> dict[str, int]:
+    """The model dims tensors name; with the pruning layer k, also the layer counts of the halves."""
+    g, d = cfg.geometry, cfg.decoder
+    dims = {"D": d.d_model, "V": d.vocab_size, "S": g.image_size, "F": g.tokens_per_tile, "Dv": cfg.vision.d_model,
+            "H": d.n_heads, "Dh": d.d_head}
+    return dims if k is None else {**dims, "Lpre": k, "Lpost": d.n_layers - k}
 
 
 class VisionGraph(nn.Module):
@@ -109,14 +119,24 @@ class VisionGraph(nn.Module):
         return (self.model.encode_tiles(pixel_values),)
 
 
+def split_past(keys: torch.Tensor, values: torch.Tensor) -> list:
+    """(layers, B, H, P, Dh) twice -> [(k, v)] per layer."""
+    return [(keys[i], values[i]) for i in range(keys.shape[0])]
+
+
+def stack_presents(presents: list) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([k for k, _ in presents]), torch.stack([v for _, v in presents])
+
+
 class DecoderPre(nn.Module):
     def __init__(self, model: LladaV, k: int):
         super().__init__()
         self.model, self.k = model, k
 
-    def forward(self, inputs_embeds, position_ids, score_rows):
-        h, saliency = self.model.run_layers(inputs_embeds, position_ids, 0, self.k, score_rows=score_rows)
-        return h, saliency
+    def forward(self, inputs_embeds, position_ids, score_rows, past_keys, past_values):
+        h, saliency, presents = self.model.run_layers_kv(inputs_embeds, position_ids, 0, self.k, score_rows,
+                                                         split_past(past_keys, past_values))
+        return (h, saliency, *stack_presents(presents))
 
 
 class DecoderPost(nn.Module):
@@ -124,9 +144,10 @@ class DecoderPost(nn.Module):
         super().__init__()
         self.model, self.k = model, k
 
-    def forward(self, hidden_states, position_ids, logit_rows):
-        h, _ = self.model.run_layers(hidden_states, position_ids, self.k, self.model.cfg.n_layers)
-        return (self.model.logits(h, logit_rows).float(),)
+    def forward(self, hidden_states, position_ids, logit_rows, past_keys, past_values):
+        h, _, presents = self.model.run_layers_kv(hidden_states, position_ids, self.k, self.model.cfg.n_layers,
+                                                  past=split_past(past_keys, past_values))
+        return (self.model.logits(h, logit_rows).float(), *stack_presents(presents))
 
 
 VISION = SubgraphSpec(
@@ -141,10 +162,14 @@ DECODER_PRE = SubgraphSpec(
         TensorSpec("inputs_embeds", FLOAT, ("batch", "seq", "D")),
         TensorSpec("position_ids", I64, ("batch", "seq")),
         TensorSpec("score_rows", I64, ("query",)),
+        TensorSpec("past_keys", FLOAT, ("Lpre", "batch", "H", "past", "Dh")),
+        TensorSpec("past_values", FLOAT, ("Lpre", "batch", "H", "past", "Dh")),
     ),
     outputs=(
         TensorSpec("hidden_states", FLOAT, ("batch", "seq", "D")),
         TensorSpec("saliency", F32, ("batch", "seq"), SALIENCY_TOLERANCES),
+        TensorSpec("present_keys", FLOAT, ("Lpre", "batch", "H", "seq", "Dh")),
+        TensorSpec("present_values", FLOAT, ("Lpre", "batch", "H", "seq", "Dh")),
     ),
     build=DecoderPre,
 )
@@ -154,16 +179,24 @@ DECODER_POST = SubgraphSpec(
         TensorSpec("hidden_states", FLOAT, ("batch", "seq", "D")),
         TensorSpec("position_ids", I64, ("batch", "seq")),
         TensorSpec("logit_rows", I64, ("rows",)),
+        TensorSpec("past_keys", FLOAT, ("Lpost", "batch", "H", "past", "Dh")),
+        TensorSpec("past_values", FLOAT, ("Lpost", "batch", "H", "past", "Dh")),
     ),
-    outputs=(TensorSpec("logits", F32, ("batch", "rows", "V")),),
+    outputs=(
+        TensorSpec("logits", F32, ("batch", "rows", "V")),
+        TensorSpec("present_keys", FLOAT, ("Lpost", "batch", "H", "seq", "Dh")),
+        TensorSpec("present_values", FLOAT, ("Lpost", "batch", "H", "seq", "Dh")),
+    ),
     build=DecoderPost,
 )
 SUBGRAPHS = (VISION, DECODER_PRE, DECODER_POST)
 
 
-def dummy_inputs(spec: SubgraphSpec, cfg, axes: dict[str, int], float_dtype: str, seed: int = 0) -> dict:
-    """Random feeds for `spec` at the given axis sizes (runtime.checks.random_feeds)."""
-    dims = {**model_dims(cfg), **axes}
+def dummy_inputs(spec: SubgraphSpec, cfg, axes: dict[str, int], float_dtype: str, seed: int = 0,
+                 k: int | None = None) -> dict:
+    """Random feeds for `spec` at the given axis sizes (runtime.checks.random_feeds); k: the pruning
+    layer, which sizes the decoders' K/V tensors."""
+    dims = {**model_dims(cfg, k), **axes}
     return random_feeds([(t.name, *t.resolve(dims, float_dtype)) for t in spec.inputs], seed)
 
 

@@ -82,12 +82,15 @@ def generation(manifest: Manifest, image: tuple[int, int], text_tokens: int, ste
 
 
 def answer_cases(manifest: Manifest, g: Generation, p: float) -> AnswerCases:
-    d, side = manifest.model["decoder"]["d_model"], manifest.geometry["image_size"]
+    dims, side = manifest.model_dims(), manifest.geometry["image_size"]
+    d = dims["D"]
     n, n_red = g.full, g.reduced(p)
 
-    def decoder(name: str, seq: int, rows: int) -> Case:
+    def decoder(name: str, seq: int, rows: int, past: int = 0) -> Case:
         first, rows_input = ("inputs_embeds", "score_rows") if name == "decoder_pre" else ("hidden_states", "logit_rows")
-        return Case(name, ((first, (1, seq, d)), ("position_ids", (1, seq)), (rows_input, (rows,))))
+        kv = (dims["Lpre" if name == "decoder_pre" else "Lpost"], 1, dims["H"], past, dims["Dh"])
+        return Case(name, ((first, (1, seq, d)), ("position_ids", (1, seq)), (rows_input, (rows,)),
+                           ("past_keys", kv), ("past_values", kv)))
 
     return AnswerCases(
         p,

@@ -101,10 +101,11 @@ class Manifest:
         return self.float_precision or ("fp32" if self.precision == "fp32" else "fp16")
 
     def model_dims(self) -> dict[str, int]:
-        """The model dims that tensor dims name (D, V, S, F, Dv)."""
+        """The model dims that tensor dims name (D, V, S, F, Dv; H, Dh and the halves' layers Lpre, Lpost)."""
         d, g = self.model["decoder"], self.geometry
         return {"D": d["d_model"], "V": d["vocab"], "S": g["image_size"], "F": g["tokens_per_tile"],
-                "Dv": self.model["vision"]["d_model"]}
+                "Dv": self.model["vision"]["d_model"], "H": d["heads"], "Dh": d["d_model"] // d["heads"],
+                "Lpre": self.k, "Lpost": self.n_layers - self.k}
 
     @staticmethod
     def from_dict(d: dict) -> "Manifest":

@@ -152,6 +152,13 @@ class Pipeline:
                              forward.saliency, vision_ms, forward.trace, (time.perf_counter() - start) * 1000)
 
 
+def empty_past(manifest: Manifest, name: str, batch: int, fdt) -> dict[str, np.ndarray]:
+    """No cached keys and values (0 rows): the decoder half runs over the whole sequence it is given."""
+    dims = manifest.model_dims()
+    shape = (dims["Lpre" if name == "decoder_pre" else "Lpost"], batch, dims["H"], 0, dims["Dh"])
+    return {"past_keys": np.zeros(shape, fdt), "past_values": np.zeros(shape, fdt)}
+
+
 class SplitForward:
     """`forward(response_ids) -> logits (G, vocab)` over decoder_pre and decoder_post."""
 
@@ -165,6 +172,10 @@ class SplitForward:
         self.inputs = None  # (B, n', D) after step 1, staged where decoder_pre reads it: only its last G rows change
         self.positions = self.score_rows = self.logit_rows = None  # staged after step 1
         self.trace: list[StepTrace] = []
+        # no cached K/V (0 rows): staged once where each half reads them
+        self.no_past = {r.name: {n: r.stage(n, x) for n, x in empty_past(pipe.manifest, r.name, 2 if cfg > 0 else 1,
+                                                                         pipe.fdt).items()}
+                        for r in (self.pre, self.post)}
 
     def _batch(self, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
         h = np.concatenate([prompt, response])[None]
@@ -187,11 +198,14 @@ class SplitForward:
         return logits
 
     def _run_pre(self, h, pos, rows):
-        return self.pre.infer({"inputs_embeds": h, "position_ids": pos, "score_rows": rows}, keep_on_device=True)
+        return self.pre.infer({"inputs_embeds": h, "position_ids": pos, "score_rows": rows, **self.no_past["decoder_pre"]},
+                              keep_on_device=True)
 
     def _run_post(self, hidden) -> np.ndarray:
-        feeds = {"hidden_states": hidden, "position_ids": self.positions, "logit_rows": self.logit_rows}
-        logits = np.asarray(self.post.infer(feeds)["logits"])
+        feeds = {"hidden_states": hidden, "position_ids": self.positions, "logit_rows": self.logit_rows,
+                 **self.no_past["decoder_post"]}
+        out = self.post.infer(feeds, keep_on_device=True)  # present K/V stay where they are
+        logits = np.asarray(self.post.to_host(out["logits"]))
         if self.cfg > 0:
             return logits[1] + (self.cfg + 1) * (logits[0] - logits[1])
         return logits[0]

@@ -333,12 +333,13 @@ def expected_device_work(copy_runs: int, later_steps: int) -> list[str]:
     decoder_pre, saliency to the host, `copy_runs` device copies gathering the kept rows, the
     reduced inputs staged, decoder_post, logits to the host); then per later step one upload of
     the response rows, both engines, the logits. Each step ends with the trace reading both
-    engines' GPU times; deactivation waits for the stream before freeing."""
+    engines' GPU times; deactivation waits for the stream before freeing. The empty K/V inputs (no
+    cached rows) are staged once before step 1."""
     run = lambda name: ["event_record", f"enqueue {name}", "event_record"]  # noqa: E731
     fetch = ["copy_dtoh", "stream_synchronize"]
     timed = ["event_synchronize", "event_synchronize"]
     vision = ["copy_htod", *run("vision"), *fetch, "event_synchronize"]
-    step1 = (["copy_htod"] * 3 + run("decoder_pre") + fetch + ["copy_dtod"] * copy_runs + ["copy_htod"] * 4
+    step1 = (["copy_htod"] * 4 + ["copy_htod"] * 3 + run("decoder_pre") + fetch + ["copy_dtod"] * copy_runs + ["copy_htod"] * 4
              + run("decoder_post") + fetch + timed)
     later = ["copy_htod"] + run("decoder_pre") + run("decoder_post") + fetch + timed
     return vision + step1 + later * later_steps + ["stream_synchronize"]

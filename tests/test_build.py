@@ -40,16 +40,19 @@ def test_profile_ranges_cover_full_and_reduced_sequences():
 
 def test_input_shapes_and_trtexec_command():
     r = axis_ranges(REAL, ProfileSettings(layout="single"), 50)
-    shapes = input_shapes(DECODER_PRE, REAL, r)
+    shapes = input_shapes(DECODER_PRE, REAL, r, k=15)
     reduced = 96 + 729 - 729 * 50 // 100 + 32
     assert shapes["inputs_embeds"] == {"min": [1, 1, 4096], "opt": [1, reduced, 4096], "max": [1, 1113, 4096]}
+    # K/V of layers 0..14: 0 cached rows at least (refreshes) and at opt, up to the longest sequence
+    assert shapes["past_keys"] == {"min": [15, 1, 32, 0, 128], "opt": [15, 1, 32, 0, 128], "max": [15, 1, 32, 1113, 128]}
     fp16 = EngineBuildSettings("fp16")
     cmd = trtexec_command("onnx/decoder_pre.onnx", "engines/decoder_pre.engine", shapes, fp16, "engines/t.cache", "trtexec")
     assert cmd[:5] == ["trtexec", "--onnx=onnx/decoder_pre.onnx", "--saveEngine=engines/decoder_pre.engine",
                        "--stronglyTyped", "--noTF32"]
-    assert "--minShapes=inputs_embeds:1x1x4096,position_ids:1x1,score_rows:1" in cmd
-    assert f"--optShapes=inputs_embeds:1x{reduced}x4096,position_ids:1x{reduced},score_rows:32" in cmd
-    assert "--maxShapes=inputs_embeds:1x1113x4096,position_ids:1x1113,score_rows:384" in cmd
+    kv = "past_keys:15x1x32x{0}x128,past_values:15x1x32x{0}x128"
+    assert "--minShapes=inputs_embeds:1x1x4096,position_ids:1x1,score_rows:1," + kv.format(0) in cmd
+    assert f"--optShapes=inputs_embeds:1x{reduced}x4096,position_ids:1x{reduced},score_rows:32," + kv.format(0) in cmd
+    assert "--maxShapes=inputs_embeds:1x1113x4096,position_ids:1x1113,score_rows:384," + kv.format(1113) in cmd
     assert "--timingCacheFile=engines/t.cache" in cmd and any(a.startswith("--memPoolSize=workspace:") for a in cmd)
     fp32 = trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, r), EngineBuildSettings("fp32"), "c", "trtexec")
     assert "--stronglyTyped" not in fp32 and "--fp16" not in fp32 and "--noTF32" in fp32
@@ -306,9 +309,9 @@ def test_engine_validation_shapes_lie_inside_the_profile(profile):
     ranges = axis_ranges(cfg, profile, 50)
     axes_list = validation_axes(ranges)
     for spec in SUBGRAPHS:
-        shapes = input_shapes(spec, cfg, ranges)
+        shapes = input_shapes(spec, cfg, ranges, k=15)
         for i, axes in enumerate(axes_list):
-            for name, x in dummy_inputs(spec, cfg, axes, "float32", seed=i).items():
+            for name, x in dummy_inputs(spec, cfg, axes, "float32", seed=i, k=15).items():
                 lo, hi = shapes[name]["min"], shapes[name]["max"]
                 assert all(a <= d <= b for d, a, b in zip(x.shape, lo, hi)), (spec.name, name, x.shape, lo, hi)
     dynamic = [a for a, (lo, _, hi) in ranges.items() if lo < hi]
@@ -411,8 +414,9 @@ def test_rebuild_keeps_what_it_did_not_write_and_reports_stale_engines(bundle, t
                              "with jetson/build_engines.sh, or --clean deletes it" for n in ("decoder_post", "decoder_pre")]
     moved = build_bundle(replace(req, out=out, k=3), log=quiet)  # new decoders: their engines are stale
     assert [n.split(" ")[0] for n in moved.stale] == ["engines/decoder_post.engine", "engines/decoder_pre.engine"]
+    # the K/V inputs hold one row per layer of the half: K's change is in the profile too
     assert moved.stale[1] == ("engines/decoder_pre.engine is stale (changed since it was built: ONNX graph, ONNX "
-                              "weights): kept; rebuild it with jetson/build_engines.sh, or --clean deletes it")
+                              "weights, profile): kept; rebuild it with jetson/build_engines.sh, or --clean deletes it")
     assert all(e.is_file() for e in engines.values()) and (out / "NOTES.txt").read_text() == "mine"
     assert "engines/decoder_pre.engine is stale" in summary(moved)
     with pytest.raises(LladaVError, match=r"engines/decoder_pre.engine is stale \(changed since it was built: ONNX"):

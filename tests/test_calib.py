@@ -324,7 +324,9 @@ def test_smoothquant_migration_keeps_the_function_and_divides_the_activations():
     for n in (40, 56):
         h = rng.standard_normal((1, n, d)).astype(np.float32)
         h[..., 3] *= 30  # an outlier channel, as LLMs have
-        feeds.append({"hidden_states": h, "position_ids": np.arange(n)[None], "logit_rows": np.arange(n - 8, n)})
+        kv = np.zeros((17, 1, model.cfg.decoder.n_heads, 0, model.cfg.decoder.d_head), np.float32)  # no cached rows
+        feeds.append({"hidden_states": h, "position_ids": np.arange(n)[None], "logit_rows": np.arange(n - 8, n),
+                      "past_keys": kv, "past_values": kv})
     blocks = {i: model.model.layers[i] for i in range(15, 32)}
     names = DECODER_POST.input_names
     module = DECODER_POST.build(model, 15)
@@ -470,7 +472,9 @@ def test_awq_keeps_the_function_and_beats_round_to_nearest():
     for n in (40, 56):
         h = rng.standard_normal((1, n, d)).astype(np.float32)
         h[..., 3] *= 30
-        feeds.append({"hidden_states": h, "position_ids": np.arange(n)[None], "logit_rows": np.arange(n - 8, n)})
+        kv = np.zeros((17, 1, model.cfg.decoder.n_heads, 0, model.cfg.decoder.d_head), np.float32)  # no cached rows
+        feeds.append({"hidden_states": h, "position_ids": np.arange(n)[None], "logit_rows": np.arange(n - 8, n),
+                      "past_keys": kv, "past_values": kv})
     blocks = {i: model.model.layers[i] for i in range(15, 32)}
     names = DECODER_POST.input_names
     module = DECODER_POST.build(model, 15)

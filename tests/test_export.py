@@ -30,21 +30,28 @@ from runtime.pruning import PruneSettings, keep_by_score, kept_positions, query_
 from tests.conftest import gradient_image
 
 K = 15
-AXES = [{"tiles": 1, "batch": 1, "seq": 64, "query": 8, "rows": 8},
-        {"tiles": 2, "batch": 2, "seq": 100, "query": 3, "rows": 5}]
+AXES = [{"tiles": 1, "batch": 1, "seq": 64, "query": 8, "rows": 8, "past": 6},
+        {"tiles": 2, "batch": 2, "seq": 100, "query": 3, "rows": 5, "past": 0}]
 
 
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     model, ckpt = tiny
     out = tmp_path_factory.mktemp("onnx")
-    reports = {s.name: export_and_validate(s, s.build(model, K), ckpt.config, "fp32", out / f"{s.name}.onnx", AXES)
-               for s in SUBGRAPHS}
+    reports = {s.name: export_and_validate(s, s.build(model, K), ckpt.config, "fp32", out / f"{s.name}.onnx", AXES,
+                                           k=K) for s in SUBGRAPHS}
     return out, reports
 
 
 def sess(exported, name):
     return ort_session(exported[0] / f"{name}.onnx")
+
+
+def no_past(cfg, name: str, batch: int = 1) -> dict:
+    """Empty K/V inputs (0 cached rows): the half runs over the whole sequence it is given."""
+    d = cfg.decoder
+    shape = (K if name == "decoder_pre" else d.n_layers - K, batch, d.n_heads, 0, d.d_head)
+    return {"past_keys": np.zeros(shape, np.float32), "past_values": np.zeros(shape, np.float32)}
 
 
 def test_weights_live_in_external_data_once(exported, tiny):
@@ -66,8 +73,9 @@ def test_weights_live_in_external_data_once(exported, tiny):
 @pytest.mark.parametrize("seq", [50, 140])
 def test_decoder_pre_matches_the_model_at_two_lengths(exported, tiny, seq):
     model, ckpt = tiny
-    feeds = dummy_inputs(DECODER_PRE, ckpt.config, {"batch": 1, "seq": seq, "query": 6}, "float32", seed=seq)
-    h, sal = sess(exported, "decoder_pre").run(None, feeds)
+    feeds = dummy_inputs(DECODER_PRE, ckpt.config, {"batch": 1, "seq": seq, "query": 6, "past": 0}, "float32", seed=seq,
+                         k=K)
+    h, sal, _, _ = sess(exported, "decoder_pre").run(None, feeds)
     with torch.inference_mode():
         want_h, want_s = model.run_layers(torch.from_numpy(feeds["inputs_embeds"]), torch.from_numpy(feeds["position_ids"]),
                                           0, K, score_rows=torch.from_numpy(feeds["score_rows"]))
@@ -78,11 +86,13 @@ def test_decoder_pre_matches_the_model_at_two_lengths(exported, tiny, seq):
 def test_pre_then_post_equals_the_unsplit_decoder(exported, tiny):
     model, ckpt = tiny
     seq = 90
-    feeds = dummy_inputs(DECODER_PRE, ckpt.config, {"batch": 2, "seq": seq, "query": 4}, "float32", seed=3)
-    h, _ = sess(exported, "decoder_pre").run(None, feeds)
+    feeds = dummy_inputs(DECODER_PRE, ckpt.config, {"batch": 2, "seq": seq, "query": 4, "past": 0}, "float32", seed=3, k=K)
+    h, _, _, _ = sess(exported, "decoder_pre").run(None, feeds)
     rows = np.arange(seq - 12, seq, dtype=np.int64)
-    (logits,) = sess(exported, "decoder_post").run(None, {"hidden_states": h, "position_ids": feeds["position_ids"],
-                                                          "logit_rows": rows})
+    post_past = dummy_inputs(DECODER_POST, ckpt.config, {"batch": 2, "seq": seq, "rows": 12, "past": 0}, "float32", k=K)
+    logits, _, _ = sess(exported, "decoder_post").run(None, {
+        "hidden_states": h, "position_ids": feeds["position_ids"], "logit_rows": rows,
+        "past_keys": post_past["past_keys"], "past_values": post_past["past_values"]})
     with torch.inference_mode():
         want = model(torch.from_numpy(feeds["inputs_embeds"]), torch.from_numpy(feeds["position_ids"]))[:, rows]
     assert logits.shape == (2, 12, model.cfg.decoder.vocab_size)
@@ -107,13 +117,14 @@ def test_p50_chain_equals_the_reference_first_step(exported, tiny, tokenizer):
     full = torch.cat([embeds, response])[None].numpy()
     pos = np.arange(lay.total, dtype=np.int64)[None]
     rows = query_rows(lay, "response", x == mask)
-    h, sal = sess(exported, "decoder_pre").run(None, {"inputs_embeds": full, "position_ids": pos, "score_rows": rows})
+    h, sal, _, _ = sess(exported, "decoder_pre").run(None, {"inputs_embeds": full, "position_ids": pos, "score_rows": rows,
+                                                            **no_past(model.cfg, "decoder_pre")})
     keep = keep_by_score(sal[0, lay.visual], 50)
     assert np.array_equal(keep, reference.kept_visual)
     kept = kept_positions(lay, keep)
-    (logits,) = sess(exported, "decoder_post").run(None, {
+    logits, _, _ = sess(exported, "decoder_post").run(None, {
         "hidden_states": h[:, kept], "position_ids": pos[:, kept],
-        "logit_rows": np.arange(kept.size - g, kept.size, dtype=np.int64)})
+        "logit_rows": np.arange(kept.size - g, kept.size, dtype=np.int64), **no_past(model.cfg, "decoder_post")})
     err = np.abs(logits[0] - want).max()
     print(f"P=50 chain vs reference step 1 max |diff| = {err:.2e}")
     assert err < 1e-4
@@ -131,24 +142,24 @@ def test_vision_matches_the_tower_and_projector(exported, tiny):
 def test_exported_decoders_are_bidirectional(exported, tiny):
     _, ckpt = tiny
     for spec in (DECODER_PRE, DECODER_POST):
-        assert check_bidirectional(exported[0] / f"{spec.name}.onnx", spec, ckpt.config, "fp32", AXES[0]) > 1e-4
+        assert check_bidirectional(exported[0] / f"{spec.name}.onnx", spec, ckpt.config, "fp32", AXES[0], k=K) > 1e-4
 
 
 def test_a_causal_export_is_caught(tiny, tmp_path, monkeypatch):
     model, ckpt = tiny
 
-    def causal(q, k, v):
-        n = q.shape[-2]
+    def causal(q, k, v):  # the queries are the last rows of the keys (after the cached ones)
+        nq, nk = q.shape[-2], k.shape[-2]
         scores = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float()
-        scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        scores = scores.masked_fill(torch.ones(nq, nk, dtype=torch.bool).triu(nk - nq + 1), float("-inf"))
         return torch.softmax(scores, -1).to(v.dtype) @ v
 
     monkeypatch.setattr(subgraphs, "explicit_attend", causal)
     from export.onnx_export import export_onnx
 
-    path = export_onnx(DECODER_PRE, DECODER_PRE.build(model, 3), ckpt.config, "fp32", tmp_path / "c.onnx", AXES[0])
+    path = export_onnx(DECODER_PRE, DECODER_PRE.build(model, 3), ckpt.config, "fp32", tmp_path / "c.onnx", AXES[0], k=3)
     with pytest.raises(CausalExportError, match="not bidirectional"):
-        check_bidirectional(path, DECODER_PRE, ckpt.config, "fp32", AXES[0])
+        check_bidirectional(path, DECODER_PRE, ckpt.config, "fp32", AXES[0], k=3)
 
 
 def test_graph_io_carries_the_spec_dims(exported):
@@ -158,7 +169,9 @@ def test_graph_io_carries_the_spec_dims(exported):
     assert dims == ["tiles", 729, 64]
     graph = onnx.load(str(out / "decoder_post.onnx"), load_external_data=False).graph
     assert [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input] == [
-        ["batch", "seq", 64], ["batch", "seq"], ["rows"]]
+        ["batch", "seq", 64], ["batch", "seq"], ["rows"], [32 - K, "batch", 4, "past", 16], [32 - K, "batch", 4, "past", 16]]
+    assert [[d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output][1:] == [
+        [32 - K, "batch", 4, "seq", 16]] * 2  # present keys and values: one row per computed token
 
 
 def test_ops_are_on_the_trt_list(exported):
@@ -217,7 +230,7 @@ def test_fp16_export_validates(tiny, tmp_path):
 
     model16, ckpt = load_model(tiny[1].path, torch.float16)
     report = export_and_validate(DECODER_POST, DECODER_POST.build(model16, K), ckpt.config, "fp16",
-                                 tmp_path / "post16.onnx", AXES)
+                                 tmp_path / "post16.onnx", AXES, k=K)
     graph = onnx.load(str(tmp_path / "post16.onnx"), load_external_data=False)
     types = {i.name: i.type.tensor_type.elem_type for i in graph.graph.input}
     assert types["hidden_states"] == TensorProto.FLOAT16
@@ -275,3 +288,28 @@ def test_saliency_tolerance_refuses_a_reordering_at_8b_scale():
         assert not scaled_diff(reordered, ref, *DECODER_PRE.tolerance(precision, "saliency"))[0]
     noisy = ref + 2.4e-3 * ref.max() * rng.uniform(-1, 1, ref.shape)
     assert scaled_diff(noisy, ref, *DECODER_PRE.tolerance("fp16", "saliency"))[0]
+
+
+def test_decoder_graphs_reuse_their_own_cached_keys_and_values(exported, tiny):
+    """docs/caching.md in the graphs: each half run over 60 rows returns per-layer K/V; rows 50..57 run
+    alone with the other 52 rows' K/V as past give the same hidden states, logits and K/V (fp32)."""
+    model, ckpt = tiny
+    n, rows = 60, np.arange(50, 58)
+    other = np.setdiff1d(np.arange(n), rows)
+    feeds = dummy_inputs(DECODER_PRE, ckpt.config, {"batch": 1, "seq": n, "query": 4, "past": 0}, "float32", seed=5, k=K)
+    h, _, keys, values = sess(exported, "decoder_pre").run(None, feeds)
+    part = {"inputs_embeds": feeds["inputs_embeds"][:, rows], "position_ids": feeds["position_ids"][:, rows],
+            "score_rows": np.array([0], np.int64), "past_keys": keys[:, :, :, other], "past_values": values[:, :, :, other]}
+    h_part, _, keys_part, _ = sess(exported, "decoder_pre").run(None, part)
+    assert np.abs(h_part - h[:, rows]).max() <= 1e-4 * np.abs(h).max()
+    assert np.abs(keys_part - keys[:, :, :, rows]).max() <= 1e-4 * np.abs(keys).max()
+    post = sess(exported, "decoder_post")
+    full = post.run(None, {"hidden_states": h, "position_ids": feeds["position_ids"], "logit_rows": rows,
+                           **no_past(model.cfg, "decoder_post")})
+    logits, post_keys, post_values = full
+    cached, _, _ = post.run(None, {"hidden_states": h[:, rows], "position_ids": feeds["position_ids"][:, rows],
+                                   "logit_rows": np.arange(rows.size, dtype=np.int64),
+                                   "past_keys": post_keys[:, :, :, other], "past_values": post_values[:, :, :, other]})
+    err = np.abs(cached - logits).max()
+    print(f"cached rows vs full pass: logits max |diff| = {err:.2e}")
+    assert err <= 1e-4 * np.abs(logits).max()

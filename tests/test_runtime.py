@@ -187,13 +187,18 @@ def test_runner_checks_name_the_tensor(bundles):
     with Pipeline(bundles[15]) as pipe:
         pre = pipe.runners["decoder_pre"]
         good = {"inputs_embeds": np.zeros((1, 10, 64), np.float32), "position_ids": np.zeros((1, 10), np.int64),
-                "score_rows": np.zeros(2, np.int64)}
+                "score_rows": np.zeros(2, np.int64), "past_keys": np.zeros((15, 1, 4, 0, 16), np.float32),
+                "past_values": np.zeros((15, 1, 4, 0, 16), np.float32)}
         pre.infer(good)
+        with pytest.raises(LladaVError, match=r"input 'past_keys' has shape \(14, 1, 4, 0, 16\); expected between "
+                                              r"\(15, 1, 4, 0, 16\)"):
+            pre.infer({**good, "past_keys": np.zeros((14, 1, 4, 0, 16), np.float32)})
         with pytest.raises(LladaVError, match=r"input 'inputs_embeds' has dtype float64; expected float32"):
             pre.infer({**good, "inputs_embeds": np.zeros((1, 10, 64))})
         with pytest.raises(LladaVError, match=r"input 'position_ids' has shape \(1, 5000\); expected between"):
             pre.infer({**good, "position_ids": np.zeros((1, 5000), np.int64)})
-        with pytest.raises(LladaVError, match=r"inputs \['inputs_embeds', 'position_ids'\]; expected"):
+        with pytest.raises(LladaVError, match=r"inputs \['inputs_embeds', 'past_keys', 'past_values', 'position_ids'\]; "
+                                              "expected"):
             pre.infer({k: v for k, v in good.items() if k != "score_rows"})
 
 

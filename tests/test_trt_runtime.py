@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from runtime.errors import LladaVError
-from runtime.pipeline import Pipeline
+from runtime.pipeline import Pipeline, empty_past
 from runtime.pruning import PruneSettings, keep_by_score, kept_positions
 from runtime.schedule import GenerationSettings
 from runtime.trt_runner import TrtBackend, make_trt_runners, row_runs
@@ -185,7 +185,7 @@ def test_a_shape_refused_at_run_time_stops_before_the_enqueue(runtime_bundles):
         device.engines["decoder_pre"].profile = {**device.engines["decoder_pre"].profile,
                                                  "score_rows": {"min": [1], "max": [1]}}
         feeds = {"inputs_embeds": np.zeros((1, 10, 64), np.float32), "position_ids": np.zeros((1, 10), np.int64),
-                 "score_rows": np.zeros(2, np.int64)}
+                 "score_rows": np.zeros(2, np.int64), **empty_past(pipe.manifest, "decoder_pre", 1, np.float32)}
         with pytest.raises(LladaVError, match=r"refused shape \(2,\) for input 'score_rows'"):
             pre.infer(feeds)
     assert not device.calls("enqueue") and device.sim.memory == {}
@@ -220,9 +220,9 @@ def test_gather_and_row_writes_cover_every_batch_entry(runtime_bundles):
 
     manifest = read_manifest(runtime_bundles[15])
     for entry in manifest.subgraphs.values():
-        for shapes in entry.shapes.values():
+        for name, shapes in entry.shapes.items():
             if len(shapes["max"]) > 1 and entry.name != "vision":
-                shapes["max"][0] = 2
+                shapes["max"][1 if name.startswith("past_") else 0] = 2  # the batch axis (K/V: after the layers)
     sim = SimulatedCuda()
     backend = TrtBackend(runtime_bundles[15], manifest, np.dtype(np.float32), lambda: sim,
                          lambda name, path: SimulatedEngine(manifest, name, np.float32, sim))

@@ -60,7 +60,7 @@ def test_engines_build_with_the_bundle_settings_and_match_onnxruntime(engines, t
     for spec in SUBGRAPHS:
         entry = m.subgraphs[spec.name]
         assert entry.engine is not None and entry.engine_check, spec.name
-        feeds = [dummy_inputs(spec, cfg, axes, float_dtype(precision), seed=10 + i)
+        feeds = [dummy_inputs(spec, cfg, axes, float_dtype(precision), seed=10 + i, k=m.k)
                  for i, axes in enumerate(validation_axes(m.profiles["axes"]))]
         report = check_engine(result.out / entry.engine.path, result.out / entry.onnx.path, feeds, spec, precision)
         worst = worst_check(report)
