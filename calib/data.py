@@ -59,7 +59,10 @@ class CalibrationSettings:
 
 
 def calibration_key(model_hash: str, k: int, p: float, precision: str, settings: CalibrationSettings) -> str:
-    text = json.dumps([model_hash, k, p, precision, settings.to_dict()], sort_keys=True)
+    """Data recorded for other graphs' inputs (another bundle format) gets another key too."""
+    from runtime.bundle import FORMAT_VERSION
+
+    text = json.dumps([model_hash, k, p, precision, settings.to_dict(), FORMAT_VERSION], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from runtime.errors import LladaVError
-from runtime.cli_args import add_generation_args, add_strategy_args, generation_settings, name_flags
+from runtime.cli_args import (add_cache_args, add_generation_args, add_strategy_args, cache_settings, generation_settings,
+                              name_flags)
 from runtime.cli_args import parser as cli_parser
 from runtime.pruning import PruneSettings
 from runtime.pipeline import VERIFY
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "split at K)")
     add_strategy_args(ap)
     add_generation_args(ap)
+    add_cache_args(ap)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--trace", action="store_true",
                     help="per-step sequence length and timings, and the pruning map (pruning_map.png unless --map)")
@@ -69,6 +71,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
         check_writable(args.map, "--map")  # before minutes of generation, not after
     image = load_image(args.image) if args.image else demo_image()  # unreadable image: an error before model work
     gen = generation_settings(args)
+    cache = cache_settings(args)
     with Pipeline(args.bundle, args.backend, args.model, args.device, expect_k=args.k,
                   verify=args.verify) as pipe:
         side = pipe.geometry.image_size
@@ -79,7 +82,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
         p = pipe.manifest.p if args.p is None else args.p
         prune = PruneSettings(pipe.manifest.k, p, args.query, args.random_prune, args.positions, args.seed)
         progress = StepProgress(sys.stderr) if shows_progress(args) else None
-        result = pipe.generate(image, args.prompt, gen, prune, progress)
+        result = pipe.generate(image, args.prompt, gen, prune, progress, cache)
         if progress:
             progress.close()
         tile_side = pipe.geometry.side
@@ -90,6 +93,8 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
         "visual_tokens": result.layout.n_visual,
         "k": prune.k,
         "p": p,
+        "cache": cache.mode,
+        "threshold": gen.threshold,
         "backend": args.backend,
         "vision_ms": round(result.vision_ms, 3),
         "total_ms": round(result.total_ms, 3),

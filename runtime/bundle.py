@@ -25,7 +25,9 @@ from runtime.errors import LladaVError, expect
 from runtime.files import read_json, write_json, write_text
 
 FORMAT = "lladav-edge-bundle"
-FORMAT_VERSION = 2  # 2: validation results carry their bound; graphs carry their identity; manifest digest
+# 2: validation results carry their bound; graphs carry their identity; manifest digest
+# 3: the decoder graphs take and return per-layer K/V (docs/caching.md); graphs_float
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 DIGEST = "manifest.json.sha256"
 
@@ -112,7 +114,8 @@ class Manifest:
         d = dict(d)
         expect(d.get("format") == FORMAT, f"manifest: format is {d.get('format')!r}; expected {FORMAT!r}")
         expect(d.get("format_version") == FORMAT_VERSION,
-               f"manifest: format_version {d.get('format_version')!r}; this runtime reads {FORMAT_VERSION}")
+               f"manifest: format_version {d.get('format_version')!r}; this runtime reads {FORMAT_VERSION} "
+               "(rebuild the bundle with export/build_engines.py)")
         try:
             d["subgraphs"] = {k: _subgraph(v) for k, v in d["subgraphs"].items()}
             d["host"] = {k: FileInfo(**v) for k, v in d["host"].items()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from runtime.caching import CACHE_MODES, CacheSettings
 from runtime.pruning import POSITION_MODES, QUERY_SETS
 from runtime.schedule import REMASKING, GenerationSettings
 
@@ -68,11 +69,27 @@ def add_generation_args(ap: argparse.ArgumentParser) -> None:
                     help="which masked positions each step unmasks: the most confident, or random ones")
     ap.add_argument("--no-stop-at-eot", action="store_true", help="fill the whole response even after <|eot_id|>")
     ap.add_argument("--seed", type=int, default=0, help="seed for sampling and random pruning")
+    ap.add_argument("--threshold", type=float, default=0.0,
+                    help="Fast-dLLM's parallel decoding: in the current block, unmask every masked position whose "
+                         "probability exceeds this, at least one per step (0 = off: --steps sets the pace)")
+
+
+def add_cache_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--cache", choices=CACHE_MODES, default="none",
+                    help="block KV cache (docs/caching.md): reuse the K/V of the rows before the current block "
+                         "(prefix) or before and after it (dual) between refreshes at each block's first step")
+    ap.add_argument("--cache-refresh", type=int, default=0,
+                    help="also refresh the cache every N steps inside a block (0: only at block starts; 1: every "
+                         "step, the uncached tokens exactly)")
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
     return GenerationSettings(args.steps, args.gen_length, args.block_length, args.temperature, args.cfg_scale,
-                              args.remasking, not args.no_stop_at_eot, args.seed).validate()
+                              args.remasking, not args.no_stop_at_eot, args.seed, args.threshold).validate()
+
+
+def cache_settings(args: argparse.Namespace) -> CacheSettings:
+    return CacheSettings(args.cache, args.cache_refresh).validate()
 
 
 def name_flags(message: str, ap: argparse.ArgumentParser) -> str:

@@ -3,8 +3,10 @@
 Vision runs once. Step 1 runs decoder_pre on the full sequence, keeps the visual tokens chosen
 from its saliency (the reference generator's rule, `runtime.pruning`), gathers hidden states and
 position ids, and runs decoder_post on the reduced sequence. Every later step runs both halves
-on the reduced sequence; only the response rows of the input change. The unmasking rule is
-`runtime.schedule.denoise`, shared with the reference generator.
+on the reduced sequence; only the response rows of the input change. With a KV cache
+(`runtime.caching`, docs/caching.md) refreshes keep every layer's keys and values and the steps
+between them recompute only the block's rows (dual) or the block and what follows (prefix). The
+unmasking rule is `runtime.schedule.denoise`, shared with the reference generator.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 from runtime.anyres import ImageGeometry, TileLayout
 from runtime.bundle import Manifest, read_manifest, verify_files, verify_identity
+from runtime.caching import CacheSettings, RefreshClock, cache_window
 from runtime.errors import expect
 from runtime.merge import merge_tiles
 from runtime.preprocess import ImageInput, prepare_image
@@ -31,6 +34,7 @@ from runtime.tokens import PromptIds, TextTokenizer
 class StepTrace:
     step: int
     seq_len: int  # tokens entering decoder_post (after pruning in step 1)
+    rows: int  # rows the step computed: seq_len on a refresh or uncached step, fewer on a cached one
     pre_ms: float
     post_ms: float
     other_ms: float  # embedding, gathers, unmasking rule: time outside the backends
@@ -140,12 +144,16 @@ class Pipeline:
     # ------------------------------------------------------------ generation
 
     def generate(self, image, question: str, gen: GenerationSettings, prune: PruneSettings,
-                 on_step=None) -> RuntimeResult:
+                 on_step=None, cache: CacheSettings | None = None) -> RuntimeResult:
         """on_step(step, steps, unmasked, masked_left) after every denoising step (progress)."""
         start = time.perf_counter()
+        cache = (cache or CacheSettings()).validate()
+        expect(not cache.enabled or self.backend != "tensorrt",
+               f"cache {cache.mode}: the TensorRT backend does not run cached steps yet; use --backend onnxruntime "
+               "or --cache none")
         prompt, img, lay = self.prepare(image, question, gen, prune)
         embeds, vision_ms = self.prompt_embeddings(prompt, img)
-        forward = SplitForward(self, embeds, lay, prune, gen.cfg_scale)
+        forward = SplitForward(self, embeds, lay, prune, gen.cfg_scale, cache)
         result = denoise(forward, gen, self.tokenizer.ids, on_step)
         answer = [int(t) for t in result.answer]
         return RuntimeResult(self.tokenizer.decode(answer), answer, result, lay, img.layout, forward.kept_visual,
@@ -162,8 +170,12 @@ def empty_past(manifest: Manifest, name: str, batch: int, fdt) -> dict[str, np.n
 class SplitForward:
     """`forward(response_ids) -> logits (G, vocab)` over decoder_pre and decoder_post."""
 
-    def __init__(self, pipe: Pipeline, prompt: np.ndarray, lay: SequenceLayout, prune: PruneSettings, cfg: float):
+    def __init__(self, pipe: Pipeline, prompt: np.ndarray, lay: SequenceLayout, prune: PruneSettings, cfg: float,
+                 cache: CacheSettings | None = None):
         self.pipe, self.lay, self.prune, self.cfg = pipe, lay, prune, cfg
+        self.cache = cache or CacheSettings()
+        self.clock = RefreshClock(self.cache)
+        self.kv: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # half -> keys, values over every row (host)
         self.pre, self.post = pipe.runners["decoder_pre"], pipe.runners["decoder_post"]
         self.mask = pipe.tokenizer.ids.mask
         self.prompt = prompt
@@ -184,17 +196,27 @@ class SplitForward:
             h = np.concatenate([h, np.concatenate([masked, response])[None]])
         return np.ascontiguousarray(h, dtype=self.pipe.fdt)
 
+    def start_block(self, start: int, end: int) -> None:
+        self.clock.start_block(start, end)
+
     def __call__(self, response_ids: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         response = np.asarray(self.pipe.embed[response_ids], dtype=self.pipe.fdt)
+        refresh = self.clock.next_step_refreshes()
+        n = None if self.positions is None else self.positions.shape[1]
+        rows = n
         if self.inputs is None:
             logits = self._first_step(response_ids, response)
+            rows = n = self.positions.shape[1]
         else:  # only the response rows change: write them into the staged (device) input
-            self.pre.write_rows(self.inputs, self.positions.shape[1] - self.lay.n_response, response)
-            logits = self._step()
+            self.pre.write_rows(self.inputs, n - self.lay.n_response, response)
+            if refresh:
+                logits = self._step()
+            else:
+                logits, rows = self._cached_step()
         total = (time.perf_counter() - t0) * 1000
         pre, post = self.pre.last_ms(), self.post.last_ms()
-        self.trace.append(StepTrace(len(self.trace) + 1, self.positions.shape[1], pre, post, total - pre - post))
+        self.trace.append(StepTrace(len(self.trace) + 1, n, rows, pre, post, total - pre - post))
         return logits
 
     def _run_pre(self, h, pos, rows):
@@ -205,10 +227,54 @@ class SplitForward:
         feeds = {"hidden_states": hidden, "position_ids": self.positions, "logit_rows": self.logit_rows,
                  **self.no_past["decoder_post"]}
         out = self.post.infer(feeds, keep_on_device=True)  # present K/V stay where they are
-        logits = np.asarray(self.post.to_host(out["logits"]))
+        self._keep_kv("decoder_post", out)
+        return self._guided(np.asarray(self.post.to_host(out["logits"])))
+
+    def _guided(self, logits: np.ndarray) -> np.ndarray:
+        """(B, rows, V) -> (rows, V): classifier-free guidance when the batch holds both branches."""
         if self.cfg > 0:
             return logits[1] + (self.cfg + 1) * (logits[0] - logits[1])
         return logits[0]
+
+    def _keep_kv(self, half: str, out: dict, rows: np.ndarray | None = None) -> None:
+        """With a cache, a refresh's present K/V (every row, or only `rows` of them) become the cache."""
+        if not self.cache.enabled:
+            return
+        runner = self.pre if half == "decoder_pre" else self.post
+        keys, values = (np.asarray(runner.to_host(out[n])) for n in ("present_keys", "present_values"))
+        if rows is not None:  # step 1's layers < K: the kept rows of the full pass
+            keys, values = keys[:, :, :, rows], values[:, :, :, rows]
+        self.kv[half] = (np.ascontiguousarray(keys), np.ascontiguousarray(values))
+
+    def _cached_step(self) -> tuple[np.ndarray, int]:
+        """The window's rows against the cached K/V of the others; the block's K/V updated in place.
+        Returns (G, V) logits (zeros outside the rows computed) and the number of rows computed."""
+        n, g = self.positions.shape[1], self.lay.n_response
+        w = cache_window(self.cache.mode, n, g, self.clock.block)
+        pos = np.ascontiguousarray(self.positions[:, w.compute])
+        pre = self.pre.infer({"inputs_embeds": np.ascontiguousarray(np.asarray(self.inputs)[:, w.compute]),
+                              "position_ids": pos, "score_rows": np.zeros(1, np.int64), **self._past("decoder_pre", w)},
+                             keep_on_device=True)
+        self._update_kv("decoder_pre", pre, w.compute)
+        post = self.post.infer({"hidden_states": pre["hidden_states"], "position_ids": pos,
+                                "logit_rows": np.arange(w.compute.size, dtype=np.int64), **self._past("decoder_post", w)},
+                               keep_on_device=True)
+        self._update_kv("decoder_post", post, w.compute)
+        logits = self._guided(np.asarray(self.post.to_host(post["logits"])))
+        out = np.zeros((g, logits.shape[-1]), dtype=logits.dtype)
+        out[w.compute - (n - g)] = logits  # the window lies inside the response (it starts at the block)
+        return out, int(w.compute.size)
+
+    def _past(self, half: str, w) -> dict[str, np.ndarray]:
+        keys, values = self.kv[half]
+        return {"past_keys": np.ascontiguousarray(keys[:, :, :, w.past]),
+                "past_values": np.ascontiguousarray(values[:, :, :, w.past])}
+
+    def _update_kv(self, half: str, out: dict, rows: np.ndarray) -> None:
+        runner = self.pre if half == "decoder_pre" else self.post
+        keys, values = self.kv[half]
+        keys[:, :, :, rows] = np.asarray(runner.to_host(out["present_keys"]))
+        values[:, :, :, rows] = np.asarray(runner.to_host(out["present_values"]))
 
     def _first_step(self, response_ids, response) -> np.ndarray:
         lay, prune = self.lay, self.prune
@@ -226,6 +292,7 @@ class SplitForward:
             keep = np.arange(lay.n_visual)
         kept = kept_positions(lay, keep)
         self.kept_visual = keep
+        self._keep_kv("decoder_pre", out, kept)
         hidden = out["hidden_states"]
         if keep.size < lay.n_visual:  # into decoder_post's own input (on the device for TensorRT)
             hidden = self.post.take_rows(hidden, kept, "hidden_states")
@@ -244,5 +311,6 @@ class SplitForward:
 
     def _step(self) -> np.ndarray:
         out = self._run_pre(self.inputs, self.positions, self.score_rows)
+        self._keep_kv("decoder_pre", out)
         return self._run_post(out["hidden_states"])
 

@@ -135,3 +135,60 @@ def test_threshold_unmasks_every_confident_position_and_at_least_one():
         GenerationSettings(threshold=1.0).validate()
     with pytest.raises(LladaVError, match="needs remasking 'low_confidence'"):
         GenerationSettings(threshold=0.9, remasking="random").validate()
+
+
+# ---------------------------------------------------------------- the runtime (ONNX Runtime) against the reference
+
+CACHE_GEN = GenerationSettings(steps=8, gen_length=16, block_length=8)
+
+
+def _reference(tiny, tokenizer, question, gen, prune, cache):
+    model, ckpt = tiny
+    img = prepare_image(gradient_image(320, 200), ckpt.config.geometry, SINGLE)
+    return generate(model, tokenizer.ids, tokenizer.encode_prompt(question), img, gen, prune, cache)
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("p", [0, 50])
+def test_runtime_refreshing_every_step_gives_its_uncached_tokens(runtime_bundles, mode, p):
+    """The issue's exactness check over ONNX Runtime: with a refresh at every step the cached path
+    computes what the uncached one does, token for token, at P=0 and P=50."""
+    from runtime.pipeline import Pipeline
+
+    prune = PruneSettings(k=15, p=p)
+    with Pipeline(runtime_bundles[15]) as pipe:
+        plain = pipe.generate(gradient_image(320, 200), "What is ahead of the car?", CACHE_GEN, prune)
+        cached = pipe.generate(gradient_image(320, 200), "What is ahead of the car?", CACHE_GEN, prune,
+                               cache=CacheSettings(mode, refresh_every=1))
+    assert plain.answer_ids == cached.answer_ids and np.array_equal(plain.denoise.response, cached.denoise.response)
+    assert [s.rows for s in cached.steps] == [s.seq_len for s in cached.steps]
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("threshold", [0.0, 0.2])
+def test_runtime_cached_path_generates_the_reference_tokens(runtime_bundles, tiny, tokenizer, mode, threshold):
+    """Cached steps between refreshes (K=15 P=50, two blocks), with and without the threshold rule: the
+    runtime's tokens, kept tokens and rows computed per step are the reference generator's."""
+    from runtime.pipeline import Pipeline
+
+    prune, cache = PruneSettings(k=15, p=50), CacheSettings(mode)
+    gen = GenerationSettings(steps=8, gen_length=16, block_length=8, threshold=threshold)
+    with Pipeline(runtime_bundles[15]) as pipe:
+        got = pipe.generate(gradient_image(320, 200), "Is the traffic light red?", gen, prune, cache=cache)
+    want = _reference(tiny, tokenizer, "Is the traffic light red?", gen, prune, cache)
+    assert np.array_equal(got.denoise.response, want.denoise.response)
+    assert np.array_equal(got.kept_visual, want.kept_visual)
+    assert [s.rows for s in got.steps] == want.computed_rows
+    assert min(want.computed_rows) < max(want.computed_rows)  # cached steps happened
+
+
+def test_tensorrt_refuses_a_cache_by_name(runtime_bundles):
+    from runtime.pipeline import Pipeline
+    from tests.test_trt_runtime import Device
+
+    device = Device()
+    with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=device.runners) as pipe:
+        with pytest.raises(LladaVError, match="cache dual: the TensorRT backend does not run cached steps yet"):
+            pipe.generate(gradient_image(320, 200), "What?", CACHE_GEN, PruneSettings(k=15, p=50),
+                          cache=CacheSettings("dual"))
+    assert not device.calls("enqueue")
