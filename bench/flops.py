@@ -66,6 +66,25 @@ def layer_flops(n: int, d: int, m: int) -> float:
     return 2 * layer_macs(n, d, m)
 
 
+def cached_layer_macs(rows: int, n: int, d: int, m: int) -> float:
+    """One layer recomputing `rows` of n tokens against the others' cached K/V (docs/caching.md): the
+    linear layers over the rows, q.k and p.v of rows x n. rows = n is layer_macs."""
+    return linear_macs(rows, d, m) + 2 * rows * n * d
+
+
+def trace_flops(w: Workload, k: int | None, p: float, rows: list[int]) -> float:
+    """FLOPs of one generation from the rows each step computed (the runtime's trace): step 1 as
+    step_flops has it; a later step over `r` of the n' tokens costs L cached layers plus the LM head
+    on its response rows (all G on a refresh, the window's on a cached step)."""
+    first, _ = step_flops(w, k, p)
+    n2 = w.n - (pruned_count(w.visual, p) if k is not None else 0)
+    later = 0.0
+    for r in rows[1:]:
+        head = head_flops(w, n2) if r == n2 else 2 * w.d * w.vocab * min(r, w.gen) * (w.head != "none")
+        later += w.layers * 2 * cached_layer_macs(r, n2, w.d, w.m) + head
+    return first + later
+
+
 def head_flops(w: Workload, n: int) -> float:
     positions = {"response": w.gen, "all": n, "none": 0}[w.head]
     return 2 * w.d * w.vocab * positions

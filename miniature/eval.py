@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.flops import Workload, remaining
+from bench.flops import Workload, remaining, total_flops, trace_flops
 from miniature.scenes import Question, Scene, held_out_set
 from runtime.bundle import Manifest, read_manifest
 from runtime.errors import LladaVError, expect
@@ -49,9 +49,15 @@ class Strategy:
     query: str = "response"
     random: bool = False
     positions: str = "original"
+    cache: str = "none"  # runtime.caching: none | prefix | dual
+    threshold: float = 0.0  # Fast-dLLM's parallel decoding (0: the fixed schedule)
 
     def prune(self, bundle_k: int) -> PruneSettings:
         return PruneSettings(self.k or bundle_k, self.p, self.query, self.random, self.positions)
+
+    @property
+    def accelerated(self) -> bool:
+        return self.cache != "none" or self.threshold > 0
 
 
 def strategies() -> list[Strategy]:
@@ -62,6 +68,11 @@ def strategies() -> list[Strategy]:
     rows += [Strategy(f"K15 P50 query {q}", f"query {q}, K=15", 15, 50, query=q) for q in ("prompt", "last")]
     rows += [Strategy(f"K15 P{p} random", "random, K=15", 15, p, random=True) for p in (25, 50, 70, 90)]
     rows += [Strategy("K15 P50 compact", "compact positions, K=15", 15, 50, positions="compact")]
+    for base, k, p in (("unpruned", None, 0.0), ("K15 P50", 15, 50.0)):  # issue 13: cache x threshold
+        for cache in ("prefix", "dual"):
+            for t in (0.0, 0.9, 0.7):
+                name = f"{base} {cache}" + (f" T{t:g}" if t else "")
+                rows.append(Strategy(name, f"{cache} cache, {base}", k, p, cache=cache, threshold=t))
     return rows
 
 
@@ -89,17 +100,25 @@ def workload(manifest: Manifest, lay, gen: GenerationSettings) -> Workload:
 
 def record(pipe, s: Strategy, scene_: Scene, q: Question, gen: GenerationSettings) -> dict:
     """Run one question under one strategy: the answer and what pruning kept."""
-    res = pipe.generate(scene_.image, q.text, gen, s.prune(pipe.manifest.k))
+    from runtime.caching import CacheSettings
+
+    res = pipe.generate(scene_.image, q.text, replace(gen, threshold=s.threshold), s.prune(pipe.manifest.k),
+                        cache=CacheSettings(s.cache))
     side = pipe.geometry.side
     covering = np.unique(np.concatenate(
         [tokens_covering(res.tile_layout, side, scene_.objects[i].box.xyxy) for i in q.about] or [np.zeros(0, int)]))
     w = workload(pipe.manifest, res.layout, gen)
+    steps_w = replace(w, steps=len(res.steps))
     return {
         "seed": scene_.seed, "kind": q.report_kind, "question": q.text, "answer": q.answer, "got": res.text.strip(),
         "correct": res.text.strip() == q.answer,
         "recall": object_recall(covering, res.kept_visual) if covering.size else None,
-        # the paper's FLOPs Rem.: against an unpruned run of as many steps as this one took
-        "flops_remaining": remaining(replace(w, steps=len(res.steps)), s.k, s.p) if s.k is not None else 1.0,
+        # the paper's FLOPs Rem.: against an unpruned run of as many steps as this one took (with a cache: from
+        # the rows each step computed); summarize() puts cache and threshold rows against the unpruned row's runs
+        "flops_remaining": (trace_flops(w, s.k, s.p, [st.rows for st in res.steps]) / total_flops(steps_w, None, 0)
+                            if s.accelerated else
+                            remaining(steps_w, s.k, s.p) if s.k is not None else 1.0),
+        "flops": trace_flops(steps_w, s.k, s.p, [st.rows for st in res.steps]),
         "steps": len(res.steps), "visual": res.layout.n_visual, "kept": int(res.kept_visual.size),
     }
 
@@ -129,9 +148,15 @@ def run_all(bundle: Path, rows: list[Strategy], items, gen: GenerationSettings, 
 
 
 def summarize(rows: list[Strategy], records: dict[str, list[dict]]) -> list[dict]:
+    """Per row: accuracy (overall, per kind), object recall, FLOPs remaining, mean steps. Cache and
+    threshold rows take fewer steps than the fixed schedule: their FLOPs are put against the unpruned
+    row's on the same questions where that row ran (else against as many unpruned steps as they took)."""
+    base = records.get("unpruned")
     table = []
     for s in rows:
         recs = records[s.name]
+        if s.accelerated and base and len(base) == len(recs):
+            recs = [{**r, "flops_remaining": r["flops"] / b["flops"]} for r, b in zip(recs, base)]
         acc = {kind: _mean([r["correct"] for r in recs if r["kind"] == kind]) for kind in KINDS}
         recalls = [r["recall"] for r in recs if r["recall"] is not None]
         table.append({
@@ -151,18 +176,20 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(table: list[dict], header: str) -> str:
-    cols = ["strategy", "overall", *KINDS, "object recall", "FLOPs rem."]
+    cols = ["strategy", "overall", *KINDS, "object recall", "FLOPs rem.", "steps"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = table[0]["accuracy"] if table and table[0]["k"] is None else None
     for row in table:
         rel = f" ({100 * row['accuracy'] / base:.0f}% of unpruned)" if base and row["k"] is not None else ""
         cells = [row["name"], _pct(row["accuracy"]) + rel, *(_pct(row["by_kind"][k]) for k in KINDS),
-                 _pct(row["object_recall"]), _pct(row["flops_remaining"])]
+                 _pct(row["object_recall"]), _pct(row["flops_remaining"]), f"{row['mean_steps']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     chance = ", ".join(f"{k} {100 * v:.0f}%" for k, v in CHANCE.items())
     lines += ["", f"Accuracy in %, exact match. Chance: {chance}. Object recall: share of the asked-about "
               "objects' visual tokens kept at step 1 (questions about at least one object). FLOPs remaining: "
-              "bench.flops for each question's sequence, relative to unpruned."]
+              "bench.flops for each question's sequence, relative to unpruned (cache and threshold rows: from "
+              "the rows each step computed, against the unpruned row's run of the same question). Steps: mean "
+              "denoising steps taken (a block ends once everything before <|eot_id|> is unmasked)."]
     return "\n".join(lines) + "\n"
 
 

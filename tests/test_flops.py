@@ -60,3 +60,20 @@ def test_command_prints_the_table(capsys):
     for row in ("baseline", "K=15, P=50", "K=15, P=70", "K=3, P=50", "K=3, P=70", "AGX fp16", "NX int8"):
         assert row in out
     assert "Which input size reproduces" in out
+
+
+def test_trace_flops_learns_caching():
+    """A trace of refreshes only is total_flops; a cached step over r of n' rows costs L layers of
+    r rows' linears plus r x n' attention, and the LM head on its r response rows."""
+    from bench.flops import Workload, layer_macs, linear_macs, total_flops, trace_flops
+    from runtime.pruning import pruned_count
+
+    w = Workload(steps=4)
+    n2 = w.n - pruned_count(w.visual, 50)
+    assert trace_flops(w, 15, 50, [w.n, n2, n2, n2]) == pytest.approx(total_flops(w, 15, 50), rel=1e-12)
+    assert trace_flops(w, None, 0, [w.n] * 4) == pytest.approx(total_flops(w, None, 0), rel=1e-12)
+    r = 32
+    cached = trace_flops(w, 15, 50, [w.n, n2, r, r]) - trace_flops(w, 15, 50, [w.n, n2])
+    per_step = w.layers * 2 * (linear_macs(r, w.d, w.m) + 2 * r * n2 * w.d) + 2 * w.d * w.vocab * r
+    assert cached == pytest.approx(2 * per_step, rel=1e-12)
+    assert per_step < w.layers * 2 * layer_macs(n2, w.d, w.m) / 10  # a cached step is > 10x cheaper at 8B scale

@@ -166,7 +166,7 @@ def test_harness_writes_a_row_for_every_strategy(harness_run):
 
     out, data = harness_run
     rows = {r["name"]: r for r in data["rows"]}
-    assert list(rows) == [s.name for s in strategies()] and len(rows) == 15
+    assert list(rows) == [s.name for s in strategies()] and len(rows) == 15 + 12
     md = (out / "table.md").read_text()
     assert all(f"| {name} |" in md for name in rows)
     assert (out / "accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -182,6 +182,13 @@ def test_harness_writes_a_row_for_every_strategy(harness_run):
     assert rows["K15 P50 random"]["flops_remaining"] == pytest.approx(rows["K15 P50"]["flops_remaining"], rel=0.05)
     for k in (3, 8, 24):  # the K sweep ran on sibling bundles built from the same checkpoint
         assert read_manifest(out / "bundles" / f"k{k}").k == k
+    # issue 13's rows: a cache computes fewer rows than the same strategy uncached; a threshold takes fewer steps
+    for base in ("unpruned", "K15 P50"):
+        plain = rows[base]["flops_remaining"]
+        for cache in ("prefix", "dual"):
+            assert rows[f"{base} {cache}"]["flops_remaining"] < plain, (base, cache)
+            assert rows[f"{base} {cache} T0.7"]["mean_steps"] <= rows[f"{base} {cache}"]["mean_steps"] <= 8
+            assert rows[f"{base} {cache} T0.7"]["flops_remaining"] <= rows[f"{base} {cache}"]["flops_remaining"]
 
 
 def test_object_recall_is_the_share_of_the_asked_objects_pixels_tokens_kept(mini_bundle):
