@@ -46,3 +46,22 @@ def test_quant_bench_times_every_decoder_in_every_variant(tmp_path, capsys):
     assert pre.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     text = capsys.readouterr().out
     assert "decoder_pre" in text and "x fp32" in text
+
+
+def test_cache_bench_runs_every_setting_and_predicts_from_the_traces(tmp_path, capsys):
+    """bench.cache --quick: the four settings each ran their whole schedule; the dual cache computed only
+    the block's rows between refreshes (one per block and step 1); the predicted FLOPs ratio comes from
+    each run's own trace and orders the settings as the rows computed do."""
+    from bench.cache import QUICK, main
+
+    assert main(["--quick", "--workdir", str(tmp_path), "--json", str(tmp_path / "c.json")]) == 0
+    out = json.loads((tmp_path / "c.json").read_text())
+    res = {r["name"]: r for r in out["results"]}
+    plain, dual = res[f"K{QUICK.k} P50 uncached"], res[f"K{QUICK.k} P50 dual"]
+    assert [r["steps"] for r in res.values()][:3] == [QUICK.gen] * 3
+    n_red = plain["rows"][-1]
+    blocks = QUICK.gen // QUICK.block
+    assert sorted(set(dual["rows"])) == [QUICK.block, n_red] and dual["rows"].count(n_red) == blocks
+    assert res["unpruned uncached"]["flops"] > plain["flops"] > dual["flops"]
+    assert dual["cached_step_ms"] > 0 and plain["uncached_later_step_ms"] > 0
+    assert "cached step vs uncached reduced step" in capsys.readouterr().out
