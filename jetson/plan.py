@@ -10,6 +10,12 @@ tokens, n = T + V + G and n'(P) = n - floor(V * P / 100):
     decoder_post  each later step on n'(P)
 
 so one answer costs  vision + pre(n) + post(n') + (S - 1) * (pre(n') + post(n')).
+With a dual KV cache (docs/caching.md; the response one block) the later steps recompute only the
+G response rows against the other n'(P) - G rows' cached K/V:
+
+    decoder_pre, decoder_post   each later step on G rows, past = n'(P) - G
+
+so  vision + pre(n) + post(n') + (S - 1) * (pre_cached + post_cached).
 """
 
 from __future__ import annotations
@@ -57,7 +63,8 @@ class Case:
         if self.subgraph == "vision":
             return f"vision tiles={dims['pixel_values'][0]}"
         rows = dims.get("score_rows", dims.get("logit_rows"))[0]
-        return f"{self.subgraph} seq={dims['position_ids'][1]} rows={rows}"
+        past = dims["past_keys"][3] if "past_keys" in dims else 0
+        return f"{self.subgraph} seq={dims['position_ids'][1]} rows={rows}" + (f" past={past}" if past else "")
 
 
 @dataclass(frozen=True)
@@ -69,10 +76,21 @@ class AnswerCases:
     pre_step1: Case
     post: Case  # every step, step 1 included
     pre_later: Case
+    pre_cached: Case  # a later step with a dual cache: the response rows against the others' K/V
+    post_cached: Case
+
+    @property
+    def cases(self) -> tuple[Case, ...]:
+        return (self.vision, self.pre_step1, self.post, self.pre_later, self.pre_cached, self.post_cached)
 
     def predicted_ms(self, ms: dict[Case, float], steps: int) -> float:
         return (ms[self.vision] + ms[self.pre_step1] + ms[self.post]
                 + (steps - 1) * (ms[self.pre_later] + ms[self.post]))
+
+    def predicted_cached_ms(self, ms: dict[Case, float], steps: int) -> float:
+        """The same answer with a dual cache: step 1 refreshes (and prunes), every later step is cached."""
+        return (ms[self.vision] + ms[self.pre_step1] + ms[self.post]
+                + (steps - 1) * (ms[self.pre_cached] + ms[self.post_cached]))
 
 
 def generation(manifest: Manifest, image: tuple[int, int], text_tokens: int, steps: int, response: int) -> Generation:
@@ -98,13 +116,15 @@ def answer_cases(manifest: Manifest, g: Generation, p: float) -> AnswerCases:
         decoder("decoder_pre", n, g.response if pruned_count(g.visual, p) > 0 else 1),
         decoder("decoder_post", n_red, g.response),
         decoder("decoder_pre", n_red, 1),
+        decoder("decoder_pre", g.response, 1, past=n_red - g.response),
+        decoder("decoder_post", g.response, g.response, past=n_red - g.response),
     )
 
 
 def unique_cases(answers: list[AnswerCases]) -> list[Case]:
     seen: dict[Case, None] = {}
     for a in answers:
-        for c in (a.vision, a.pre_step1, a.post, a.pre_later):
+        for c in a.cases:
             seen.setdefault(c, None)
     return list(seen)
 

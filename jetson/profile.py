@@ -91,7 +91,7 @@ def time_cases(runners: dict, a: AnswerCases, iterations: int, fdt, samples: dic
     """Host wall time of one answer's cases, run the way a generation runs them: decoder_pre and
     decoder_post alternate (later steps: pre(n'), post(n'); step 1: pre(n), post(n')), so neither
     finds its weights hot in cache from running itself back to back; vision alone."""
-    inputs = {c: feeds(c, fdt) for c in (a.vision, a.pre_step1, a.post, a.pre_later)}
+    inputs = {c: feeds(c, fdt) for c in a.cases}
     for c, f in inputs.items():
         runners[c.subgraph].infer(f)  # warm-up at this shape
 
@@ -102,6 +102,9 @@ def time_cases(runners: dict, a: AnswerCases, iterations: int, fdt, samples: dic
     for _ in range(iterations):
         timed(a.pre_later)
         timed(a.post)
+    for _ in range(iterations):
+        timed(a.pre_cached)
+        timed(a.post_cached)
     for _ in range(max(3, iterations // 4)):
         for c in (a.vision, a.pre_step1, a.post):
             timed(c)
@@ -300,6 +303,7 @@ def assemble(req: ProfileRequest, plan: Plan, times: dict[Case, dict], measured:
     for a in plan.answers:
         predicted = a.predicted_ms(median, g.steps)
         answers.append({"p": a.p, "reduced_seq": g.reduced(a.p), "predicted_ms": predicted,
+                        "predicted_dual_cache_ms": a.predicted_cached_ms(median, g.steps),
                         "predicted_vs_p0": predicted / base if base else float("nan"),
                         "flops_vs_p0": remaining(work, m.k, a.p), "measured": (measured or {}).get(a.p)})
     source = ("trtexec GPU compute time (CUDA graph, no host transfers), tegrastats power"

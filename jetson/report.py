@@ -34,12 +34,16 @@ def markdown(r: dict) -> str:
         lines += ["", "Top layers by average time:", ""] + [
             f"- {label}: {layer['name']} {layer['average_ms']:.3f} ms ({layer['percent']:.1f}%)" for label, layer in layers]
     lines += ["", "## One answer per P: predicted from the engines, and measured through the runtime", "",
-              "vision + decoder_pre(full) + decoder_post(reduced) + (S-1) x (decoder_pre + decoder_post)(reduced)", "",
-              "| P | seq after pruning | predicted ms | vs P=0 | FLOPs vs P=0 | measured ms | engines ms | outside ms "
-              "| predicted / measured |", "|---|---|---|---|---|---|---|---|---|"]
+              "vision + decoder_pre(full) + decoder_post(reduced) + (S-1) x (decoder_pre + decoder_post)(reduced); "
+              "with a dual cache the later steps are the cached-step cases (the response rows against the others' "
+              "cached K/V)", "",
+              "| P | seq after pruning | predicted ms | with dual cache ms | vs P=0 | FLOPs vs P=0 | measured ms | "
+              "engines ms | outside ms | predicted / measured |", "|---|---|---|---|---|---|---|---|---|---|"]
     for a in r["answers"]:
         m = a.get("measured")
-        lines.append(f"| {a['p']:g} | {a['reduced_seq']} | {a['predicted_ms']:.1f} | {a['predicted_vs_p0']:.3f} | "
+        cached = a.get("predicted_dual_cache_ms")
+        lines.append(f"| {a['p']:g} | {a['reduced_seq']} | {a['predicted_ms']:.1f} | "
+                     + ("-" if cached is None else f"{cached:.1f}") + f" | {a['predicted_vs_p0']:.3f} | "
                      f"{a['flops_vs_p0']:.3f} | " + (f"{m['total_ms']:.1f} | {m['engines_ms']:.1f} | {m['outside_ms']:.1f} | "
                                                      f"{a['predicted_ms'] / m['total_ms']:.3f} |" if m else "- | - | - | - |"))
     lines += ["", *r.get("notes", [])]

@@ -176,6 +176,8 @@ class SplitForward:
         self.cache = cache or CacheSettings()
         self.clock = RefreshClock(self.cache)
         self.kv: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # half -> keys, values over every row (host)
+        # half -> the current window's past rows of kv, gathered once per refresh (contiguous, fed as they are)
+        self.past: dict[str, dict[str, np.ndarray]] = {}
         self.pre, self.post = pipe.runners["decoder_pre"], pipe.runners["decoder_post"]
         self.mask = pipe.tokenizer.ids.mask
         self.prompt = prompt
@@ -245,6 +247,7 @@ class SplitForward:
         if rows is not None:  # step 1's layers < K: the kept rows of the full pass
             keys, values = keys[:, :, :, rows], values[:, :, :, rows]
         self.kv[half] = (np.ascontiguousarray(keys), np.ascontiguousarray(values))
+        self.past.pop(half, None)
 
     def _cached_step(self) -> tuple[np.ndarray, int]:
         """The window's rows against the cached K/V of the others; the block's K/V updated in place.
@@ -266,9 +269,13 @@ class SplitForward:
         return out, int(w.compute.size)
 
     def _past(self, half: str, w) -> dict[str, np.ndarray]:
-        keys, values = self.kv[half]
-        return {"past_keys": np.ascontiguousarray(keys[:, :, :, w.past]),
-                "past_values": np.ascontiguousarray(values[:, :, :, w.past])}
+        """The window's past K/V: the rows outside the window do not change between refreshes, so they
+        are gathered once (at the first cached step after a refresh) and fed as they are after that."""
+        if half not in self.past:
+            keys, values = self.kv[half]
+            self.past[half] = {"past_keys": np.ascontiguousarray(keys[:, :, :, w.past]),
+                               "past_values": np.ascontiguousarray(values[:, :, :, w.past])}
+        return self.past[half]
 
     def _update_kv(self, half: str, out: dict, rows: np.ndarray) -> None:
         runner = self.pre if half == "decoder_pre" else self.post

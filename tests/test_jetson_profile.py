@@ -36,6 +36,9 @@ def test_onnxruntime_report_end_to_end(runtime_bundles, tmp_path):
         pre_step1 = median[f"decoder_pre seq={n} rows={8 if a['p'] else 1}"]
         post, pre = median[f"decoder_post seq={n_red} rows=8"], median[f"decoder_pre seq={n_red} rows=1"]
         assert a["predicted_ms"] == pytest.approx(median["vision tiles=1"] + pre_step1 + post + 7 * (pre + post))
+        past = n_red - 8  # with a dual cache the later steps run the 8 response rows against the others' K/V
+        cached = median[f"decoder_pre seq=8 rows=1 past={past}"] + median[f"decoder_post seq=8 rows=8 past={past}"]
+        assert a["predicted_dual_cache_ms"] == pytest.approx(median["vision tiles=1"] + pre_step1 + post + 7 * cached)
         m = a["measured"]
         assert m["steps"] == 8 and m["seq_len"] == n_red and m["total_ms"] >= m["engines_ms"] > 0
     assert r["answers"][0]["predicted_vs_p0"] == 1.0 and 0 < r["answers"][1]["flops_vs_p0"] < 1
@@ -70,8 +73,8 @@ def test_dry_run_prints_the_jetson_plan(runtime_bundles, capsys):
     want = set()
     for p in (0, 50, 70):
         a = answer_cases(m, g, p)
-        want |= {",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in c.shapes) for c in (a.vision, a.pre_step1, a.post,
-                                                                                       a.pre_later)}
+        want |= {",".join(f"{n}:{'x'.join(map(str, s))}" for n, s in c.shapes) for c in a.cases}
+        assert a.pre_cached.label.endswith(f"past={g.reduced(p) - g.response}")  # the cached-step shapes are profiled
     runs = [shlex.split(line) for line in lines if "trtexec" in line]
     assert {a.split("=", 1)[1] for cmd in runs for a in cmd if a.startswith("--shapes=")} == want
     for cmd in runs:
