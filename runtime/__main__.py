@@ -3,7 +3,8 @@
     python -m runtime --bundle bundles/tiny-k15-p50-fp16 --image road.jpg --prompt "Is the lane free?"
 
 The strategy (P, query set, random ablation, positions) is chosen here without rebuilding;
-K is the bundle's. --json prints a machine-readable result; --trace prints per-step timings;
+K is the bundle's. --cache and --threshold add block KV caching and parallel decoding
+(docs/caching.md). --json prints a machine-readable result; --trace prints per-step timings;
 --map writes a PNG of the image with the kept visual tokens highlighted.
 """
 
@@ -158,10 +159,11 @@ def report(out: dict, trace: bool) -> str:
     lines = [out["answer"]]
     if trace:
         lines += ["", f"vision {out['vision_ms']:.1f} ms; K={out['k']} P={out['p']:g}: kept "
-                      f"{len(out['kept_visual'])} of {out['visual_tokens']} visual tokens ({out['backend']})",
-                  f"{'step':>4} {'seq':>6} {'pre ms':>9} {'post ms':>9} {'other ms':>9}"]
-        lines += [f"{s['step']:>4} {s['seq_len']:>6} {s['pre_ms']:>9.2f} {s['post_ms']:>9.2f} {s['other_ms']:>9.2f}"
-                  for s in out["steps"]]
+                      f"{len(out['kept_visual'])} of {out['visual_tokens']} visual tokens ({out['backend']}); "
+                      f"cache {out['cache']}, threshold {out['threshold']:g}",
+                  f"{'step':>4} {'seq':>6} {'rows':>6} {'pre ms':>9} {'post ms':>9} {'other ms':>9}"]
+        lines += [f"{s['step']:>4} {s['seq_len']:>6} {s['rows']:>6} {s['pre_ms']:>9.2f} {s['post_ms']:>9.2f} "
+                  f"{s['other_ms']:>9.2f}" for s in out["steps"]]
         lines.append(f"total {out['total_ms']:.1f} ms; pruning map: {out['pruning_map']}")
     return "\n".join(lines)
 

@@ -145,7 +145,8 @@ class Pipeline:
 
     def generate(self, image, question: str, gen: GenerationSettings, prune: PruneSettings,
                  on_step=None, cache: CacheSettings | None = None) -> RuntimeResult:
-        """on_step(step, steps, unmasked, masked_left) after every denoising step (progress)."""
+        """on_step(step, steps, unmasked, masked_left) after every denoising step (progress); cache:
+        block KV caching (runtime.caching; None: uncached)."""
         start = time.perf_counter()
         cache = (cache or CacheSettings()).validate()
         expect(not cache.enabled or self.backend != "tensorrt",
@@ -167,6 +168,39 @@ def empty_past(manifest: Manifest, name: str, batch: int, fdt) -> dict[str, np.n
     return {"past_keys": np.zeros(shape, fdt), "past_values": np.zeros(shape, fdt)}
 
 
+class HostKVCache:
+    """Both decoder halves' keys and values over every row of the reduced sequence, in host memory
+    (the ONNX Runtime backends): (layers of the half, batch, heads, rows, head dim) per half."""
+
+    def __init__(self, pre, post):
+        self.runners = {"decoder_pre": pre, "decoder_post": post}
+        self.kv: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.past: dict[str, dict[str, np.ndarray]] = {}  # the current window's past rows, per half
+
+    def keep(self, half: str, out: dict, rows: np.ndarray | None = None) -> None:
+        """A refresh's present K/V (every row, or only `rows`: step 1's layers < K) become the cache."""
+        keys, values = (np.asarray(self.runners[half].to_host(out[n])) for n in ("present_keys", "present_values"))
+        if rows is not None:
+            keys, values = keys[:, :, :, rows], values[:, :, :, rows]
+        self.kv[half] = (np.ascontiguousarray(keys), np.ascontiguousarray(values))
+        self.past.pop(half, None)
+
+    def past_for(self, half: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The past K/V of a cached step: the rows outside its window do not change between refreshes,
+        so they are gathered once (the first cached step after a refresh) and fed as they are after."""
+        if half not in self.past:
+            keys, values = self.kv[half]
+            self.past[half] = {"past_keys": np.ascontiguousarray(keys[:, :, :, rows]),
+                               "past_values": np.ascontiguousarray(values[:, :, :, rows])}
+        return self.past[half]
+
+    def update(self, half: str, out: dict, rows: np.ndarray) -> None:
+        """The window's fresh K/V written into the cache's rows (in place)."""
+        keys, values = self.kv[half]
+        keys[:, :, :, rows] = np.asarray(self.runners[half].to_host(out["present_keys"]))
+        values[:, :, :, rows] = np.asarray(self.runners[half].to_host(out["present_values"]))
+
+
 class SplitForward:
     """`forward(response_ids) -> logits (G, vocab)` over decoder_pre and decoder_post."""
 
@@ -175,10 +209,8 @@ class SplitForward:
         self.pipe, self.lay, self.prune, self.cfg = pipe, lay, prune, cfg
         self.cache = cache or CacheSettings()
         self.clock = RefreshClock(self.cache)
-        self.kv: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # half -> keys, values over every row (host)
-        # half -> the current window's past rows of kv, gathered once per refresh (contiguous, fed as they are)
-        self.past: dict[str, dict[str, np.ndarray]] = {}
         self.pre, self.post = pipe.runners["decoder_pre"], pipe.runners["decoder_post"]
+        self.kv = HostKVCache(self.pre, self.post) if self.cache.enabled else None
         self.mask = pipe.tokenizer.ids.mask
         self.prompt = prompt
         self.kept_visual = np.arange(lay.n_visual)
@@ -239,15 +271,8 @@ class SplitForward:
         return logits[0]
 
     def _keep_kv(self, half: str, out: dict, rows: np.ndarray | None = None) -> None:
-        """With a cache, a refresh's present K/V (every row, or only `rows` of them) become the cache."""
-        if not self.cache.enabled:
-            return
-        runner = self.pre if half == "decoder_pre" else self.post
-        keys, values = (np.asarray(runner.to_host(out[n])) for n in ("present_keys", "present_values"))
-        if rows is not None:  # step 1's layers < K: the kept rows of the full pass
-            keys, values = keys[:, :, :, rows], values[:, :, :, rows]
-        self.kv[half] = (np.ascontiguousarray(keys), np.ascontiguousarray(values))
-        self.past.pop(half, None)
+        if self.kv is not None:
+            self.kv.keep(half, out, rows)
 
     def _cached_step(self) -> tuple[np.ndarray, int]:
         """The window's rows against the cached K/V of the others; the block's K/V updated in place.
@@ -256,32 +281,19 @@ class SplitForward:
         w = cache_window(self.cache.mode, n, g, self.clock.block)
         pos = np.ascontiguousarray(self.positions[:, w.compute])
         pre = self.pre.infer({"inputs_embeds": np.ascontiguousarray(np.asarray(self.inputs)[:, w.compute]),
-                              "position_ids": pos, "score_rows": np.zeros(1, np.int64), **self._past("decoder_pre", w)},
-                             keep_on_device=True)
-        self._update_kv("decoder_pre", pre, w.compute)
+                              "position_ids": pos, "score_rows": np.zeros(1, np.int64),
+                              **self.kv.past_for("decoder_pre", w.past)}, keep_on_device=True)
+        self.kv.update("decoder_pre", pre, w.compute)
         post = self.post.infer({"hidden_states": pre["hidden_states"], "position_ids": pos,
-                                "logit_rows": np.arange(w.compute.size, dtype=np.int64), **self._past("decoder_post", w)},
-                               keep_on_device=True)
-        self._update_kv("decoder_post", post, w.compute)
+                                "logit_rows": np.arange(w.compute.size, dtype=np.int64),
+                                **self.kv.past_for("decoder_post", w.past)}, keep_on_device=True)
+        self.kv.update("decoder_post", post, w.compute)
         logits = self._guided(np.asarray(self.post.to_host(post["logits"])))
         out = np.zeros((g, logits.shape[-1]), dtype=logits.dtype)
         out[w.compute - (n - g)] = logits  # the window lies inside the response (it starts at the block)
         return out, int(w.compute.size)
 
-    def _past(self, half: str, w) -> dict[str, np.ndarray]:
-        """The window's past K/V: the rows outside the window do not change between refreshes, so they
-        are gathered once (at the first cached step after a refresh) and fed as they are after that."""
-        if half not in self.past:
-            keys, values = self.kv[half]
-            self.past[half] = {"past_keys": np.ascontiguousarray(keys[:, :, :, w.past]),
-                               "past_values": np.ascontiguousarray(values[:, :, :, w.past])}
-        return self.past[half]
 
-    def _update_kv(self, half: str, out: dict, rows: np.ndarray) -> None:
-        runner = self.pre if half == "decoder_pre" else self.post
-        keys, values = self.kv[half]
-        keys[:, :, :, rows] = np.asarray(runner.to_host(out["present_keys"]))
-        values[:, :, :, rows] = np.asarray(runner.to_host(out["present_values"]))
 
     def _first_step(self, response_ids, response) -> np.ndarray:
         lay, prune = self.lay, self.prune
