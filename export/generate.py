@@ -27,7 +27,8 @@ from runtime.demo import demo_image  # noqa: E402
 from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
 from runtime.errors import LladaVError  # noqa: E402
 from runtime.preprocess import prepare_image  # noqa: E402
-from runtime.cli_args import K_HELP, add_generation_args, add_strategy_args, generation_settings, name_flags  # noqa: E402
+from runtime.cli_args import (K_HELP, add_cache_args, add_generation_args, add_strategy_args, cache_settings,  # noqa: E402
+                              generation_settings, name_flags)
 from runtime.cli_args import parser as cli_parser  # noqa: E402
 from runtime.pruning import PruneSettings, pruned_count  # noqa: E402
 from runtime.tokens import TextTokenizer  # noqa: E402
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--p", type=float, default=50.0, help="percent of visual tokens pruned, in [0, 100); 0 = unpruned")
     add_strategy_args(ap)
     add_generation_args(ap)
+    add_cache_args(ap)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights on the CPU")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return ap
@@ -56,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> dict:
     gen = generation_settings(args)
+    cache = cache_settings(args)
     prune = PruneSettings(args.k, args.p, args.query, args.random_prune, args.positions, args.seed)
     model_dir = args.model if args.model is not None else embedded_checkpoint()
     prune.validate(open_checkpoint(model_dir).config.n_layers)  # refuse bad K/P before loading weights
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
     image = prepare_image(args.image if args.image is not None else demo_image(), ckpt.config.geometry, args.layout)
     prompt = tokenizer.encode_prompt(args.prompt)
     start = time.perf_counter()
-    result = generate(model, tokenizer.ids, prompt, image, gen, prune)
+    result = generate(model, tokenizer.ids, prompt, image, gen, prune, cache)
     seconds = time.perf_counter() - start
     lay = result.layout
     return {
@@ -81,6 +84,8 @@ def run(args: argparse.Namespace) -> dict:
         "sequence_full": lay.total,
         "sequence_reduced": result.seq_lens[0] if result.seq_lens else lay.total,
         "steps_run": len(result.seq_lens),
+        "cache": cache.mode,
+        "rows_computed": result.computed_rows,
         "seconds": round(seconds, 3),
         "answer_ids": result.answer_ids,
         "answer": tokenizer.decode(result.answer_ids),

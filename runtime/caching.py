@@ -33,7 +33,7 @@ class CacheSettings:
     def validate(self) -> "CacheSettings":
         expect(self.mode in CACHE_MODES, f"cache: got {self.mode!r}; expected one of {CACHE_MODES}")
         expect(isinstance(self.refresh_every, int) and self.refresh_every >= 0,
-               f"cache refresh_every: got {self.refresh_every!r}; expected an integer >= 0 (0: at block starts only)")
+               f"refresh_every: got {self.refresh_every!r}; expected an integer >= 0 (0: at block starts only)")
         return self
 
     @property

@@ -78,7 +78,7 @@ def add_cache_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cache", choices=CACHE_MODES, default="none",
                     help="block KV cache (docs/caching.md): reuse the K/V of the rows before the current block "
                          "(prefix) or before and after it (dual) between refreshes at each block's first step")
-    ap.add_argument("--cache-refresh", type=int, default=0,
+    ap.add_argument("--cache-refresh", dest="refresh_every", type=int, default=0,
                     help="also refresh the cache every N steps inside a block (0: only at block starts; 1: every "
                          "step, the uncached tokens exactly)")
 
@@ -89,7 +89,7 @@ def generation_settings(args: argparse.Namespace) -> GenerationSettings:
 
 
 def cache_settings(args: argparse.Namespace) -> CacheSettings:
-    return CacheSettings(args.cache, args.cache_refresh).validate()
+    return CacheSettings(args.cache, args.refresh_every).validate()
 
 
 def name_flags(message: str, ap: argparse.ArgumentParser) -> str:

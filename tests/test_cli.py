@@ -16,6 +16,7 @@ def test_json_output(tiny_dir, capsys):
     assert out["sequence_reduced"] == out["sequence_full"] - 364
     assert len(out["kept_visual"]) == 365 and out["kept_visual"] == sorted(out["kept_visual"])
     assert out["steps_run"] <= 4 and len(out["answer_ids"]) <= 8
+    assert out["cache"] == "none" and len(out["rows_computed"]) == out["steps_run"]
 
 
 def test_errors_exit_2_with_a_message(tiny_dir, tmp_path, capsys):
@@ -29,6 +30,10 @@ def test_errors_exit_2_with_a_message(tiny_dir, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["--model", str(tiny_dir), "--steps", "40"]) == 2
     assert "steps: got 40; expected <= --gen-length=32" in capsys.readouterr().err  # the flag the user typed
+    assert main(["--model", str(tiny_dir), "--cache", "dual", "--cache-refresh", "-1"]) == 2
+    assert "--cache-refresh: got -1; expected an integer >= 0" in capsys.readouterr().err
+    assert main(["--model", str(tiny_dir), "--threshold", "1.5"]) == 2
+    assert "threshold: got 1.5; expected a probability in [0, 1)" in capsys.readouterr().err
 
 
 def test_console_commands_are_installed():
