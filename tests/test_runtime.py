@@ -115,6 +115,19 @@ def test_cli_json_trace_and_map(bundles, tmp_path, capsys):
     assert "pre ms" in text and "kept 219 of 729 visual tokens" in text and png.is_file()
 
 
+def test_cli_cached_run_reports_its_rows(bundles, tmp_path, capsys):
+    """python -m runtime --cache dual: two blocks of 8, the first step of each a refresh over the reduced
+    sequence, the others 8 rows; the JSON names the cache and the threshold."""
+    gradient_image(96, 64).save(tmp_path / "i.png")
+    assert main(["--bundle", str(bundles[15]), "--image", str(tmp_path / "i.png"), "--prompt", "Clear?", "--steps", "8",
+                 "--gen-length", "16", "--block-length", "8", "--no-stop-at-eot", "--cache", "dual", "--json",
+                 "--quiet"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    n = out["steps"][0]["seq_len"]
+    assert (out["cache"], out["threshold"]) == ("dual", 0.0)
+    assert [s["rows"] for s in out["steps"]] == [n, 8, 8, 8, n, 8, 8, 8]
+
+
 def test_trace_writes_the_map_by_default(bundles, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     gradient_image(96, 64).save(tmp_path / "i.png")
@@ -134,6 +147,8 @@ def test_trace_writes_the_map_by_default(bundles, tmp_path, capsys, monkeypatch)
         (["--prompt", "word " * 300], "text tokens; the bundle's profile allows 160"),
         (["--cfg-scale", "1.0"], "needs batch 2"),
         (["--backend", "tensorrt"], "TensorRT"),
+        (["--cache", "dual", "--cache-refresh", "-2"], "--cache-refresh: got -2; expected an integer >= 0"),
+        (["--threshold", "0.95", "--remasking", "random"], "threshold: 0.95 needs remasking 'low_confidence'"),
     ],
 )
 def test_cli_errors(bundles, tmp_path, capsys, argv, message):
