@@ -155,6 +155,7 @@ def report(out: dict) -> str:
 
 BANDWIDTH = {"AGX Orin 64GB": 204.8e9, "Orin NX 16GB": 102.4e9}  # docs/orin.md, bytes/s
 DECODER_BYTES_8B_FP16 = 14.99e9  # bench.orin_fit: decoder_pre 6.54 + decoder_post 8.45 GB, read once per step
+INT4_BYTES_VS_FP16 = 0.309  # bench.orin_fit: the int4 decoders (fp16 LM head) against fp16
 
 
 def orin_projection(visual: int = 3649, text: int = 50, gen: int = 64, block: int = 32, k: int = 15) -> str:
@@ -167,23 +168,25 @@ def orin_projection(visual: int = 3649, text: int = 50, gen: int = 64, block: in
     w = Workload(text=text, visual=visual, gen=gen, steps=gen)
     n, n2 = w.n, w.n - pruned_count(visual, 50)
     per_block = gen // block
-    plans = {"unpruned uncached": (None, 0, [n] * gen), f"K{k} P50 uncached": (k, 50, [n2] * gen),
-             f"K{k} P50 dual": (k, 50, ([n2] + [block] * (block - 1)) * per_block)}
+    cached = ([n2] + [block] * (block - 1)) * per_block
+    plans = {"unpruned uncached": (None, 0, [n] * gen, 1.0), f"K{k} P50 uncached": (k, 50, [n2] * gen, 1.0),
+             f"K{k} P50 dual": (k, 50, cached, 1.0), f"K{k} P50 dual int4": (k, 50, cached, INT4_BYTES_VS_FP16)}
     lines = [f"LLaDA-V-8B on Orin (a projection, not a measurement): {visual} visual + {text} text + {gen} response "
              f"tokens, {gen} steps in blocks of {block}; seconds per answer: compute at dense FP16 peak, fp16 "
              "weights read once per step, and the floor (per step the larger of the two, summed)", "",
              f"{'setting':<20} " + " ".join(f"{SHORT[d] + ' compute':>12} {'weights':>8} {'floor':>7}" for d in BANDWIDTH)]
-    for name, (kk, p, rows) in plans.items():
+    for name, (kk, p, rows, weights) in plans.items():
         steps = [trace_flops(w, kk, p, rows[: i + 1]) - (trace_flops(w, kk, p, rows[:i]) if i else 0)
                  for i in range(len(rows))]
         cells = []
         for dev, bw in BANDWIDTH.items():
             compute = [f / ORIN[dev]["fp16"] for f in steps]
-            read = DECODER_BYTES_8B_FP16 / bw
+            read = weights * DECODER_BYTES_8B_FP16 / bw
             cells.append(f"{sum(compute):>12.1f} {read * len(rows):>8.1f} {sum(max(c, read) for c in compute):>7.1f}")
         lines.append(f"{name:<20} " + " ".join(cells))
-    lines.append("cached steps are weight-bound on Orin: INT4 decoder weights (0.309x fp16's bytes, docs/quantization.md) "
-                 "lower that floor ~3.2x; the threshold rule lowers the number of steps")
+    lines.append("cached steps are weight-bound on Orin; int4: the decoders' INT4 weights (0.309x fp16's bytes, "
+                 "docs/quantization.md) with fp16 compute, if TensorRT runs W4A16 GEMMs at that bandwidth (unverified); "
+                 "the threshold rule lowers the number of steps")
     return "\n".join(lines)
 
 
