@@ -62,15 +62,12 @@ def settings(k: int) -> list[Setting]:
 
 
 def build(shape: CacheBenchShape, workdir: Path, log) -> Path:
-    from bench.cpu import BenchShape, write_bench_checkpoint
+    from bench.cpu import BenchShape, bench_checkpoint
     from export.build import BuildRequest, build_bundle
     from export.profiles import ProfileSettings
 
-    ckpt = workdir / "checkpoint"
-    if not (ckpt / "config.json").is_file():
-        log(f"writing a random checkpoint: d={shape.d_model}, m={shape.d_mlp}, {shape.layers} layers")
-        write_bench_checkpoint(ckpt, BenchShape(d_model=shape.d_model, heads=shape.heads, d_mlp=shape.d_mlp,
-                                                layers=shape.layers))
+    ckpt = bench_checkpoint(workdir / "checkpoint", BenchShape(d_model=shape.d_model, heads=shape.heads,
+                                                               d_mlp=shape.d_mlp, layers=shape.layers), log)
     profile = ProfileSettings(layout="single", max_text_tokens=96, opt_text_tokens=48, max_response=shape.gen,
                               opt_response=shape.gen)
     log("building the fp32 bundle")
@@ -79,8 +76,7 @@ def build(shape: CacheBenchShape, workdir: Path, log) -> Path:
 
 
 def run_setting(pipe, s: Setting, shape: CacheBenchShape, image) -> dict:
-    from bench.flops import trace_flops
-    from miniature.eval import workload
+    from bench.flops import run_workload, trace_flops
     from runtime.caching import CacheSettings
     from runtime.pruning import PruneSettings
     from runtime.schedule import GenerationSettings
@@ -89,7 +85,7 @@ def run_setting(pipe, s: Setting, shape: CacheBenchShape, image) -> dict:
                              threshold=s.threshold)
     prune = PruneSettings(shape.k, s.p)
     res = pipe.generate(image, QUESTION, gen, prune, cache=CacheSettings(s.cache))
-    w = workload(pipe.manifest, res.layout, gen)
+    w = run_workload(pipe.manifest, res.layout, gen)
     rows = [st.rows for st in res.steps]
     decoder = [st.pre_ms + st.post_ms for st in res.steps]
     n_red = res.steps[-1].seq_len
@@ -105,28 +101,19 @@ def run_setting(pipe, s: Setting, shape: CacheBenchShape, image) -> dict:
 def run(shape: CacheBenchShape, workdir: Path, log) -> dict:
     from runtime.demo import demo_image
     from runtime.pipeline import Pipeline
+    from runtime.pruning import PruneSettings
+    from runtime.schedule import GenerationSettings
 
     bundle = build(shape, workdir, log)
     image = demo_image()
     out = []
     with Pipeline(bundle) as pipe:
-        pipe.generate(image, QUESTION, _warmup_gen(), _warmup_prune(shape))  # sessions warm
+        warm = GenerationSettings(steps=2, gen_length=8, block_length=8, stop_at_eot=False)
+        pipe.generate(image, QUESTION, warm, PruneSettings(shape.k, 50))  # sessions warm
         for s in settings(shape.k):
             log(f"running {s.name}")
             out.append(run_setting(pipe, s, shape, image))
     return {"shape": asdict(shape), "results": out}
-
-
-def _warmup_gen():
-    from runtime.schedule import GenerationSettings
-
-    return GenerationSettings(steps=2, gen_length=8, block_length=8, stop_at_eot=False)
-
-
-def _warmup_prune(shape):
-    from runtime.pruning import PruneSettings
-
-    return PruneSettings(shape.k, 50)
 
 
 def report(out: dict) -> str:

@@ -56,6 +56,14 @@ def reset_peak_rss() -> None:
         pass
 
 
+def bench_checkpoint(path: Path, shape: BenchShape, log) -> Path:
+    """The random checkpoint of `shape`'s dims at `path`, written unless it is already there."""
+    if not (path / "config.json").is_file():
+        log(f"writing a random checkpoint: d={shape.d_model}, m={shape.d_mlp}, {shape.layers} layers")
+        write_bench_checkpoint(path, shape)
+    return path
+
+
 def write_bench_checkpoint(path: Path, shape: BenchShape) -> Path:
     from export.checkpoint import config_to_json, write_checkpoint
     from export.model import PRESETS, DecoderDims
@@ -101,10 +109,7 @@ def run(shape: BenchShape, workdir: Path, log) -> dict:
     from runtime.schedule import GenerationSettings
     from runtime.tokens import TextTokenizer
 
-    ckpt = workdir / "checkpoint"
-    if not (ckpt / "config.json").is_file():
-        log("writing the bench checkpoint")
-        write_bench_checkpoint(ckpt, shape)
+    ckpt = bench_checkpoint(workdir / "checkpoint", shape, log)
     profiles = ProfileSettings(layout="single", max_text_tokens=128, opt_text_tokens=80,
                                max_response=max(64, *shape.steps_sweep), opt_response=shape.gen)
     bundles = {}

@@ -47,6 +47,14 @@ class Workload:
         return self.text + self.visual + self.gen
 
 
+def run_workload(manifest, lay, gen) -> Workload:
+    """The workload of one generation through a bundle (runtime.bundle.Manifest, the run's
+    SequenceLayout and GenerationSettings)."""
+    d = manifest.model["decoder"]
+    return Workload(d=d["d_model"], m=d["d_mlp"], layers=manifest.n_layers, vocab=d["vocab"],
+                    text=lay.n_prefix + lay.n_suffix, visual=lay.n_visual, gen=gen.gen_length, steps=gen.steps)
+
+
 def linear_macs(n: int, d: int, m: int) -> float:
     """Multiply-adds of one layer's linear layers (q, k, v, o; gate, up, down) over n tokens."""
     return 4 * n * d * d + 3 * n * d * m

@@ -58,17 +58,14 @@ VARIANTS = {  # name: (precision, quantized graphs' float type)
 def build(shape: QuantBenchShape, workdir: Path, log) -> dict[str, Path]:
     """One bundle per variant, from one random checkpoint; the int8 ones calibrated and smoothed as
     `--precision int8` does (each on its own float bundle's feeds)."""
-    from bench.cpu import BenchShape, write_bench_checkpoint
+    from bench.cpu import BenchShape, bench_checkpoint
     from calib.data import CalibrationSettings
     from calib.stage import QuantSettings
     from export.build import BuildRequest, build_bundle
     from export.profiles import ProfileSettings
 
-    ckpt = workdir / "checkpoint"
-    if not (ckpt / "config.json").is_file():
-        log(f"writing a random checkpoint: d={shape.d_model}, m={shape.d_mlp}, {shape.layers} layers")
-        write_bench_checkpoint(ckpt, BenchShape(d_model=shape.d_model, heads=shape.heads, d_mlp=shape.d_mlp,
-                                                layers=shape.layers))
+    ckpt = bench_checkpoint(workdir / "checkpoint", BenchShape(d_model=shape.d_model, heads=shape.heads,
+                                                               d_mlp=shape.d_mlp, layers=shape.layers), log)
     profile = ProfileSettings(layout="single", max_text_tokens=128, opt_text_tokens=80, max_response=32, opt_response=32)
     out = {}
     for variant, (precision, base) in VARIANTS.items():

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.flops import Workload, remaining, total_flops, trace_flops
+from bench.flops import remaining, run_workload, total_flops, trace_flops
 from miniature.scenes import Question, Scene, held_out_set
 from runtime.bundle import Manifest, read_manifest
 from runtime.errors import LladaVError, expect
@@ -92,12 +92,6 @@ def sibling_bundle(manifest: Manifest, k: int, work: Path, log) -> Path:
     return build_bundle(req).out
 
 
-def workload(manifest: Manifest, lay, gen: GenerationSettings) -> Workload:
-    d = manifest.model["decoder"]
-    return Workload(d=d["d_model"], m=d["d_mlp"], layers=manifest.n_layers, vocab=d["vocab"],
-                    text=lay.n_prefix + lay.n_suffix, visual=lay.n_visual, gen=gen.gen_length, steps=gen.steps)
-
-
 def record(pipe, s: Strategy, scene_: Scene, q: Question, gen: GenerationSettings) -> dict:
     """Run one question under one strategy: the answer and what pruning kept."""
     from runtime.caching import CacheSettings
@@ -107,7 +101,7 @@ def record(pipe, s: Strategy, scene_: Scene, q: Question, gen: GenerationSetting
     side = pipe.geometry.side
     covering = np.unique(np.concatenate(
         [tokens_covering(res.tile_layout, side, scene_.objects[i].box.xyxy) for i in q.about] or [np.zeros(0, int)]))
-    w = workload(pipe.manifest, res.layout, gen)
+    w = run_workload(pipe.manifest, res.layout, gen)
     steps_w = replace(w, steps=len(res.steps))
     return {
         "seed": scene_.seed, "kind": q.report_kind, "question": q.text, "answer": q.answer, "got": res.text.strip(),

@@ -237,20 +237,15 @@ class SplitForward:
         t0 = time.perf_counter()
         response = np.asarray(self.pipe.embed[response_ids], dtype=self.pipe.fdt)
         refresh = self.clock.next_step_refreshes()
-        n = None if self.positions is None else self.positions.shape[1]
-        rows = n
         if self.inputs is None:
-            logits = self._first_step(response_ids, response)
-            rows = n = self.positions.shape[1]
+            logits, rows = self._first_step(response_ids, response), None
         else:  # only the response rows change: write them into the staged (device) input
-            self.pre.write_rows(self.inputs, n - self.lay.n_response, response)
-            if refresh:
-                logits = self._step()
-            else:
-                logits, rows = self._cached_step()
+            self.pre.write_rows(self.inputs, self.positions.shape[1] - self.lay.n_response, response)
+            logits, rows = (self._step(), None) if refresh else self._cached_step()
+        n = self.positions.shape[1]  # rows None: the step computed all of them
         total = (time.perf_counter() - t0) * 1000
         pre, post = self.pre.last_ms(), self.post.last_ms()
-        self.trace.append(StepTrace(len(self.trace) + 1, n, rows, pre, post, total - pre - post))
+        self.trace.append(StepTrace(len(self.trace) + 1, n, rows or n, pre, post, total - pre - post))
         return logits
 
     def _run_pre(self, h, pos, rows):

@@ -8,23 +8,16 @@ import pytest
 import torch
 
 from export.reference import ReferenceForward, generate, prompt_embeddings
-from runtime.anyres import SINGLE
 from runtime.caching import CacheSettings, RefreshClock, cache_window
 from runtime.errors import LladaVError
-from runtime.preprocess import prepare_image
 from runtime.pruning import PruneSettings
 from runtime.schedule import GenerationSettings, denoise
 from tests.conftest import gradient_image
+from tests.test_generate import inputs  # noqa: F401  (the fixture)
+from tests.test_runtime import reference
 from tests.test_schedule import IDS, Scripted
 
 GEN = GenerationSettings(steps=8, gen_length=16, block_length=8)
-
-
-@pytest.fixture(scope="module")
-def inputs(tiny, tokenizer):
-    _, ckpt = tiny
-    image = prepare_image(gradient_image(300, 200), ckpt.config.geometry, SINGLE)
-    return tokenizer.encode_prompt("What is ahead of the car?"), image
 
 
 def test_cached_rows_attending_to_the_others_cached_keys_equal_the_full_pass(tiny):
@@ -142,12 +135,6 @@ def test_threshold_unmasks_every_confident_position_and_at_least_one():
 CACHE_GEN = GenerationSettings(steps=8, gen_length=16, block_length=8)
 
 
-def _reference(tiny, tokenizer, question, gen, prune, cache):
-    model, ckpt = tiny
-    img = prepare_image(gradient_image(320, 200), ckpt.config.geometry, SINGLE)
-    return generate(model, tokenizer.ids, tokenizer.encode_prompt(question), img, gen, prune, cache)
-
-
 @pytest.mark.parametrize("mode", ["prefix", "dual"])
 @pytest.mark.parametrize("p", [0, 50])
 def test_runtime_refreshing_every_step_gives_its_uncached_tokens(runtime_bundles, mode, p):
@@ -175,7 +162,7 @@ def test_runtime_cached_path_generates_the_reference_tokens(runtime_bundles, tin
     gen = GenerationSettings(steps=8, gen_length=16, block_length=8, threshold=threshold)
     with Pipeline(runtime_bundles[15]) as pipe:
         got = pipe.generate(gradient_image(320, 200), "Is the traffic light red?", gen, prune, cache=cache)
-    want = _reference(tiny, tokenizer, "Is the traffic light red?", gen, prune, cache)
+    want = reference(tiny, tokenizer, gradient_image(320, 200), "Is the traffic light red?", gen, prune, cache)
     assert np.array_equal(got.denoise.response, want.denoise.response)
     assert np.array_equal(got.kept_visual, want.kept_visual)
     assert [s.rows for s in got.steps] == want.computed_rows

@@ -302,6 +302,21 @@ def test_compare_refuses_bundles_of_different_models(int8_bundle, runtime_bundle
     assert not (tmp_path / "precision.json").exists()
 
 
+def outlier_post_feeds(model) -> list[dict]:
+    """Two decoder_post feeds (K=15, 40 and 56 rows, no cached K/V) whose channel 3 is 30x the others:
+    an outlier channel, as LLMs have."""
+    d = model.cfg.decoder
+    rng = np.random.default_rng(0)
+    feeds = []
+    for n in (40, 56):
+        h = rng.standard_normal((1, n, d.d_model)).astype(np.float32)
+        h[..., 3] *= 30
+        kv = np.zeros((d.n_layers - 15, 1, d.n_heads, 0, d.d_head), np.float32)
+        feeds.append({"hidden_states": h, "position_ids": np.arange(n)[None], "logit_rows": np.arange(n - 8, n),
+                      "past_keys": kv, "past_values": kv})
+    return feeds
+
+
 def test_smoothquant_migration_keeps_the_function_and_divides_the_activations():
     """calib.smooth on a random 32-layer model (layers 15..31, decoder_post's half): the hooks' maxima
     equal max |RMSNorm(h)| computed directly at a layer's input; after smoothing, decoder_post's logits
@@ -318,15 +333,7 @@ def test_smoothquant_migration_keeps_the_function_and_divides_the_activations():
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight"):
                 p.copy_(torch.rand_like(p) * 2 + 0.1)
-    d = model.cfg.decoder.d_model
-    rng = np.random.default_rng(0)
-    feeds = []
-    for n in (40, 56):
-        h = rng.standard_normal((1, n, d)).astype(np.float32)
-        h[..., 3] *= 30  # an outlier channel, as LLMs have
-        kv = np.zeros((17, 1, model.cfg.decoder.n_heads, 0, model.cfg.decoder.d_head), np.float32)  # no cached rows
-        feeds.append({"hidden_states": h, "position_ids": np.arange(n)[None], "logit_rows": np.arange(n - 8, n),
-                      "past_keys": kv, "past_values": kv})
+    feeds = outlier_post_feeds(model)
     blocks = {i: model.model.layers[i] for i in range(15, 32)}
     names = DECODER_POST.input_names
     module = DECODER_POST.build(model, 15)
@@ -334,7 +341,7 @@ def test_smoothquant_migration_keeps_the_function_and_divides_the_activations():
         maxima = input_maxima(module, blocks, feeds, names)
         direct = torch.stack([model.model.layers[20].input_layernorm(
             model.run_layers(torch.from_numpy(f["hidden_states"]), torch.from_numpy(f["position_ids"]), 15, 20)[0]
-        ).abs().reshape(-1, d).amax(0) for f in feeds]).amax(0)
+        ).abs().reshape(-1, model.cfg.decoder.d_model).amax(0) for f in feeds]).amax(0)
         assert torch.allclose(maxima[20, "q"], direct, rtol=1e-5) and torch.equal(maxima[20, "q"], maxima[20, "v"])
         before = [module(*[torch.from_numpy(f[n]) for n in names])[0] for f in feeds]
         w = [model.model.layers[20].self_attn.q_proj.weight.clone(), model.model.layers[20].self_attn.k_proj.weight.clone(),
@@ -466,15 +473,7 @@ def test_awq_keeps_the_function_and_beats_round_to_nearest():
 
     torch.manual_seed(0)
     model = LladaV(PRESETS["tiny"]).float().eval()
-    d = model.cfg.decoder.d_model
-    rng = np.random.default_rng(0)
-    feeds = []
-    for n in (40, 56):
-        h = rng.standard_normal((1, n, d)).astype(np.float32)
-        h[..., 3] *= 30
-        kv = np.zeros((17, 1, model.cfg.decoder.n_heads, 0, model.cfg.decoder.d_head), np.float32)  # no cached rows
-        feeds.append({"hidden_states": h, "position_ids": np.arange(n)[None], "logit_rows": np.arange(n - 8, n),
-                      "past_keys": kv, "past_values": kv})
+    feeds = outlier_post_feeds(model)
     blocks = {i: model.model.layers[i] for i in range(15, 32)}
     names = DECODER_POST.input_names
     module = DECODER_POST.build(model, 15)

@@ -38,10 +38,10 @@ def image():
     return gradient_image(320, 200)
 
 
-def reference(tiny, tokenizer, image, question, gen, prune):
+def reference(tiny, tokenizer, image, question, gen, prune, cache=None):
     model, ckpt = tiny
     img = prepare_image(image, ckpt.config.geometry, "single")
-    return generate(model, tokenizer.ids, tokenizer.encode_prompt(question), img, gen, prune)
+    return generate(model, tokenizer.ids, tokenizer.encode_prompt(question), img, gen, prune, cache)
 
 
 @pytest.mark.parametrize("k", [3, 15])
