@@ -32,8 +32,8 @@ class FirstLogits:
     def __init__(self, runner):
         self.runner, self.first = runner, None
 
-    def infer(self, feeds, keep_on_device=False):
-        out = self.runner.infer(feeds, keep_on_device)
+    def infer(self, feeds, keep_on_device=False, **kw):
+        out = self.runner.infer(feeds, keep_on_device, **kw)
         if self.first is None:
             self.first = np.asarray(self.runner.to_host(out["logits"]), dtype=np.float64)
         return out

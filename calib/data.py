@@ -103,9 +103,9 @@ class RecordingRunner:
     def __init__(self, runner):
         self.runner, self.calls = runner, []
 
-    def infer(self, feeds: dict, keep_on_device: bool = False) -> dict:
+    def infer(self, feeds: dict, keep_on_device: bool = False, **kw) -> dict:
         self.calls.append({name: np.array(self.runner.to_host(x)) for name, x in feeds.items()})
-        return self.runner.infer(feeds, keep_on_device)
+        return self.runner.infer(feeds, keep_on_device, **kw)
 
     def take(self, keep: list[int]) -> list[dict]:
         """The recorded calls at these indices (those that happened); the record starts afresh."""

@@ -24,7 +24,7 @@ from export.engine_config import EngineBuildSettings, build_script, trtexec_comm
 from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate, float_dtype
 from runtime.checks import worst_check
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
-                             settings_dict, validation_axes)
+                             profile_ranges, settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
 from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, device_engine, device_engines,
                             engine_problem, engine_provenance, file_info, graph_identity, read_manifest, sha256_file, write_manifest)
@@ -151,7 +151,7 @@ class Builder:
 
     def __init__(self, req: BuildRequest, ckpt: Checkpoint, log):
         self.req, self.ckpt, self.cfg, self.log = req, ckpt, ckpt.config, log
-        self.ranges = axis_ranges(self.cfg, req.profiles, req.p)
+        self.ranges = profile_ranges(self.cfg, req.profiles, req.p)  # [full, cached]
         self.settings = EngineBuildSettings(req.precision)
         self.model = None
         self.old = previous_manifest(Path(req.out))
@@ -310,10 +310,12 @@ def stale_engines(old: Path, manifest: Manifest, clean: bool, dropped: set, log)
 
 def retuned(old: Manifest | None, new: Manifest) -> str | None:
     """How the replaced bundle's P and profiles differ from the new ones, or None."""
-    if old is None or (old.p == new.p and old.profiles["axes"] == new.profiles["axes"]):
+    if old is None or (old.p == new.p and old.profiles["axes"] == new.profiles["axes"]
+                       and old.profiles.get("cached_axes") == new.profiles["cached_axes"]):
         return None
-    axes = [f"{a} {tuple(old.profiles['axes'].get(a, ()))} -> {tuple(r)}" for a, r in new.profiles["axes"].items()
-            if old.profiles["axes"].get(a) != r]
+    axes = [f"{which}{a} {tuple(old.profiles.get(key, {}).get(a, ()))} -> {tuple(r)}"
+            for key, which in (("axes", ""), ("cached_axes", "cached "))
+            for a, r in new.profiles[key].items() if old.profiles.get(key, {}).get(a) != r]
     return f"P {old.p:g} -> {new.p:g}" + (f"; profile (min, opt, max): {', '.join(axes)}" if axes else "")
 
 
@@ -349,8 +351,9 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
             continue
         log(f"{name}: building TensorRT engine ...")
         build_engine(tmp / entry.onnx.path, engine, entry.shapes, b.settings, cache)
-        feeds = [dummy_inputs(spec, b.cfg, axes, float_dtype(req.float_precision), seed=i, k=req.k)
-                 for i, axes in enumerate(validation_axes(b.ranges))]  # inside the engine's profile
+        feeds = [[dummy_inputs(spec, b.cfg, axes, float_dtype(req.float_precision), seed=i, k=req.k)
+                  for i, axes in enumerate(validation_axes(ranges))]  # inside each of the engine's profiles
+                 for ranges in b.ranges[: len(entry.shapes)]]
         entry.engine = file_info(tmp, engine)
         entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, spec, entry.graph_precision(req.precision))
     status.update(built=True, reason=f"built with {why}")
@@ -384,9 +387,11 @@ def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokeni
         geometry={"image_size": g.image_size, "patch_size": g.patch_size, "tokens_per_tile": g.tokens_per_tile,
                   "grid_pinpoints": [list(p) for p in g.grid_pinpoints], "max_tiles": g.max_tiles,
                   "mean": list(g.mean), "std": list(g.std)},
-        profiles={"settings": settings_dict(req.profiles), "axes": {a: list(r) for a, r in ranges.items()},
+        profiles={"settings": settings_dict(req.profiles), "axes": {a: list(r) for a, r in ranges[0].items()},
+                  "cached_axes": {a: list(r) for a, r in ranges[1].items()},
                   "full_step1_seq_opt": full_sequence_opt(cfg, req.profiles),
-                  "validation_axes": validation_axes(ranges)},  # where engines are checked against ONNX Runtime
+                  # per profile: where engines are checked against ONNX Runtime
+                  "validation_axes": [validation_axes(r) for r in ranges]},
         subgraphs=entries, host=host, tokenizer=sorted(tokenizer),
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                   "transformers": transformers.__version__, "tensorrt": trt["version"]},
@@ -405,10 +410,10 @@ def summary(result: BuildResult) -> str:
     rows = [f"bundle {out}  (K={m.k}, P={m.p:g}, {m.precision}, {m.n_layers} layers, model {m.model['name']})", ""]
     rows.append(f"{'file (size with its .onnx.data)':<34} {'size':>10}  shapes (min / opt / max)")
     for name, e in m.subgraphs.items():
-        first = next(iter(e.shapes.values()))
+        first = next(iter(e.shapes[0].values()))
         shape = " / ".join("x".join(map(str, first[w])) for w in ("min", "opt", "max"))
         status = "reused" if name in result.reused else "exported+validated"
-        rows.append(f"{e.onnx.path:<34} {_size(e.onnx.bytes + e.data.bytes):>10}  {next(iter(e.shapes))}: {shape}  [{status}]")
+        rows.append(f"{e.onnx.path:<34} {_size(e.onnx.bytes + e.data.bytes):>10}  {next(iter(e.shapes[0]))}: {shape}  [{status}]")
         rows.append(f"{'':<46}{_check_line('ORT vs PyTorch', e.validation)}")
         if e.engine:
             rows.append(f"{e.engine.path:<34} {_size(e.engine.bytes):>10}  {_check_line('engine vs ORT', e.engine_check)}")

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--opt-text-tokens", type=int, default=96, help="prompt length in tokens the engines are tuned for")
     ap.add_argument("--max-response", type=int, default=128, help="longest --gen-length the engines accept, in tokens")
     ap.add_argument("--opt-response", type=int, default=32, help="response length in tokens the engines are tuned for")
+    ap.add_argument("--opt-block", type=int, default=32,
+                    help="block length the cached-step profile is tuned for (--cache; at most --max-response)")
     ap.add_argument("--opt-image", type=image_size, default="1920x1080", metavar="WIDTHxHEIGHT",
                     help="camera frame size in pixels the engines are tuned for")
     ap.add_argument("--cfg", action="store_true", help="allow batch 2 for classifier-free guidance")
@@ -90,7 +92,7 @@ def request(args: argparse.Namespace) -> BuildRequest:
     name = "miniature" if args.model is None else model_dir.name
     out = args.out or Path("bundles") / f"{name}-k{args.k}-p{args.p:g}-{args.precision}"  # P tunes the profile
     profiles = ProfileSettings(args.layout, args.max_text_tokens, args.opt_text_tokens, args.max_response,
-                               args.opt_response, args.opt_image, 2 if args.cfg else 1)
+                               args.opt_response, args.opt_image, 2 if args.cfg else 1, args.opt_block)
     return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines, args.clean,
                         quant_settings(args) if args.precision in QUANTIZED else None)
 

@@ -60,15 +60,18 @@ class EngineBuildSettings:
         return asdict(self)
 
 
-def trtexec_command(onnx: str, engine: str, shapes: dict, settings: EngineBuildSettings, timing_cache: str,
+def trtexec_command(onnx: str, engine: str, shapes: list[dict], settings: EngineBuildSettings, timing_cache: str,
                     trtexec: str = "$TRTEXEC") -> list[str]:
-    """The trtexec invocation that builds one engine from its ONNX file and profile."""
+    """The trtexec invocation that builds one engine from its ONNX file and profiles: with several,
+    each set of shapes follows its `--profile=i` (trtexec 10.0 and newer, samples/common/sampleOptions.cpp)."""
+    profiles = []
+    for i, profile_shapes in enumerate(shapes):
+        def spec(which):
+            return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in profile_shapes.items())
 
-    def spec(which):
-        return ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in shapes.items())
-
-    return [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", *settings.trtexec_flags(),
-            f"--minShapes={spec('min')}", f"--optShapes={spec('opt')}", f"--maxShapes={spec('max')}",
+        profiles += [f"--profile={i}"] if len(shapes) > 1 else []
+        profiles += [f"--minShapes={spec('min')}", f"--optShapes={spec('opt')}", f"--maxShapes={spec('max')}"]
+    return [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}", *settings.trtexec_flags(), *profiles,
             f"--timingCacheFile={timing_cache}", "--skipInference"]
 
 

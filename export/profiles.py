@@ -1,8 +1,16 @@
 """Engine profiles: the min/opt/max of every dynamic axis, derived from the image layout and lengths.
 
-One optimization profile per engine. Its range covers both the full step-1 sequence and the
-reduced one (P can change at run time; P=0 is the unpruned baseline), and it is tuned (opt) at
-the reduced length, which every step but the first runs at.
+Two optimization profiles per decoder engine (one graph, its weights held once; index = TensorRT's
+profile index, runtime.bundle.FULL_PROFILE / CACHED_PROFILE):
+
+    full    step 1, refreshes and uncached steps: no cached rows (past = 0). Its range covers the
+            full step-1 sequence and the reduced one (P can change at run time; P=0 is the unpruned
+            baseline); tuned (opt) at the reduced length, which every uncached step runs at.
+    cached  a cached step (docs/caching.md): the window's rows (a block, or a block and what
+            follows it: at most the response) against the other rows' cached keys and values;
+            tuned at one block of `opt_block` rows against the rest of the reduced sequence.
+
+The vision engine has the full profile only.
 """
 
 from __future__ import annotations
@@ -25,12 +33,14 @@ class ProfileSettings:
     opt_response: int = 32
     opt_image: tuple[int, int] = (1920, 1080)  # the camera frame the engines are tuned for
     max_batch: int = 1  # 2 allows classifier-free guidance
+    opt_block: int = 32  # the cached profile's opt rows: one response block (dual cache), at most max_response
 
     def validate(self) -> "ProfileSettings":
         expect(self.layout in LAYOUTS, f"layout: got {self.layout!r}; expected one of {LAYOUTS}")
         for lo, hi in (("opt_text_tokens", "max_text_tokens"), ("opt_response", "max_response")):
             a, b = getattr(self, lo), getattr(self, hi)
             expect(1 <= a <= b, f"{lo}={a}, {hi}={b}: expected 1 <= {lo} <= {hi}")
+        expect(self.opt_block >= 1, f"opt_block={self.opt_block}: expected >= 1 (rows of one response block)")
         expect(self.max_batch in (1, 2), f"max batch: got {self.max_batch}; expected 1, or 2 for CFG")
         return self
 
@@ -44,7 +54,7 @@ def visual_tokens(cfg, settings: ProfileSettings) -> tuple[int, int]:
 
 
 def axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int, int, int]]:
-    """Named axis -> (min, opt, max)."""
+    """Named axis -> (min, opt, max) of the full profile."""
     v_opt, v_max = visual_tokens(cfg, settings)
     g = cfg.geometry
     tiles_opt = 1 if settings.layout == SINGLE else plan_tiles(settings.opt_image, g, ANYRES).num_tiles
@@ -57,9 +67,25 @@ def axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int
         "seq": (1, reduced_opt, seq_max),
         "query": (1, settings.opt_response, settings.max_text_tokens + settings.max_response),
         "rows": (1, settings.opt_response, settings.max_response),
-        # cached K/V rows (docs/caching.md): 0 on refreshes and uncached steps, the profile is tuned there
-        "past": (0, 0, seq_max),
+        "past": (0, 0, 0),  # no cached K/V rows: those steps run the cached profile
     }
+
+
+def cached_axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int, int, int]]:
+    """Named axis -> (min, opt, max) of the cached profile: `seq` rows recomputed (at most the
+    response), `past` rows reused (at least one: the prompt), one score row (saliency unused)."""
+    full = axis_ranges(cfg, settings, p)
+    block = min(settings.opt_block, settings.max_response)
+    return {**full,
+            "seq": (1, block, settings.max_response),
+            "query": (1, 1, 1),
+            "rows": (1, block, settings.max_response),
+            "past": (1, max(1, full["seq"][1] - block), full["seq"][2])}
+
+
+def profile_ranges(cfg, settings: ProfileSettings, p: float) -> list[dict[str, tuple[int, int, int]]]:
+    """[full, cached] axis ranges, in TensorRT's profile order."""
+    return [axis_ranges(cfg, settings, p), cached_axis_ranges(cfg, settings, p)]
 
 
 def full_sequence_opt(cfg, settings: ProfileSettings) -> int:
@@ -67,8 +93,14 @@ def full_sequence_opt(cfg, settings: ProfileSettings) -> int:
     return settings.opt_text_tokens + visual_tokens(cfg, settings)[0] + settings.opt_response
 
 
-def input_shapes(spec: SubgraphSpec, cfg, ranges: dict, k: int | None = None) -> dict[str, dict[str, list[int]]]:
-    """{input: {"min": shape, "opt": shape, "max": shape}} for one subgraph (k: the pruning layer)."""
+def input_shapes(spec: SubgraphSpec, cfg, ranges: list[dict], k: int | None = None) -> list[dict]:
+    """Per optimization profile {input: {"min": shape, "opt": shape, "max": shape}} for one subgraph
+    (k: the pruning layer); graphs without cached K/V inputs (vision) have the full profile only."""
+    profiles = ranges if "past_keys" in spec.input_names else ranges[:1]
+    return [profile_shapes(spec, cfg, r, k) for r in profiles]
+
+
+def profile_shapes(spec: SubgraphSpec, cfg, ranges: dict, k: int | None) -> dict[str, dict[str, list[int]]]:
     out = {}
     for t in spec.inputs:
         out[t.name] = {}
@@ -85,7 +117,7 @@ VALIDATION_SIZES = ({"tiles": 1, "batch": 1, "seq": 48, "query": 8, "rows": 8, "
 
 
 def validation_axes(ranges: dict) -> list[dict[str, int]]:
-    """VALIDATION_SIZES clamped into the profile's ranges, so an engine can run them: with one tile
+    """VALIDATION_SIZES clamped into one profile's ranges, so an engine can run them: with one tile
     (--layout single), a short --max-response or without --cfg, the sizes shrink to what it accepts.
     Query and logit rows index the sequence, so they never exceed it."""
     small, large = ({a: min(max(v, ranges[a][0]), ranges[a][2]) for a, v in want.items()} for want in VALIDATION_SIZES)

@@ -1,7 +1,7 @@
 """TensorRT engines from the bundle's ONNX files, where TensorRT and a GPU are present.
 
 Written against the TensorRT 10 Python API (10.3 on JetPack 6, and newer): parse_from_file so
-external weights resolve, one optimization profile from the manifest, a timing cache reused
+external weights resolve, the manifest's optimization profiles (in order), a timing cache reused
 across builds, and every other setting from `EngineBuildSettings` (the same source as the
 trtexec command: strongly typed for fp16, TF32 off, workspace, optimization level). Each engine
 is then compared with ONNX Runtime through Polygraphy. TensorRT is imported lazily: nothing here
@@ -36,9 +36,9 @@ def tensorrt_status() -> tuple[bool, str, str | None]:
     return True, f"TensorRT {trt.__version__}", trt.__version__
 
 
-def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, settings: EngineBuildSettings,
+def build_engine(onnx_path: Path, engine_path: Path, shapes: list[dict], settings: EngineBuildSettings,
                  timing_cache: Path) -> None:
-    """Parse, configure one profile, build, and write engine and timing cache atomically."""
+    """Parse, configure the profiles (index i = shapes[i]), build, and write engine and timing cache atomically."""
     import tensorrt as trt
 
     logger = trt.Logger(trt.Logger.WARNING)
@@ -52,10 +52,11 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, settings: Eng
     settings.configure(trt, config)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    profile = builder.create_optimization_profile()
-    for name, s in shapes.items():
-        profile.set_shape(name, s["min"], s["opt"], s["max"])
-    config.add_optimization_profile(profile)
+    for profile_shapes in shapes:
+        profile = builder.create_optimization_profile()
+        for name, s in profile_shapes.items():
+            profile.set_shape(name, s["min"], s["opt"], s["max"])
+        config.add_optimization_profile(profile)
     blob = builder.build_serialized_network(network, config)
     if blob is None:
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path.name} (see its log above)")
@@ -63,11 +64,16 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: dict, settings: Eng
     _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
-def check_engine(engine_path: Path, onnx_path: Path, feeds_list: list[dict], spec, precision: str) -> dict:
-    """TensorRT vs ONNX Runtime on the same feeds, with the export's tolerance rule per output."""
+def check_engine(engine_path: Path, onnx_path: Path, feeds_by_profile: list[list[dict]], spec, precision: str) -> dict:
+    """TensorRT vs ONNX Runtime on the same feeds, each list under its optimization profile, with the
+    export's tolerance rule per output. Returns {feed index: {output: check}}, indices counted across profiles."""
     from runtime.checks import compare_engine
 
-    return compare_engine(engine_path, onnx_path, feeds_list, spec.tolerances_for(precision), spec.name)
+    report: dict = {}
+    for profile, feeds in enumerate(feeds_by_profile):
+        report.update(compare_engine(engine_path, onnx_path, feeds, spec.tolerances_for(precision), spec.name,
+                                     profile, first_index=len(report)))
+    return report
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.anyres import plan_tiles
-from runtime.bundle import Manifest
+from runtime.bundle import CACHED_PROFILE, FULL_PROFILE, Manifest
 from runtime.errors import LladaVError
 from runtime.pipeline import geometry_of
 from runtime.pruning import pruned_count
@@ -65,6 +65,12 @@ class Case:
         rows = dims.get("score_rows", dims.get("logit_rows"))[0]
         past = dims["past_keys"][3] if "past_keys" in dims else 0
         return f"{self.subgraph} seq={dims['position_ids'][1]} rows={rows}" + (f" past={past}" if past else "")
+
+    @property
+    def profile(self) -> int:
+        """The engine's optimization profile for these shapes: cached K/V rows only run in the cached one."""
+        dims = dict(self.shapes)
+        return CACHED_PROFILE if "past_keys" in dims and dims["past_keys"][3] > 0 else FULL_PROFILE
 
 
 @dataclass(frozen=True)
@@ -132,11 +138,14 @@ def unique_cases(answers: list[AnswerCases]) -> list[Case]:
 def check_inside_profile(manifest: Manifest, case: Case) -> None:
     """A shape outside the engine's profile is an error before anything runs."""
     entry = manifest.subgraphs[case.subgraph]
+    if case.profile >= len(entry.shapes):
+        raise LladaVError(f"{case.subgraph}: a cached step needs the engine's cached-step profile; the bundle has "
+                          f"{len(entry.shapes)} profile(s) (rebuild it)")
     for name, shape in case.shapes:
-        lo, hi = entry.shapes[name]["min"], entry.shapes[name]["max"]
+        lo, hi = entry.shapes[case.profile][name]["min"], entry.shapes[case.profile][name]["max"]
         if not all(a <= s <= b for s, a, b in zip(shape, lo, hi)):
             raise LladaVError(f"{case.subgraph}: input '{name}' would be {shape} for this image and prompt; the "
-                              f"bundle's profile allows {tuple(lo)} to {tuple(hi)} (a smaller --image-size, or "
+                              f"bundle's profile {case.profile} allows {tuple(lo)} to {tuple(hi)} (a smaller --image-size, or "
                               "rebuild the bundle with larger maxima)")
 
 

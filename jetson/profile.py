@@ -93,10 +93,10 @@ def time_cases(runners: dict, a: AnswerCases, iterations: int, fdt, samples: dic
     finds its weights hot in cache from running itself back to back; vision alone."""
     inputs = {c: feeds(c, fdt) for c in a.cases}
     for c, f in inputs.items():
-        runners[c.subgraph].infer(f)  # warm-up at this shape
+        runners[c.subgraph].infer(f, profile=c.profile)  # warm-up at this shape
 
     def timed(c: Case) -> None:
-        runners[c.subgraph].infer(inputs[c])
+        runners[c.subgraph].infer(inputs[c], profile=c.profile)
         samples.setdefault(c, []).append(runners[c.subgraph].last_ms())
 
     for _ in range(iterations):
@@ -191,18 +191,21 @@ def time_tensorrt(req: ProfileRequest, plan: Plan, work: Path) -> dict[Case, dic
     return out
 
 
-def validation_feeds(manifest: Manifest, name: str) -> list[dict]:
-    """Random feeds for subgraph `name` at each of the bundle's validation shapes (inside its profile)."""
+def validation_feeds(manifest: Manifest, name: str) -> list[list[dict]]:
+    """Random feeds for subgraph `name` at each of the bundle's validation shapes, per optimization
+    profile of its engine (inside that profile)."""
     from runtime.checks import random_feeds
     from runtime.runners import float_dtype
 
     fdt, dims, entry = float_dtype(manifest), manifest.model_dims(), manifest.subgraphs[name]
     out = []
-    for i, axes in enumerate(manifest.profiles["validation_axes"]):
-        sizes = {**dims, **axes}
-        tensors = [(t.name, str(fdt) if t.dtype == "float" else t.dtype,
-                    tuple(d if isinstance(d, int) else sizes[d] for d in t.dims)) for t in entry.inputs]
-        out.append(random_feeds(tensors, seed=100 + i))
+    for profile_axes in manifest.profiles["validation_axes"][: len(entry.shapes)]:
+        out.append([])
+        for i, axes in enumerate(profile_axes):
+            sizes = {**dims, **axes}
+            tensors = [(t.name, str(fdt) if t.dtype == "float" else t.dtype,
+                        tuple(d if isinstance(d, int) else sizes[d] for d in t.dims)) for t in entry.inputs]
+            out[-1].append(random_feeds(tensors, seed=100 + i))
     return out
 
 
@@ -214,8 +217,10 @@ def check_against_onnxruntime(bundle: Path, manifest: Manifest) -> dict[str, dic
     out = {}
     for name, entry in manifest.subgraphs.items():
         expect(bool(entry.tolerances), f"bundle {str(bundle)!r}: no tolerances recorded for {name}; rebuild the bundle")
-        report = compare_engine(engine_path(bundle, entry), bundle / entry.onnx.path, validation_feeds(manifest, name),
-                                {o: tuple(v) for o, v in entry.tolerances.items()}, name)
+        report: dict = {}
+        for profile, feeds in enumerate(validation_feeds(manifest, name)):
+            report.update(compare_engine(engine_path(bundle, entry), bundle / entry.onnx.path, feeds,
+                                         {o: tuple(v) for o, v in entry.tolerances.items()}, name, profile, len(report)))
         out[name] = worst_check(report)
     return out
 

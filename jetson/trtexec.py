@@ -57,6 +57,7 @@ def profile_command(trtexec: str, engine: Path, case: Case, inputs: dict[str, Pa
     """Timed run (CUDA graph, no host transfers) exporting per-iteration times, then a separate run
     with the layer profiler exporting per-layer times."""
     cmd = [trtexec, f"--loadEngine={engine}", f"--shapes={shapes_arg(case)}"]
+    cmd += [f"--useProfile={case.profile}"] if case.profile else []  # the cached-step profile (trtexec 10.0+)
     if inputs:
         cmd.append("--loadInputs=" + ",".join(f"{n}:{p}" for n, p in inputs.items()))
     cmd.append("--noDataTransfers")

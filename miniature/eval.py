@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default: runs/eval/<bundle name>)")
     ap.add_argument("--steps", type=int, default=HARNESS_GEN.steps, help="denoising steps")
     ap.add_argument("--gen-length", type=int, default=HARNESS_GEN.gen_length, help="response length in tokens")
+    ap.add_argument("--block-length", type=int,
+                    help="response block length (default: the whole response in one block; with several blocks "
+                         "the prefix and dual caches differ)")
     return ap
 
 
@@ -251,7 +254,8 @@ def main(argv=None) -> int:
         expect(args.limit is None or args.limit >= 1, f"--limit: got {args.limit}; expected >= 1")
         manifest = read_manifest(args.bundle)
         rows = select(strategies(), args.strategies)
-        gen = replace(HARNESS_GEN, steps=args.steps, gen_length=args.gen_length, block_length=args.gen_length).validate()
+        gen = replace(HARNESS_GEN, steps=args.steps, gen_length=args.gen_length,
+                      block_length=args.block_length or args.gen_length).validate()
         items = held_out_set()[: args.limit]
         out = args.out or Path("runs") / "eval" / args.bundle.name
         out.mkdir(parents=True, exist_ok=True)
@@ -266,7 +270,8 @@ def main(argv=None) -> int:
         return 130
     table = summarize(rows, records)
     header = (f"Miniature LLaDA-V ({manifest.precision}, model {manifest.model['content_hash'][:12]}), "
-              f"{len(items)} held-out questions, gen_length {gen.gen_length}, {gen.steps} steps, "
+              f"{len(items)} held-out questions, gen_length {gen.gen_length}, {gen.steps} steps"
+              f"{'' if gen.block_length == gen.gen_length else f', blocks of {gen.block_length}'}, "
               f"ONNX Runtime CPU, {minutes:.1f} min")
     md = markdown(table, header)
     print(md)

@@ -27,7 +27,10 @@ from runtime.files import read_json, write_json, write_text
 FORMAT = "lladav-edge-bundle"
 # 2: validation results carry their bound; graphs carry their identity; manifest digest
 # 3: the decoder graphs take and return per-layer K/V (docs/caching.md); graphs_float
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+# Optimization profiles of the decoder graphs (index = TensorRT's profile index): refreshes, step 1 and
+# uncached steps (no cached rows), and cached steps (the window's rows against the others' K/V).
+FULL_PROFILE, CACHED_PROFILE = 0, 1
 MANIFEST = "manifest.json"
 DIGEST = "manifest.json.sha256"
 
@@ -53,7 +56,7 @@ class SubgraphEntry:
     data: FileInfo
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
-    shapes: dict  # input -> {"min": [...], "opt": [...], "max": [...]}
+    shapes: list[dict]  # per optimization profile (FULL_PROFILE, CACHED_PROFILE): input -> {"min", "opt", "max"}
     key: str  # cache key: checkpoint hash, subgraph, K, precision, opset, exporter source
     # axis sizes -> {output: {"max_abs_diff", "allowed", "rule"}}: ONNX Runtime vs PyTorch at export
     validation: dict = field(default_factory=dict)

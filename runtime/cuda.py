@@ -63,6 +63,8 @@ class CudaApi(Protocol):
     def copy_htod(self, dst: int, src: np.ndarray, stream: int) -> None: ...
     def copy_dtoh(self, dst: np.ndarray, src: int, stream: int) -> None: ...
     def copy_dtod(self, dst: int, src: int, nbytes: int, stream: int) -> None: ...
+    def copy_2d_dtod(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
+                     stream: int) -> None: ...
 
 
 _HOST_TO_DEVICE, _DEVICE_TO_HOST, _DEVICE_TO_DEVICE = 1, 2, 3  # cudaMemcpyKind
@@ -79,6 +81,7 @@ _SIGNATURES = {  # name: argtypes; every function returns cudaError_t (int)
     "cudaEventSynchronize": [_P],
     "cudaEventElapsedTime": [ctypes.POINTER(ctypes.c_float), _P, _P],
     "cudaMemcpyAsync": [_P, _P, _SZ, _INT, _P],
+    "cudaMemcpy2DAsync": [_P, _SZ, _P, _SZ, _SZ, _SZ, _INT, _P],
 }
 
 
@@ -159,3 +162,8 @@ class CudaRuntime:
 
     def copy_dtod(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         self._call("cudaMemcpyAsync", dst, src, nbytes, _DEVICE_TO_DEVICE, stream)
+
+    def copy_2d_dtod(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
+                     stream: int) -> None:
+        """`height` rows of `width` bytes, row i from src + i * src_pitch to dst + i * dst_pitch: one call."""
+        self._call("cudaMemcpy2DAsync", dst, dst_pitch, src, src_pitch, width, height, _DEVICE_TO_DEVICE, stream)

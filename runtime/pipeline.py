@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.anyres import ImageGeometry, TileLayout
-from runtime.bundle import Manifest, read_manifest, verify_files, verify_identity
+from runtime.bundle import CACHED_PROFILE, Manifest, read_manifest, verify_files, verify_identity
 from runtime.caching import CacheSettings, RefreshClock, cache_window
 from runtime.errors import expect
 from runtime.merge import merge_tiles
@@ -149,9 +149,6 @@ class Pipeline:
         block KV caching (runtime.caching; None: uncached)."""
         start = time.perf_counter()
         cache = (cache or CacheSettings()).validate()
-        expect(not cache.enabled or self.backend != "tensorrt",
-               f"cache {cache.mode}: the TensorRT backend does not run cached steps yet; use --backend onnxruntime "
-               "or --cache none")
         prompt, img, lay = self.prepare(image, question, gen, prune)
         embeds, vision_ms = self.prompt_embeddings(prompt, img)
         forward = SplitForward(self, embeds, lay, prune, gen.cfg_scale, cache)
@@ -168,37 +165,35 @@ def empty_past(manifest: Manifest, name: str, batch: int, fdt) -> dict[str, np.n
     return {"past_keys": np.zeros(shape, fdt), "past_values": np.zeros(shape, fdt)}
 
 
-class HostKVCache:
-    """Both decoder halves' keys and values over every row of the reduced sequence, in host memory
-    (the ONNX Runtime backends): (layers of the half, batch, heads, rows, head dim) per half."""
+class KVCache:
+    """What a cached step attends to, per decoder half (docs/caching.md). A refresh's present K/V
+    stay where the backend left them (host arrays; on TensorRT the full profile's output buffers,
+    which no run overwrites before the next refresh); the first cached step after it gathers the
+    rows outside its window, which do not change until the next refresh, to where the half's
+    cached profile reads its past K/V, and every cached step until the next refresh feeds them as
+    they are. The window's own K/V are recomputed at every cached step and never read from the
+    cache, so nothing is written back."""
 
     def __init__(self, pre, post):
         self.runners = {"decoder_pre": pre, "decoder_post": post}
-        self.kv: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.past: dict[str, dict[str, np.ndarray]] = {}  # the current window's past rows, per half
+        self.present: dict[str, tuple] = {}  # half -> (keys, values, sequence row of each of their rows or None)
+        self.past: dict[str, dict] = {}  # half -> the current window's past K/V feeds
 
     def keep(self, half: str, out: dict, rows: np.ndarray | None = None) -> None:
-        """A refresh's present K/V (every row, or only `rows`: step 1's layers < K) become the cache."""
-        keys, values = (np.asarray(self.runners[half].to_host(out[n])) for n in ("present_keys", "present_values"))
-        if rows is not None:
-            keys, values = keys[:, :, :, rows], values[:, :, :, rows]
-        self.kv[half] = (np.ascontiguousarray(keys), np.ascontiguousarray(values))
+        """A refresh's present K/V become the cache; `rows`: the reduced sequence's rows in them (step 1's
+        layers < K ran on the full sequence: the kept rows), None when they are the reduced sequence."""
+        self.present[half] = (out["present_keys"], out["present_values"], rows)
         self.past.pop(half, None)
 
-    def past_for(self, half: str, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """The past K/V of a cached step: the rows outside its window do not change between refreshes,
-        so they are gathered once (the first cached step after a refresh) and fed as they are after."""
+    def past_for(self, half: str, rows: np.ndarray) -> dict:
+        """The past K/V of a cached step whose window leaves `rows` (reduced-sequence rows) outside."""
         if half not in self.past:
-            keys, values = self.kv[half]
-            self.past[half] = {"past_keys": np.ascontiguousarray(keys[:, :, :, rows]),
-                               "past_values": np.ascontiguousarray(values[:, :, :, rows])}
+            keys, values, row_map = self.present.pop(half)
+            source = rows if row_map is None else row_map[rows]
+            runner = self.runners[half]
+            self.past[half] = {"past_keys": runner.gather_past(keys, source, "past_keys"),
+                               "past_values": runner.gather_past(values, source, "past_values")}
         return self.past[half]
-
-    def update(self, half: str, out: dict, rows: np.ndarray) -> None:
-        """The window's fresh K/V written into the cache's rows (in place)."""
-        keys, values = self.kv[half]
-        keys[:, :, :, rows] = np.asarray(self.runners[half].to_host(out["present_keys"]))
-        values[:, :, :, rows] = np.asarray(self.runners[half].to_host(out["present_values"]))
 
 
 class SplitForward:
@@ -210,13 +205,14 @@ class SplitForward:
         self.cache = cache or CacheSettings()
         self.clock = RefreshClock(self.cache)
         self.pre, self.post = pipe.runners["decoder_pre"], pipe.runners["decoder_post"]
-        self.kv = HostKVCache(self.pre, self.post) if self.cache.enabled else None
+        self.kv = KVCache(self.pre, self.post) if self.cache.enabled else None
         self.mask = pipe.tokenizer.ids.mask
         self.prompt = prompt
         self.kept_visual = np.arange(lay.n_visual)
         self.saliency = None
         self.inputs = None  # (B, n', D) after step 1, staged where decoder_pre reads it: only its last G rows change
         self.positions = self.score_rows = self.logit_rows = None  # staged after step 1
+        self.host_positions = None  # (B, n') position ids of the reduced sequence, for cached steps' windows
         self.trace: list[StepTrace] = []
         # no cached K/V (0 rows): staged once where each half reads them
         self.no_past = {r.name: {n: r.stage(n, x) for n, x in empty_past(pipe.manifest, r.name, 2 if cfg > 0 else 1,
@@ -239,9 +235,11 @@ class SplitForward:
         refresh = self.clock.next_step_refreshes()
         if self.inputs is None:
             logits, rows = self._first_step(response_ids, response), None
-        else:  # only the response rows change: write them into the staged (device) input
+        elif refresh:  # only the response rows change: write them into the staged (device) input
             self.pre.write_rows(self.inputs, self.positions.shape[1] - self.lay.n_response, response)
-            logits, rows = (self._step(), None) if refresh else self._cached_step()
+            logits, rows = self._step(), None
+        else:
+            logits, rows = self._cached_step(response)
         n = self.positions.shape[1]  # rows None: the step computed all of them
         total = (time.perf_counter() - t0) * 1000
         pre, post = self.pre.last_ms(), self.post.last_ms()
@@ -269,26 +267,24 @@ class SplitForward:
         if self.kv is not None:
             self.kv.keep(half, out, rows)
 
-    def _cached_step(self) -> tuple[np.ndarray, int]:
-        """The window's rows against the cached K/V of the others; the block's K/V updated in place.
+    def _cached_step(self, response: np.ndarray) -> tuple[np.ndarray, int]:
+        """The window's rows against the cached K/V of the others, in the engines' cached profile.
         Returns (G, V) logits (zeros outside the rows computed) and the number of rows computed."""
         n, g = self.positions.shape[1], self.lay.n_response
         w = cache_window(self.cache.mode, n, g, self.clock.block)
-        pos = np.ascontiguousarray(self.positions[:, w.compute])
-        pre = self.pre.infer({"inputs_embeds": np.ascontiguousarray(np.asarray(self.inputs)[:, w.compute]),
-                              "position_ids": pos, "score_rows": np.zeros(1, np.int64),
-                              **self.kv.past_for("decoder_pre", w.past)}, keep_on_device=True)
-        self.kv.update("decoder_pre", pre, w.compute)
+        local = w.compute - (n - g)  # the window lies inside the response (it starts at the block)
+        batch = self.host_positions.shape[0]  # both CFG branches hold the same response rows
+        h = np.ascontiguousarray(np.broadcast_to(response[local], (batch, local.size, response.shape[1])))
+        pos = np.ascontiguousarray(self.host_positions[:, w.compute])
+        pre = self.pre.infer({"inputs_embeds": h, "position_ids": pos, "score_rows": np.zeros(1, np.int64),
+                              **self.kv.past_for("decoder_pre", w.past)}, keep_on_device=True, profile=CACHED_PROFILE)
         post = self.post.infer({"hidden_states": pre["hidden_states"], "position_ids": pos,
                                 "logit_rows": np.arange(w.compute.size, dtype=np.int64),
-                                **self.kv.past_for("decoder_post", w.past)}, keep_on_device=True)
-        self.kv.update("decoder_post", post, w.compute)
+                                **self.kv.past_for("decoder_post", w.past)}, keep_on_device=True, profile=CACHED_PROFILE)
         logits = self._guided(np.asarray(self.post.to_host(post["logits"])))
         out = np.zeros((g, logits.shape[-1]), dtype=logits.dtype)
-        out[w.compute - (n - g)] = logits  # the window lies inside the response (it starts at the block)
+        out[local] = logits
         return out, int(w.compute.size)
-
-
 
     def _first_step(self, response_ids, response) -> np.ndarray:
         lay, prune = self.lay, self.prune
@@ -318,7 +314,8 @@ class SplitForward:
         """The reduced sequence's inputs, placed once where the decoders read them; later steps
         rewrite only the response rows of `inputs`. Both halves read the same position ids."""
         n, g = positions.size, self.lay.n_response
-        self.positions = self.pre.stage("position_ids", np.broadcast_to(positions, (batch, n)).copy())
+        self.host_positions = np.broadcast_to(positions, (batch, n)).copy()
+        self.positions = self.pre.stage("position_ids", self.host_positions)
         self.score_rows = self.pre.stage("score_rows", np.array([n - 1], dtype=np.int64))  # saliency unused later
         self.logit_rows = self.post.stage("logit_rows", np.arange(n - g, n, dtype=np.int64))
         self.inputs = self.pre.stage("inputs_embeds", self._batch(self.prompt, response))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import Manifest, SubgraphEntry, float_type
+from runtime.bundle import FULL_PROFILE, Manifest, SubgraphEntry, float_type
 from runtime.errors import LladaVError
 
 BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
@@ -66,8 +66,12 @@ class Runner:
     def expected_dtype(self, dtype: str) -> np.dtype:
         return self.fdt if dtype == "float" else np.dtype(dtype)
 
-    def check(self, feeds: dict) -> None:
-        """Names, dtypes, ranks, and every dim inside the bundle's profile."""
+    def check(self, feeds: dict, profile: int = FULL_PROFILE) -> None:
+        """Names, dtypes, ranks, and every dim inside the bundle's optimization profile `profile`."""
+        if not 0 <= profile < len(self.entry.shapes):
+            raise LladaVError(f"{self.name}: optimization profile {profile}; the bundle's engine has "
+                              f"{len(self.entry.shapes)} (0 to {len(self.entry.shapes) - 1})")
+        shapes = self.entry.shapes[profile]
         names = [t.name for t in self.entry.inputs]
         if sorted(feeds) != sorted(names):
             raise LladaVError(f"{self.name}: inputs {sorted(feeds)}; expected {names}")
@@ -76,17 +80,19 @@ class Runner:
             want = self.expected_dtype(t.dtype)
             if dtype != want:
                 raise LladaVError(f"{self.name}: input '{t.name}' has dtype {dtype}; expected {want}")
-            lo, hi = self.entry.shapes[t.name]["min"], self.entry.shapes[t.name]["max"]
+            lo, hi = shapes[t.name]["min"], shapes[t.name]["max"]
             if len(shape) != len(lo) or any(not a <= s <= b for s, a, b in zip(shape, lo, hi)):
                 raise LladaVError(f"{self.name}: input '{t.name}' has shape {shape}; expected between "
-                                  f"{tuple(lo)} and {tuple(hi)} (the bundle's engine profile)")
+                                  f"{tuple(lo)} and {tuple(hi)} (the bundle's engine profile {profile})")
 
-    def infer(self, feeds: dict, keep_on_device: bool = False) -> dict:
+    def infer(self, feeds: dict, keep_on_device: bool = False, profile: int = FULL_PROFILE) -> dict:
+        """profile: the engine's optimization profile the feeds belong to (runtime.bundle.FULL_PROFILE, or
+        CACHED_PROFILE for a cached step); host backends check the shapes against it and run the same graph."""
         if not self.active:
             raise LladaVError(f"{self.name}: runner used before activate()")
-        self.check(feeds)
+        self.check(feeds, profile)
         start = time.perf_counter()
-        out = self._infer(feeds, keep_on_device)
+        out = self._infer(feeds, keep_on_device, profile)
         self._seconds = time.perf_counter() - start
         return out
 
@@ -115,13 +121,18 @@ class Runner:
         """staged[:, start:start + len(rows)] = rows (same for every batch entry): a partial upload."""
         staged[:, start : start + rows.shape[0]] = rows
 
+    def gather_past(self, x, rows: np.ndarray, tensor: str):
+        """x[:, :, :, rows] of a (layers, batch, heads, rows, head dim) K/V output, placed where this
+        runner's cached-profile input `tensor` (past_keys, past_values) lives."""
+        return np.ascontiguousarray(np.asarray(self.to_host(x))[:, :, :, rows])
+
     def _activate(self):
         raise NotImplementedError
 
     def _deactivate(self):
         pass
 
-    def _infer(self, feeds, keep_on_device):
+    def _infer(self, feeds, keep_on_device, profile):
         raise NotImplementedError
 
 
@@ -156,7 +167,7 @@ class OrtRunner(Runner):
     def _deactivate(self):
         self.session = None
 
-    def _infer(self, feeds, keep_on_device):
+    def _infer(self, feeds, keep_on_device, profile):
         import onnxruntime as ort
 
         binding = self.session.io_binding()
@@ -198,7 +209,7 @@ class TorchRunner(Runner):
     def _activate(self):
         self.module.eval()
 
-    def _infer(self, feeds, keep_on_device):
+    def _infer(self, feeds, keep_on_device, profile):
         import torch
 
         args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in self.entry.inputs]

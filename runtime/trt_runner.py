@@ -1,7 +1,8 @@
 """The TensorRT backend: one owner of every device resource, engines as thin views over it.
 
 `TrtBackend` owns, for a bundle, the CUDA stream, a pair of timing events per engine, the
-engines and one device buffer per engine input and output, sized for the profile's largest
+engines and one device buffer per engine input and output and optimization profile (the decoders
+have two: full sequences and cached steps, runtime.bundle), sized for that profile's largest
 shapes. Everything is allocated when the first runner activates and freed when the last one
 deactivates; nothing is allocated per generation or per step. Every copy and every engine
 enqueue goes on the one stream, so decoder_post reads decoder_pre's hidden states after
@@ -13,6 +14,11 @@ Data that stays on the device between engines: decoder_pre's hidden states feed 
 directly; the step-1 gather of kept rows writes into decoder_post's own hidden_states buffer;
 the reduced inputs of later steps are staged once into decoder_pre's input buffers, and each
 step rewrites only the response rows there.
+
+The KV cache (docs/caching.md) stays on the device as well: a refresh's present K/V stay in the
+full profile's output buffers; the rows a cached step attends to are gathered from there into the
+cached profile's past K/V input buffers (one strided copy per run of rows, cudaMemcpy2DAsync)
+once per refresh, and every cached step of that refresh reads them in place.
 
 CUDA calls go through `runtime.cuda.CudaApi`; engine calls through `TrtEngine` (TensorRT 10
 Python API: deserialize_cuda_engine, create_execution_context, set_input_shape,
@@ -27,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.bundle import Manifest, SubgraphEntry, device_engine, engine_problem
+from runtime.bundle import CACHED_PROFILE, FULL_PROFILE, Manifest, SubgraphEntry, device_engine, engine_problem
 from runtime.cuda import CudaApi, DeviceTensor
 from runtime.errors import LladaVError, expect
 from runtime.runners import Runner
@@ -71,6 +77,15 @@ class TrtEngine:
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
 
+    @property
+    def num_profiles(self) -> int:
+        return int(self.engine.num_optimization_profiles)
+
+    def set_profile(self, index: int, stream: int) -> bool:
+        """Switch the context's optimization profile (its work is enqueued on `stream`); input shapes
+        must be set again after it."""
+        return bool(self.context.set_optimization_profile_async(index, stream))
+
     def set_input_shape(self, name: str, shape: tuple) -> bool:
         return bool(self.context.set_input_shape(name, tuple(shape)))
 
@@ -103,7 +118,8 @@ class TrtBackend:
         self.cuda: CudaApi | None = None
         self.stream: int | None = None
         self.engines: dict[str, TrtEngine] = {}
-        self.buffers: dict[tuple[str, str], DeviceTensor] = {}
+        self.profiles: dict[str, int] = {}  # each engine's active optimization profile
+        self.buffers: dict[tuple[str, int, str], DeviceTensor] = {}  # (engine, profile, tensor)
         self.events: dict[str, tuple[int, int]] = {}
         self.timed: set[str] = set()
 
@@ -134,6 +150,9 @@ class TrtBackend:
             raise
 
     def _check_io(self, entry: SubgraphEntry, engine: TrtEngine) -> None:
+        expect(engine.num_profiles == len(entry.shapes),
+               f"{entry.name}: the engine has {engine.num_profiles} optimization profile(s); the bundle's graph has "
+               f"{len(entry.shapes)} (an engine from another bundle: rebuild it with jetson/build_engines.sh)")
         want = [t.name for t in (*entry.inputs, *entry.outputs)]
         expect(sorted(engine.names) == sorted(want),
                f"{entry.name}: the engine's tensors are {sorted(engine.names)}; the bundle's graph has {sorted(want)} "
@@ -144,13 +163,23 @@ class TrtBackend:
                    f"{entry.name}: the engine's '{t.name}' is {engine.dtype(t.name)}; the bundle expects {dtype}")
 
     def _allocate(self, entry: SubgraphEntry, engine: TrtEngine) -> None:
-        """One buffer per tensor at the profile's largest shapes (outputs: as the engine infers them)."""
-        for t in entry.inputs:
-            self._set_shape(entry.name, engine, t.name, tuple(entry.shapes[t.name]["max"]))
-        for t in (*entry.inputs, *entry.outputs):
-            shape, dtype = engine.shape(t.name), engine.dtype(t.name)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            self.buffers[entry.name, t.name] = DeviceTensor(self.cuda.malloc(nbytes), shape, dtype)
+        """One buffer per tensor and profile at that profile's largest shapes (outputs: as the engine
+        infers them); the engine is left on its full profile."""
+        for profile in reversed(range(len(entry.shapes))):
+            self._select(entry.name, engine, profile, force=True)
+            for t in entry.inputs:
+                self._set_shape(entry.name, engine, t.name, tuple(entry.shapes[profile][t.name]["max"]), profile)
+            for t in (*entry.inputs, *entry.outputs):
+                shape, dtype = engine.shape(t.name), engine.dtype(t.name)
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                # at least one byte: an empty tensor (no cached rows) still gets a valid address
+                self.buffers[entry.name, profile, t.name] = DeviceTensor(self.cuda.malloc(max(nbytes, 1)), shape, dtype)
+
+    def _select(self, name: str, engine: TrtEngine, profile: int, force: bool = False) -> None:
+        if force or self.profiles.get(name) != profile:
+            expect(engine.set_profile(profile, self.stream),
+                   f"{name}: TensorRT could not switch the engine to optimization profile {profile}")
+            self.profiles[name] = profile
 
     def _deactivate(self) -> None:
         """Free whatever was allocated, also after a failed activation; then forget it all (also when a
@@ -174,18 +203,19 @@ class TrtBackend:
 
     # ------------------------------------------------------------ device work, all on self.stream
 
-    def run(self, name: str, feeds: dict, keep_on_device: bool) -> dict:
-        """Bind inputs (host feeds are copied into this engine's buffers), enqueue between the timing
-        events, and return device views of the outputs, or host copies once the stream is done."""
+    def run(self, name: str, feeds: dict, keep_on_device: bool, profile: int = FULL_PROFILE) -> dict:
+        """Bind inputs (host feeds are copied into this engine's buffers of `profile`), enqueue between
+        the timing events, and return device views of the outputs, or host copies once the stream is done."""
         entry, engine = self.entries[name], self.engines[name]
+        self._select(name, engine, profile)
         for t in entry.inputs:
             x = feeds[t.name]
-            ptr = x.ptr if isinstance(x, DeviceTensor) else self._upload(self.buffers[name, t.name], x)
-            self._set_shape(name, engine, t.name, tuple(x.shape))
+            ptr = x.ptr if isinstance(x, DeviceTensor) else self._upload(self.buffers[name, profile, t.name], x)
+            self._set_shape(name, engine, t.name, tuple(x.shape), profile)
             expect(engine.set_address(t.name, ptr), f"{name}: TensorRT refused the address of input '{t.name}'")
         outputs = {}
         for t in entry.outputs:
-            buf = self.buffers[name, t.name]
+            buf = self.buffers[name, profile, t.name]
             expect(engine.set_address(t.name, buf.ptr), f"{name}: TensorRT refused the address of output '{t.name}'")
             outputs[t.name] = DeviceTensor(buf.ptr, engine.shape(t.name), buf.dtype)
         start, end = self.events[name]
@@ -195,10 +225,11 @@ class TrtBackend:
         self.timed.add(name)
         return outputs if keep_on_device else self.to_host(outputs)
 
-    def _set_shape(self, name: str, engine: TrtEngine, tensor: str, shape: tuple) -> None:
+    def _set_shape(self, name: str, engine: TrtEngine, tensor: str, shape: tuple, profile: int) -> None:
+        bounds = self.entries[name].shapes[profile][tensor]
         expect(engine.set_input_shape(tensor, shape),
-               f"{name}: the engine refused shape {shape} for input '{tensor}'; the bundle's profile allows "
-               f"{tuple(self.entries[name].shapes[tensor]['min'])} to {tuple(self.entries[name].shapes[tensor]['max'])} "
+               f"{name}: the engine refused shape {shape} for input '{tensor}'; the bundle's profile {profile} allows "
+               f"{tuple(bounds['min'])} to {tuple(bounds['max'])} "
                "(an engine built for another profile: rebuild it with jetson/build_engines.sh)")
 
     def _upload(self, buf: DeviceTensor, x: np.ndarray, offset: int = 0) -> int:
@@ -217,8 +248,8 @@ class TrtBackend:
         return host
 
     def stage(self, name: str, tensor: str, x: np.ndarray) -> DeviceTensor:
-        """x uploaded into engine `name`'s buffer for input `tensor`; later runs take it as a feed."""
-        buf = self.buffers[name, tensor]
+        """x uploaded into engine `name`'s (full profile) buffer for input `tensor`; later runs take it as a feed."""
+        buf = self.buffers[name, FULL_PROFILE, tensor]
         self._upload(buf, x)
         return DeviceTensor(buf.ptr, tuple(x.shape), buf.dtype)
 
@@ -232,8 +263,8 @@ class TrtBackend:
             self.cuda.copy_htod(staged.ptr + (b * n + start) * row_bytes, host, self.stream)
 
     def gather_rows(self, x: DeviceTensor, rows: np.ndarray, name: str, tensor: str) -> DeviceTensor:
-        """x[:, rows] into engine `name`'s buffer for input `tensor`: one device copy per run of rows."""
-        buf = self.buffers[name, tensor]
+        """x[:, rows] into engine `name`'s (full profile) buffer for input `tensor`: one device copy per run of rows."""
+        buf = self.buffers[name, FULL_PROFILE, tensor]
         batch, n = x.shape[:2]
         out = DeviceTensor(buf.ptr, (batch, rows.size, *x.shape[2:]), x.dtype)
         assert out.dtype == buf.dtype and out.nbytes <= buf.nbytes, "gather larger than its buffer"
@@ -242,6 +273,20 @@ class TrtBackend:
             for src, dst, count in row_runs(rows):
                 self.cuda.copy_dtod(out.ptr + (b * rows.size + dst) * row_bytes, x.ptr + (b * n + src) * row_bytes,
                                     count * row_bytes, self.stream)
+        return out
+
+    def gather_past(self, x: DeviceTensor, rows: np.ndarray, name: str, tensor: str) -> DeviceTensor:
+        """x[:, :, :, rows] of a (layers, batch, heads, rows, head dim) K/V tensor into engine `name`'s
+        cached-profile buffer for input `tensor`: one strided copy (cudaMemcpy2DAsync) per run of rows,
+        each moving that run of every layer, batch entry and head."""
+        buf = self.buffers[name, CACHED_PROFILE, tensor]
+        lead, n, dh = int(np.prod(x.shape[:3], dtype=np.int64)), x.shape[3], x.shape[4]
+        out = DeviceTensor(buf.ptr, (*x.shape[:3], rows.size, dh), x.dtype)
+        assert out.dtype == buf.dtype and out.nbytes <= buf.nbytes, "gather larger than its buffer"
+        row_bytes = dh * x.dtype.itemsize
+        for src, dst, count in row_runs(rows):
+            self.cuda.copy_2d_dtod(out.ptr + dst * row_bytes, rows.size * row_bytes, x.ptr + src * row_bytes,
+                                   n * row_bytes, count * row_bytes, lead, self.stream)
         return out
 
     def elapsed_ms(self, name: str) -> float:
@@ -272,8 +317,8 @@ class TrtRunner(Runner):
     def _deactivate(self):
         self.backend.release()
 
-    def _infer(self, feeds, keep_on_device):
-        return self.backend.run(self.name, feeds, keep_on_device)
+    def _infer(self, feeds, keep_on_device, profile):
+        return self.backend.run(self.name, feeds, keep_on_device, profile)
 
     def last_ms(self) -> float:
         return self.backend.elapsed_ms(self.name)
@@ -292,6 +337,9 @@ class TrtRunner(Runner):
 
     def take_rows(self, x, rows: np.ndarray, tensor: str):
         return self.backend.gather_rows(x, rows, self.name, tensor)
+
+    def gather_past(self, x, rows: np.ndarray, tensor: str):
+        return self.backend.gather_past(x, rows, self.name, tensor)
 
 
 def check_engines(bundle: Path, manifest: Manifest, tensorrt_version: str) -> None:

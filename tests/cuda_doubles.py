@@ -10,10 +10,15 @@ SimulatedCuda    CUDA's stream semantics over host memory (docs/cuda.md). Device
                  touching memory that unsynchronised work on another stream writes (or reads,
                  when the new work writes), a copy outside a live allocation, freeing memory that
                  queued work still uses, the elapsed time of events that have not completed.
-SimulatedEngine  takes shapes and addresses like a TensorRT execution context (refusing shapes
-                 outside its profile, as TensorRT does); its enqueued work, when it runs, records
+SimulatedEngine  takes profiles, shapes and addresses like a TensorRT execution context (refusing
+                 shapes outside its active optimization profile, and forgetting them when the
+                 profile changes, as TensorRT does); its enqueued work, when it runs, records
                  the inputs it read and fills every output row with a stamp (its run count and
                  the row index), never with model outputs.
+OrtEngine        a SimulatedEngine whose work, when it runs, computes its outputs with ONNX
+                 Runtime from the inputs it read in simulated device memory: the backend's data
+                 movement (staging, gathers, profiles, the KV cache's strided copies) checked
+                 against the ONNX Runtime backend's tokens. It is not TensorRT.
 Recorder, RecordedEngine  log every call of any CudaApi / engine in order: over the simulation
                  here, over libcudart and real engines in tests/gpu.
 """
@@ -156,6 +161,23 @@ class SimulatedCuda:
 
         self._issue(Work(stream, "copy_dtod", [(src, nbytes)], [(dst, nbytes)], run))
 
+    def copy_2d_dtod(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, height: int,
+                     stream: int) -> None:
+        if width > dst_pitch or width > src_pitch:
+            raise HazardError(f"copy_2d_dtod: width {width} exceeds a pitch ({dst_pitch}, {src_pitch}): cudaErrorInvalidValue")
+        reads = [(src + i * src_pitch, width) for i in range(height)]
+        writes = [(dst + i * dst_pitch, width) for i in range(height)]
+        if any(_overlap(r, w) for r in reads for w in writes):
+            raise HazardError("copy_2d_dtod: source and destination overlap (CUDA: undefined)")
+        for ptr, nbytes in (*reads, *writes):
+            self.view(ptr, nbytes)
+
+        def run():
+            for (s, n), (d, _) in zip(reads, writes):
+                self.view(d, n)[:] = self.view(s, n).copy()
+
+        self._issue(Work(stream, "copy_2d_dtod", reads, writes, run))
+
     # the model of ordering
     def issue(self, work: Work) -> None:
         """Queue device work (also the engines'), after checking it against other streams' queued work."""
@@ -185,16 +207,17 @@ class SimulatedCuda:
 
 
 class SimulatedEngine:
-    """An engine stand-in for one subgraph (see the module docstring). `profile` overrides the
-    manifest's min/max per input, as if the engine had been built for another profile."""
+    """An engine stand-in for one subgraph (see the module docstring). `profiles` overrides the
+    manifest's min/max per input and profile, as if the engine had been built for other profiles."""
 
-    def __init__(self, manifest: Manifest, name: str, fdt: np.dtype, cuda: SimulatedCuda, profile: dict | None = None,
+    def __init__(self, manifest: Manifest, name: str, fdt: np.dtype, cuda: SimulatedCuda, profiles: list | None = None,
                  entry: SubgraphEntry | None = None):
         self.entry = entry or manifest.subgraphs[name]
         self.fdt, self.cuda = np.dtype(fdt), cuda
         self.model_dims = manifest.model_dims()
         entry = self.entry
-        self.profile = profile or entry.shapes
+        self.profiles = profiles or entry.shapes
+        self.active = 0
         self.tensors = {t.name: t for t in (*entry.inputs, *entry.outputs)}
         self.names = list(self.tensors)
         self.shapes: dict[str, tuple] = {}
@@ -208,8 +231,19 @@ class SimulatedEngine:
         t = self.tensors[name]
         return self.fdt if t.dtype == "float" else np.dtype(t.dtype)
 
+    @property
+    def num_profiles(self) -> int:
+        return len(self.profiles)
+
+    def set_profile(self, index: int, stream: int) -> bool:
+        if not 0 <= index < len(self.profiles):
+            return False
+        self.active = index
+        self.shapes.clear()  # TensorRT: switching invalidates the input shapes
+        return True
+
     def set_input_shape(self, name: str, shape: tuple) -> bool:
-        lo, hi = self.profile[name]["min"], self.profile[name]["max"]
+        lo, hi = self.profiles[self.active][name]["min"], self.profiles[self.active][name]["max"]
         if len(shape) != len(lo) or not all(a <= s <= b for s, a, b in zip(shape, lo, hi)):
             return False
         self.shapes[name] = tuple(shape)
@@ -248,6 +282,32 @@ class SimulatedEngine:
 
     def close(self) -> None:
         self.addresses.clear()
+
+
+class OrtEngine(SimulatedEngine):
+    """A SimulatedEngine that computes its outputs with an ONNX Runtime session of the bundle's graph."""
+
+    def __init__(self, manifest: Manifest, name: str, fdt: np.dtype, cuda: SimulatedCuda, session):
+        super().__init__(manifest, name, fdt, cuda)
+        self.session = session
+
+    def enqueue(self, stream: int) -> bool:
+        if set(self.addresses) != set(self.names) or not all(t.name in self.shapes for t in self.entry.inputs):
+            return False
+        inputs = {t.name: (self._range(t.name), self.shape(t.name), self.dtype(t.name)) for t in self.entry.inputs}
+        outputs = {t.name: (self._range(t.name), self.shape(t.name), self.dtype(t.name)) for t in self.entry.outputs}
+
+        def run():
+            seen = {n: self.cuda.view(*r).copy().view(d).reshape(s) for n, (r, s, d) in inputs.items()}
+            self.runs.append(seen)
+            got = dict(zip([o.name for o in self.session.get_outputs()], self.session.run(None, seen)))
+            for name, ((ptr, nbytes), shape, dtype) in outputs.items():
+                assert got[name].shape == shape, f"{name}: ONNX Runtime gave {got[name].shape}, the engine {shape}"
+                self.cuda.view(ptr, nbytes).view(dtype).reshape(shape)[:] = got[name]
+
+        self.cuda.issue(Work(stream, f"enqueue {self.entry.name}", [r for r, _, _ in inputs.values()],
+                             [r for r, _, _ in outputs.values()], run))
+        return True
 
 
 def stamp(run: int, shape: tuple, dtype) -> np.ndarray:
@@ -312,9 +372,14 @@ class RecordedEngine:
         self.log.append(Call("enqueue", (self.name, stream), ok))
         return ok
 
+    def set_profile(self, index, stream):
+        ok = self.inner.set_profile(index, stream)
+        self.log.append(Call("set_profile", (self.name, index, stream), ok))
+        return ok
 
-STREAM_ARG = {"copy_htod": 2, "copy_dtoh": 2, "copy_dtod": 3, "event_record": 1, "stream_synchronize": 0,
-              "enqueue": 1}
+
+STREAM_ARG = {"copy_htod": 2, "copy_dtoh": 2, "copy_dtod": 3, "copy_2d_dtod": 6, "event_record": 1,
+              "stream_synchronize": 0, "enqueue": 1, "set_profile": 2}
 
 
 def streams_used(log: list[Call]) -> set:
@@ -324,7 +389,8 @@ def streams_used(log: list[Call]) -> set:
 
 def device_work(log: list[Call]) -> list[str]:
     """The log as the device sees it: copies, engine runs, event records and host waits."""
-    shown = {"copy_htod", "copy_dtoh", "copy_dtod", "event_record", "stream_synchronize", "event_synchronize"}
+    shown = {"copy_htod", "copy_dtoh", "copy_dtod", "copy_2d_dtod", "event_record", "stream_synchronize",
+             "event_synchronize"}
     return [f"enqueue {c.args[0]}" if c.op == "enqueue" else c.op for c in log if c.op in shown or c.op == "enqueue"]
 
 

@@ -14,9 +14,10 @@ from export.build import BuildRequest, build_bundle, summary
 from export.build_engines import main
 from export.model import PRESETS
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
-from export.profiles import ProfileSettings, axis_ranges, input_shapes, validation_axes
+from export.profiles import ProfileSettings, axis_ranges, input_shapes, profile_ranges, validation_axes
 from export.subgraphs import DECODER_PRE, SUBGRAPHS, VISION, dummy_inputs
 from runtime.bundle import Manifest, read_manifest, sha256_file, verify_files
+from runtime.caching import cache_window
 from runtime.errors import LladaVError
 
 REAL = PRESETS["llada-v-8b"]
@@ -33,30 +34,65 @@ def test_profile_ranges_cover_full_and_reduced_sequences():
     assert r["seq"] == (1, 96 + 3649 - 1824 + 32, 256 + 4374 + 128)  # opt: the reduced 1920x1080 sequence
     assert r["tiles"] == (1, 16, 37) and r["batch"] == (1, 1, 1)
     assert r["query"] == (1, 32, 384) and r["rows"] == (1, 32, 128)
+    assert r["past"] == (0, 0, 0)  # no cached rows: cached steps run the cached profile
     single = axis_ranges(REAL, replace(s, layout="single", max_batch=2), 70)
     assert single["tiles"] == (1, 1, 1) and single["batch"] == (1, 1, 2)
     assert single["seq"] == (1, 96 + 729 - 510 + 32, 256 + 729 + 128)
 
 
+def test_the_cached_profile_covers_every_cached_step():
+    """A cached step computes a window of the response (dual: one block; prefix: a block and what follows,
+    up to the whole response) against the other rows of the reduced sequence; one score row."""
+    s = ProfileSettings()
+    full, cached = profile_ranges(REAL, s, 50)
+    reduced_opt = 96 + 3649 - 1824 + 32
+    assert cached["seq"] == (1, 32, 128) and cached["rows"] == (1, 32, 128) and cached["query"] == (1, 1, 1)
+    assert cached["past"] == (1, reduced_opt - 32, full["seq"][2])  # tuned at one block against the rest
+    assert cached["batch"] == full["batch"]
+    for n in (40, reduced_opt, full["seq"][2]):  # any reduced sequence the full profile admits
+        for g, block in ((32, 32), (128, 32), (128, 128), (8, 1)):
+            if g >= n:
+                continue
+            for mode in ("prefix", "dual"):
+                for start in range(0, g, block):
+                    w = cache_window(mode, n, g, (start, min(start + block, g)))
+                    assert cached["seq"][0] <= w.compute.size <= cached["seq"][2]
+                    assert cached["past"][0] <= w.past.size <= cached["past"][2]
+    assert profile_ranges(REAL, replace(s, max_response=16), 50)[1]["seq"] == (1, 16, 16)  # a block fits the response
+    with pytest.raises(LladaVError, match="opt_block=0: expected >= 1"):
+        replace(s, opt_block=0).validate()
+
+
 def test_input_shapes_and_trtexec_command():
     r = axis_ranges(REAL, ProfileSettings(layout="single"), 50)
-    shapes = input_shapes(DECODER_PRE, REAL, r, k=15)
+    shapes = input_shapes(DECODER_PRE, REAL, [r], k=15)[0]
     reduced = 96 + 729 - 729 * 50 // 100 + 32
     assert shapes["inputs_embeds"] == {"min": [1, 1, 4096], "opt": [1, reduced, 4096], "max": [1, 1113, 4096]}
-    # K/V of layers 0..14: 0 cached rows at least (refreshes) and at opt, up to the longest sequence
-    assert shapes["past_keys"] == {"min": [15, 1, 32, 0, 128], "opt": [15, 1, 32, 0, 128], "max": [15, 1, 32, 1113, 128]}
+    # K/V of layers 0..14: no cached rows in the full profile
+    assert shapes["past_keys"] == {"min": [15, 1, 32, 0, 128], "opt": [15, 1, 32, 0, 128], "max": [15, 1, 32, 0, 128]}
+    both = input_shapes(DECODER_PRE, REAL, profile_ranges(REAL, ProfileSettings(layout="single"), 50), k=15)
+    assert both[0] == shapes and len(both) == 2
+    assert both[1]["inputs_embeds"] == {"min": [1, 1, 4096], "opt": [1, 32, 4096], "max": [1, 128, 4096]}
+    assert both[1]["past_keys"] == {"min": [15, 1, 32, 1, 128], "opt": [15, 1, 32, reduced - 32, 128],
+                                    "max": [15, 1, 32, 1113, 128]}
     fp16 = EngineBuildSettings("fp16")
-    cmd = trtexec_command("onnx/decoder_pre.onnx", "engines/decoder_pre.engine", shapes, fp16, "engines/t.cache", "trtexec")
+    cmd = trtexec_command("onnx/decoder_pre.onnx", "engines/decoder_pre.engine", both, fp16, "engines/t.cache", "trtexec")
     assert cmd[:5] == ["trtexec", "--onnx=onnx/decoder_pre.onnx", "--saveEngine=engines/decoder_pre.engine",
                        "--stronglyTyped", "--noTF32"]
     kv = "past_keys:15x1x32x{0}x128,past_values:15x1x32x{0}x128"
-    assert "--minShapes=inputs_embeds:1x1x4096,position_ids:1x1,score_rows:1," + kv.format(0) in cmd
-    assert f"--optShapes=inputs_embeds:1x{reduced}x4096,position_ids:1x{reduced},score_rows:32," + kv.format(0) in cmd
-    assert "--maxShapes=inputs_embeds:1x1113x4096,position_ids:1x1113,score_rows:384," + kv.format(1113) in cmd
+    full = ["--profile=0", "--minShapes=inputs_embeds:1x1x4096,position_ids:1x1,score_rows:1," + kv.format(0),
+            f"--optShapes=inputs_embeds:1x{reduced}x4096,position_ids:1x{reduced},score_rows:32," + kv.format(0),
+            "--maxShapes=inputs_embeds:1x1113x4096,position_ids:1x1113,score_rows:384," + kv.format(0)]
+    cached = ["--profile=1", "--minShapes=inputs_embeds:1x1x4096,position_ids:1x1,score_rows:1," + kv.format(1),
+              "--optShapes=inputs_embeds:1x32x4096,position_ids:1x32,score_rows:1," + kv.format(reduced - 32),
+              "--maxShapes=inputs_embeds:1x128x4096,position_ids:1x128,score_rows:1," + kv.format(1113)]
+    at = cmd.index("--profile=0")
+    assert cmd[at : at + 8] == full + cached  # trtexec: each --profile=i followed by its min/opt/max shapes
     assert "--timingCacheFile=engines/t.cache" in cmd and any(a.startswith("--memPoolSize=workspace:") for a in cmd)
-    fp32 = trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, r), EngineBuildSettings("fp32"), "c", "trtexec")
+    fp32 = trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, [r]), EngineBuildSettings("fp32"), "c", "trtexec")
+    assert not any(a.startswith("--profile") for a in fp32)  # one profile: plain min/opt/max shapes
     assert "--stronglyTyped" not in fp32 and "--fp16" not in fp32 and "--noTF32" in fp32
-    script = build_script({"vision": trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, r),
+    script = build_script({"vision": trtexec_command("a.onnx", "a.engine", input_shapes(VISION, REAL, [r]),
                                                      EngineBuildSettings("fp32"), "c")}, {"vision": {"onnx_sha256": "ab"}})
     assert '"$TRTEXEC"' in script and "--saveEngine=a.engine.tmp" in script and "mv a.engine.tmp a.engine" in script
     assert "mv a.engine.json.tmp a.engine.json" in script and '"onnx_sha256": "ab"' in script
@@ -81,7 +117,8 @@ def test_bundle_contents_and_manifest(bundle, tiny, tokenizer):
     for spec in SUBGRAPHS:
         e = m.subgraphs[spec.name]
         assert [t.name for t in e.inputs] == spec.input_names and [t.name for t in e.outputs] == spec.output_names
-        assert set(e.shapes) == set(spec.input_names) and e.validation
+        assert all(set(profile) == set(spec.input_names) for profile in e.shapes) and e.validation
+        assert len(e.shapes) == (1 if spec.name == "vision" else 2)  # full; cached steps (decoders)
     assert m.profiles["axes"]["seq"] == [1, 100 + 729 - 364 + 16, 160 + 729 + 32]
     assert m.versions["torch"] and m.versions["onnx"] and m.versions["onnxruntime"]
     assert m.tensorrt["built"] is False and "TensorRT" in m.tensorrt["reason"]
@@ -216,8 +253,10 @@ def test_engine_reuse_needs_same_onnx_profile_and_tensorrt(bundle, tmp_path):
     assert old.tensorrt["build_settings"] == settings.to_dict()  # recorded even where no engine was built
     assert reusable_engine(old, entry, replace(entry), "10.3.0", settings)
     assert not reusable_engine(old, entry, replace(entry), "10.7.0", settings)  # tied to the TensorRT version
-    other_profile = replace(entry, shapes={**entry.shapes, "score_rows": {"min": [1], "opt": [9], "max": [99]}})
+    other_profile = replace(entry, shapes=[{**entry.shapes[0], "score_rows": {"min": [1], "opt": [9], "max": [99]}},
+                                           entry.shapes[1]])
     assert not reusable_engine(old, entry, other_profile, "10.3.0", settings)
+    assert not reusable_engine(old, entry, replace(entry, shapes=entry.shapes[:1]), "10.3.0", settings)  # no cached profile
     other_onnx = replace(entry, onnx=replace(entry.onnx, sha256="0" * 64))
     assert not reusable_engine(old, entry, other_onnx, "10.3.0", settings)
     assert not reusable_engine(old, entry, replace(entry), "10.3.0", replace(settings, tf32=True))  # built with TF32
@@ -306,16 +345,19 @@ def test_engine_validation_shapes_lie_inside_the_profile(profile):
     """What the engine check feeds a freshly built engine must be inside its profile (issue 8: with one
     tile or a short --max-response the old fixed sizes were not, so every such GPU build failed its check)."""
     cfg = PRESETS["tiny"]
-    ranges = axis_ranges(cfg, profile, 50)
-    axes_list = validation_axes(ranges)
-    for spec in SUBGRAPHS:
-        shapes = input_shapes(spec, cfg, ranges, k=15)
-        for i, axes in enumerate(axes_list):
-            for name, x in dummy_inputs(spec, cfg, axes, "float32", seed=i, k=15).items():
-                lo, hi = shapes[name]["min"], shapes[name]["max"]
-                assert all(a <= d <= b for d, a, b in zip(x.shape, lo, hi)), (spec.name, name, x.shape, lo, hi)
-    dynamic = [a for a, (lo, _, hi) in ranges.items() if lo < hi]
-    assert all(axes_list[0][a] != axes_list[1][a] for a in dynamic)  # two sizes wherever the profile allows
+    for which, ranges in enumerate(profile_ranges(cfg, profile, 50)):  # the full and the cached-step profile
+        axes_list = validation_axes(ranges)
+        for spec in SUBGRAPHS:
+            all_shapes = input_shapes(spec, cfg, profile_ranges(cfg, profile, 50), k=15)
+            if which >= len(all_shapes):
+                continue  # vision has the full profile only
+            shapes = all_shapes[which]
+            for i, axes in enumerate(axes_list):
+                for name, x in dummy_inputs(spec, cfg, axes, "float32", seed=i, k=15).items():
+                    lo, hi = shapes[name]["min"], shapes[name]["max"]
+                    assert all(a <= d <= b for d, a, b in zip(x.shape, lo, hi)), (spec.name, name, x.shape, lo, hi)
+        dynamic = [a for a, (lo, _, hi) in ranges.items() if lo < hi]
+        assert all(axes_list[0][a] != axes_list[1][a] for a in dynamic)  # two sizes wherever the profile allows
 
 
 def test_engines_required_fail_before_any_export(tiny_dir, tmp_path, capsys, monkeypatch):

@@ -167,15 +167,3 @@ def test_runtime_cached_path_generates_the_reference_tokens(runtime_bundles, tin
     assert np.array_equal(got.kept_visual, want.kept_visual)
     assert [s.rows for s in got.steps] == want.computed_rows
     assert min(want.computed_rows) < max(want.computed_rows)  # cached steps happened
-
-
-def test_tensorrt_refuses_a_cache_by_name(runtime_bundles):
-    from runtime.pipeline import Pipeline
-    from tests.test_trt_runtime import Device
-
-    device = Device()
-    with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=device.runners) as pipe:
-        with pytest.raises(LladaVError, match="cache dual: the TensorRT backend does not run cached steps yet"):
-            pipe.generate(gradient_image(320, 200), "What?", CACHE_GEN, PruneSettings(k=15, p=50),
-                          cache=CacheSettings("dual"))
-    assert not device.calls("enqueue")

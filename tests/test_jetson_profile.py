@@ -17,7 +17,7 @@ from runtime.bundle import read_manifest
 # every flag the plan uses, as TensorRT 10.3's trtexec spells it (samples/common/sampleOptions.cpp, release/10.3)
 TRTEXEC_10_3_FLAGS = {"--loadEngine", "--shapes", "--loadInputs", "--noDataTransfers", "--useCudaGraph", "--useSpinWait",
                       "--warmUp", "--duration", "--iterations", "--percentile", "--exportTimes", "--exportProfile",
-                      "--separateProfileRun"}
+                      "--separateProfileRun", "--useProfile"}  # --useProfile: samples/common/sampleOptions.cpp, 10.0+
 
 
 def test_onnxruntime_report_end_to_end(runtime_bundles, tmp_path):
@@ -83,9 +83,11 @@ def test_dry_run_prints_the_jetson_plan(runtime_bundles, capsys):
         engine = next(a.split("=", 1)[1] for a in cmd if a.startswith("--loadEngine="))
         shapes = dict(s.split(":") for s in next(a for a in cmd if a.startswith("--shapes=")).split("=", 1)[1].split(","))
         assert set(shapes) == {t.name for t in m.subgraphs[engine.rsplit("/", 1)[1][:-7]].inputs}
+        cached = "past_keys" in shapes and shapes["past_keys"].split("x")[3] != "0"
+        assert [a for a in cmd if a.startswith("--useProfile")] == (["--useProfile=1"] if cached else [])
         if "vision" not in engine:  # integer inputs come from files, never trtexec's random values
             loads = next(a for a in cmd if a.startswith("--loadInputs=")).split("=", 1)[1]
-            # float inputs (embeddings, cached K/V: 0 rows in these cases) take trtexec's random values
+            # float inputs (embeddings, cached K/V) take trtexec's random values
             floats = {"inputs_embeds", "hidden_states", "past_keys", "past_values"}
             assert {x.split(":")[0] for x in loads.split(",")} == set(shapes) - floats
     assert sum("tegrastats --interval" in line for line in lines) == len(runs) == len(want)
@@ -133,8 +135,11 @@ def test_the_engine_check_feeds_and_rule_come_from_the_bundle(runtime_bundles):
     for spec in SUBGRAPHS:
         assert m.subgraphs[spec.name].tolerances == spec.tolerances_for("fp32")
         with runners[spec.name] as runner:
-            for f in prof.validation_feeds(m, spec.name):  # Runner.check: names, dtypes, inside the profile
-                assert set(runner.infer(f)) == {t.name for t in m.subgraphs[spec.name].outputs}
+            per_profile = prof.validation_feeds(m, spec.name)
+            assert len(per_profile) == len(m.subgraphs[spec.name].shapes) == (1 if spec.name == "vision" else 2)
+            for profile, feeds in enumerate(per_profile):  # Runner.check: names, dtypes, inside that profile
+                for f in feeds:
+                    assert set(runner.infer(f, profile=profile)) == {t.name for t in m.subgraphs[spec.name].outputs}
     assert m.subgraphs["decoder_pre"].tolerances["saliency"] == [0.0, 1e-4]
 
 

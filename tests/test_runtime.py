@@ -215,6 +215,18 @@ def test_runner_checks_name_the_tensor(bundles):
         with pytest.raises(LladaVError, match=r"inputs \['inputs_embeds', 'past_keys', 'past_values', 'position_ids'\]; "
                                               "expected"):
             pre.infer({k: v for k, v in good.items() if k != "score_rows"})
+        # cached rows only in the cached-step profile; a window longer than the response only in the full one
+        kv = np.zeros((15, 1, 4, 30, 16), np.float32)
+        with pytest.raises(LladaVError, match=r"input 'past_keys' has shape \(15, 1, 4, 30, 16\); expected between "
+                                              r"\(15, 1, 4, 0, 16\) and \(15, 1, 4, 0, 16\) \(the bundle's engine profile 0\)"):
+            pre.infer({**good, "past_keys": kv, "past_values": kv})
+        cached = {**good, "score_rows": np.zeros(1, np.int64), "past_keys": kv, "past_values": kv}
+        pre.infer(cached, profile=1)
+        with pytest.raises(LladaVError, match=r"input 'inputs_embeds' has shape \(1, 40, 64\); .* profile 1\)"):
+            pre.infer({**cached, "inputs_embeds": np.zeros((1, 40, 64), np.float32),
+                       "position_ids": np.zeros((1, 40), np.int64)}, profile=1)
+        with pytest.raises(LladaVError, match="optimization profile 2; the bundle's engine has 2 \\(0 to 1\\)"):
+            pre.infer(good, profile=2)
 
 
 def test_the_car_path_needs_neither_torch_nor_transformers(bundles, tmp_path):

@@ -20,26 +20,35 @@ from runtime.pruning import PruneSettings, keep_by_score, kept_positions
 from runtime.schedule import GenerationSettings
 from runtime.trt_runner import TrtBackend, make_trt_runners, row_runs
 from tests.conftest import gradient_image
-from tests.cuda_doubles import (Call, HazardError, RecordedEngine, Recorder, SimulatedCuda, SimulatedEngine, Work,
-                                device_work, expected_device_work, stamp, streams_used)
+from runtime.caching import CacheSettings, cache_window
+from tests.cuda_doubles import (Call, HazardError, OrtEngine, RecordedEngine, Recorder, SimulatedCuda, SimulatedEngine,
+                                Work, device_work, expected_device_work, stamp, streams_used)
 
 GEN = GenerationSettings(steps=3, gen_length=6, block_length=6)
 PROMPT = "What is ahead of the car?"
 
 
 class Device:
-    """A simulated CUDA device and stand-in engines, every call recorded in one log."""
+    """A simulated CUDA device and stand-in engines, every call recorded in one log. compute: the
+    engines compute with ONNX Runtime (OrtEngine) instead of writing stamps."""
 
-    def __init__(self, profiles: dict | None = None, fail: str | None = None):
+    def __init__(self, profiles: dict | None = None, fail: str | None = None, compute: bool = False):
         self.sim, self.log = SimulatedCuda(), []
         self.engines: dict[str, SimulatedEngine] = {}
-        self.profiles, self.fail = profiles or {}, fail
+        self.profiles, self.fail, self.compute = profiles or {}, fail, compute
 
     def runners(self, bundle, manifest, fdt):
         def engine(name, path):
             if name == self.fail:
                 raise LladaVError(f"{name}: could not be deserialized")
-            self.engines[name] = SimulatedEngine(manifest, name, fdt, self.sim, self.profiles.get(name))
+            if self.compute:
+                import onnxruntime as ort
+
+                session = ort.InferenceSession(str(bundle / manifest.subgraphs[name].onnx.path),
+                                               providers=["CPUExecutionProvider"])
+                self.engines[name] = OrtEngine(manifest, name, fdt, self.sim, session)
+            else:
+                self.engines[name] = SimulatedEngine(manifest, name, fdt, self.sim, self.profiles.get(name))
             return RecordedEngine(self.engines[name], name, self.log)
 
         return make_trt_runners(bundle, manifest, fdt, lambda: Recorder(self.sim, self.log), engine)
@@ -117,7 +126,8 @@ def test_three_step_generation_device_work(runtime_bundles, capfd):
     assert len(device.calls("stream_create")) == 1 and streams_used(device.log) == {device.calls("stream_create")[0].result}
     first_run = next(i for i, c in enumerate(device.log) if c.op == "enqueue")
     assert all(i < first_run for i, c in enumerate(device.log) if c.op == "malloc")  # nothing after activation
-    assert len(device.calls("malloc")) == sum(len(e.inputs) + len(e.outputs) for e in pipe.manifest.subgraphs.values())
+    assert len(device.calls("malloc")) == sum((len(e.inputs) + len(e.outputs)) * len(e.shapes)  # per profile
+                                              for e in pipe.manifest.subgraphs.values())
     step1_post = [i for i, c in enumerate(device.log) if c.op == "enqueue"][2]
     uploads = [c for c in device.log[step1_post:] if c.op == "copy_htod"]
     assert [c.args[1] for c in uploads] == [("host", g * 64 * 4)] * 2  # later steps upload the G response rows only
@@ -171,8 +181,8 @@ def test_an_engine_built_for_another_profile_is_refused(runtime_bundles):
 
     entry = read_manifest(runtime_bundles[15]).subgraphs["decoder_pre"]
     narrow = {n: {**s, "max": [*s["max"][:-1], s["max"][-1] // 2] if n == "score_rows" else s["max"]}
-              for n, s in entry.shapes.items()}
-    device = Device(profiles={"decoder_pre": narrow})
+              for n, s in entry.shapes[0].items()}
+    device = Device(profiles={"decoder_pre": [narrow, entry.shapes[1]]})
     with pytest.raises(LladaVError, match=r"decoder_pre: the engine refused shape \(\d+,\) for input 'score_rows'"):
         generate(runtime_bundles[15], device)
     assert device.sim.memory == {} and not device.sim.queues  # what activation had allocated is freed
@@ -182,8 +192,8 @@ def test_a_shape_refused_at_run_time_stops_before_the_enqueue(runtime_bundles):
     device = Device()
     with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=device.runners) as pipe:
         pre = pipe.runners["decoder_pre"]
-        device.engines["decoder_pre"].profile = {**device.engines["decoder_pre"].profile,
-                                                 "score_rows": {"min": [1], "max": [1]}}
+        engine = device.engines["decoder_pre"]
+        engine.profiles = [{**engine.profiles[0], "score_rows": {"min": [1], "max": [1]}}, engine.profiles[1]]
         feeds = {"inputs_embeds": np.zeros((1, 10, 64), np.float32), "position_ids": np.zeros((1, 10), np.int64),
                  "score_rows": np.zeros(2, np.int64), **empty_past(pipe.manifest, "decoder_pre", 1, np.float32)}
         with pytest.raises(LladaVError, match=r"refused shape \(2,\) for input 'score_rows'"):
@@ -220,9 +230,10 @@ def test_gather_and_row_writes_cover_every_batch_entry(runtime_bundles):
 
     manifest = read_manifest(runtime_bundles[15])
     for entry in manifest.subgraphs.values():
-        for name, shapes in entry.shapes.items():
-            if len(shapes["max"]) > 1 and entry.name != "vision":
-                shapes["max"][1 if name.startswith("past_") else 0] = 2  # the batch axis (K/V: after the layers)
+        for profile in entry.shapes:
+            for name, shapes in profile.items():
+                if len(shapes["max"]) > 1 and entry.name != "vision":
+                    shapes["max"][1 if name.startswith("past_") else 0] = 2  # the batch axis (K/V: after the layers)
     sim = SimulatedCuda()
     backend = TrtBackend(runtime_bundles[15], manifest, np.dtype(np.float32), lambda: sim,
                          lambda name, path: SimulatedEngine(manifest, name, np.float32, sim))
@@ -240,6 +251,86 @@ def test_gather_and_row_writes_cover_every_batch_entry(runtime_bundles):
     assert np.array_equal(host["s"], want)
     backend.release()
     assert sim.memory == {}
+
+
+CACHED_GEN = GenerationSettings(steps=8, gen_length=8, block_length=4)  # two blocks: prefix and dual differ
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("p", [0, 50])
+def test_the_device_cache_generates_the_onnxruntime_backends_tokens(runtime_bundles, mode, p):
+    """The TensorRT backend's cached path (refresh K/V left in the full profile's buffers, past rows
+    gathered by strided copies into the cached profile's, window rows uploaded, the engine switched
+    between its profiles) over simulated CUDA, with engines that compute with ONNX Runtime: the same
+    tokens, kept tokens and rows per step as the ONNX Runtime backend. Not TensorRT: its data movement."""
+    from calib.data import RecordingRunner
+    from runtime.runners import make_runners
+
+    prune, cache = PruneSettings(k=15, p=p), CacheSettings(mode)
+    image, question = gradient_image(320, 200), "Is the traffic light red?"
+    device = Device(compute=True)
+    with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=device.runners) as pipe:
+        got = pipe.generate(image, question, CACHED_GEN, prune, cache=cache)
+    recorded = {}
+
+    def recording(bundle, manifest, fdt):
+        recorded.update({n: RecordingRunner(r) for n, r in make_runners("onnxruntime", bundle, manifest).items()})
+        return recorded
+
+    with Pipeline(runtime_bundles[15], runner_factory=recording) as pipe:
+        want = pipe.generate(image, question, CACHED_GEN, prune, cache=cache)
+    for name in ("decoder_pre", "decoder_post"):  # every feed of every run, the past K/V included
+        runs, calls = device.engines[name].runs, recorded[name].calls
+        assert len(runs) == len(calls)
+        for i, (seen, fed) in enumerate(zip(runs, calls)):
+            for tensor, x in fed.items():
+                assert seen[tensor].shape == x.shape and np.allclose(seen[tensor], x, rtol=0, atol=1e-6), (name, i, tensor)
+    assert np.array_equal(got.denoise.response, want.denoise.response) and got.answer_ids == want.answer_ids
+    assert np.array_equal(got.kept_visual, want.kept_visual)
+    assert [s.rows for s in got.steps] == [s.rows for s in want.steps]
+    assert min(s.rows for s in got.steps) < got.steps[0].seq_len  # cached steps happened
+    assert device.sim.memory == {} and len(streams_used(device.log)) == 1
+
+
+def test_device_cache_work_per_refresh(runtime_bundles):
+    """Dual cache, K=15 P=50, two blocks of 4 over 8 steps (a refresh and three cached steps per block):
+    nothing allocated after activation; each refresh's first cached step gathers the past rows once per
+    half and tensor, one strided copy per run of rows (step 1's decoder_pre: the kept rows' runs); the
+    engines switch profiles only between refreshes and cached steps; a cached step uploads its window's
+    rows, never the staged reduced sequence, and reads the gathered past K/V in place."""
+    device = Device()
+    with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=device.runners) as pipe:
+        result = pipe.generate(gradient_image(320, 200), PROMPT, CACHED_GEN, PruneSettings(k=15, p=50),
+                               cache=CacheSettings("dual"))
+    lay = result.layout
+    kept = kept_positions(lay, result.kept_visual)
+    n, g = kept.size, lay.n_response
+    first_run = next(i for i, c in enumerate(device.log) if c.op == "enqueue")
+    assert all(i < first_run for i, c in enumerate(device.log) if c.op == "malloc")
+    assert [s.rows for s in result.steps] == [n, 4, 4, 4, n, 4, 4, 4]
+
+    windows = [cache_window("dual", n, g, block) for block in ((0, 4), (4, 8))]
+    runs = lambda rows: len(row_runs(rows))  # noqa: E731
+    want = 2 * (runs(kept[windows[0].past]) + runs(windows[0].past)) + 2 * 2 * runs(windows[1].past)
+    copies = device.calls("copy_2d_dtod")
+    assert len(copies) == want
+    dims = pipe.manifest.model_dims()
+    assert {c.args[5] for c in copies} == {dims["Lpre"] * dims["H"], dims["Lpost"] * dims["H"]}  # layers x batch x heads
+
+    switches = [(c.args[0], c.args[1]) for c in device.log[first_run:] if c.op == "set_profile"]
+    per_block = [("decoder_pre", 1), ("decoder_post", 1)]
+    assert switches == per_block + [("decoder_pre", 0), ("decoder_post", 0)] + per_block
+
+    pre, post = device.engines["decoder_pre"].runs, device.engines["decoder_post"].runs
+    assert [r["inputs_embeds"].shape[1] for r in pre] == [lay.total, 4, 4, 4, n, 4, 4, 4]
+    assert [r["past_keys"].shape[3] for r in post] == [0, n - 4, n - 4, n - 4, 0, n - 4, n - 4, n - 4]
+    # the past rows a cached step of block 2 reads are the refresh's (step 5) present K/V of those rows
+    refresh_kv = stamp(5, (dims["Lpost"], 1, dims["H"], n, dims["Dh"]), np.float32)
+    assert np.array_equal(post[5]["past_keys"], refresh_kv[:, :, :, windows[1].past])
+    for step in (1, 2, 3, 5, 6, 7):  # window position ids: the block's rows of the reduced sequence
+        block = windows[0] if step < 4 else windows[1]
+        assert np.array_equal(pre[step]["position_ids"], kept[None, block.compute])
+    assert np.array_equal(pre[4]["inputs_embeds"][:, : n - g], pre[0]["inputs_embeds"][:, kept[: n - g]])  # staged intact
 
 
 def test_cuda_runtime_over_the_real_libcudart():

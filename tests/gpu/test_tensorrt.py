@@ -60,8 +60,9 @@ def test_engines_build_with_the_bundle_settings_and_match_onnxruntime(engines, t
     for spec in SUBGRAPHS:
         entry = m.subgraphs[spec.name]
         assert entry.engine is not None and entry.engine_check, spec.name
-        feeds = [dummy_inputs(spec, cfg, axes, float_dtype(precision), seed=10 + i, k=m.k)
-                 for i, axes in enumerate(validation_axes(m.profiles["axes"]))]
+        feeds = [[dummy_inputs(spec, cfg, axes, float_dtype(precision), seed=10 + i, k=m.k)
+                  for i, axes in enumerate(validation_axes(ranges))]  # each profile at its own shapes
+                 for ranges in (m.profiles["axes"], m.profiles["cached_axes"])[: len(entry.shapes)]]
         report = check_engine(result.out / entry.engine.path, result.out / entry.onnx.path, feeds, spec, precision)
         worst = worst_check(report)
         print(spec.name, precision, f"max |diff| {worst['max_abs_diff']:.2e} <= {worst['allowed']:.2e} allowed")
@@ -101,6 +102,23 @@ def test_fp16_anyres_generation_matches_onnxruntime(engines):
     n = want.layout.n_visual
     assert np.array_equal(np.isin(np.arange(n), got.kept_visual)[clear], np.isin(np.arange(n), want.kept_visual)[clear])
     assert got.answer_ids == want.answer_ids
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("p", [0, 50])
+def test_fp32_cached_generation_token_parity(engines, mode, p):
+    """The device-side KV cache (two profiles, strided gathers) on real engines: the ONNX Runtime
+    backend's tokens and rows per step, over two blocks."""
+    from runtime.caching import CacheSettings
+
+    gen, cache = GenerationSettings(steps=8, gen_length=8, block_length=4), CacheSettings(mode)
+    image, prune = gradient_image(320, 200), PruneSettings(k=15, p=p)
+    with Pipeline(engines["fp32"].out, backend="tensorrt") as trt, Pipeline(engines["fp32"].out) as ort:
+        for question in PROMPTS:
+            got = trt.generate(image, question, gen, prune, cache=cache)
+            want = ort.generate(image, question, gen, prune, cache=cache)
+            assert got.answer_ids == want.answer_ids and np.array_equal(got.kept_visual, want.kept_visual), question
+            assert [s.rows for s in got.steps] == [s.rows for s in want.steps]
 
 
 def test_device_work_over_real_cuda(engines):
