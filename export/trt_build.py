@@ -69,11 +69,7 @@ def check_engine(engine_path: Path, onnx_path: Path, feeds_by_profile: list[list
     export's tolerance rule per output. Returns {feed index: {output: check}}, indices counted across profiles."""
     from runtime.checks import compare_engine
 
-    report: dict = {}
-    for profile, feeds in enumerate(feeds_by_profile):
-        report.update(compare_engine(engine_path, onnx_path, feeds, spec.tolerances_for(precision), spec.name,
-                                     profile, first_index=len(report)))
-    return report
+    return compare_engine(engine_path, onnx_path, feeds_by_profile, spec.tolerances_for(precision), spec.name)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -52,26 +52,27 @@ def random_feeds(tensors: list[tuple[str, str, tuple[int, ...]]], seed: int = 0)
     return feeds
 
 
-def compare_engine(engine: Path, onnx: Path, feeds_list: list[dict], tolerances: dict[str, tuple[float, float]],
-                   name: str, profile: int = 0, first_index: int = 0) -> dict:
-    """TensorRT (optimization profile `profile`) vs ONNX Runtime (CPU) on the same feeds with
-    Polygraphy; every output within its (atol, rtol). Returns {feed index (from first_index):
-    {output: check}}; raises EngineCheckError past a bound."""
+def compare_engine(engine: Path, onnx: Path, feeds_by_profile: list[list[dict]],
+                   tolerances: dict[str, tuple[float, float]], name: str) -> dict:
+    """TensorRT vs ONNX Runtime (CPU) on the same feeds with Polygraphy, feeds_by_profile[i] under the
+    engine's optimization profile i; every output within its (atol, rtol). Returns {feed index
+    (counted across profiles): {output: check}}; raises EngineCheckError past a bound."""
     from polygraphy.backend.common import BytesFromPath
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.backend.trt import EngineFromBytes, TrtRunner
     from polygraphy.comparator import Comparator
 
-    runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="tensorrt", optimization_profile=profile),
-               OnnxrtRunner(SessionFromOnnx(str(onnx), providers=["CPUExecutionProvider"]), name="onnxrt")]
-    results = Comparator.run(runners, data_loader=feeds_list)
     report = {}
-    for i, (trt_out, ort_out) in enumerate(zip(results[0][1], results[1][1]), start=first_index):
-        report[str(i)] = {}
-        for output in ort_out.keys():
-            check = output_check(trt_out[output], ort_out[output], *tolerances[output])
-            report[str(i)][output] = check
-            if check["max_abs_diff"] > check["allowed"]:
-                raise EngineCheckError(f"{name}: {engine.name} (profile {profile}) output {output} differs from ONNX Runtime by "
-                                       f"{check['max_abs_diff']:.3g}; expected <= {check['rule']} = {check['allowed']:.3g}")
+    for profile, feeds_list in enumerate(feeds_by_profile):
+        runners = [TrtRunner(EngineFromBytes(BytesFromPath(str(engine))), name="tensorrt", optimization_profile=profile),
+                   OnnxrtRunner(SessionFromOnnx(str(onnx), providers=["CPUExecutionProvider"]), name="onnxrt")]
+        results = Comparator.run(runners, data_loader=feeds_list)
+        for trt_out, ort_out in zip(results[0][1], results[1][1]):
+            report[str(len(report))] = checks = {}
+            for output in ort_out.keys():
+                checks[output] = check = output_check(trt_out[output], ort_out[output], *tolerances[output])
+                if check["max_abs_diff"] > check["allowed"]:
+                    raise EngineCheckError(f"{name}: {engine.name} (profile {profile}) output {output} differs from "
+                                           f"ONNX Runtime by {check['max_abs_diff']:.3g}; expected <= {check['rule']} = "
+                                           f"{check['allowed']:.3g}")
     return report

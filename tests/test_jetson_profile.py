@@ -8,6 +8,7 @@ import json
 import re
 import shlex
 
+import numpy as np
 import pytest
 
 from jetson import profile as prof
@@ -175,3 +176,34 @@ def test_clocks_are_stored_pinned_and_restored_whatever_happens(tmp_path, failur
     assert ran == [["sudo", "jetson_clocks", "--store", str(store)], ["sudo", "jetson_clocks"], ["trtexec"],
                    ["sudo", "jetson_clocks", "--restore", str(store)]]
     assert device.identity(clocks_locked=False)["clocks_locked"] is False  # never claimed unless this run pinned them
+
+
+def test_the_engine_check_runs_each_profiles_feeds_under_that_profile(monkeypatch, tmp_path):
+    """runtime.checks.compare_engine with Polygraphy's runners replaced (no TensorRT here): one TensorRT
+    runner per optimization profile, set to that profile, fed that profile's feeds; indices counted
+    across profiles; a difference past the rule names the profile."""
+    import polygraphy.backend.trt as poly_trt
+    import polygraphy.comparator as poly_cmp
+
+    from runtime.checks import EngineCheckError, compare_engine
+
+    profiles_asked = []
+
+    class FakeTrtRunner:
+        def __init__(self, loader, name, optimization_profile):
+            profiles_asked.append(optimization_profile)
+            self.profile = optimization_profile
+
+    def fake_run(runners, data_loader):
+        trt_out = [{"y": f["x"] + (0.5 if runners[0].profile == 1 and f["x"][0] > 9 else 0.0)} for f in data_loader]
+        return [("tensorrt", trt_out), ("onnxrt", [{"y": f["x"]} for f in data_loader])]
+
+    monkeypatch.setattr(poly_trt, "TrtRunner", FakeTrtRunner)
+    monkeypatch.setattr(poly_cmp.Comparator, "run", staticmethod(fake_run))
+    feeds = [[{"x": np.ones(3)}, {"x": np.full(3, 2.0)}], [{"x": np.full(3, 3.0)}]]
+    report = compare_engine(tmp_path / "e.engine", tmp_path / "g.onnx", feeds, {"y": (1e-4, 0.0)}, "decoder_pre")
+    assert profiles_asked == [0, 1] and sorted(report) == ["0", "1", "2"]
+    assert all(c["y"]["max_abs_diff"] == 0.0 for c in report.values())
+    with pytest.raises(EngineCheckError, match=r"decoder_pre: e.engine \(profile 1\) output y differs"):
+        compare_engine(tmp_path / "e.engine", tmp_path / "g.onnx", [[{"x": np.ones(3)}], [{"x": np.full(3, 10.0)}]],
+                       {"y": (1e-4, 0.0)}, "decoder_pre")
