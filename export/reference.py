@@ -122,9 +122,7 @@ class ReferenceForward:
         w = cache_window(self.cache.mode, n, self.layout.n_response, self.clock.block)
         compute, past = torch.from_numpy(w.compute), torch.from_numpy(w.past)
         cached = [(k[:, :, past], v[:, :, past]) for k, v in self.kv]
-        out, _, fresh = self.model.run_layers_kv(h[:, compute], pos[:, compute], 0, self.model.cfg.n_layers, past=cached)
-        for (k, v), (fk, fv) in zip(self.kv, fresh):  # the block's rows, updated in place
-            k[:, :, compute], v[:, :, compute] = fk, fv
+        out, _, _ = self.model.run_layers_kv(h[:, compute], pos[:, compute], 0, self.model.cfg.n_layers, past=cached)
         self.seq_lens.append(n)
         self.computed_rows.append(len(w.compute))
         return self._response_logits(out, w.compute, n)
@@ -151,6 +149,8 @@ class ReferenceForward:
         if self.cache.enabled:  # the first refresh: layers < K keep the kept rows' keys and values of the full pass
             rows = torch.from_numpy(kept)
             self.kv = [(kk[:, :, rows], vv[:, :, rows]) for kk, vv in kv_pre] + kv_post
+            if self.prune.positions != "original":  # those keys carry the full sequence's positions
+                self.clock.refresh_next()
         return h, pos
 
 

@@ -9,7 +9,9 @@ only some rows, which attend to their own fresh K/V and to the cached K/V of the
 
 Attention has no mask and positions live in the keys (RoPE before caching), so the reused rows
 may be handed over in any order. Refreshes: the first step (which prunes), the first step of
-every block, and, with `refresh_every` = r > 0, every r-th step inside a block (r = 1 makes the
+every block, the step after step 1 when pruning re-numbers positions (`compact`: step 1's layers
+< K hold keys rotated at the old positions), and, with `refresh_every` = r > 0, every r-th step
+inside a block (r = 1 makes the
 cached path compute exactly what the uncached one does: the exactness check).
 The reference generator (export/reference.py) and the runtime share these rules.
 """
@@ -71,6 +73,11 @@ class RefreshClock:
 
     def start_block(self, start: int, end: int) -> None:
         self.block, self.pending = (start, end), True
+
+    def refresh_next(self) -> None:
+        """The next step refreshes too: step 1's keys of layers < K were rotated at the full sequence's
+        positions, which a cached step must not mix with its window's (pruning with compact positions)."""
+        self.pending = True
 
     def next_step_refreshes(self) -> bool:
         """Call once per step; True when this step refreshes."""

@@ -167,3 +167,20 @@ def test_runtime_cached_path_generates_the_reference_tokens(runtime_bundles, tin
     assert np.array_equal(got.kept_visual, want.kept_visual)
     assert [s.rows for s in got.steps] == want.computed_rows
     assert min(want.computed_rows) < max(want.computed_rows)  # cached steps happened
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+def test_compact_positions_refresh_after_step_one(runtime_bundles, tiny, tokenizer, positions):
+    """Pruning that re-numbers positions (compact) leaves step 1's keys of layers < K rotated at the full
+    sequence's positions: the step after step 1 refreshes over the reduced sequence, in the reference
+    and the runtime alike (same tokens, same rows); with original positions it is a cached step."""
+    from runtime.pipeline import Pipeline
+
+    prune, cache = PruneSettings(k=15, p=50, positions=positions), CacheSettings("dual")
+    with Pipeline(runtime_bundles[15]) as pipe:
+        got = pipe.generate(gradient_image(320, 200), "Is the traffic light red?", CACHE_GEN, prune, cache=cache)
+    want = reference(tiny, tokenizer, gradient_image(320, 200), "Is the traffic light red?", CACHE_GEN, prune, cache)
+    n = got.steps[1].seq_len
+    assert [s.rows for s in got.steps] == want.computed_rows
+    assert want.computed_rows[:3] == ([n, n, 8] if positions == "compact" else [n, 8, 8])
+    assert np.array_equal(got.denoise.response, want.denoise.response)
