@@ -249,6 +249,16 @@ def test_gather_and_row_writes_cover_every_batch_entry(runtime_bundles):
     want = x.copy()
     want[:, 37:] = response
     assert np.array_equal(host["s"], want)
+
+    # the KV cache's gather: every layer, batch entry and head of the past rows, one strided copy per run
+    present = backend.buffers["decoder_post", 0, "present_keys"]
+    kv = np.random.default_rng(1).standard_normal((17, 2, 4, 40, 16)).astype(np.float32)
+    sim.copy_htod(present.ptr, kv, backend.stream)
+    src = type(present)(present.ptr, kv.shape, present.dtype)
+    before = len([w for q in sim.queues.values() for w in q])
+    past = backend.gather_past(src, rows, "decoder_post", "past_keys")
+    assert len([w for q in sim.queues.values() for w in q]) - before == len(row_runs(rows))
+    assert np.array_equal(backend.to_host({"p": past})["p"], kv[:, :, :, rows])
     backend.release()
     assert sim.memory == {}
 
