@@ -2,6 +2,7 @@
 the profile's maximum shapes, and the compute floor of a denoising step at FP16 and INT8.
 
     python -m bench.orin_fit                 # K=15, default profile (AnyRes, 256 text, 128 response)
+    python -m bench.orin_fit --max-image 1920x1080   # engines sized for the camera frame (--max-image)
 
 Parameter counts come from the 8B architecture instantiated on the meta device (no weights).
 Bytes per precision follow the schemes of calib/ (docs/quantization.md):
@@ -15,7 +16,9 @@ LPDDR5 as the GPU's: they count. Activation peaks are estimates from the tensors
 live at the maximum sequence; 'unfused' adds the N x N attention scores (float32) and
 probabilities (fp16) of the explicit MatMul-Softmax-MatMul, 'fused' is what remains if TensorRT
 fuses attention and never forms them. Whether it fuses is measured on the device
-(jetson/profile.py), not here.
+(jetson/profile.py), not here. The decoders' K/V buffers (docs/caching.md) count too: the full
+profile's present K/V (every layer's keys and values at the longest sequence, fp16) are written at
+every step, cached or not; the cached-step profile's past K/V (the cache) are as large again.
 """
 
 from __future__ import annotations
@@ -83,6 +86,13 @@ def decoder_activation_bytes(n: int, d: int, m: int, heads: int) -> tuple[float,
     return fused, fused + heads * n * n * (4 + 2)
 
 
+def kv_buffer_bytes(n: int, layers: int, d: int) -> float:
+    """One set of K/V buffers over both decoder halves: keys and values of every layer at sequence n,
+    batch 1, fp16 (heads x head dim = d). The TensorRT backend holds two: the full profile's present
+    outputs and the cached profile's past inputs."""
+    return 2 * layers * n * d * 2
+
+
 def vision_activation_bytes(tiles: int, tokens: int, d: int, m: int, heads: int) -> tuple[float, float]:
     """Every tile at once: the same accounting per tile (attention over 729 tokens per tile and head)."""
     fused, unfused = decoder_activation_bytes(tokens, d, m, heads)
@@ -123,13 +133,16 @@ def report(k: int, max_seq: int, max_tiles: int, visual: int, text: int, gen: in
     fused, unfused = decoder_activation_bytes(max_seq, dec.d_model, dec.d_mlp, dec.n_heads)
     vis_fused, vis_unfused = vision_activation_bytes(max_tiles, cfg.geometry.tokens_per_tile, vis.d_model, vis.d_mlp,
                                                      vis.n_heads)
+    kv = 2 * kv_buffer_bytes(max_seq, dec.n_layers, dec.d_model)
     lines += ["", f"activation peak at the profile's maxima (decoder at seq {max_seq}, vision at {max_tiles} tiles): "
                   f"decoder {fused / 1e9:.2f} GB with fused attention, {unfused / 1e9:.2f} GB unfused; vision "
-                  f"{vis_fused / 1e9:.2f} / {vis_unfused / 1e9:.2f} GB. Each engine holds its own: both decoders count.", "",
-              f"fits? weights + host embeddings + activations + {RESERVE / 1e9:.1f} GB reserve, in GB "
+                  f"{vis_fused / 1e9:.2f} / {vis_unfused / 1e9:.2f} GB. Each engine holds its own: both decoders count.",
+              f"K/V buffers at seq {max_seq}: {kv / 2e9:.2f} GB of present K/V (full profile, every step) + "
+              f"{kv / 2e9:.2f} GB of cached K/V (cached-step profile) = {kv / 1e9:.2f} GB", "",
+              f"fits? weights + host embeddings + activations + K/V buffers + {RESERVE / 1e9:.1f} GB reserve, in GB "
               "(attention fused / unfused)",
               f"{'device':<15} " + " ".join(f"{p:>15}" for p in PRECISIONS)]
-    need = {p: [totals[p] + 2 * a + v + RESERVE for a, v in ((fused, vis_fused), (unfused, vis_unfused))]
+    need = {p: [totals[p] + 2 * a + v + kv + RESERVE for a, v in ((fused, vis_fused), (unfused, vis_unfused))]
             for p in PRECISIONS}
     for dev, ram in DEVICES.items():
         cells = " ".join(f"{'/'.join(f'{x / 1e9:.1f}' + ('' if x <= ram else '!') for x in need[p]):>15}"
@@ -151,15 +164,23 @@ NANO = {"Orin Nano 8GB": {"fp16": 16.75e12, "int8": 33.5e12}}  # derived like OR
 def main(argv=None) -> int:
     from export.model import PRESETS
     from export.profiles import ProfileSettings, axis_ranges
+    from runtime.cli_args import image_size
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--k", type=int, default=15)
+    ap.add_argument("--max-image", type=image_size, metavar="WIDTHxHEIGHT",
+                    help="the profile's largest frame, as export/build_engines.py --max-image (default: any image)")
+    ap.add_argument("--max-text-tokens", type=int, default=256, help="the profile's longest prompt")
+    ap.add_argument("--max-response", type=int, default=128, help="the profile's longest response")
     ap.add_argument("--visual", type=int, default=3649, help="visual tokens of the step floors (1920x1080 AnyRes)")
     ap.add_argument("--text", type=int, default=50)
     ap.add_argument("--gen-length", type=int, default=64)
     args = ap.parse_args(argv)
     cfg = PRESETS["llada-v-8b"]
-    ranges = axis_ranges(cfg, ProfileSettings(), 0)
+    profile = ProfileSettings(max_text_tokens=args.max_text_tokens, max_response=args.max_response,
+                              opt_text_tokens=min(96, args.max_text_tokens), opt_response=min(32, args.max_response),
+                              max_image=args.max_image)
+    ranges = axis_ranges(cfg, profile.validate(), 0)
     print(report(args.k, ranges["seq"][2], ranges["tiles"][2], args.visual, args.text, args.gen_length))
     return 0
 

@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block length the cached-step profile is tuned for (--cache; at most --max-response)")
     ap.add_argument("--opt-image", type=image_size, default="1920x1080", metavar="WIDTHxHEIGHT",
                     help="camera frame size in pixels the engines are tuned for")
+    ap.add_argument("--max-image", type=image_size, metavar="WIDTHxHEIGHT",
+                    help="the largest camera frame (anyres): the engines' tile and token maxima, and their K/V and "
+                         "activation buffers, sized from its tile plan instead of the worst AnyRes grid (37 tiles); "
+                         "larger plans are refused at run time. On an Orin NX this is what makes the 8B fit "
+                         "(python -m bench.orin_fit --max-image ...)")
     ap.add_argument("--cfg", action="store_true", help="allow batch 2 for classifier-free guidance")
     ap.add_argument("--opset", type=int, choices=range(17, 21), metavar="{17..20}",
                     help="ONNX opset of the exported graphs (TensorRT 10.3 parses 17..20; default 18, int8 and int4 19; "
@@ -92,7 +97,8 @@ def request(args: argparse.Namespace) -> BuildRequest:
     name = "miniature" if args.model is None else model_dir.name
     out = args.out or Path("bundles") / f"{name}-k{args.k}-p{args.p:g}-{args.precision}"  # P tunes the profile
     profiles = ProfileSettings(args.layout, args.max_text_tokens, args.opt_text_tokens, args.max_response,
-                               args.opt_response, args.opt_image, 2 if args.cfg else 1, args.opt_block)
+                               args.opt_response, args.opt_image, 2 if args.cfg else 1, args.opt_block,
+                               args.max_image)
     return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines, args.clean,
                         quant_settings(args) if args.precision in QUANTIZED else None)
 

@@ -34,6 +34,18 @@ class ProfileSettings:
     opt_image: tuple[int, int] = (1920, 1080)  # the camera frame the engines are tuned for
     max_batch: int = 1  # 2 allows classifier-free guidance
     opt_block: int = 32  # the cached profile's opt rows: one response block (dual cache), at most max_response
+    # the largest camera frame (anyres): tile and visual-token maxima from its plan instead of the worst
+    # case over every AnyRes grid (37 tiles); frames whose plan needs more are refused at run time
+    max_image: tuple[int, int] | None = None
+
+    @staticmethod
+    def from_dict(d: dict) -> "ProfileSettings":
+        """A manifest's `profiles.settings` back (frame sizes are lists there); keys it lacks take defaults."""
+        d = dict(d)
+        for key in ("opt_image", "max_image"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return ProfileSettings(**d)
 
     def validate(self) -> "ProfileSettings":
         expect(self.layout in LAYOUTS, f"layout: got {self.layout!r}; expected one of {LAYOUTS}")
@@ -42,6 +54,8 @@ class ProfileSettings:
             expect(1 <= a <= b, f"{lo}={a}, {hi}={b}: expected 1 <= {lo} <= {hi}")
         expect(self.opt_block >= 1, f"opt_block={self.opt_block}: expected >= 1 (rows of one response block)")
         expect(self.max_batch in (1, 2), f"max batch: got {self.max_batch}; expected 1, or 2 for CFG")
+        expect(self.max_image is None or (len(self.max_image) == 2 and min(self.max_image) >= 1),
+               f"max_image: got {self.max_image!r}; expected (width, height) in pixels")
         return self
 
 
@@ -50,15 +64,29 @@ def visual_tokens(cfg, settings: ProfileSettings) -> tuple[int, int]:
     g = cfg.geometry
     if settings.layout == SINGLE:
         return g.tokens_per_tile, g.tokens_per_tile
-    return plan_tiles(settings.opt_image, g, ANYRES).num_visual_tokens, max_visual_tokens(g, ANYRES)
+    v_max = (plan_tiles(settings.max_image, g, ANYRES).num_visual_tokens if settings.max_image
+             else max_visual_tokens(g, ANYRES))
+    return plan_tiles(settings.opt_image, g, ANYRES).num_visual_tokens, v_max
+
+
+def tiles(cfg, settings: ProfileSettings) -> tuple[int, int]:
+    """(opt, max) tiles for the layout."""
+    g = cfg.geometry
+    if settings.layout == SINGLE:
+        return 1, 1
+    t_max = plan_tiles(settings.max_image, g, ANYRES).num_tiles if settings.max_image else 1 + g.max_grid_tiles
+    return plan_tiles(settings.opt_image, g, ANYRES).num_tiles, t_max
 
 
 def axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int, int, int]]:
     """Named axis -> (min, opt, max) of the full profile."""
     v_opt, v_max = visual_tokens(cfg, settings)
-    g = cfg.geometry
-    tiles_opt = 1 if settings.layout == SINGLE else plan_tiles(settings.opt_image, g, ANYRES).num_tiles
-    tiles_max = 1 if settings.layout == SINGLE else 1 + g.max_grid_tiles
+    tiles_opt, tiles_max = tiles(cfg, settings)
+    if settings.max_image:
+        size = lambda wh: "x".join(map(str, wh))  # noqa: E731
+        expect(v_opt <= v_max and tiles_opt <= tiles_max,
+               f"opt_image {size(settings.opt_image)}: {v_opt} visual tokens in {tiles_opt} tiles; max_image "
+               f"{size(settings.max_image)} allows {v_max} in {tiles_max} (tune for a frame the maxima admit)")
     reduced_opt = settings.opt_text_tokens + v_opt - pruned_count(v_opt, p) + settings.opt_response
     seq_max = settings.max_text_tokens + v_max + settings.max_response
     return {
@@ -132,4 +160,5 @@ def validation_axes(ranges: dict) -> list[dict[str, int]]:
 def settings_dict(settings: ProfileSettings) -> dict:
     d = asdict(settings)
     d["opt_image"] = list(settings.opt_image)
+    d["max_image"] = list(settings.max_image) if settings.max_image else None
     return d

@@ -84,10 +84,8 @@ def sibling_bundle(manifest: Manifest, k: int, work: Path, log) -> Path:
     from export.build import BuildRequest, build_bundle  # torch: only when another K is asked for
     from export.profiles import ProfileSettings
 
-    settings = dict(manifest.profiles["settings"])
-    settings["opt_image"] = tuple(settings["opt_image"])
     req = BuildRequest(Path(manifest.model["source"]), work / f"k{k}", k, manifest.p, manifest.precision,
-                       ProfileSettings(**settings), manifest.opset, engines="skip")
+                       ProfileSettings.from_dict(manifest.profiles["settings"]), manifest.opset, engines="skip")
     log(f"bundle for K={k}: {req.out}")
     return build_bundle(req).out
 

@@ -57,6 +57,12 @@ class RuntimeResult:
 VERIFY = ("sizes", "hashes", "none")
 
 
+def sized_for(settings: dict) -> str:
+    """What a bundle whose engines were sized for one camera frame adds to a too-large-image error."""
+    size = settings.get("max_image")
+    return f" (its engines were sized for {size[0]}x{size[1]} frames: --max-image)" if size else ""
+
+
 def geometry_of(manifest: Manifest) -> ImageGeometry:
     g = manifest.geometry
     return ImageGeometry(g["image_size"], g["patch_size"], tuple(tuple(p) for p in g["grid_pinpoints"]),
@@ -123,10 +129,10 @@ class Pipeline:
             (gen.gen_length <= axes["rows"][2], f"gen_length: {gen.gen_length}; the bundle's profile allows "
                                                f"{axes['rows'][2]} (rebuild with --max-response)"),
             (img.layout.num_tiles <= axes["tiles"][2], f"image: {img.layout.num_tiles} tiles; the bundle allows "
-                                                       f"{axes['tiles'][2]}"),
+                                                       f"{axes['tiles'][2]}{sized_for(prof)}"),
             (lay.total <= axes["seq"][2], f"sequence: {lay.total} tokens (prompt {n_text}, image "
                                           f"{lay.n_visual}, response {gen.gen_length}); the bundle's profile allows "
-                                          f"{axes['seq'][2]}"),
+                                          f"{axes['seq'][2]}{sized_for(prof)}"),
             (batch <= axes["batch"][2], "cfg_scale > 0 needs batch 2; this bundle was built without --cfg"),
         ]
         for ok, message in limits:

@@ -14,7 +14,7 @@ from export.build import BuildRequest, build_bundle, summary
 from export.build_engines import main
 from export.model import PRESETS
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
-from export.profiles import ProfileSettings, axis_ranges, input_shapes, profile_ranges, validation_axes
+from export.profiles import ProfileSettings, axis_ranges, input_shapes, profile_ranges, settings_dict, validation_axes
 from export.subgraphs import DECODER_PRE, SUBGRAPHS, VISION, dummy_inputs
 from runtime.bundle import Manifest, read_manifest, sha256_file, verify_files
 from runtime.caching import cache_window
@@ -35,6 +35,12 @@ def test_profile_ranges_cover_full_and_reduced_sequences():
     assert r["tiles"] == (1, 16, 37) and r["batch"] == (1, 1, 1)
     assert r["query"] == (1, 32, 384) and r["rows"] == (1, 32, 128)
     assert r["past"] == (0, 0, 0)  # no cached rows: cached steps run the cached profile
+    camera = axis_ranges(REAL, replace(s, max_image=(1920, 1080)), 50)  # sized for the camera frame
+    assert camera["tiles"] == (1, 16, 16) and camera["seq"] == (1, r["seq"][1], 256 + 3649 + 128)
+    assert ProfileSettings.from_dict(settings_dict(replace(s, max_image=(1920, 1080)))) == replace(s, max_image=(1920, 1080))
+    with pytest.raises(LladaVError, match="opt_image 1920x1080: 3649 visual tokens in 16 tiles; max_image 640x480 "
+                                          "allows 2929 in 5"):
+        axis_ranges(REAL, replace(s, max_image=(640, 480)), 50)
     single = axis_ranges(REAL, replace(s, layout="single", max_batch=2), 70)
     assert single["tiles"] == (1, 1, 1) and single["batch"] == (1, 1, 2)
     assert single["seq"] == (1, 96 + 729 - 510 + 32, 256 + 729 + 128)

@@ -276,10 +276,8 @@ def test_compare_reports_agreement_overlap_and_logits_error_against_the_referenc
     from runtime.bundle import read_manifest
 
     m = read_manifest(int8_bundle)
-    settings = dict(m.profiles["settings"], opt_image=tuple(m.profiles["settings"]["opt_image"]))
-
     ref = build_bundle(BuildRequest(Path(m.model["source"]), tmp_path / "fp32", 15, 50, "fp32",
-                                    ProfileSettings(**settings)), log=quiet).out
+                                    ProfileSettings.from_dict(m.profiles["settings"])), log=quiet).out
     assert main(["--bundles", str(ref), str(int8_bundle), "--limit", "3", "--out", str(tmp_path / "cmp")]) == 0
     rows = {(r["bundle"].split(" ")[-1], r["strategy"]): r for r in
             json.loads((tmp_path / "cmp" / "precision.json").read_text())["rows"]}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.orin_fit import GraphParams, decoder_activation_bytes, param_counts, report, weight_bytes
+from bench.orin_fit import GraphParams, decoder_activation_bytes, kv_buffer_bytes, param_counts, report, weight_bytes
 
 
 def test_the_8b_parameter_counts_match_its_architecture():
@@ -36,5 +36,14 @@ def test_report_says_what_fits_where():
     assert "!" not in rows["AGX Orin 64GB"].split("(")[0]
     nx = rows["Orin NX 16GB"].split()
     fp16, int8, int4 = nx[3:6]
-    assert fp16 == "21.6!/32.2!" and int8 == "14.6/25.2!" and int4 == "11.2/21.8!"  # int8/int4 fit with fused attention
+    # the K/V buffers (present + cached, 2 x 2.49 GB at seq 4758) count: nothing fits the NX at the default maxima
+    assert fp16 == "26.6!/37.2!" and int8 == "19.6!/30.2!" and int4 == "16.2!/26.8!"
+    assert "K/V buffers at seq 4758: 2.49 GB of present K/V" in text and "= 4.99 GB" in text
     assert rows["Orin Nano 8GB"].split("(")[0].count("!") == 6
+    camera = report(15, 4033, 16, 3649, 50, 64)  # engines sized for 1920x1080 frames (--max-image)
+    nx = next(line for line in camera.splitlines() if line.startswith("Orin NX")).split()
+    assert nx[3:6] == ["25.1!/32.1!", "18.1!/25.1!", "14.7/21.8!"]  # int4 fits with fused attention
+
+
+def test_kv_buffer_bytes():
+    assert kv_buffer_bytes(4758, 32, 4096) == 2 * 32 * 4758 * 4096 * 2  # keys and values, fp16

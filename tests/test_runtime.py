@@ -260,10 +260,12 @@ def test_cfg_generates_the_reference_tokens(tiny_dir, tiny, tokenizer, image, tm
 
 
 def test_anyres_with_shrink_generates_the_reference_tokens(tiny_dir, tiny, tokenizer, tmp_path):
-    """1920x1080 AnyRes: 16 tiles, the grid shrunk from 75x135 to 40x72 by the numpy merge (3649 tokens)."""
+    """1920x1080 AnyRes: 16 tiles, the grid shrunk from 75x135 to 40x72 by the numpy merge (3649 tokens).
+    The engines are sized for that camera frame (--max-image): a frame whose plan needs more tiles is
+    refused by name before anything runs."""
     from runtime.demo import demo_image
 
-    profile = replace(PROFILE, layout="anyres")
+    profile = replace(PROFILE, layout="anyres", max_image=(1920, 1080))
     out = build_bundle(BuildRequest(tiny_dir, tmp_path / "anyres", 15, 50, "fp32", profile), log=lambda m: None).out
     img = demo_image(1920, 1080)
     prune = PruneSettings(k=15, p=50)
@@ -274,6 +276,11 @@ def test_anyres_with_shrink_generates_the_reference_tokens(tiny_dir, tiny, token
                     prepare_image(img, ckpt.config.geometry, "anyres"), GEN, prune)
     assert got.layout.n_visual == 3649 and got.tile_layout.merged == (40, 72)
     assert got.answer_ids == want.answer_ids and np.array_equal(got.kept_visual, want.kept_visual)
+    assert pipe.manifest.profiles["axes"]["tiles"] == [1, 16, 16] and pipe.manifest.profiles["settings"]["max_image"] == [1920, 1080]
+    with Pipeline(out) as pipe:
+        with pytest.raises(LladaVError, match=r"image: 37 tiles; the bundle allows 16 \(its engines were sized for "
+                                              r"1920x1080 frames: --max-image\)"):
+            pipe.generate(demo_image(2304, 2304), PROMPTS[0], GEN, prune)
 
 
 def test_fp16_bundle_end_to_end(tiny_dir, tiny, tokenizer, tmp_path):
