@@ -138,7 +138,8 @@ def report(k: int, max_seq: int, max_tiles: int, visual: int, text: int, gen: in
                   f"decoder {fused / 1e9:.2f} GB with fused attention, {unfused / 1e9:.2f} GB unfused; vision "
                   f"{vis_fused / 1e9:.2f} / {vis_unfused / 1e9:.2f} GB. Each engine holds its own: both decoders count.",
               f"K/V buffers at seq {max_seq}: {kv / 2e9:.2f} GB of present K/V (full profile, every step) + "
-              f"{kv / 2e9:.2f} GB of cached K/V (cached-step profile) = {kv / 1e9:.2f} GB", "",
+              f"{kv / 2e9:.2f} GB of cached K/V (cached-step profile; not allocated with --cache none) = "
+              f"{kv / 1e9:.2f} GB", "",
               f"fits? weights + host embeddings + activations + K/V buffers + {RESERVE / 1e9:.1f} GB reserve, in GB "
               "(attention fused / unfused)",
               f"{'device':<15} " + " ".join(f"{p:>15}" for p in PRECISIONS)]

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
     gen = generation_settings(args)
     cache = cache_settings(args)
     with Pipeline(args.bundle, args.backend, args.model, args.device, expect_k=args.k,
-                  verify=args.verify) as pipe:
+                  verify=args.verify, kv_cache=cache.enabled) as pipe:
         side = pipe.geometry.image_size
         if min(image.size) < side and not args.quiet:
             what = args.image if args.image else "the demo scene"

@@ -74,9 +74,11 @@ class Pipeline:
 
     def __init__(self, bundle, backend: str = "onnxruntime", model_dir=None, device: str = "cpu",
                  expect_k: int | None = None, expect_model: str | None = None, verify: str = "sizes",
-                 runner_factory=None):
+                 runner_factory=None, kv_cache: bool = True):
         """runner_factory(bundle, manifest, float dtype) -> {subgraph: Runner} replaces the backend's
-        own runners (the tests' recorded TensorRT backend)."""
+        own runners (the tests' recorded TensorRT backend). kv_cache=False: generations run uncached
+        only, and the TensorRT backend does not allocate the cached-step profile's buffers (the K/V
+        cache: 2.1-2.5 GB for the 8B)."""
         self.bundle = Path(bundle)
         self.manifest = read_manifest(self.bundle)
         m = self.manifest
@@ -96,10 +98,10 @@ class Pipeline:
         self.newline = np.load(self.bundle / m.host["image_newline"].path)
         self.geometry = geometry_of(m)
         if runner_factory is None:
-            self.runners = make_runners(backend, self.bundle, m, model_dir, device)
+            self.runners = make_runners(backend, self.bundle, m, model_dir, device, kv_cache)
         else:
             self.runners = runner_factory(self.bundle, m, self.fdt)
-        self.backend = backend
+        self.backend, self.kv_cache = backend, kv_cache
 
     def __enter__(self):
         for r in self.runners.values():
@@ -155,6 +157,9 @@ class Pipeline:
         block KV caching (runtime.caching; None: uncached)."""
         start = time.perf_counter()
         cache = (cache or CacheSettings()).validate()
+        expect(not cache.enabled or self.kv_cache,
+               f"cache {cache.mode}: this pipeline was opened without KV-cache buffers (kv_cache=False; the runtime "
+               "opens it so for --cache none)")
         prompt, img, lay = self.prepare(image, question, gen, prune)
         embeds, vision_ms = self.prompt_embeddings(prompt, img)
         forward = SplitForward(self, embeds, lay, prune, gen.cfg_scale, cache)

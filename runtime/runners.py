@@ -218,8 +218,10 @@ class TorchRunner(Runner):
         return {t.name: o.numpy() for t, o in zip(self.entry.outputs, outs)}
 
 
-def make_runners(backend: str, bundle: Path, manifest: Manifest, model_dir=None, device: str = "cpu") -> dict:
-    """{subgraph name: runner} for a backend; heavy imports happen here, lazily."""
+def make_runners(backend: str, bundle: Path, manifest: Manifest, model_dir=None, device: str = "cpu",
+                 kv_cache: bool = True) -> dict:
+    """{subgraph name: runner} for a backend; heavy imports happen here, lazily. kv_cache=False: the
+    TensorRT backend allocates the full profile's buffers only (host backends allocate per run)."""
     if backend not in BACKENDS:
         raise LladaVError(f"backend: got {backend!r}; expected one of {BACKENDS}")
     fdt = float_dtype(manifest)
@@ -228,7 +230,7 @@ def make_runners(backend: str, bundle: Path, manifest: Manifest, model_dir=None,
     if backend == "tensorrt":
         from runtime.trt_runner import make_trt_runners
 
-        return make_trt_runners(bundle, manifest, fdt)
+        return make_trt_runners(bundle, manifest, fdt, kv_cache=kv_cache)
     return _torch_runners(manifest, fdt, model_dir)
 
 

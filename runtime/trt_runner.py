@@ -107,8 +107,10 @@ class TrtBackend:
 
     def __init__(self, bundle: Path, manifest: Manifest, fdt: np.dtype,
                  cuda_factory: Callable[[], CudaApi] | None = None,
-                 engine_factory: Callable[[str, Path], TrtEngine] = TrtEngine):
+                 engine_factory: Callable[[str, Path], TrtEngine] = TrtEngine, kv_cache: bool = True):
+        """kv_cache=False: only the full profile's buffers are allocated (no cached steps)."""
         self.bundle, self.entries, self.fdt = Path(bundle), manifest.subgraphs, fdt
+        self.kv_cache = kv_cache
         self.cuda_factory = cuda_factory or _cuda_runtime
         self.engine_factory = engine_factory
         self.users = 0
@@ -165,7 +167,7 @@ class TrtBackend:
     def _allocate(self, entry: SubgraphEntry, engine: TrtEngine) -> None:
         """One buffer per tensor and profile at that profile's largest shapes (outputs: as the engine
         infers them); the engine is left on its full profile."""
-        for profile in reversed(range(len(entry.shapes))):
+        for profile in reversed(range(len(entry.shapes) if self.kv_cache else 1)):
             self._select(entry.name, engine, profile, force=True)
             for t in entry.inputs:
                 self._set_shape(entry.name, engine, t.name, tuple(entry.shapes[profile][t.name]["max"]), profile)
@@ -207,6 +209,8 @@ class TrtBackend:
         """Bind inputs (host feeds are copied into this engine's buffers of `profile`), enqueue between
         the timing events, and return device views of the outputs, or host copies once the stream is done."""
         entry, engine = self.entries[name], self.engines[name]
+        expect((name, profile, entry.inputs[0].name) in self.buffers,
+               f"{name}: optimization profile {profile} has no buffers (the backend was opened without the KV cache)")
         self._select(name, engine, profile)
         for t in entry.inputs:
             x = feeds[t.name]
@@ -353,7 +357,8 @@ def check_engines(bundle: Path, manifest: Manifest, tensorrt_version: str) -> No
         expect(problem is None, f"backend tensorrt: {path} is {problem}; {rebuild}")
 
 
-def make_trt_runners(bundle: Path, manifest: Manifest, fdt, cuda_factory=None, engine_factory=None) -> dict:
+def make_trt_runners(bundle: Path, manifest: Manifest, fdt, cuda_factory=None, engine_factory=None,
+                     kv_cache: bool = True) -> dict:
     """{subgraph: TrtRunner} sharing one backend. The factories default to CUDA and TensorRT."""
     if engine_factory is None:
         try:
@@ -363,5 +368,5 @@ def make_trt_runners(bundle: Path, manifest: Manifest, fdt, cuda_factory=None, e
                               "(on the Jetson it comes with JetPack); use --backend onnxruntime") from None
         engine_factory = TrtEngine
         check_engines(bundle, manifest, tensorrt.__version__)
-    backend = TrtBackend(bundle, manifest, fdt, cuda_factory, engine_factory)
+    backend = TrtBackend(bundle, manifest, fdt, cuda_factory, engine_factory, kv_cache)
     return {name: TrtRunner(entry, fdt, backend) for name, entry in manifest.subgraphs.items()}

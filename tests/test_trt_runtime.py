@@ -32,10 +32,11 @@ class Device:
     """A simulated CUDA device and stand-in engines, every call recorded in one log. compute: the
     engines compute with ONNX Runtime (OrtEngine) instead of writing stamps."""
 
-    def __init__(self, profiles: dict | None = None, fail: str | None = None, compute: bool = False):
+    def __init__(self, profiles: dict | None = None, fail: str | None = None, compute: bool = False,
+                 kv_cache: bool = True):
         self.sim, self.log = SimulatedCuda(), []
         self.engines: dict[str, SimulatedEngine] = {}
-        self.profiles, self.fail, self.compute = profiles or {}, fail, compute
+        self.profiles, self.fail, self.compute, self.kv_cache = profiles or {}, fail, compute, kv_cache
 
     def runners(self, bundle, manifest, fdt):
         def engine(name, path):
@@ -51,7 +52,7 @@ class Device:
                 self.engines[name] = SimulatedEngine(manifest, name, fdt, self.sim, self.profiles.get(name))
             return RecordedEngine(self.engines[name], name, self.log)
 
-        return make_trt_runners(bundle, manifest, fdt, lambda: Recorder(self.sim, self.log), engine)
+        return make_trt_runners(bundle, manifest, fdt, lambda: Recorder(self.sim, self.log), engine, self.kv_cache)
 
     def calls(self, op: str) -> list[Call]:
         return [c for c in self.log if c.op == op]
@@ -341,6 +342,29 @@ def test_device_cache_work_per_refresh(runtime_bundles):
         block = windows[0] if step < 4 else windows[1]
         assert np.array_equal(pre[step]["position_ids"], kept[None, block.compute])
     assert np.array_equal(pre[4]["inputs_embeds"][:, : n - g], pre[0]["inputs_embeds"][:, kept[: n - g]])  # staged intact
+
+
+def test_without_the_kv_cache_only_the_full_profile_is_allocated(runtime_bundles):
+    """kv_cache=False (the runtime's --cache none): the cached-step profile's buffers (the K/V cache among
+    them) are never allocated; uncached generations run as before; a cached one is refused by name."""
+    with_cache, without = Device(), Device(kv_cache=False)
+    generate(runtime_bundles[15], with_cache)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=without.runners, kv_cache=False) as pipe:
+            result = pipe.generate(gradient_image(160, 120), PROMPT, GEN, PruneSettings(k=15, p=50))
+            with pytest.raises(LladaVError, match="cache dual: this pipeline was opened without KV-cache buffers"):
+                pipe.generate(gradient_image(160, 120), PROMPT, GEN, PruneSettings(k=15, p=50),
+                              cache=CacheSettings("dual"))
+    kept = kept_positions(result.layout, result.kept_visual)
+    assert device_work(without.log) == expected_device_work(len(row_runs(kept)), later_steps=2)
+    m = pipe.manifest
+    assert len(without.calls("malloc")) == sum(len(e.inputs) + len(e.outputs) for e in m.subgraphs.values())
+    saved = sum(c.args[0] for c in with_cache.calls("malloc")) - sum(c.args[0] for c in without.calls("malloc"))
+    dims, seq_max = m.model_dims(), m.profiles["axes"]["seq"][2]
+    cache_bytes = 2 * (dims["Lpre"] + dims["Lpost"]) * dims["H"] * seq_max * dims["Dh"] * 4  # past K and V, fp32
+    assert saved > cache_bytes  # the cache and the cached profile's other (small) buffers
+    assert without.sim.memory == {}
 
 
 def test_cuda_runtime_over_the_real_libcudart():
