@@ -285,8 +285,20 @@ def measure(req: ProfileRequest, plan: Plan, time_engines: bool) -> tuple[dict[C
             engines = [r.vision_ms + sum(s.pre_ms + s.post_ms for s in r.steps) for r in runs]
             measured[a.p] = {"total_ms": float(np.median(totals)), "engines_ms": float(np.median(engines)),
                              "outside_ms": float(np.median([t - e for t, e in zip(totals, engines)])),
-                             "total_ms_runs": totals, "steps": len(runs[0].steps), "seq_len": runs[0].steps[-1].seq_len}
+                             "total_ms_runs": totals, "steps": len(runs[0].steps), "seq_len": runs[0].steps[-1].seq_len,
+                             **measure_dual_cache(pipe, image, req, gen, prune)}
     return {c: {"compute_ms": trtexec.stats(ms)} for c, ms in samples.items()}, measured
+
+
+def measure_dual_cache(pipe, image, req: ProfileRequest, gen, prune) -> dict:
+    """The same answer with a dual cache (one block: step 1 refreshes, every later step is cached), a
+    warm-up first (the cached-step profile's first run), the median of `repeats`."""
+    from runtime.caching import CacheSettings
+
+    cache = CacheSettings("dual")
+    pipe.generate(image, req.prompt, gen, prune, cache=cache)
+    totals = [pipe.generate(image, req.prompt, gen, prune, cache=cache).total_ms for _ in range(req.repeats)]
+    return {"dual_cache_total_ms": float(np.median(totals)), "dual_cache_total_ms_runs": totals}
 
 
 # ---------------------------------------------------------------- the report

@@ -38,14 +38,17 @@ def markdown(r: dict) -> str:
               "with a dual cache the later steps are the cached-step cases (the response rows against the others' "
               "cached K/V)", "",
               "| P | seq after pruning | predicted ms | with dual cache ms | vs P=0 | FLOPs vs P=0 | measured ms | "
-              "engines ms | outside ms | predicted / measured |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "engines ms | outside ms | predicted / measured | measured with dual cache ms |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in r["answers"]:
         m = a.get("measured")
         cached = a.get("predicted_dual_cache_ms")
+        measured_cached = (m or {}).get("dual_cache_total_ms")
         lines.append(f"| {a['p']:g} | {a['reduced_seq']} | {a['predicted_ms']:.1f} | "
                      + ("-" if cached is None else f"{cached:.1f}") + f" | {a['predicted_vs_p0']:.3f} | "
                      f"{a['flops_vs_p0']:.3f} | " + (f"{m['total_ms']:.1f} | {m['engines_ms']:.1f} | {m['outside_ms']:.1f} | "
-                                                     f"{a['predicted_ms'] / m['total_ms']:.3f} |" if m else "- | - | - | - |"))
+                                                     f"{a['predicted_ms'] / m['total_ms']:.3f} |" if m else "- | - | - | - |")
+                     + (" - |" if measured_cached is None else f" {measured_cached:.1f} |"))
     lines += ["", *r.get("notes", [])]
     return "\n".join(lines) + "\n"
 

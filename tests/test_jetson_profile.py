@@ -42,6 +42,8 @@ def test_onnxruntime_report_end_to_end(runtime_bundles, tmp_path):
         assert a["predicted_dual_cache_ms"] == pytest.approx(median["vision tiles=1"] + pre_step1 + post + 7 * cached)
         m = a["measured"]
         assert m["steps"] == 8 and m["seq_len"] == n_red and m["total_ms"] >= m["engines_ms"] > 0
+        assert len(m["dual_cache_total_ms_runs"]) == 1 and m["dual_cache_total_ms"] > 0  # the same answer, cached
+    assert "| measured with dual cache ms |" in (out / "report.md").read_text()
     assert r["answers"][0]["predicted_vs_p0"] == 1.0 and 0 < r["answers"][1]["flops_vs_p0"] < 1
 
 
