@@ -212,7 +212,8 @@ class TorchRunner(Runner):
     def _infer(self, feeds, keep_on_device, profile):
         import torch
 
-        args = [torch.from_numpy(np.ascontiguousarray(feeds[t.name])) for t in self.entry.inputs]
+        # writable, C-ordered copies where a feed is a read-only view (torch.from_numpy warns on those)
+        args = [torch.from_numpy(np.require(feeds[t.name], requirements=["C", "W"])) for t in self.entry.inputs]
         with torch.inference_mode():
             outs = self.module(*args)
         return {t.name: o.numpy() for t, o in zip(self.entry.outputs, outs)}

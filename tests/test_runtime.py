@@ -69,11 +69,19 @@ def test_strategies_chosen_at_run_time(bundles, tiny, tokenizer, image, seed):
 
 
 def test_pytorch_backend_generates_the_reference_tokens(bundles, tiny, tokenizer, image):
+    """Uncached and with a dual cache (its cached steps feed read-only views: no warning), P=0 and 50."""
+    import warnings
+
+    from runtime.caching import CacheSettings
+
     with Pipeline(bundles[15], backend="pytorch", model_dir=tiny[1].path) as pipe:
         for p in (0, 50):
             prune = PruneSettings(k=15, p=p)
-            assert pipe.generate(image, PROMPTS[1], GEN, prune).answer_ids == \
-                reference(tiny, tokenizer, image, PROMPTS[1], GEN, prune).answer_ids
+            for cache in (None, CacheSettings("dual")):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    got = pipe.generate(image, PROMPTS[1], GEN, prune, cache=cache)
+                assert got.answer_ids == reference(tiny, tokenizer, image, PROMPTS[1], GEN, prune, cache).answer_ids
 
 
 def test_logits_agree_with_the_reference(bundles, tiny, tokenizer, image):
