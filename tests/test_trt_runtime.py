@@ -267,17 +267,18 @@ def test_gather_and_row_writes_cover_every_batch_entry(runtime_bundles):
 CACHED_GEN = GenerationSettings(steps=8, gen_length=8, block_length=4)  # two blocks: prefix and dual differ
 
 
-@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@pytest.mark.parametrize("mode,refresh_every", [("prefix", 0), ("dual", 0), ("dual", 2)])
 @pytest.mark.parametrize("p", [0, 50])
-def test_the_device_cache_generates_the_onnxruntime_backends_tokens(runtime_bundles, mode, p):
+def test_the_device_cache_generates_the_onnxruntime_backends_tokens(runtime_bundles, mode, refresh_every, p):
     """The TensorRT backend's cached path (refresh K/V left in the full profile's buffers, past rows
     gathered by strided copies into the cached profile's, window rows uploaded, the engine switched
     between its profiles) over simulated CUDA, with engines that compute with ONNX Runtime: the same
-    tokens, kept tokens and rows per step as the ONNX Runtime backend. Not TensorRT: its data movement."""
+    tokens, kept tokens and rows per step as the ONNX Runtime backend (also with a refresh every 2nd
+    step inside a block: profile switches mid-block). Not TensorRT: its data movement."""
     from calib.data import RecordingRunner
     from runtime.runners import make_runners
 
-    prune, cache = PruneSettings(k=15, p=p), CacheSettings(mode)
+    prune, cache = PruneSettings(k=15, p=p), CacheSettings(mode, refresh_every)
     image, question = gradient_image(320, 200), "Is the traffic light red?"
     device = Device(compute=True)
     with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=device.runners) as pipe:
