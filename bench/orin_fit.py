@@ -178,9 +178,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-length", type=int, default=64)
     args = ap.parse_args(argv)
     cfg = PRESETS["llada-v-8b"]
-    profile = ProfileSettings(max_text_tokens=args.max_text_tokens, max_response=args.max_response,
-                              opt_text_tokens=min(96, args.max_text_tokens), opt_response=min(32, args.max_response),
-                              max_image=args.max_image)
+    default = ProfileSettings()
+    profile = replace(default, max_text_tokens=args.max_text_tokens, max_response=args.max_response,
+                      opt_text_tokens=min(default.opt_text_tokens, args.max_text_tokens),
+                      opt_response=min(default.opt_response, args.max_response), max_image=args.max_image)
     ranges = axis_ranges(cfg, profile.validate(), 0)
     print(report(args.k, ranges["seq"][2], ranges["tiles"][2], args.visual, args.text, args.gen_length))
     return 0

@@ -59,29 +59,24 @@ class ProfileSettings:
         return self
 
 
-def visual_tokens(cfg, settings: ProfileSettings) -> tuple[int, int]:
-    """(opt, max) visual tokens for the layout."""
+def image_extent(cfg, settings: ProfileSettings) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((tiles, visual tokens) at the opt image, (tiles, visual tokens) at the maxima) for the layout:
+    the maxima from max_image's plan, or the worst case over every AnyRes grid."""
     g = cfg.geometry
     if settings.layout == SINGLE:
-        return g.tokens_per_tile, g.tokens_per_tile
-    v_max = (plan_tiles(settings.max_image, g, ANYRES).num_visual_tokens if settings.max_image
-             else max_visual_tokens(g, ANYRES))
-    return plan_tiles(settings.opt_image, g, ANYRES).num_visual_tokens, v_max
-
-
-def tiles(cfg, settings: ProfileSettings) -> tuple[int, int]:
-    """(opt, max) tiles for the layout."""
-    g = cfg.geometry
-    if settings.layout == SINGLE:
-        return 1, 1
-    t_max = plan_tiles(settings.max_image, g, ANYRES).num_tiles if settings.max_image else 1 + g.max_grid_tiles
-    return plan_tiles(settings.opt_image, g, ANYRES).num_tiles, t_max
+        return (1, g.tokens_per_tile), (1, g.tokens_per_tile)
+    opt = plan_tiles(settings.opt_image, g, ANYRES)
+    if settings.max_image:
+        top = plan_tiles(settings.max_image, g, ANYRES)
+        most = (top.num_tiles, top.num_visual_tokens)
+    else:
+        most = (1 + g.max_grid_tiles, max_visual_tokens(g, ANYRES))
+    return (opt.num_tiles, opt.num_visual_tokens), most
 
 
 def axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int, int, int]]:
     """Named axis -> (min, opt, max) of the full profile."""
-    v_opt, v_max = visual_tokens(cfg, settings)
-    tiles_opt, tiles_max = tiles(cfg, settings)
+    (tiles_opt, v_opt), (tiles_max, v_max) = image_extent(cfg, settings)
     if settings.max_image:
         size = lambda wh: "x".join(map(str, wh))  # noqa: E731
         expect(v_opt <= v_max and tiles_opt <= tiles_max,
@@ -99,10 +94,10 @@ def axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int
     }
 
 
-def cached_axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int, int, int]]:
-    """Named axis -> (min, opt, max) of the cached profile: `seq` rows recomputed (at most the
-    response), `past` rows reused (at least one: the prompt), one score row (saliency unused)."""
-    full = axis_ranges(cfg, settings, p)
+def cached_axis_ranges(full: dict, settings: ProfileSettings) -> dict[str, tuple[int, int, int]]:
+    """Named axis -> (min, opt, max) of the cached profile, from the full profile's: `seq` rows
+    recomputed (at most the response), `past` rows reused (at least one: the prompt), one score row
+    (saliency unused)."""
     block = min(settings.opt_block, settings.max_response)
     return {**full,
             "seq": (1, block, settings.max_response),
@@ -113,12 +108,13 @@ def cached_axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tu
 
 def profile_ranges(cfg, settings: ProfileSettings, p: float) -> list[dict[str, tuple[int, int, int]]]:
     """[full, cached] axis ranges, in TensorRT's profile order."""
-    return [axis_ranges(cfg, settings, p), cached_axis_ranges(cfg, settings, p)]
+    full = axis_ranges(cfg, settings, p)
+    return [full, cached_axis_ranges(full, settings)]
 
 
 def full_sequence_opt(cfg, settings: ProfileSettings) -> int:
     """The step-1 sequence length at the opt image and lengths (inside the seq range)."""
-    return settings.opt_text_tokens + visual_tokens(cfg, settings)[0] + settings.opt_response
+    return settings.opt_text_tokens + image_extent(cfg, settings)[0][1] + settings.opt_response
 
 
 def input_shapes(spec: SubgraphSpec, cfg, ranges: list[dict], k: int | None = None) -> list[dict]:

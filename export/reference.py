@@ -149,8 +149,7 @@ class ReferenceForward:
         if self.cache.enabled:  # the first refresh: layers < K keep the kept rows' keys and values of the full pass
             rows = torch.from_numpy(kept)
             self.kv = [(kk[:, :, rows], vv[:, :, rows]) for kk, vv in kv_pre] + kv_post
-            if self.prune.positions != "original":  # those keys carry the full sequence's positions
-                self.clock.refresh_next()
+        self.clock.after_pruning(self.prune.positions)
         return h, pos
 
 

@@ -74,10 +74,12 @@ class RefreshClock:
     def start_block(self, start: int, end: int) -> None:
         self.block, self.pending = (start, end), True
 
-    def refresh_next(self) -> None:
-        """The next step refreshes too: step 1's keys of layers < K were rotated at the full sequence's
-        positions, which a cached step must not mix with its window's (pruning with compact positions)."""
-        self.pending = True
+    def after_pruning(self, positions: str) -> None:
+        """Step 1 pruned with `positions` (runtime.pruning.PruneSettings.positions). Re-numbered positions
+        make the next step refresh too: step 1's keys of layers < K were rotated at the full sequence's
+        positions, which a cached window at the new ones must not attend to."""
+        if self.settings.enabled and positions != "original":
+            self.pending = True
 
     def next_step_refreshes(self) -> bool:
         """Call once per step; True when this step refreshes."""

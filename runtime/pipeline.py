@@ -314,8 +314,7 @@ class SplitForward:
         kept = kept_positions(lay, keep)
         self.kept_visual = keep
         self._keep_kv("decoder_pre", out, kept)
-        if self.kv is not None and prune.positions != "original":  # those keys carry the full sequence's positions
-            self.clock.refresh_next()
+        self.clock.after_pruning(prune.positions)
         hidden = out["hidden_states"]
         if keep.size < lay.n_visual:  # into decoder_post's own input (on the device for TensorRT)
             hidden = self.post.take_rows(hidden, kept, "hidden_states")
