@@ -40,14 +40,18 @@ def test_console_commands_are_installed():
     """pip install gives lladav-build, lladav-run and lladav-generate beside the python -m / script forms."""
     import shutil
     import subprocess
+    import sys
     from importlib.metadata import entry_points
+    from pathlib import Path
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("lladav-")}
     assert scripts == {"lladav-build": "export.build_engines:main", "lladav-run": "runtime.__main__:main",
                        "lladav-generate": "export.generate:main"}
+    # next to the interpreter running the suite (a venv's bin/, activated or not), then PATH
+    beside = str(Path(sys.executable).parent)
     for name in scripts:
-        path = shutil.which(name)
-        assert path, f"{name} is not on PATH (reinstall: pip install -e .)"
+        path = shutil.which(name, path=beside) or shutil.which(name)
+        assert path, f"{name} is neither next to {sys.executable} nor on PATH (reinstall: pip install -e .)"
         done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
 
