@@ -31,7 +31,10 @@ ROWS_PER_GROUP = 1024  # calibration rows kept per group for the search (spread 
 def fake_int4(w: torch.Tensor, block: int) -> torch.Tensor:
     """W (out, in) through blocked symmetric INT4 and back, as calib.int4.blocked_int4 stores it
     (its W^T (in, out) blocked along the input rows): float32."""
+    from calib.int4 import weight_block
+
     out, inp = w.shape
+    block = weight_block(inp, block)
     b = w.float().reshape(out, inp // block, block)
     scale = (b.abs().amax(-1, keepdim=True) / 7).half().float()
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)

@@ -25,10 +25,27 @@ INT4_OPSET = 21
 QMAX = 7
 
 
+MIN_BLOCK = 16
+
+
+def weight_block(rows: int, block: int) -> int:
+    """The block of a weight with `rows` input rows: the scheme's `block` where it divides them (the
+    8B's 4096 and 12288 rows), else the largest power of two from MIN_BLOCK up that does (a checkpoint
+    of another width: 352 rows -> 32). TensorRT's support for blocks under 128 is unverified."""
+    if rows % block == 0:
+        return block
+    b = block // 2
+    while b >= MIN_BLOCK and rows % b:
+        b //= 2
+    expect(b >= MIN_BLOCK, f"INT4: a weight with {rows} input rows has no block of {MIN_BLOCK}..{block} rows "
+                           f"(a power of two) that divides them; expected a multiple of {MIN_BLOCK}")
+    return b
+
+
 def blocked_int4(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """W (in, out) -> (q int8 in [-8, 7] of W's shape, scales (in / block, out) float32)."""
+    """W (in, out) -> (q int8 in [-8, 7] of W's shape, scales (in / b, out) float32), b = weight_block(in, block)."""
     rows, cols = w.shape
-    expect(rows % block == 0, f"INT4: a weight with {rows} input rows is not a multiple of the block {block}")
+    block = weight_block(rows, block)
     blocks = w.astype(np.float32).reshape(rows // block, block, cols)
     scale = np.abs(blocks).max(axis=1) / QMAX  # (in / block, out)
     scale = np.where(scale == 0, 1.0, scale).astype(np.float16).astype(np.float32)  # what the graph will hold
@@ -55,11 +72,12 @@ def quantize_int4(src: Path, dst: Path, vocab: int, block: int = 128) -> dict:
         if node in weighted and node.name not in keep:
             w = numpy_helper.to_array(inits[node.input[1]])
             q, scale = blocked_int4(w, block)
+            rows_block = weight_block(w.shape[0], block)
             qname, sname, out = f"{node.input[1]}_int4", f"{node.input[1]}_int4_scale", f"{node.input[1]}_dq"
             model.graph.initializer.append(numpy_helper.from_array(q.astype(ml_dtypes.int4), qname))  # packed, 2 per byte
             model.graph.initializer.append(numpy_helper.from_array(scale.astype(w.dtype), sname))
             new_nodes.append(helper.make_node("DequantizeLinear", [qname, sname], [out], name=f"{node.name}_dq", axis=0,
-                                              block_size=block))
+                                              block_size=rows_block))
             node.input[1] = out
             done += 1
         new_nodes.append(node)

@@ -207,8 +207,11 @@ def check_qdq(path: Path, scheme: QuantScheme) -> dict:
 def _check_blocked(path: Path, node, w, s: np.ndarray, block: int) -> None:
     import onnx
 
+    from calib.int4 import weight_block
+
     attrs = {a.name: a.i for a in node.attribute}
     rows, cols = w.dims
+    block = weight_block(rows, block)
     if w.data_type != onnx.TensorProto.INT4 or attrs.get("axis") != 0 or attrs.get("block_size") != block \
             or s.shape != (rows // block, cols):
         raise QuantizationError(f"{path.name}: weight {node.input[0]} is not int4 blocked by {block} along its input rows "

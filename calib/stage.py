@@ -94,6 +94,7 @@ def quantize_entry(tmp: Path, entry: SubgraphEntry, data, scheme: QuantScheme, v
     work.mkdir(exist_ok=True)
     dst = work / src.name
     log(f"{name}: quantizing ({scheme.mode}: weights {scheme.weights}, activations {scheme.activations}) ...")
+    unshare(src.with_name(src.name + ".data"))
     try:
         info = quantize(src, dst, data.feeds(name), scheme, vocab)
         ops = check_graph(dst, next(s for s in SUBGRAPHS if s.name == name))
@@ -106,8 +107,10 @@ def quantize_entry(tmp: Path, entry: SubgraphEntry, data, scheme: QuantScheme, v
     for suffix in ("", ".data"):  # the quantized graph takes the float graph's place
         os.replace(dst.with_name(dst.name + suffix), src.with_name(src.name + suffix))
     work.rmdir()
+    spec = next(s for s in SUBGRAPHS if s.name == name)
+    # engine vs ONNX Runtime on the same Q/DQ graph: the fixed quantized rule (export.subgraphs), unverified on a device
     new = dataclasses.replace(entry, onnx=file_info(tmp, src), data=file_info(tmp, src.with_name(src.name + ".data")),
-                              ops=ops, precision=scheme.mode,
+                              ops=ops, precision=scheme.mode, tolerances=spec.tolerances_for(scheme.mode),
                               key=artifact_key(entry.key, data.meta["key"], sorted(scheme.to_dict().items())))
     new.quantization = {"scheme": scheme.to_dict(), "calibration": {"key": data.meta["key"], "counts": data.meta["counts"],
                                                                    "settings": data.meta["settings"]},
@@ -118,6 +121,15 @@ def quantize_entry(tmp: Path, entry: SubgraphEntry, data, scheme: QuantScheme, v
         f"weights {float_bytes / 2**20:.2f} -> {new.data.bytes / 2**20:.2f} MiB; max |quantized - float| "
         f"{worst['max_abs_diff']:.3g} ({worst['relative']:.2%} of max|float|) on {len(data.feeds(name)[:8])} calibration feeds")
     return new
+
+
+def unshare(path: Path) -> None:
+    """Give `path` a link of its own: a float graph reused from the previous bundle is hard-linked to it,
+    and onnx refuses to load external data with several hard links ("potential hardlink attack")."""
+    if path.stat().st_nlink > 1:
+        tmp = path.with_name(path.name + ".own")
+        shutil.copy2(path, tmp)
+        os.replace(tmp, path)
 
 
 def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log) -> tuple[dict[str, SubgraphEntry], dict]:

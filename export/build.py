@@ -21,11 +21,13 @@ import numpy as np
 
 from export.checkpoint import TOKENIZER_FILES, Checkpoint, load_model, open_checkpoint
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
-from export.onnx_export import DEFAULT_OPSET, copy_or_link, export_and_validate, float_dtype
+from export.onnx_export import (DEFAULT_OPSET, MERGE_CHECK, check_visual_tokens, copy_or_link, export_and_validate,
+                                float_dtype)
 from runtime.checks import worst_check
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
                              profile_ranges, settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
+from export.yardstick import engine_tolerances
 from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, device_engine, device_engines,
                             engine_problem, engine_provenance, file_info, graph_identity, read_manifest, sha256_file, write_manifest)
 from runtime.errors import LladaVError, expect
@@ -180,23 +182,28 @@ class Builder:
             self.reused.append(spec.name)
             entry = copy.deepcopy(old)  # the old manifest stays as it was: engines_stage compares against it
             entry.shapes, entry.engine, entry.engine_check = shapes, None, {}
-            entry.tolerances, entry.precision = spec.tolerances_for(fp), fp
+            entry.precision = fp  # its tolerances were derived from its own validation
             return entry
         self.log(f"{spec.name}: exporting ({fp}, opset {self.req.graph_opset}) and validating ...")
         # the ONNX graph does not depend on the profile: validate it at fixed sizes (proving its axes dynamic)
         identity = graph_identity(spec.name, self.req.k, self.cfg.n_layers, ckpt_hash, fp)
         report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, fp,
-                                     onnx_path, list(VALIDATION_SIZES), self.req.graph_opset, identity, self.req.k)
+                                     onnx_path, list(VALIDATION_SIZES), self.req.graph_opset, identity, self.req.k,
+                                     p=self.req.p)
+        tolerances = engine_tolerances(report.checks, fp)
+        if spec.name == "vision":  # the merge the runtime does, with the image_newline the bundle holds
+            newline = np.load(tmp / "host" / "image_newline.npy")
+            report.checks[MERGE_CHECK] = check_visual_tokens(onnx_path, newline, self.loaded_model(), self.cfg, fp)
         self.release_weights(spec)
         worst = worst_check(report.checks)
-        self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - PyTorch| "
+        self.log(f"{spec.name}: valid ({sum(report.ops.values())} nodes, max |ORT - model| "
                  f"{worst['max_abs_diff']:.2e} <= {worst['allowed']:.2e} allowed, {report.seconds:.1f}s)")
         self.exported.append(spec.name)
         return SubgraphEntry(
             spec.name, file_info(tmp, onnx_path), file_info(tmp, report.data),
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.inputs],
             [TensorInfo(t.name, t.dtype, list(t.dims)) for t in spec.outputs],
-            shapes, key, report.checks, report.ops, tolerances=spec.tolerances_for(fp), precision=fp)
+            shapes, key, report.checks, report.ops, tolerances=tolerances, precision=fp)
 
     def release_weights(self, spec: SubgraphSpec) -> None:
         """Drop the PyTorch weights only this (exported, validated) graph needs: the model shrinks as the
@@ -251,8 +258,8 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
     with atomic_directory(req.out, keep=lambda rel: rel not in dropped) as tmp:
         for sub in ("onnx", "tokenizer", "jetson"):
             (tmp / sub).mkdir()
+        host = b.host_files(tmp, ckpt_hash)  # first: the vision check merges with the image_newline written here
         entries = {s.name: b.subgraph(tmp, s, ckpt_hash, source) for s in SUBGRAPHS}
-        host = b.host_files(tmp, ckpt_hash)
         tokenizer = [name for name in TOKENIZER_FILES if (ckpt.path / name).is_file()]
         for name in tokenizer:
             shutil.copy2(ckpt.path / name, tmp / "tokenizer" / name)
@@ -355,7 +362,7 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
                   for i, axes in enumerate(validation_axes(ranges))]  # inside each of the engine's profiles
                  for ranges in b.ranges[: len(entry.shapes)]]
         entry.engine = file_info(tmp, engine)
-        entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, spec, entry.graph_precision(req.precision))
+        entry.engine_check = check_engine(engine, tmp / entry.onnx.path, feeds, spec.name, entry.tolerances)
     status.update(built=True, reason=f"built with {why}")
     return status
 
@@ -414,7 +421,7 @@ def summary(result: BuildResult) -> str:
         shape = " / ".join("x".join(map(str, first[w])) for w in ("min", "opt", "max"))
         status = "reused" if name in result.reused else "exported+validated"
         rows.append(f"{e.onnx.path:<34} {_size(e.onnx.bytes + e.data.bytes):>10}  {next(iter(e.shapes[0]))}: {shape}  [{status}]")
-        rows.append(f"{'':<46}{_check_line('ORT vs PyTorch', e.validation)}")
+        rows.append(f"{'':<46}{_check_line('ORT vs model', e.validation)}")
         if e.engine:
             rows.append(f"{e.engine.path:<34} {_size(e.engine.bytes):>10}  {_check_line('engine vs ORT', e.engine_check)}")
     for name, f in m.host.items():

@@ -27,8 +27,9 @@ class EngineBuildSettings:
     precision: str
     workspace_mib: int = 4096
     opt_level: int = 3
-    # TensorRT runs fp32 MatMuls in TF32 on Ampere (Orin) unless told otherwise: that breaks the fp32
-    # tolerance, and the float32 islands of fp16 graphs (norms, softmax, saliency, logits) are float32 on purpose.
+    # TensorRT runs fp32 MatMuls and convolutions in TF32 on Ampere (Orin) unless told otherwise
+    # (BuilderFlag.kTF32, NvInfer.h): that matters to fp32 bundles. fp16 and quantized graphs have no fp32
+    # MatMul or Conv (their float32 islands are norms, softmax and casts), so --noTF32 changes nothing there.
     tf32: bool = False
     # layer names and details in trtexec's --exportProfile / --exportLayerInfo (jetson/profile.py); the
     # runtime lowers its context's NVTX verbosity, since DETAILED adds NVTX work to every enqueue

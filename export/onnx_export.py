@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from export.subgraphs import VISION as VISION_SPEC
 from export.subgraphs import SubgraphSpec, dummy_inputs, export_patches, model_dims
 from runtime.bundle import float_type
 from runtime.checks import output_check
@@ -217,37 +218,38 @@ def ort_session(path: Path, quantized: bool = False):
 
 
 def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, axes_list: list[dict],
-                 session=None, k: int | None = None) -> dict:
-    """ORT vs the PyTorch module with Polygraphy's Comparator, at each set of axis sizes.
-
-    One ONNX Runtime session serves every size (a session holds ~2.3x the graph's fp16 weights)."""
-    from polygraphy.backend.onnxrt import OnnxrtRunner
-    from polygraphy.comparator import Comparator
-    from polygraphy.logger import G_LOGGER
-
-    from export.torch_runner import TorchRunner
+                 session=None, k: int | None = None, reference=None, p: float = 50.0) -> dict:
+    """ONNX Runtime on the graph against the PyTorch model, at each set of axis sizes, by the
+    checkpoint's own noise at the graph's precision (export.yardstick); scores that choose tokens also
+    by the kept set at P. reference: the module to compare with (default `module`; a test plants a
+    fault in `module` only). Returns {axes: {output: check}}; raises ParityError past a bound."""
+    from export.yardstick import REFERENCE_DTYPE, decision_check, noise_check, run_module
 
     fdt = float_dtype(precision)
-    dims = model_dims(cfg, k)
+    reference = module if reference is None else reference
     report = {}
     session = session or ort_session(path)
     for i, axes in enumerate(axes_list):
         feeds = dummy_inputs(spec, cfg, axes, fdt, seed=i, k=k)
-        torch_inputs = [(t.name, *t.resolve({**dims, **axes}, fdt)) for t in spec.inputs]
-        runners = [OnnxrtRunner(session, name="onnxrt"),
-                   TorchRunner(module, torch_inputs, spec.output_names, name="pytorch")]
-        with G_LOGGER.verbosity(G_LOGGER.ERROR):
-            results = Comparator.run(runners, data_loader=[feeds])
-        ort_out, ref_out = results[0][1][0], results[1][1][0]  # [(runner, [iteration outputs])]
-        _check_shapes(spec, ort_out, {**dims, **axes}, fdt)
-        key = ",".join(f"{k}={v}" for k, v in sorted(axes.items()))
+        got = dict(zip(spec.output_names, session.run(spec.output_names, feeds)))
+        _check_shapes(spec, got, {**model_dims(cfg, k), **axes}, fdt)
+        yard = run_module(reference, feeds, spec.input_names, spec.output_names)
+        ref = run_module(reference, feeds, spec.input_names, spec.output_names, widen_to=REFERENCE_DTYPE[precision])
+        key = ",".join(f"{a}={v}" for a, v in sorted(axes.items()))
         report[key] = {}
-        for name in spec.output_names:
-            check = output_check(ort_out[name], ref_out[name], *spec.tolerance(precision, name))
-            report[key][name] = check
-            if check["max_abs_diff"] > check["allowed"]:
-                raise ParityError(f"{spec.name}: output {name} differs from PyTorch by {check['max_abs_diff']:.3g} "
+        for t in spec.outputs:
+            check = noise_check(got[t.name], yard[t.name], ref[t.name], precision)
+            report[key][t.name] = check
+            if not check["max_abs_diff"] <= check["allowed"]:
+                raise ParityError(f"{spec.name}: output {t.name} differs from the model by {check['max_abs_diff']:.3g} "
                                   f"at {key}; expected <= {check['rule']} = {check['allowed']:.3g}")
+            if t.chooses_tokens:
+                decided = decision_check(got[t.name], ref[t.name], p, check["allowed"])
+                check.update(p=p, near_ties=decided["near_ties"], decided=decided["decided"])
+                if decided["moved"]:
+                    raise ParityError(f"{spec.name}: output {t.name} keeps other tokens than the model at P={p:g} "
+                                      f"({len(decided['moved'])} of {decided['decided']} clear of the cut moved, "
+                                      f"first (row, token) {decided['moved'][:3]}) at {key}")
     return report
 
 
@@ -257,6 +259,38 @@ def _check_shapes(spec, outputs, dims, fdt):
         got = tuple(np.asarray(outputs[t.name]).shape)
         if got != want:
             raise DynamicAxisError(f"{spec.name}: output {t.name} has shape {got} at {dims}; expected {want}")
+
+
+MERGE_CHECK = "visual_tokens"  # the name of the vision + AnyRes merge check in a vision entry's validation
+
+
+def check_visual_tokens(path: Path, newline: np.ndarray, reference, cfg, precision: str, session=None) -> dict:
+    """The car's image path against the model's: the vision graph on the tiles of a wide image, merged
+    by the runtime (runtime.merge: un-padding and the checkpoint's image_newline after every grid row,
+    as the bundle stores it) against LladaV.visual_tokens, by export.yardstick's rule. A newline that is
+    missing or wrong fails here. Returns {"visual_tokens": check}."""
+    from export.yardstick import REFERENCE_DTYPE, noise_check, widened
+    from runtime.anyres import ANYRES, plan_tiles
+    from runtime.merge import merge_tiles
+
+    g = cfg.geometry
+    layout = plan_tiles((2 * g.image_size, g.image_size), g, ANYRES)  # a global tile and a grid of two
+    pixels = dummy_inputs(VISION_SPEC, cfg, {"tiles": layout.num_tiles}, float_dtype(precision), seed=3)["pixel_values"]
+    session = session or ort_session(path)
+    feats = session.run(["image_features"], {"pixel_values": pixels})[0]
+    got = merge_tiles(feats, layout, newline)
+    x = torch.from_numpy(pixels)
+    with torch.no_grad():
+        yard = reference.visual_tokens(x, layout)
+        with widened(reference, REFERENCE_DTYPE[precision]):
+            ref = reference.visual_tokens(x.to(REFERENCE_DTYPE[precision]), layout)
+    assert got.shape == tuple(ref.shape), (got.shape, ref.shape)
+    check = noise_check(got, yard.double().numpy(), ref.double().numpy(), precision)
+    if not check["max_abs_diff"] <= check["allowed"]:
+        raise ParityError(f"vision: {MERGE_CHECK} (vision graph + AnyRes merge with the bundle's image_newline) differ "
+                          f"from the model by {check['max_abs_diff']:.3g} on a {layout.grid[0]}x{layout.grid[1]} grid; "
+                          f"expected <= {check['rule']} = {check['allowed']:.3g}")
+    return {MERGE_CHECK: check}
 
 
 def check_bidirectional(path: Path, spec: SubgraphSpec, cfg, precision: str, axes: dict, session=None,
@@ -279,9 +313,11 @@ def check_bidirectional(path: Path, spec: SubgraphSpec, cfg, precision: str, axe
 
 
 def export_and_validate(spec: SubgraphSpec, module, cfg, precision: str, dst: Path, axes_list: list[dict],
-                        opset: int = DEFAULT_OPSET, identity: dict | None = None, k: int | None = None) -> ExportReport:
+                        opset: int = DEFAULT_OPSET, identity: dict | None = None, k: int | None = None,
+                        reference=None, p: float = 50.0) -> ExportReport:
     """Export to dst (+ .data), then run every check. A failed check removes the files. k: the
-    pruning layer (the decoders' K/V tensors have one row per layer of their half)."""
+    pruning layer (the decoders' K/V tensors have one row per layer of their half); reference: what
+    the graph must compute (default `module`); p: the bundle's P, at which token choices are checked."""
     import time
 
     start = time.perf_counter()
@@ -291,7 +327,7 @@ def export_and_validate(spec: SubgraphSpec, module, cfg, precision: str, dst: Pa
         release_memory()  # the exporter's transient copies, before a session loads the weights again
         report.ops = check_graph(dst, spec)
         session = ort_session(dst)
-        report.checks = check_parity(dst, spec, module, cfg, precision, axes_list, session, k)
+        report.checks = check_parity(dst, spec, module, cfg, precision, axes_list, session, k, reference, p)
         if spec.name.startswith("decoder"):
             check_bidirectional(dst, spec, cfg, precision, axes_list[-1], session, k)
         del session

@@ -58,6 +58,7 @@ class TensorSpec:
     dtype: str  # FLOAT, F32 or I64
     dims: tuple  # ints or axis names; "D", "V", "S", "F", "T" are model dims filled from the config
     tolerances: tuple = TOLERANCES  # outputs only: (precision, atol, rtol) for validation
+    chooses_tokens: bool = False  # outputs only: a score that picks tokens (judged by its kept set too)
 
     def resolve(self, dims: dict, float_dtype: str) -> tuple[str, tuple[int, ...]]:
         return (float_dtype if self.dtype == FLOAT else self.dtype), tuple(
@@ -167,7 +168,7 @@ DECODER_PRE = SubgraphSpec(
     ),
     outputs=(
         TensorSpec("hidden_states", FLOAT, ("batch", "seq", "D")),
-        TensorSpec("saliency", F32, ("batch", "seq"), SALIENCY_TOLERANCES),
+        TensorSpec("saliency", F32, ("batch", "seq"), SALIENCY_TOLERANCES, chooses_tokens=True),
         TensorSpec("present_keys", FLOAT, ("Lpre", "batch", "H", "seq", "Dh")),
         TensorSpec("present_values", FLOAT, ("Lpre", "batch", "H", "seq", "Dh")),
     ),
@@ -219,10 +220,19 @@ def softmax_in_dtype(input, dim=None, _stacklevel=3, dtype=None):
 
 
 def layer_norm_float32(self, x):
-    """nn.LayerNorm in float32, cast back: SigLIP's norms stay float32 in fp16 graphs."""
-    w = None if self.weight is None else self.weight.float()
-    b = None if self.bias is None else self.bias.float()
-    return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+    """nn.LayerNorm in float32 from primitives (ReduceMean, Sub, Mul, Sqrt, Reciprocal), cast back: SigLIP's
+    norms stay float32 in fp16 graphs, and no LayerNormalization op reaches TensorRT 10.3, whose parser
+    calls setComputePrecision on it, which strongly typed networks reject (docs/tensorrt.md)."""
+    x32 = x.float()
+    centred = x32 - x32.mean(-1, keepdim=True)
+    # rsqrt and Mul (not Sqrt and Div): ONNX Runtime 1.2x's LayerNormFusion would fold the Div form back
+    # into a LayerNormalization node whose types it then mixes (float16 scale, float32 input) and fail
+    y = centred * torch.rsqrt((centred * centred).mean(-1, keepdim=True) + self.eps)
+    if self.weight is not None:
+        y = y * self.weight.float()
+    if self.bias is not None:
+        y = y + self.bias.float()
+    return y.to(x.dtype)
 
 
 _SOFTMAX = F.softmax

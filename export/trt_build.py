@@ -51,7 +51,11 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: list[dict], setting
     config = builder.create_builder_config()
     settings.configure(trt, config)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    # setTimingCache returns false when the cache was recorded on another device (NvInfer.h, release/10.3,
+    # IBuilderConfig::setTimingCache): refuse it here, before minutes of building (docs/tensorrt.md)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineBuildError(f"timing cache {timing_cache}: recorded on another GPU or TensorRT version; delete "
+                               "it (the next build writes a new one) or build on the device that recorded it")
     for profile_shapes in shapes:
         profile = builder.create_optimization_profile()
         for name, s in profile_shapes.items():
@@ -64,12 +68,14 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: list[dict], setting
     _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
-def check_engine(engine_path: Path, onnx_path: Path, feeds_by_profile: list[list[dict]], spec, precision: str) -> dict:
+def check_engine(engine_path: Path, onnx_path: Path, feeds_by_profile: list[list[dict]], name: str,
+                 tolerances: dict) -> dict:
     """TensorRT vs ONNX Runtime on the same feeds, each list under its optimization profile, with the
-    export's tolerance rule per output. Returns {feed index: {output: check}}, indices counted across profiles."""
+    bundle entry's tolerances per output (the ones the car checks with). Returns {feed index: {output:
+    check}}, indices counted across profiles."""
     from runtime.checks import compare_engine
 
-    return compare_engine(engine_path, onnx_path, feeds_by_profile, spec.tolerances_for(precision), spec.name)
+    return compare_engine(engine_path, onnx_path, feeds_by_profile, {o: tuple(v) for o, v in tolerances.items()}, name)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -48,7 +48,8 @@ class DeviceTensor:
 class CudaApi(Protocol):
     """What the TensorRT backend asks of CUDA. Copies are asynchronous on `stream`: a host array
     given to `copy_dtoh` holds the data only after the stream (or a later event) is synchronised;
-    a host array given to `copy_htod` may be reused as soon as the call returns."""
+    a host array given to `copy_htod` may be dropped by the caller as soon as the call returns (the
+    implementation keeps what it still needs alive until the stream is synchronised)."""
 
     def malloc(self, nbytes: int) -> int: ...
     def free(self, ptr: int) -> None: ...
@@ -108,6 +109,9 @@ class CudaRuntime:
 
     def __init__(self, lib: ctypes.CDLL | None = None):
         self.lib = lib or load_cudart()
+        # host sources of copies not yet known to be done: from pageable memory cudaMemcpyAsync "might be
+        # synchronous with respect to host" (docs/cuda.md), so nothing says the source was read on return
+        self.in_flight: dict[int, list[np.ndarray]] = {}
 
     def _call(self, name: str, *args) -> None:
         status = getattr(self.lib, name)(*args)
@@ -134,6 +138,7 @@ class CudaRuntime:
 
     def stream_synchronize(self, stream: int) -> None:
         self._call("cudaStreamSynchronize", stream)
+        self.in_flight.pop(stream, None)
 
     def event_create(self) -> int:
         return self._new_handle("cudaEventCreate")
@@ -155,6 +160,7 @@ class CudaRuntime:
     def copy_htod(self, dst: int, src: np.ndarray, stream: int) -> None:
         assert src.flags.c_contiguous, "host source must be C-contiguous"
         self._call("cudaMemcpyAsync", dst, src.ctypes.data, src.nbytes, _HOST_TO_DEVICE, stream)
+        self.in_flight.setdefault(stream, []).append(src)
 
     def copy_dtoh(self, dst: np.ndarray, src: int, stream: int) -> None:
         assert dst.flags.c_contiguous and dst.flags.writeable, "host destination must be writable and C-contiguous"

@@ -84,7 +84,10 @@ class TrtEngine:
     def set_profile(self, index: int, stream: int) -> bool:
         """Switch the context's optimization profile (its work is enqueued on `stream`); input shapes
         must be set again after it."""
-        return bool(self.context.set_optimization_profile_async(index, stream))
+        try:  # the Python binding raises RuntimeError instead of returning false (pyCore.cpp, release/10.3)
+            return bool(self.context.set_optimization_profile_async(index, stream))
+        except RuntimeError:
+            return False
 
     def set_input_shape(self, name: str, shape: tuple) -> bool:
         return bool(self.context.set_input_shape(name, tuple(shape)))
@@ -188,11 +191,12 @@ class TrtBackend:
         CUDA call fails here: after a device fault the process cannot reuse these handles anyway)."""
         cuda = self.cuda
         try:
+            if cuda is not None and self.stream is not None:
+                # first: work still queued (an error path leaves some) may use the contexts and the buffers
+                cuda.stream_synchronize(self.stream)
             for engine in self.engines.values():
                 engine.close()  # TensorRT releases its context memory before the buffers it pointed at go
             if cuda is not None:
-                if self.stream is not None:
-                    cuda.stream_synchronize(self.stream)  # nothing queued may still use what is freed below
                 for buf in self.buffers.values():
                     cuda.free(buf.ptr)
                 for pair in self.events.values():

@@ -341,7 +341,7 @@ class Recorder:
 
 @dataclass
 class RecordedEngine:
-    """Any engine, with shape, address and enqueue calls appended to `log`."""
+    """Any engine, with shape, address, enqueue, profile and close calls appended to `log`."""
 
     inner: object
     name: str
@@ -369,6 +369,10 @@ class RecordedEngine:
         ok = self.inner.set_profile(index, stream)
         self.log.append(Call("set_profile", (self.name, index, stream), ok))
         return ok
+
+    def close(self):
+        self.inner.close()
+        self.log.append(Call("close", (self.name,), None))
 
 
 STREAM_ARG = {"copy_htod": 2, "copy_dtoh": 2, "copy_dtod": 3, "copy_2d_dtod": 6, "event_record": 1,

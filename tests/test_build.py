@@ -145,7 +145,7 @@ def test_bundle_contents_and_manifest(bundle, tiny, tokenizer):
     worst = {n: max((c for d in e.validation.values() for c in d.values()), key=lambda c: c["max_abs_diff"] / c["allowed"])
              for n, e in m.subgraphs.items()}
     for n, c in worst.items():  # every max difference is printed beside the bound it was held to
-        assert f"ORT vs PyTorch: max |diff| {c['max_abs_diff']:.2e} <= {c['allowed']:.2e} allowed ({c['rule']})" in text
+        assert f"ORT vs model: max |diff| {c['max_abs_diff']:.2e} <= {c['allowed']:.2e} allowed ({c['rule']})" in text
         assert c["max_abs_diff"] <= c["allowed"]
 
 

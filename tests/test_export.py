@@ -206,23 +206,25 @@ def input_types(path, ops):
     g = model.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input)}
     types.update({t.name: t.data_type for t in g.initializer})
-    out = {}
+    out = {op: [] for op in ops}
     for n in g.node:
         if n.op_type in ops:
-            out.setdefault(n.op_type, []).append(types.get(n.input[0]))
+            out[n.op_type].append(types.get(n.input[0]))
     return out
 
 
 def test_fp16_vision_keeps_norms_and_softmax_in_float32(tiny, tmp_path):
     """transformers' SigLIP asks softmax for float32 by a dtype argument, which the exporter would
-    turn into a float16 Softmax plus a Cast; LayerNorm would run in float16. The export patches fix both."""
+    turn into a float16 Softmax plus a Cast; LayerNorm would run in float16, and as a LayerNormalization
+    op TensorRT 10.3's parser would reject it in a strongly typed network. The export patches fix all three."""
     from export.checkpoint import load_model
 
     model16, ckpt = load_model(tiny[1].path, torch.float16)
     path = export_and_validate(VISION, VISION.build(model16, K), ckpt.config, "fp16", tmp_path / "v16.onnx", AXES).onnx
-    types = input_types(path, ("LayerNormalization", "Softmax"))
-    assert len(types["LayerNormalization"]) == 4 and len(types["Softmax"]) == 2  # 2 layers x (2 norms, 1 softmax)
-    assert set(types["LayerNormalization"]) == set(types["Softmax"]) == {TensorProto.FLOAT}
+    types = input_types(path, ("LayerNormalization", "ReduceMean", "Softmax"))
+    assert types["LayerNormalization"] == []  # decomposed: mean and variance are two ReduceMeans per norm
+    assert len(types["ReduceMean"]) == 8 and len(types["Softmax"]) == 2  # 2 layers x (2 norms, 1 softmax)
+    assert set(types["ReduceMean"]) == set(types["Softmax"]) == {TensorProto.FLOAT}
 
 
 def test_fp16_export_validates(tiny, tmp_path):

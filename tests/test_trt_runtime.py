@@ -396,3 +396,83 @@ def test_cuda_runtime_over_the_real_libcudart():
         cuda.event_destroy(event)
     cuda.stream_destroy(stream)
     cuda.free(ptr)
+
+
+def test_an_error_after_queued_work_waits_for_the_stream_before_destroying_contexts(runtime_bundles):
+    """An enqueue that fails midway leaves earlier work queued: the backend synchronises the stream
+    before the execution contexts go (and before their buffers are freed)."""
+    device = Device()
+    original = SimulatedEngine.enqueue
+
+    def enqueue(self, stream):  # decoder_post's first enqueue fails, after vision and decoder_pre queued work
+        return False if self.entry.name == "decoder_post" else original(self, stream)
+
+    SimulatedEngine.enqueue = enqueue
+    try:
+        with pytest.raises(LladaVError, match="decoder_post: TensorRT could not enqueue"):
+            generate(runtime_bundles[15], device)
+    finally:
+        SimulatedEngine.enqueue = original
+    ops = [c.op for c in device.log]
+    first_close = ops.index("close")
+    assert "stream_synchronize" in ops[ops.index("enqueue"):first_close]  # the queued work finished first
+    assert ops.index("free") > first_close and device.sim.memory == {}
+
+
+def test_a_profile_switch_that_raises_becomes_the_projects_error():
+    """TensorRT's Python binding raises RuntimeError from set_optimization_profile_async (pyCore.cpp,
+    release/10.3) instead of returning False: TrtEngine.set_profile turns it into False, which the
+    backend reports by name."""
+    from runtime.trt_runner import TrtEngine
+
+    class Context:
+        def set_optimization_profile_async(self, index, stream):
+            raise RuntimeError("Error in set optimization profile async.")
+
+    engine = TrtEngine.__new__(TrtEngine)
+    engine.context = Context()
+    assert engine.set_profile(1, 0) is False
+
+
+def test_a_timing_cache_from_another_device_is_refused_before_building(tmp_path, monkeypatch):
+    """setTimingCache returns false for a cache recorded on another device (NvInfer.h, release/10.3);
+    the build stops there with the cache's path, before build_serialized_network."""
+    import sys
+    from unittest import mock
+
+    from export.engine_config import EngineBuildSettings
+    from export.trt_build import EngineBuildError, build_engine
+
+    trt = mock.MagicMock()
+    config = trt.Builder.return_value.create_builder_config.return_value
+    config.set_timing_cache.return_value = False
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    cache = tmp_path / "timing.cache"
+    cache.write_bytes(b"from another GPU")
+    with pytest.raises(EngineBuildError, match="timing.cache: recorded on another GPU or TensorRT version"):
+        build_engine(tmp_path / "g.onnx", tmp_path / "g.engine", [], EngineBuildSettings("fp16"), cache)
+    assert not trt.Builder.return_value.build_serialized_network.called and not (tmp_path / "g.engine").exists()
+
+
+def test_host_sources_of_uploads_stay_alive_until_the_stream_is_synchronised():
+    """cudaMemcpyAsync from pageable memory need not have read its source on return (docs/cuda.md):
+    CudaRuntime holds each host source until the stream is synchronised, then lets go of it."""
+    import gc
+    import weakref
+
+    from runtime.cuda import CudaRuntime
+
+    class Lib:  # libcudart's calls that succeed, recording nothing
+        def __getattr__(self, name):
+            return lambda *args: 0
+
+    cuda = CudaRuntime(Lib())
+    source = np.arange(8, dtype=np.float32)
+    alive = weakref.ref(source)
+    cuda.copy_htod(1234, source, 7)
+    del source
+    gc.collect()
+    assert alive() is not None  # the caller dropped it; the copy may still read it
+    cuda.stream_synchronize(7)
+    gc.collect()
+    assert alive() is None and cuda.in_flight == {}
