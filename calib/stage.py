@@ -162,7 +162,7 @@ def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log)
         path = tmp / entry.onnx.path
         identity = graph_identity(name, k, n, manifest.model["content_hash"], fp)
         report = export_and_validate(spec, spec.build(model, k), model.cfg, fp, path, list(VALIDATION_SIZES),
-                                     manifest.opset, identity, k)
+                                     manifest.opset, identity, k, p=manifest.p)
         out[name] = dataclasses.replace(entry, onnx=file_info(tmp, path), data=file_info(tmp, report.data),
                                         validation=report.checks, ops=report.ops)
     del model

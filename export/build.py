@@ -38,7 +38,9 @@ from runtime.tokens import TextTokenizer
 # int8 / int4: fp16 graphs whose decoders calib/ quantizes (W8A8 Q/DQ; INT4 weight-only, blocked DQ)
 PRECISIONS = ("fp16", "fp32", "int8", "int4")
 QUANTIZED = ("int8", "int4")
-SOURCES = ("model.py", "subgraphs.py", "onnx_export.py")
+# what an exported graph and its validation record depend on (repository paths): a change re-exports
+SOURCES = ("export/model.py", "export/subgraphs.py", "export/onnx_export.py", "export/yardstick.py",
+           "runtime/merge.py", "runtime/pruning.py")
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def validate_request(req: BuildRequest) -> tuple[Checkpoint, dict]:
 def exporter_source_hash() -> str:
     h = hashlib.sha256()
     for name in SOURCES:
-        h.update((Path(__file__).parent / name).read_bytes())
+        h.update((Path(__file__).resolve().parents[1] / name).read_bytes())
     return h.hexdigest()[:16]
 
 

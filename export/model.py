@@ -107,15 +107,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(at_least_float32(x.dtype))  # float32 (float64 stays float64: a widened reference)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(pos: torch.Tensor, d_head: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """pos (B, N) -> cos, sin (B, N, Dh) in float32, non-interleaved halves."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head))
-    freqs = pos.float()[..., None] * inv_freq  # (B, N, Dh/2)
+def at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rope_cos_sin(pos: torch.Tensor, d_head: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos (B, N) -> cos, sin (B, N, Dh) in float32 (float64 for a widened reference), non-interleaved halves."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).to(dtype) / d_head))
+    freqs = pos.to(dtype)[..., None] * inv_freq  # (B, N, Dh/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -169,13 +174,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def attention_saliency(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Mean over heads and query rows of softmax(q_rows . k^T / sqrt(Dh)): (B, N) in float32.
+    """Mean over heads and query rows of softmax(q_rows . k^T / sqrt(Dh)): (B, N) in float32 (or wider).
 
     Only |rows| rows of the attention map are formed: cost 2*H*|rows|*N*Dh.
     """
     scale = q.shape[-1] ** -0.5
-    probs = torch.softmax(((q[:, :, rows] * scale) @ k.transpose(-1, -2)).float(), dim=-1)  # (B, H, Q, N)
-    return probs.mean(dim=(1, 2))
+    scores = ((q[:, :, rows] * scale) @ k.transpose(-1, -2)).to(at_least_float32(q.dtype))
+    return torch.softmax(scores, dim=-1).mean(dim=(1, 2))  # (B, H, Q, N) -> (B, N)
 
 
 class MLP(nn.Module):
@@ -329,7 +334,7 @@ class LladaV(nn.Module):
         """run_layers that also returns each layer's keys and values of h's rows ([(k, v)] for layers
         lo..hi-1, (B, H, N, Dh)); past: [(k, v)] per layer of other positions (B, H, P, Dh) that h's
         rows attend to as well (a KV cache: docs/caching.md)."""
-        cos, sin = rope_cos_sin(pos, self.cfg.decoder.d_head, self.cfg.decoder.rope_theta)
+        cos, sin = rope_cos_sin(pos, self.cfg.decoder.d_head, self.cfg.decoder.rope_theta, at_least_float32(h.dtype))
         saliency, presents = None, []
         for i in range(lo, hi):
             rows = score_rows if i == hi - 1 else None

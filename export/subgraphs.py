@@ -148,7 +148,7 @@ class DecoderPost(nn.Module):
     def forward(self, hidden_states, position_ids, logit_rows, past_keys, past_values):
         h, _, presents = self.model.run_layers_kv(hidden_states, position_ids, self.k, self.model.cfg.n_layers,
                                                   past=split_past(past_keys, past_values))
-        return (self.model.logits(h, logit_rows).float(), *stack_presents(presents))
+        return (self.model.logits(h, logit_rows).to(model_math.at_least_float32(h.dtype)), *stack_presents(presents))
 
 
 VISION = SubgraphSpec(
@@ -220,7 +220,7 @@ def softmax_in_dtype(input, dim=None, _stacklevel=3, dtype=None):
 
 
 def layer_norm_float32(self, x):
-    """nn.LayerNorm in float32 from primitives (ReduceMean, Sub, Mul, Sqrt, Reciprocal), cast back: SigLIP's
+    """nn.LayerNorm in float32 from primitives (ReduceMean, Sub, Mul, Sqrt, Div), cast back: SigLIP's
     norms stay float32 in fp16 graphs, and no LayerNormalization op reaches TensorRT 10.3, whose parser
     calls setComputePrecision on it, which strongly typed networks reject (docs/tensorrt.md)."""
     x32 = x.float()

@@ -34,7 +34,7 @@ from typing import Callable
 import numpy as np
 
 from runtime.bundle import CACHED_PROFILE, FULL_PROFILE, Manifest, SubgraphEntry, device_engine, engine_problem
-from runtime.cuda import CudaApi, DeviceTensor
+from runtime.cuda import CudaApi, CudaError, DeviceTensor
 from runtime.errors import LladaVError, expect
 from runtime.runners import Runner
 
@@ -188,12 +188,17 @@ class TrtBackend:
 
     def _deactivate(self) -> None:
         """Free whatever was allocated, also after a failed activation; then forget it all (also when a
-        CUDA call fails here: after a device fault the process cannot reuse these handles anyway)."""
-        cuda = self.cuda
+        CUDA call fails here: after a device fault the process cannot reuse these handles anyway).
+        Order: wait for the stream (work queued before an error may still use the contexts and the
+        buffers), destroy the execution contexts, free buffers, events and the stream. A failed wait
+        does not stop the rest; it is raised at the end."""
+        cuda, failed = self.cuda, None
         try:
             if cuda is not None and self.stream is not None:
-                # first: work still queued (an error path leaves some) may use the contexts and the buffers
-                cuda.stream_synchronize(self.stream)
+                try:
+                    cuda.stream_synchronize(self.stream)
+                except CudaError as exc:
+                    failed = exc
             for engine in self.engines.values():
                 engine.close()  # TensorRT releases its context memory before the buffers it pointed at go
             if cuda is not None:
@@ -206,6 +211,8 @@ class TrtBackend:
                     cuda.stream_destroy(self.stream)
         finally:
             self._reset()
+        if failed is not None:
+            raise failed
 
     # ------------------------------------------------------------ device work, all on self.stream
 

@@ -78,3 +78,11 @@ def causal_attention():
         yield
     finally:
         subgraphs.explicit_attend = saved
+
+
+def weight_scaled(model, layer: int, factor: float):
+    """Not an export fault: a checkpoint whose layer's MLP output is `factor` times larger (float16 overflows)."""
+    bad = copy.deepcopy(model)
+    proj = bad.model.layers[layer].mlp.down_proj
+    proj.weight = torch.nn.Parameter(proj.weight.detach() * factor, requires_grad=False)
+    return bad

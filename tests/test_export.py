@@ -315,3 +315,51 @@ def test_decoder_graphs_reuse_their_own_cached_keys_and_values(exported, tiny):
     err = np.abs(cached - logits).max()
     print(f"cached rows vs full pass: logits max |diff| = {err:.2e}")
     assert err <= 1e-4 * np.abs(logits).max()
+
+
+def test_the_decision_check_sees_a_reordering_the_value_bound_cannot():
+    """Saliency ~1/N at 2000 tokens: a yardstick whose noise sits on the largest scores gives a value
+    bound (relative to them) that accepts the small scores reordered. The kept set at P does not:
+    500 tokens move where PyTorch's own noise moved none."""
+    from export.yardstick import decision_check, noise_check
+
+    rng = np.random.default_rng(0)
+    ref = rng.uniform(0.2, 1.0, (1, 2000))
+    ref /= ref.sum()
+    top = np.argsort(ref[0])[-5:]
+    yard = ref.copy()
+    yard[0, top] += 0.3 * ref.max()  # fp16-like noise on the largest values, none near the cut
+    got = ref.copy()
+    small = np.argsort(ref[0])[:1500]
+    got[0, small] = ref[0, small[::-1]]  # every small score given to another token
+    value = noise_check(got, yard, ref, "fp16")
+    assert value["max_abs_diff"] <= value["allowed"]  # the value rule passes it
+    decided = decision_check(got, yard, ref, 50)
+    assert decided["moved_yardstick"] == 0 and decided["moved"] == 500 > decided["allowed_moves"] == 1
+    assert decision_check(yard, yard, ref, 50)["moved"] == 0  # the yardstick itself passes
+
+
+def test_widened_restores_the_module_even_when_its_forward_raises():
+    from export.yardstick import run_module, widened
+
+    lin = torch.nn.Linear(4, 4).half()
+    with pytest.raises(RuntimeError):
+        with widened(lin, torch.float32):
+            lin(torch.zeros(3, 5))  # wrong width: raises inside the widened forward
+    assert lin.weight.dtype == torch.float16 and not hasattr(lin, "_saved_parameters")
+    x = {"x": np.ones((2, 4), np.float16)}
+    wide = run_module(lin, x, ["x"], ["y"], widen_to=torch.float64)["y"]
+    assert lin.weight.dtype == torch.float16  # unchanged after a widened run
+    want = np.ones((2, 4)) @ lin.weight.detach().double().numpy().T + lin.bias.detach().double().numpy()
+    assert np.abs(wide - want).max() < 1e-12  # float64 throughout: the exact model of the fp16 weights
+
+
+def test_int4_blocks_follow_the_weights_rows():
+    from calib.int4 import blocked_int4, weight_block
+    from runtime.errors import LladaVError
+
+    assert [weight_block(r, 128) for r in (4096, 12288, 352, 96, 48, 16)] == [128, 128, 32, 32, 16, 16]
+    with pytest.raises(LladaVError, match="a weight with 40 input rows has no block of 16..128 rows"):
+        weight_block(40, 128)
+    q, scale = blocked_int4(np.random.default_rng(0).standard_normal((352, 8)).astype(np.float32), 128)
+    assert q.shape == (352, 8) and scale.shape == (352 // 32, 8)

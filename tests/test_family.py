@@ -15,9 +15,14 @@ from export.onnx_export import ParityError, check_visual_tokens, export_and_vali
 from export.profiles import VALIDATION_SIZES
 from export.subgraphs import DECODER_POST, DECODER_PRE, VISION
 from export.tiny import FAMILY, write_random
+from runtime.pipeline import Pipeline
+from runtime.pruning import PruneSettings
+from runtime.schedule import GenerationSettings
 from runtime.tokens import TextTokenizer
 from tests import faults
-from tests.conftest import RUNTIME_PROFILE
+from tests.conftest import RUNTIME_PROFILE, gradient_image
+
+GEN = GenerationSettings(steps=4, gen_length=8, block_length=8)
 
 quiet = lambda m: None  # noqa: E731
 PROFILE = RUNTIME_PROFILE.__class__(**{**RUNTIME_PROFILE.__dict__, "layout": "anyres", "opt_image": (640, 360),
@@ -58,8 +63,14 @@ def test_each_member_builds_at_every_precision_and_matches_at_fp32(member, tmp_p
         for entry in m.subgraphs.values():
             checks = [c for per_output in entry.validation.values() for c in per_output.values()]
             assert checks and all(c["max_abs_diff"] <= c["allowed"] for c in checks)
-        if precision != "fp16":
-            assert {m.subgraphs[g].precision for g in ("decoder_pre", "decoder_post")} == {precision}
+        if precision != "fp16":  # their float graphs were validated above; the quantized ones did their own checks
+            for g in ("decoder_pre", "decoder_post"):
+                q = m.subgraphs[g].quantization
+                assert m.subgraphs[g].precision == precision and q["quantized"]["weights"] > 0
+                assert all(np.isfinite(e["max_abs_diff"]) for e in q["error_vs_float"].values())
+        with Pipeline(out) as pipe:  # and each answers
+            result = pipe.generate(gradient_image(320, 180), "Is the road clear?", GEN, PruneSettings(k=k, p=50))
+        assert len(result.answer_ids) <= GEN.gen_length and result.kept_visual.size > 0
 
 
 def planted(model, cfg):
@@ -107,3 +118,16 @@ def test_a_missing_image_newline_fails_the_visual_token_check(checkpoint16, tmp_
     assert ok["max_abs_diff"] <= ok["allowed"]
     with pytest.raises(ParityError, match=r"^vision: visual_tokens .*image_newline"):
         check_visual_tokens(path, np.zeros_like(newline), model, ckpt.config, "fp16")
+
+
+def test_a_checkpoint_that_overflows_float16_is_refused_with_the_reason(checkpoint16, tmp_path):
+    """Activations beyond float16's range in the model itself: the yardstick is not finite, and the
+    export is refused by name (not passed by an infinite bound)."""
+    model, ckpt = checkpoint16
+    if ckpt.path.name != "tiny":
+        pytest.skip("one checkpoint suffices")
+    k = pruning_layer(ckpt.config.n_layers)
+    huge = faults.weight_scaled(model, k, 3e4)  # decoder_post's first MLP overflows at fp16
+    with pytest.raises(ParityError, match=r"^decoder_post: output \w+: the model itself gives non-finite values at fp16"):
+        export_and_validate(DECODER_POST, DECODER_POST.build(huge, k), ckpt.config, "fp16", tmp_path / "p.onnx",
+                            list(VALIDATION_SIZES), k=k)

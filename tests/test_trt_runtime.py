@@ -414,8 +414,9 @@ def test_an_error_after_queued_work_waits_for_the_stream_before_destroying_conte
     finally:
         SimulatedEngine.enqueue = original
     ops = [c.op for c in device.log]
-    first_close = ops.index("close")
-    assert "stream_synchronize" in ops[ops.index("enqueue"):first_close]  # the queued work finished first
+    first_close, last_enqueue = ops.index("close"), len(ops) - 1 - ops[::-1].index("enqueue")
+    assert last_enqueue < first_close  # decoder_pre's work was queued, then the error
+    assert "stream_synchronize" in ops[last_enqueue:first_close]  # that work finished before any context went
     assert ops.index("free") > first_close and device.sim.memory == {}
 
 
