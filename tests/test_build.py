@@ -178,6 +178,9 @@ def test_rerun_reuses_and_k_change_reexports_only_decoders(bundle, tmp_path):
     shutil.copytree(req.out, out)
     same = build_bundle(replace(req, out=out, p=70), log=quiet)
     assert same.reused == ["vision", "decoder_pre", "decoder_post"] and same.exported == []
+    first = read_manifest(req.out)
+    for name, entry in same.manifest.subgraphs.items():  # reused graphs keep the tolerances their validation gave
+        assert entry.tolerances == first.subgraphs[name].tolerances and entry.validation == first.subgraphs[name].validation
     assert same.manifest.p == 70 and same.manifest.profiles["axes"]["seq"][1] == 100 + 729 - 510 + 16
     assert "replaced one tuned differently: P 50 -> 70; profile (min, opt, max): seq (1, 481, 921) -> (1, 335, 921)" \
         in summary(same)  # a new P retunes the engines' opt shapes: said, not silent
