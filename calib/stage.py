@@ -71,14 +71,60 @@ def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict
     """The entries of `manifest` (a complete float bundle at `tmp`), their graphs quantized in place."""
     data = record_calibration(tmp, q.calibration, q.data_root, log)
     data.check_for(manifest.model["content_hash"], manifest.k)
-    out, folded = dict(manifest.subgraphs), {}
+    out, folded, model = dict(manifest.subgraphs), {}, None
     if q.scheme.smooth_alpha or q.scheme.awq_grid:
-        entries, folded = folded_graphs(tmp, manifest, data, q.scheme, log)
+        entries, folded, model = folded_graphs(tmp, manifest, data, q.scheme, log)
         out.update(entries)
+    if q.scheme.mode != "int4" and model is not None:
+        model = None  # int8's graphs are not checked against a PyTorch model (activation Q/DQ: docs/export.md)
+        from export.onnx_export import release_memory
+
+        release_memory()
     for name in q.graphs():
         out[name] = quantize_entry(tmp, out[name], data, q.scheme, manifest.model["decoder"]["vocab"], log)
         if name in folded:
             out[name].quantization["awq"] = folded[name]
+    if q.scheme.mode == "int4":
+        out.update(int4_model_check(tmp, manifest, out, model, q.scheme, log))
+    return out
+
+
+def int4_model_check(tmp: Path, manifest: Manifest, entries: dict, model, scheme: QuantScheme, log) -> dict:
+    """The int4 decoder graphs against the model they stand for: the float model (AWQ-folded, as the
+    graphs were) with every decoder linear's weight rounded as calib.int4 stores it (calib.awq.fake_int4,
+    the same blocks and float16 scales), by export.yardstick's rule: an int4 graph is a float graph of
+    that model, so its checkpoint's noise at the graph's float type bounds it. Returns the entries with
+    this as their validation (the float graphs' validation stays in quantization['float_validation'])."""
+    import torch
+
+    from calib.awq import fake_int4
+    from export.checkpoint import load_model
+    from export.onnx_export import check_parity, ort_session, release_memory
+    from export.profiles import VALIDATION_SIZES
+    from export.subgraphs import SUBGRAPHS
+
+    fp = manifest.graphs_float()
+    if model is None:
+        model, _ = load_model(Path(manifest.model["source"]), {"fp16": torch.float16, "fp32": torch.float32}[fp])
+    with torch.no_grad():
+        for block in model.model.layers:
+            for lin in block.modules():
+                if isinstance(lin, torch.nn.Linear):
+                    lin.weight = torch.nn.Parameter(fake_int4(lin.weight, scheme.block).to(lin.weight.dtype),
+                                                    requires_grad=False)
+    out = {}
+    for spec in (s for s in SUBGRAPHS if s.name in QUANTIZED_GRAPHS):
+        entry = entries[spec.name]
+        path = tmp / entry.onnx.path
+        report = check_parity(path, spec, spec.build(model, manifest.k), model.cfg, fp, list(VALIDATION_SIZES),
+                              ort_session(path, quantized=True, exact=True), manifest.k, p=manifest.p)
+        worst = max((c for per in report.values() for c in per.values()), key=lambda c: c["max_abs_diff"] / c["allowed"])
+        log(f"{spec.name}: int4 graph vs the model with int4-rounded weights: max |diff| {worst['max_abs_diff']:.2e} "
+            f"<= {worst['allowed']:.2e} allowed")
+        out[spec.name] = dataclasses.replace(entry, validation=report, quantization={
+            **entry.quantization, "float_validation": entry.validation})
+    del model
+    release_memory()
     return out
 
 
@@ -132,12 +178,12 @@ def unshare(path: Path) -> None:
         os.replace(tmp, path)
 
 
-def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log) -> tuple[dict[str, SubgraphEntry], dict]:
+def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log) -> tuple[dict[str, SubgraphEntry], dict, object]:
     """The decoder graphs re-exported (and validated) from the checkpoint with per-channel scales
     folded into their weights, taken on the calibration feeds: SmoothQuant's migration (int8,
     calib.smooth) or AWQ's searched scales (int4, calib.awq). The graphs compute the same function,
-    so the feeds recorded on the unscaled ones still hold. Returns the entries and, for AWQ, what the
-    search chose per graph."""
+    so the feeds recorded on the unscaled ones still hold. Returns the entries, for AWQ what the
+    search chose per graph, and the folded model (at the graphs' float type)."""
     import torch
 
     from export.checkpoint import load_model
@@ -165,9 +211,7 @@ def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log)
                                      manifest.opset, identity, k, p=manifest.p)
         out[name] = dataclasses.replace(entry, onnx=file_info(tmp, path), data=file_info(tmp, report.data),
                                         validation=report.checks, ops=report.ops)
-    del model
-    release_memory()
-    return out, {name: c for name, c in chosen.items() if c}
+    return out, {name: c for name, c in chosen.items() if c}, model
 
 
 def fold_scales(module, blocks: dict, feeds: list[dict], names: list[str], scheme: QuantScheme, log) -> dict:

@@ -205,14 +205,18 @@ def check_graph(path: Path, spec: SubgraphSpec) -> dict:
     return dict(sorted(ops.items()))
 
 
-def ort_session(path: Path, quantized: bool = False):
-    """A CPU session; `quantized`: with the optimizer settings the runtime uses for Q/DQ graphs."""
+def ort_session(path: Path, quantized: bool = False, exact: bool = False):
+    """A CPU session; `quantized`: with the optimizer settings the runtime uses for Q/DQ graphs; `exact`:
+    basic graph optimizations only, so the graph's own arithmetic runs (ONNX Runtime's extended level
+    fuses int4 DequantizeLinear + MatMul into MatMulNBits, which computes with int8 activations)."""
     import onnxruntime as ort
 
     from runtime.runners import QDQ_DISABLED_OPTIMIZERS
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if exact:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=QDQ_DISABLED_OPTIMIZERS if quantized else [])
 

@@ -11,7 +11,7 @@ import torch
 
 from export.build import BuildRequest, build_bundle
 from export.checkpoint import load_model
-from export.onnx_export import ParityError, check_visual_tokens, export_and_validate
+from export.onnx_export import ParityError, check_parity, check_visual_tokens, export_and_validate, ort_session
 from export.profiles import VALIDATION_SIZES
 from export.subgraphs import DECODER_POST, DECODER_PRE, VISION
 from export.tiny import FAMILY, write_random
@@ -68,6 +68,13 @@ def test_each_member_builds_at_every_precision_and_matches_at_fp32(member, tmp_p
                 q = m.subgraphs[g].quantization
                 assert m.subgraphs[g].precision == precision and q["quantized"]["weights"] > 0
                 assert all(np.isfinite(e["max_abs_diff"]) for e in q["error_vs_float"].values())
+        if precision == "int4":  # judged as the int4 model's graphs: the float model's they are not
+            model16, _ = load_model(path, torch.float16)
+            entry = m.subgraphs["decoder_post"]
+            assert "float_validation" in entry.quantization
+            with pytest.raises(ParityError, match=r"^decoder_post: output \w+ differs from the model by"):
+                check_parity(out / entry.onnx.path, DECODER_POST, DECODER_POST.build(model16, k), model16.cfg, "fp16",
+                             list(VALIDATION_SIZES), ort_session(out / entry.onnx.path, quantized=True, exact=True), k)
         with Pipeline(out) as pipe:  # and each answers
             result = pipe.generate(gradient_image(320, 180), "Is the road clear?", GEN, PruneSettings(k=k, p=50))
         assert len(result.answer_ids) <= GEN.gen_length and result.kept_visual.size > 0
