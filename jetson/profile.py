@@ -28,11 +28,12 @@ if __package__ in (None, ""):  # run as a script from a checkout
 
 from jetson import device, tegrastats, trtexec  # noqa: E402
 from jetson.plan import AnswerCases, Case, answer_cases, check_inside_profile, feeds, generation, unique_cases  # noqa: E402
-from jetson.report import write_report  # noqa: E402
+from jetson.report import markdown, write_report  # noqa: E402
 from runtime.bundle import Manifest, read_manifest, verify_files  # noqa: E402
 from runtime.cli_args import image_size, name_flags, percent_list  # noqa: E402
 from runtime.cli_args import parser as cli_parser  # noqa: E402
 from runtime.errors import LladaVError, expect  # noqa: E402
+from runtime.files import check_output_dir  # noqa: E402
 from runtime.tokens import TextTokenizer  # noqa: E402
 from runtime.trt_runner import engine_path  # noqa: E402
 
@@ -72,10 +73,13 @@ def make_plan(req: ProfileRequest) -> Plan:
     verify_files(req.bundle, m, check_hashes=False)
     for p in req.ps:
         expect(0 <= p < 100, f"--p: got {p:g}; expected percentages in [0, 100)")
+    expect(req.steps is None or req.steps >= 1, f"--steps: got {req.steps}; expected an integer >= 1 (denoising steps)")
+    expect(req.iterations >= 1, f"--iterations: got {req.iterations}; expected an integer >= 1 (timed runs per case)")
+    expect(req.repeats >= 1, f"--repeats: got {req.repeats}; expected an integer >= 1 (measured answers per P)")
     settings = m.profiles["settings"]
     image = req.image or tuple(settings["opt_image"])
     prompt = TextTokenizer(req.bundle / "tokenizer").encode_prompt(req.prompt)
-    steps = req.steps or settings["opt_response"]
+    steps = req.steps if req.steps is not None else settings["opt_response"]
     g = generation(m, image, len(prompt.prefix) + len(prompt.suffix), steps, steps)
     answers = [answer_cases(m, g, p) for p in req.ps]
     cases = unique_cases(answers)
@@ -343,7 +347,7 @@ def profile(req: ProfileRequest) -> dict | None:
     if req.dry_run:
         print_plan(req, plan)
         return None
-    out = req.out or req.bundle / f"profile-{req.backend}"
+    out = check_output_dir(req.out or req.bundle / f"profile-{req.backend}", "--out")  # before the timing runs
     with tempfile.TemporaryDirectory(prefix="lladav-profile-") as tmp:
         work = Path(tmp)
         if req.backend == "onnxruntime":
@@ -357,9 +361,23 @@ def profile(req: ProfileRequest) -> dict | None:
             times, (_, measured) = time_tensorrt(req, plan, work), measure(req, plan, time_engines=False)
             dev = device.identity(clocks_locked=False)
     report = assemble(req, plan, times, measured, dev)
-    write_report(out, report)
+    try:
+        write_report(out, report)
+    except OSError as exc:  # the timing runs are not lost: the report goes elsewhere, and the error says where
+        raise LladaVError(f"--out {str(out)!r}: the report could not be written there ({exc}); {keep_report(report)}") from None
     print(f"report written to {out}/report.md")
     return report
+
+
+def keep_report(report: dict) -> str:
+    """Where a report that could not go to --out went: a temporary directory, or this message itself."""
+    kept = Path(tempfile.mkdtemp(prefix="lladav-profile-report-"))
+    try:
+        write_report(kept, report)
+        return f"it is in {kept}"
+    except OSError:
+        shutil.rmtree(kept, ignore_errors=True)
+        return "nor in a temporary directory; here it is:\n" + markdown(report)
 
 
 def print_plan(req: ProfileRequest, plan: Plan) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from runtime.files import atomic_directory
+from runtime.files import atomic_directory, keep_everything
 
 
 def markdown(r: dict) -> str:
@@ -76,8 +76,9 @@ def plot(r: dict, path: Path) -> None:
 
 
 def write_report(out: Path, r: dict) -> None:
-    """All three files at once: an earlier report is replaced only by a complete one."""
-    with atomic_directory(out) as tmp:
+    """All three files at once: an earlier report is replaced only by a complete one; other files in
+    `out` are kept (the profile owns report.json, report.md and report.png only)."""
+    with atomic_directory(out, keep=keep_everything) as tmp:
         (tmp / "report.json").write_text(json.dumps(r, indent=2) + "\n")
         (tmp / "report.md").write_text(markdown(r))
         plot(r, tmp / "report.png")

@@ -39,6 +39,31 @@ def write_text(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_output_dir(path, flag: str) -> Path:
+    """Before any work, for a command that writes the directory `path` (the user's `flag` in errors):
+    a file there is refused, and so is a place it cannot write (the directory is replaced through a
+    sibling, so its parent, or the nearest existing ancestor, must be writable, and the directory
+    itself if it exists). What a directory holds besides the command's own files is the command's
+    to keep (atomic_directory's `keep`), never to delete (docs/bundle.md, "Existing outputs")."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LladaVError(f"{flag} {str(path)!r}: is a file; expected a directory to write into (or a new path)")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LladaVError(f"{flag} {str(path)!r}: {str(ancestor)!r} is a file; expected a directory above the output")
+    for place in (ancestor, *([path] if path.is_dir() else [])):
+        if not os.access(place, os.W_OK | os.X_OK):
+            raise LladaVError(f"{flag} {str(path)!r}: {str(place)!r} is not writable; expected a place this user can write")
+    return path
+
+
+def keep_everything(rel) -> bool:
+    """atomic_directory's `keep` for commands that own only the files they write: keep all others."""
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(final, keep=lambda rel: False):
     """Yield a temporary sibling directory; on success it replaces `final`, on error it is removed.

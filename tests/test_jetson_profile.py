@@ -14,6 +14,7 @@ import pytest
 from jetson import profile as prof
 from jetson.plan import answer_cases, generation
 from runtime.bundle import read_manifest
+from runtime.errors import LladaVError
 
 # every flag the plan uses, as TensorRT 10.3's trtexec spells it (samples/common/sampleOptions.cpp, release/10.3)
 TRTEXEC_10_3_FLAGS = {"--loadEngine", "--shapes", "--loadInputs", "--noDataTransfers", "--useCudaGraph", "--useSpinWait",
@@ -58,9 +59,43 @@ def test_a_failed_report_leaves_the_earlier_one(runtime_bundles, tmp_path, monke
         raise OSError("disk full")
 
     monkeypatch.setattr(report, "plot", broken_plot)
-    with pytest.raises(OSError):
+    with pytest.raises(LladaVError, match=r"--out .*report could not be written there \(disk full\); nor in a "
+                                          r"temporary directory; here it is:\n# ") as caught:
         prof.profile(prof.ProfileRequest(runtime_bundles[15], "onnxruntime", ps=(0,), iterations=1, repeats=1, out=out))
+    assert "predicted" in str(caught.value)  # the report's table itself: the timing runs are not lost
     assert (out / "report.md").read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["report"]
+
+
+def test_the_report_directory_keeps_what_it_did_not_write_and_a_file_is_refused_first(runtime_bundles, tmp_path,
+                                                                                       monkeypatch):
+    """--out is the user's: a file there is refused before any timing run (and left alone); a folder
+    keeps its other files; only report.* are written."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.bin").write_bytes(b"1")
+    prof.profile(prof.ProfileRequest(runtime_bundles[15], "onnxruntime", ps=(0,), iterations=1, repeats=1, out=out))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "data.bin").read_bytes() == b"1"
+    assert {"report.json", "report.md", "report.png"} <= {p.name for p in out.iterdir()}
+    target = tmp_path / "a-file"
+    target.write_text("keep me")
+    monkeypatch.setattr(prof, "measure", lambda *a, **k: pytest.fail("timed before checking --out"))
+    assert prof.main(["--bundle", str(runtime_bundles[15]), "--backend", "onnxruntime", "--out", str(target)]) == 2
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "0"], "--steps: got 0; expected an integer >= 1"),
+    (["--steps", "-5"], "--steps: got -5; expected an integer >= 1"),
+    (["--iterations", "0"], "--iterations: got 0; expected an integer >= 1"),
+    (["--repeats", "0"], "--repeats: got 0; expected an integer >= 1"),
+])
+def test_counts_are_checked_before_the_timing_runs(runtime_bundles, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(prof, "measure", lambda *a, **k: pytest.fail("timed before checking the flags"))
+    assert prof.main(["--bundle", str(runtime_bundles[15]), "--backend", "onnxruntime", "--out", str(tmp_path / "r")]
+                     + argv) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_jetson_plan(runtime_bundles, capsys):
