@@ -18,6 +18,10 @@ from PIL import Image, UnidentifiedImageError
 from runtime.anyres import ANYRES, ImageGeometry, TileLayout, plan_tiles, select_best_resolution
 from runtime.errors import LladaVError
 
+# the largest frame accepted: above an 8K camera frame (33.2 MP), below PIL's decompression-bomb
+# warning (89.5 MP); AnyRes tiles every frame down to a few 384-pixel tiles regardless
+MAX_PIXELS = 40_000_000
+
 
 @dataclass(frozen=True)
 class ImageInput:
@@ -37,14 +41,50 @@ def load_image(source) -> Image.Image:
             raise LladaVError(f"image {str(path)!r}: is a directory; expected an image file")
         if not path.is_file():
             raise LladaVError(f"image {str(path)!r}: no such file")
+        bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own, lower limit below
         try:
-            with Image.open(path) as opened:
+            with Image.open(path) as opened:  # reads the header only
+                check_frame_size(opened.size, f"image {str(path)!r}")
                 opened.load()
                 image = opened.copy()
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise LladaVError(f"image {str(path)!r}: unreadable ({exc}); expected a PNG/JPEG/... file") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = bomb_limit
     if image.width == 0 or image.height == 0:
         raise LladaVError(f"image: got {image.width}x{image.height} pixels; expected a non-empty image")
+    check_frame_size(image.size, "image")
+    return to_rgb8(image)
+
+
+def check_frame_size(size: tuple[int, int], what: str) -> None:
+    """Refuse frames over MAX_PIXELS by name, from the header, before decoding them."""
+    w, h = size
+    if w * h > MAX_PIXELS:
+        raise LladaVError(f"{what}: {w}x{h} = {w * h:,} pixels; expected at most {MAX_PIXELS:,} (an 8K frame is "
+                          "33,177,600; AnyRes shrinks any frame to at most a few tiles anyway: downscale it first)")
+
+
+def to_rgb8(image: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB. PIL's convert("RGB") clips deeper single-channel frames (a 16-bit
+    frame turns almost all white, a float one black), so those are scaled first, by the range their
+    type defines, never by their content: 16-bit integers (I;16*, and I holding 0..65535) by 255/65535;
+    floating point (F) by 255, as values in [0, 1]. Other integer or float ranges are refused by name."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        x = np.asarray(image)
+        if image.mode == "F":
+            lo, hi = (float(np.min(x)), float(np.max(x))) if np.all(np.isfinite(x)) else (float("nan"),) * 2
+            if not (0.0 <= lo and hi <= 1.0):
+                raise LladaVError(f"image: a floating-point frame with values in [{lo:.4g}, {hi:.4g}]; expected values "
+                                  "in [0, 1] (convert it to 8 or 16 bits with its own exposure first)")
+            gray = np.rint(x.astype(np.float64) * 255.0)
+        else:
+            lo, hi = int(np.min(x)), int(np.max(x))
+            if lo < 0 or hi > 65535:
+                raise LladaVError(f"image: a {image.mode} frame with values in [{lo}, {hi}]; expected 16-bit values "
+                                  "in [0, 65535]")
+            gray = np.rint(x.astype(np.float64) * (255.0 / 65535.0))
+        image = Image.fromarray(gray.astype(np.uint8), mode="L")
     return image.convert("RGB")
 
 

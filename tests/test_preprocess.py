@@ -110,3 +110,43 @@ def test_prompt_ids_split_at_the_image(tokenizer):
         tokenizer.encode_prompt("look <image> here")
     with pytest.raises(LladaVError, match="empty"):
         tokenizer.encode_prompt("  ")
+
+
+def test_deep_frames_are_scaled_by_their_type_not_clipped(tmp_path):
+    """A 16-bit PNG and a float TIFF (camera pipelines write both) become the 8-bit picture they show:
+    PIL's convert("RGB") alone made the 16-bit one white and the float one black."""
+    from runtime.errors import LladaVError
+    from runtime.preprocess import load_image
+
+    ramp = np.linspace(0, 1, 64 * 32).reshape(32, 64)
+    Image.fromarray(np.rint(ramp * 65535).astype(np.uint16)).save(tmp_path / "g16.png")
+    Image.fromarray(ramp.astype(np.float32), mode="F").save(tmp_path / "f.tif")
+    want = np.rint(ramp * 255)
+    for name in ("g16.png", "f.tif"):
+        got = np.asarray(load_image(tmp_path / name), dtype=np.float64)
+        assert got.shape == (32, 64, 3) and np.abs(got[..., 0] - want).max() <= 1, name  # gray in all three channels
+        assert got.min() == 0 and got.max() == 255
+    Image.fromarray((ramp * 1000).astype(np.float32), mode="F").save(tmp_path / "hdr.tif")
+    with pytest.raises(LladaVError, match=r"a floating-point frame with values in \[0, 1000\]; expected values in \[0, 1\]"):
+        load_image(tmp_path / "hdr.tif")
+    Image.fromarray((ramp * 70000 - 5).astype(np.int32)).save(tmp_path / "i32.tif")
+    with pytest.raises(LladaVError, match=r"a I frame with values in \[-5, 69995\]; expected 16-bit values"):
+        load_image(tmp_path / "i32.tif")
+
+
+def test_an_oversized_frame_is_refused_from_its_header(tmp_path):
+    """A 20000x20000 PNG (PIL's DecompressionBombError before) is refused by name with the limit, from its
+    header: this file has no pixel data at all, so nothing was decoded."""
+    import struct
+    import zlib
+
+    from runtime.errors import LladaVError
+    from runtime.preprocess import MAX_PIXELS, load_image
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # 8-bit RGB
+    (tmp_path / "huge.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(LladaVError, match=rf"huge.png': 20000x20000 = 400,000,000 pixels; expected at most {MAX_PIXELS:,}"):
+        load_image(tmp_path / "huge.png")
