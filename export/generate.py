@@ -30,6 +30,7 @@ from runtime.preprocess import prepare_image  # noqa: E402
 from runtime.cli_args import (K_HELP, add_cache_args, add_generation_args, add_strategy_args, cache_settings,  # noqa: E402
                               generation_settings, name_flags)
 from runtime.cli_args import parser as cli_parser  # noqa: E402
+from runtime.cli_args import quiet_on_broken_pipe  # noqa: E402
 from runtime.pruning import PruneSettings, pruned_count  # noqa: E402
 from runtime.tokens import TextTokenizer  # noqa: E402
 
@@ -105,6 +106,7 @@ def report(out: dict) -> str:
     ])
 
 
+@quiet_on_broken_pipe
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)

@@ -26,6 +26,7 @@ import numpy as np
 from bench.flops import remaining, run_workload, total_flops, trace_flops
 from miniature.scenes import Question, Scene, held_out_set
 from runtime.bundle import Manifest, read_manifest
+from runtime.cli_args import quiet_on_broken_pipe
 from runtime.errors import LladaVError, expect
 from runtime.files import write_json, write_text
 from runtime.pruning import PruneSettings
@@ -245,6 +246,7 @@ def select(rows: list[Strategy], names) -> list[Strategy]:
     return [known[n] for n in names]
 
 
+@quiet_on_broken_pipe
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -272,10 +274,11 @@ def main(argv=None) -> int:
               f"{'' if gen.block_length == gen.gen_length else f', blocks of {gen.block_length}'}, "
               f"ONNX Runtime CPU, {minutes:.1f} min")
     md = markdown(table, header)
-    print(md)
+    # written before printed: a reader that closes the pipe early must not cost the results
     write_json(out / "table.json", {"header": header, "generation": asdict(gen), "rows": table, "records": records})
     write_text(out / "table.md", md)
     plot(table, out / "accuracy_vs_flops.png", header.split(", ONNX")[0])
+    print(md)
     print(f"written: {out / 'table.md'}, {out / 'table.json'}, {out / 'accuracy_vs_flops.png'}")
     return 0
 

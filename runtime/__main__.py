@@ -21,6 +21,7 @@ from runtime.errors import LladaVError
 from runtime.cli_args import (add_cache_args, add_generation_args, add_strategy_args, cache_settings, generation_settings,
                               name_flags)
 from runtime.cli_args import parser as cli_parser
+from runtime.cli_args import quiet_on_broken_pipe
 from runtime.pruning import PruneSettings
 from runtime.pipeline import VERIFY
 from runtime.runners import BACKENDS
@@ -168,6 +169,7 @@ def report(out: dict, trace: bool) -> str:
     return "\n".join(lines)
 
 
+@quiet_on_broken_pipe
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)

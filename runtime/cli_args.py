@@ -99,3 +99,25 @@ def name_flags(message: str, ap: argparse.ArgumentParser) -> str:
         if "_" in action.dest and action.option_strings:
             message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}\b", action.option_strings[0], message)
     return message
+
+
+SIGPIPE_STATUS = 141  # what a shell reports for a program killed by SIGPIPE (128 + 13)
+
+
+def quiet_on_broken_pipe(main):
+    """An entry point's main whose output is piped into a reader that stops early (`| head -1`) ends
+    quietly with SIGPIPE's status, as Unix tools do, instead of a BrokenPipeError traceback."""
+    import functools
+    import os
+    import sys
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's last flush must not fail again
+            os.dup2(devnull, sys.stdout.fileno())
+            return SIGPIPE_STATUS
+
+    return wrapped

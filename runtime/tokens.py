@@ -86,6 +86,11 @@ class TextTokenizer:
             raise LladaVError(f"tokenizer: {str(path)!r} has no token {text!r}; LLaDA-V needs it")
         return token_id
 
+    def special_texts(self) -> set[str]:
+        """LLaDA-V's special tokens and every token the tokenizer file marks special."""
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        return set(SPECIAL_TOKENS.values()) | added
+
     @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -105,6 +110,10 @@ class TextTokenizer:
             )
         if not question.strip():
             raise LladaVError("prompt: empty; expected a question about the image")
+        markers = sorted(t for t in self.special_texts() if t in question)
+        if markers:  # they would be read as the chat template's own structure, not as text
+            raise LladaVError(f"prompt: contains the special token(s) {markers}; expected plain text (the chat "
+                              "template's markers are added around the question, never taken from it)")
         before, after = chat_prompt(question).split(IMAGE_PLACEHOLDER)
         return PromptIds(tuple(self.encode(before)), tuple(self.encode(after)))
 

@@ -419,3 +419,20 @@ def test_without_an_image_the_demo_scene_is_used(bundles, capsys):
     assert json.loads(captured.out)["visual_tokens"] == 729  # the tiny bundle: one 384x384 tile
     # the demo scene is the miniature's 640x360 camera frame, below the tiny model's 384-pixel tile
     assert captured.err.startswith("warning: image the demo scene is 640x360, smaller than one 384x384 tile")
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly(bundles):
+    """`python -m runtime --json | head -c 10`: the pipe closes before the answer is printed; the run ends
+    with SIGPIPE's status and no traceback, as Unix tools do."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from runtime.cli_args import SIGPIPE_STATUS
+
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "--bundle", str(bundles[15]), "--prompt", "Clear?", "--json",
+                             "--steps", "2", "--gen-length", "4", "--block-length", "4", "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    proc.stdout.close()  # the reader is gone before anything was written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == SIGPIPE_STATUS and "Traceback" not in err and "BrokenPipe" not in err, err
