@@ -31,10 +31,13 @@ from export.yardstick import engine_tolerances
 from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, device_engine, device_engines,
                             engine_problem, engine_provenance, file_info, graph_identity, read_manifest, sha256_file, write_manifest)
 from runtime.errors import LladaVError, expect
-from runtime.files import atomic_directory
+from runtime.files import atomic_directory, check_output_dir
 from runtime.pruning import PruneSettings
 from runtime.tokens import TextTokenizer
 
+# what a build writes afresh every time: files of an earlier bundle under these are never carried over
+# (another model's tokenizer files must not survive into the new bundle); everything else is kept
+OWNED = ("onnx", "host", "tokenizer", "jetson", "manifest.json", "manifest.json.sha256")
 # int8 / int4: fp16 graphs whose decoders calib/ quantizes (W8A8 Q/DQ; INT4 weight-only, blocked DQ)
 PRECISIONS = ("fp16", "fp32", "int8", "int4")
 QUANTIZED = ("int8", "int4")
@@ -55,6 +58,7 @@ class BuildRequest:
     engines: str = "auto"  # auto: build where TensorRT and a GPU exist; skip; require
     clean: bool = False  # delete the old bundle's stale engines instead of keeping them
     quant: "QuantSettings | None" = None  # quantized precisions: scheme and calibration (None: the mode's defaults)
+    force: bool = False  # replace a bundle of another model at `out`
 
     @property
     def float_precision(self) -> str:
@@ -121,6 +125,7 @@ def validate_request(req: BuildRequest) -> tuple[Checkpoint, dict]:
            f"profiles: longest sequence {seq_max} tokens; the model allows {ckpt.config.decoder.max_positions}")
     out = Path(req.out)
     expect(not out.is_file(), f"out {str(out)!r}: is a file; expected a directory for the bundle")
+    check_output_dir(out, "out")  # a file above it, or a place this user cannot write: before any work
     if out.is_dir() and any(out.iterdir()):
         expect((out / "manifest.json").is_file(),
                f"out {str(out)!r}: exists, is not empty and holds no bundle manifest; refusing to replace it")
@@ -256,8 +261,13 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
     ckpt_hash = ckpt.content_hash()
     source = exporter_source_hash()
     b = Builder(req, ckpt, log)
+    if b.old is not None and b.old.model.get("content_hash") != ckpt_hash:
+        expect(req.force, f"out {str(req.out)!r}: holds a bundle of another model ({b.old.model.get('name')!r}, "
+                          f"{str(b.old.model.get('source'))!r}); this build is of {ckpt.config.name!r} "
+                          f"({str(ckpt.path)!r}). Expected a new --out, or --force to replace that bundle")
+        log(f"replacing the bundle of model {b.old.model.get('name')!r} at {req.out} (--force)")
     dropped: set[Path] = set()  # files of the old bundle not carried over (stale engines, with --clean)
-    with atomic_directory(req.out, keep=lambda rel: rel not in dropped) as tmp:
+    with atomic_directory(req.out, keep=lambda rel: rel not in dropped and rel.parts[0] not in OWNED) as tmp:
         for sub in ("onnx", "tokenizer", "jetson"):
             (tmp / sub).mkdir()
         host = b.host_files(tmp, ckpt_hash)  # first: the vision check merges with the image_newline written here
@@ -318,14 +328,20 @@ def stale_engines(old: Path, manifest: Manifest, clean: bool, dropped: set, log)
 
 
 def retuned(old: Manifest | None, new: Manifest) -> str | None:
-    """How the replaced bundle's P and profiles differ from the new ones, or None."""
-    if old is None or (old.p == new.p and old.profiles["axes"] == new.profiles["axes"]
-                       and old.profiles.get("cached_axes") == new.profiles["cached_axes"]):
+    """How the replaced bundle differs from the new one (model, K, precision, P, profiles), or None."""
+    if old is None:
         return None
+    changes = [f"{what} {a} -> {b}" for what, a, b in (
+        ("model", old.model.get("name"), new.model.get("name")), ("K", old.k, new.k),
+        ("precision", old.precision, new.precision), ("P", f"{old.p:g}", f"{new.p:g}")) if a != b]
+    if old.model.get("content_hash") != new.model.get("content_hash") and old.model.get("name") == new.model.get("name"):
+        changes.insert(0, "model weights (another checkpoint of the same name)")
     axes = [f"{which}{a} {tuple(old.profiles.get(key, {}).get(a, ()))} -> {tuple(r)}"
             for key, which in (("axes", ""), ("cached_axes", "cached "))
             for a, r in new.profiles[key].items() if old.profiles.get(key, {}).get(a) != r]
-    return f"P {old.p:g} -> {new.p:g}" + (f"; profile (min, opt, max): {', '.join(axes)}" if axes else "")
+    if axes:
+        changes.append(f"profile (min, opt, max): {', '.join(axes)}")
+    return "; ".join(changes) or None
 
 
 def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) -> dict:
@@ -437,7 +453,7 @@ def summary(result: BuildResult) -> str:
     for note in result.stale:
         rows.append(note)
     if result.retuned:
-        rows.append(f"this bundle replaced one tuned differently: {result.retuned}")
+        rows.append(f"this bundle replaced one that differed: {result.retuned}")
     rows.append(f"done in {result.seconds:.1f}s")
     return "\n".join(rows)
 

@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "on an x86 CPU, whose integer GEMMs take float32 graphs only")
     cal.add_argument("--calib-dir", type=Path, default=Path("bundles") / "calibration",
                      help="where calibration data is stored and reused (keyed by model, K, P and settings)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace a bundle of another model at --out (refused otherwise)")
     ap.add_argument("--clean", action="store_true",
                     help="when rebuilding into an existing bundle, delete its engines that no longer match (stale) "
                          "instead of keeping them; every other file the build did not write is always kept")
@@ -100,7 +102,7 @@ def request(args: argparse.Namespace) -> BuildRequest:
                                args.opt_response, args.opt_image, 2 if args.cfg else 1, args.opt_block,
                                args.max_image)
     return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines, args.clean,
-                        quant_settings(args) if args.precision in QUANTIZED else None)
+                        quant_settings(args) if args.precision in QUANTIZED else None, args.force)
 
 
 def quant_settings(args: argparse.Namespace):

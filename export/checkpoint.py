@@ -113,7 +113,9 @@ def parse_config(raw: dict, path: Path) -> ModelConfig:
         grid_pinpoints=parse_grid_pinpoints(raw.get("image_grid_pinpoints", "(1x1),...,(6x6)"), vision.image_size),
         max_tiles=parse_max_tiles(raw.get("image_aspect_ratio", "")),
     )
-    return ModelConfig(decoder, vision, geometry, name=str(raw.get("_name_or_path") or path.name))
+    # the config's own name, else the checkpoint directory's (path is its config.json)
+    name = raw.get("_name_or_path") or (path.parent.name if path.name == CONFIG else path.name)
+    return ModelConfig(decoder, vision, geometry, name=str(name))
 
 
 def _vision_dims(raw: dict, path: Path) -> VisionDims:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import replace
 from types import SimpleNamespace
@@ -182,7 +183,7 @@ def test_rerun_reuses_and_k_change_reexports_only_decoders(bundle, tmp_path):
     for name, entry in same.manifest.subgraphs.items():  # reused graphs keep the tolerances their validation gave
         assert entry.tolerances == first.subgraphs[name].tolerances and entry.validation == first.subgraphs[name].validation
     assert same.manifest.p == 70 and same.manifest.profiles["axes"]["seq"][1] == 100 + 729 - 510 + 16
-    assert "replaced one tuned differently: P 50 -> 70; profile (min, opt, max): seq (1, 481, 921) -> (1, 335, 921)" \
+    assert "replaced one that differed: P 50 -> 70; profile (min, opt, max): seq (1, 481, 921) -> (1, 335, 921)" \
         in summary(same)  # a new P retunes the engines' opt shapes: said, not silent
     moved = build_bundle(replace(req, out=out, k=3), log=quiet)
     assert moved.reused == ["vision"] and moved.exported == ["decoder_pre", "decoder_post"]
@@ -249,6 +250,52 @@ def test_bad_checkpoints_and_outputs(tiny_dir, tmp_path, capsys):
     assert main(["--model", str(tiny_dir), "--out", str(tmp_path / "busy")]) == 2
     assert "refusing to replace it" in capsys.readouterr().err
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+    assert main(["--model", str(tiny_dir), "--out", str(tmp_path / "file" / "b")]) == 2  # under a file
+    assert f"{str(tmp_path / 'file')!r} is a file; expected a directory above the output" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if not os.access(locked, os.W_OK):  # root writes anywhere: nothing to refuse then
+            assert main(["--model", str(tiny_dir), "--out", str(locked / "b")]) == 2
+            assert "is not writable; expected a place this user can write" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_bundle_of_another_model_is_replaced_only_with_force(bundle, tmp_path):
+    """--out holding another model's bundle: refused before any export; with --force replaced, the
+    summary says what changed, and none of the old model's tokenizer files survive."""
+    from export.tiny import FAMILY, write_random
+
+    req, _ = bundle
+    out = tmp_path / "b"
+    shutil.copytree(req.out, out)
+    (out / "tokenizer" / "old-only.json").write_text("{}")  # a file only the old model's tokenizer had
+    (out / "notes.txt").write_text("mine")
+    other = write_random(tmp_path / "other", *FAMILY["family-narrow"])
+    manifest = (out / "manifest.json").read_text()
+    with pytest.raises(LladaVError, match=r"holds a bundle of another model \('tiny'.*this build is of 'family-narrow'.*"
+                                          r"--force to replace that bundle"):
+        build_bundle(replace(req, model_dir=other, out=out, k=3), log=quiet)
+    assert (out / "manifest.json").read_text() == manifest
+    result = build_bundle(replace(req, model_dir=other, out=out, k=3, force=True), log=quiet)
+    assert result.retuned.startswith("model tiny -> family-narrow; K 15 -> 3") and "replaced one that differed" in summary(result)
+    assert not (out / "tokenizer" / "old-only.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert result.manifest.model["name"] == "family-narrow"
+
+
+def test_the_model_name_is_the_checkpoints_not_its_config_file(tiny_dir, tmp_path):
+    import json
+
+    plain = tmp_path / "my-llada"
+    shutil.copytree(tiny_dir, plain)
+    cfg = json.loads((plain / "config.json").read_text())
+    del cfg["_name_or_path"]
+    (plain / "config.json").write_text(json.dumps(cfg))
+    from export.checkpoint import open_checkpoint
+
+    assert open_checkpoint(plain).config.name == "my-llada"
 
 
 def test_engine_reuse_needs_same_onnx_profile_and_tensorrt(bundle, tmp_path):
