@@ -31,7 +31,7 @@ from export.yardstick import engine_tolerances
 from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, device_engine, device_engines,
                             engine_problem, engine_provenance, file_info, graph_identity, read_manifest, sha256_file, write_manifest)
 from runtime.errors import LladaVError, expect
-from runtime.files import atomic_directory, check_output_dir
+from runtime.files import atomic_directory, check_output_dir, output_lock
 from runtime.pruning import PruneSettings
 from runtime.tokens import TextTokenizer
 
@@ -257,6 +257,11 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
     log = log or Progress()
     start = time.perf_counter()
     ckpt, token_ids = validate_request(req)
+    with output_lock(req.out, "out"):
+        return _build_bundle(req, ckpt, token_ids, log, start)
+
+
+def _build_bundle(req: BuildRequest, ckpt, token_ids: dict, log, start: float) -> BuildResult:
     log(f"checkpoint {ckpt.path}: {ckpt.config.n_layers} layers, d={ckpt.config.decoder.d_model}; hashing ...")
     ckpt_hash = ckpt.content_hash()
     source = exporter_source_hash()

@@ -59,6 +59,43 @@ def check_output_dir(path, flag: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def output_lock(path, flag: str):
+    """Hold an exclusive lock on writing `path` (a lock file beside it, `.NAME.lock`, locked with flock:
+    released whenever this process ends, however it ends; removed when done). A second writer of the
+    same output is refused with the first one's pid, instead of both reporting success and the last
+    rename winning."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise LladaVError(f"{flag} {str(path)!r}: another process (pid {holder}) is writing it now; expected one "
+                              "writer at a time (wait for it, or use another output)") from None
+        try:  # the holder before us may have removed the file between our open and our lock: lock the current one
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still holding it: a waiting writer then retries on a fresh file
+        os.close(fd)
+
+
 def keep_everything(rel) -> bool:
     """atomic_directory's `keep` for commands that own only the files they write: keep all others."""
     return True

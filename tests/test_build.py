@@ -527,3 +527,17 @@ def test_rebuild_keeps_what_it_did_not_write_and_reports_stale_engines(bundle, t
     (out / "engines" / "vision.engine.json").unlink()
     with pytest.raises(LladaVError, match=r"vision.engine is of unknown origin"):
         check_engines(out, read_manifest(out), record["tensorrt"])
+
+
+def test_a_second_build_into_the_same_output_is_refused_while_the_first_runs(bundle, tmp_path):
+    """Two builds into one --out both said "bundle written" and the last rename won; now the second is
+    refused with the first one's pid (the lock is flock's: a crashed build leaves nothing held)."""
+    from runtime.files import output_lock
+
+    req, _ = bundle
+    out = tmp_path / "b"
+    with output_lock(out, "out"):  # as a first build would hold it
+        with pytest.raises(LladaVError, match=rf"out '{out}': another process \(pid {os.getpid()}\) is writing it now"):
+            build_bundle(replace(req, out=out), log=quiet)
+    assert not out.exists()
+    assert build_bundle(replace(req, out=out), log=quiet).manifest.k == 15  # released: the next build runs
