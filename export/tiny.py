@@ -235,18 +235,26 @@ def build_parser():
 
 def main(argv=None) -> int:
     from runtime.errors import LladaVError
+    from runtime.files import check_output_dir
 
     args = build_parser().parse_args(argv)
-    if args.preset == "tiny" and args.layers is None and args.out is None and args.seed == TINY_SEED:
-        print(ensure_tiny())
-        return 0
     try:
-        cfg, ids = preset_config(args.preset, args.layers)
-        out = Path(args.out) if args.out else default_home() / f"{cfg.name}-seed{args.seed}"
+        if args.preset == "tiny" and args.layers is None and args.seed == TINY_SEED:
+            cfg, ids, out = PRESETS["tiny"], None, Path(args.out) if args.out else default_model_dir()
+        else:
+            cfg, ids = preset_config(args.preset, args.layers)
+            out = Path(args.out) if args.out else default_home() / f"{cfg.name}-seed{args.seed}"
         if not (out / "config.json").is_file():
-            write_random(out, cfg, ids, args.seed, max_shard_bytes=1 << 30 if cfg.decoder.d_model >= 1024 else TINY_SHARD_BYTES)
+            check_output_dir(out, "--out" if args.out else "LLADAV_EDGE_HOME (or ~/.cache/lladav-edge)")
+            expect(not out.is_dir() or not any(out.iterdir()),
+                   f"--out {str(out)!r}: exists and holds no checkpoint; expected a new or empty directory")
+            shard = 1 << 30 if cfg.decoder.d_model >= 1024 else TINY_SHARD_BYTES
+            write_random(out, cfg, ids, args.seed, max_shard_bytes=shard)
     except LladaVError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a failure after the checks (disk full): nothing half-written is left (atomic)
+        print(f"error: writing the checkpoint to {str(out)!r} failed ({exc})", file=sys.stderr)
         return 2
     print(out)
     return 0

@@ -28,7 +28,7 @@ from miniature.scenes import Question, Scene, held_out_set
 from runtime.bundle import Manifest, read_manifest
 from runtime.cli_args import quiet_on_broken_pipe
 from runtime.errors import LladaVError, expect
-from runtime.files import write_json, write_text
+from runtime.files import check_output_dir, write_json, write_text
 from runtime.pruning import PruneSettings
 from runtime.pruning_map import object_recall, tokens_covering
 from runtime.schedule import GenerationSettings
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         gen = replace(HARNESS_GEN, steps=args.steps, gen_length=args.gen_length,
                       block_length=args.block_length or args.gen_length).validate()
         items = held_out_set()[: args.limit]
-        out = args.out or Path("runs") / "eval" / args.bundle.name
+        out = check_output_dir(args.out or Path("runs") / "eval" / args.bundle.name, "--out")  # before the evaluation
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         records = run_all(args.bundle, rows, items, gen, out / "bundles", log)
@@ -275,9 +275,15 @@ def main(argv=None) -> int:
               f"ONNX Runtime CPU, {minutes:.1f} min")
     md = markdown(table, header)
     # written before printed: a reader that closes the pipe early must not cost the results
-    write_json(out / "table.json", {"header": header, "generation": asdict(gen), "rows": table, "records": records})
-    write_text(out / "table.md", md)
-    plot(table, out / "accuracy_vs_flops.png", header.split(", ONNX")[0])
+    try:
+        write_json(out / "table.json", {"header": header, "generation": asdict(gen), "rows": table, "records": records})
+        write_text(out / "table.md", md)
+        plot(table, out / "accuracy_vs_flops.png", header.split(", ONNX")[0])
+    except OSError as exc:  # the evaluation is not lost: the table is printed, and the error says what was not written
+        print(md)
+        print(f"error: --out {str(out)!r}: the results could not be written there ({exc}); the table is above",
+              file=sys.stderr)
+        return 2
     print(md)
     print(f"written: {out / 'table.md'}, {out / 'table.json'}, {out / 'accuracy_vs_flops.png'}")
     return 0

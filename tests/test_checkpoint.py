@@ -237,3 +237,21 @@ def test_interrupted_write_leaves_nothing(tmp_path, tiny):
     with pytest.raises(Exception):
         write_checkpoint(tmp_path / "out", ckpt.raw_config, state, {}, max_shard_bytes=1 << 16)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_checkpoint_writer_names_a_bad_home_before_writing(tmp_path, monkeypatch, capsys):
+    """LLADAV_EDGE_HOME a file, or --out holding other files: exit 2 with the reason (a traceback before)."""
+    from export.tiny import main as tiny_main
+
+    home = tmp_path / "home"
+    home.write_text("not a directory")
+    monkeypatch.setenv("LLADAV_EDGE_HOME", str(home))
+    assert tiny_main([]) == 2
+    assert "LLADAV_EDGE_HOME (or ~/.cache/lladav-edge)" in capsys.readouterr().err and home.read_text() == "not a directory"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert tiny_main(["--preset", "family-narrow", "--out", str(busy)]) == 2
+    assert "exists and holds no checkpoint" in capsys.readouterr().err and (busy / "notes.txt").read_text() == "mine"
+    assert tiny_main(["--preset", "family-narrow", "--layers", "2", "--out", str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new" / "config.json").is_file()

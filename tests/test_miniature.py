@@ -244,6 +244,26 @@ def test_harness_refuses_unknown_strategies_and_bad_limits(mini_bundle, capsys):
     assert "--limit: got 0; expected >= 1" in capsys.readouterr().err
 
 
+def test_harness_checks_its_output_before_evaluating_and_keeps_results_it_cannot_write(mini_bundle, tmp_path, capsys,
+                                                                                        monkeypatch):
+    import miniature.eval as harness
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(harness, "run_all", lambda *a, **k: pytest.fail("evaluated before checking --out"))
+    assert harness.main(["--bundle", str(mini_bundle), "--limit", "1", "--out", str(tmp_path / "file" / "o")]) == 2
+    assert "is a file; expected a directory above the output" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(harness, "write_json", full_disk)
+    assert harness.main(["--bundle", str(mini_bundle), "--limit", "1", "--strategies", "unpruned",
+                         "--out", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    assert "| unpruned |" in captured.out and "could not be written there" in captured.err  # the table is not lost
+
+
 def test_token_labels_hold_what_the_scene_drew_in_each_cell():
     """Against an independent rasterisation: per object a pixel mask of its box pooled onto each token
     grid (global tile and AnyRes grid); a token holds the class of the nearest object drawn there."""
