@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--opt-text-tokens", type=int, default=96, help="prompt length in tokens the engines are tuned for")
     ap.add_argument("--max-response", type=int, default=128, help="longest --gen-length the engines accept, in tokens")
     ap.add_argument("--opt-response", type=int, default=32, help="response length in tokens the engines are tuned for")
-    ap.add_argument("--opt-block", type=int, default=32,
-                    help="block length the cached-step profile is tuned for (--cache; at most --max-response)")
+    ap.add_argument("--opt-block", type=int, default=None,
+                    help="block length the cached-step profile is tuned for (--cache; at most --max-response; "
+                         "default: 32, or --max-response when shorter)")
     ap.add_argument("--opt-image", type=image_size, default="1920x1080", metavar="WIDTHxHEIGHT",
                     help="camera frame size in pixels the engines are tuned for")
     ap.add_argument("--max-image", type=image_size, metavar="WIDTHxHEIGHT",

@@ -33,10 +33,17 @@ class ProfileSettings:
     opt_response: int = 32
     opt_image: tuple[int, int] = (1920, 1080)  # the camera frame the engines are tuned for
     max_batch: int = 1  # 2 allows classifier-free guidance
-    opt_block: int = 32  # the cached profile's opt rows: one response block (dual cache), at most max_response
+    # the cached profile's opt rows: one response block (dual cache), at most max_response; None: 32, or
+    # max_response when shorter (a block never exceeds the response)
+    opt_block: int | None = None
     # the largest camera frame (anyres): tile and visual-token maxima from its plan instead of the worst
     # case over every AnyRes grid (37 tiles); frames whose plan needs more are refused at run time
     max_image: tuple[int, int] | None = None
+
+    @property
+    def block_rows(self) -> int:
+        """The cached profile's opt rows: opt_block, or 32 capped at max_response when not given."""
+        return self.opt_block if self.opt_block is not None else min(32, self.max_response)
 
     @staticmethod
     def from_dict(d: dict) -> "ProfileSettings":
@@ -52,7 +59,9 @@ class ProfileSettings:
         for lo, hi in (("opt_text_tokens", "max_text_tokens"), ("opt_response", "max_response")):
             a, b = getattr(self, lo), getattr(self, hi)
             expect(1 <= a <= b, f"{lo}={a}, {hi}={b}: expected 1 <= {lo} <= {hi}")
-        expect(self.opt_block >= 1, f"opt_block={self.opt_block}: expected >= 1 (rows of one response block)")
+        expect(self.opt_block is None or 1 <= self.opt_block <= self.max_response,
+               f"opt_block={self.opt_block}, max_response={self.max_response}: expected 1 <= opt_block <= max_response "
+               "(the rows of one response block; a larger one was clamped silently before)")
         expect(self.max_batch in (1, 2), f"max batch: got {self.max_batch}; expected 1, or 2 for CFG")
         expect(self.max_image is None or (len(self.max_image) == 2 and min(self.max_image) >= 1),
                f"max_image: got {self.max_image!r}; expected (width, height) in pixels")
@@ -98,7 +107,7 @@ def cached_axis_ranges(full: dict, settings: ProfileSettings) -> dict[str, tuple
     """Named axis -> (min, opt, max) of the cached profile, from the full profile's: `seq` rows
     recomputed (at most the response), `past` rows reused (at least one: the prompt), one score row
     (saliency unused)."""
-    block = min(settings.opt_block, settings.max_response)
+    block = settings.block_rows
     return {**full,
             "seq": (1, block, settings.max_response),
             "query": (1, 1, 1),

@@ -28,9 +28,10 @@ from runtime.runners import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = cli_parser("python -m runtime", __doc__)
+    # errors and usage name the command the user typed: lladav-run, or python -m runtime
+    ap = cli_parser(None if Path(sys.argv[0]).name == "lladav-run" else "python -m runtime", __doc__)
     ap.add_argument("--bundle", type=Path, required=True, help="bundle directory from export/build_engines.py")
-    ap.add_argument("--image", type=Path, help="image file (PNG, JPEG, ...); default: the built-in 640x480 demo road scene")
+    ap.add_argument("--image", type=Path, help="image file (PNG, JPEG, ...); default: the built-in 640x360 demo road scene")
     ap.add_argument("--prompt", required=True, help="the question about the image")
     ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the graphs")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="onnxruntime's execution provider")

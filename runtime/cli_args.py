@@ -56,12 +56,13 @@ def add_strategy_args(ap: argparse.ArgumentParser) -> None:
 
 
 def add_generation_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--steps", type=int, default=32,
+    ap.add_argument("--steps", type=int, default=None,
                     help="denoising steps: a multiple of the number of blocks (gen-length / block-length), "
-                         "at most --gen-length")
+                         "at most --gen-length (default: --gen-length)")
     ap.add_argument("--gen-length", type=int, default=32, help="response length in tokens")
-    ap.add_argument("--block-length", type=int, default=32,
-                    help="tokens per semi-autoregressive block; must divide --gen-length")
+    ap.add_argument("--block-length", type=int, default=None,
+                    help="tokens per semi-autoregressive block; must divide --gen-length (default: --gen-length, "
+                         "one block)")
     ap.add_argument("--temperature", type=float, default=0.0, help="Gumbel sampling temperature; 0 = greedy")
     ap.add_argument("--cfg-scale", type=float, default=0.0,
                     help="classifier-free guidance scale; 0 = off (> 0 needs a --cfg bundle: batch 2)")
@@ -84,7 +85,9 @@ def add_cache_args(ap: argparse.ArgumentParser) -> None:
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:
-    return GenerationSettings(args.steps, args.gen_length, args.block_length, args.temperature, args.cfg_scale,
+    steps = args.steps if args.steps is not None else args.gen_length  # defaults follow the length the user typed
+    block = args.block_length if args.block_length is not None else args.gen_length
+    return GenerationSettings(steps, args.gen_length, block, args.temperature, args.cfg_scale,
                               args.remasking, not args.no_stop_at_eot, args.seed, args.threshold).validate()
 
 

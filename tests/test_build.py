@@ -66,8 +66,9 @@ def test_the_cached_profile_covers_every_cached_step():
                     assert cached["seq"][0] <= w.compute.size <= cached["seq"][2]
                     assert cached["past"][0] <= w.past.size <= cached["past"][2]
     assert profile_ranges(REAL, replace(s, max_response=16), 50)[1]["seq"] == (1, 16, 16)  # a block fits the response
-    with pytest.raises(LladaVError, match="opt_block=0: expected >= 1"):
+    with pytest.raises(LladaVError, match="opt_block=0, max_response=128: expected 1 <= opt_block <= max_response"):
         replace(s, opt_block=0).validate()
+    assert replace(s, max_response=16, opt_response=8).validate().block_rows == 16  # not given: capped at the response
 
 
 def test_input_shapes_and_trtexec_command():
@@ -225,6 +226,7 @@ def test_interrupted_build_leaves_the_old_bundle(interrupted, tmp_path):
         (["--p", "-1"], "P: got -1.0"),
         (["--opt-text-tokens", "300"], "--opt-text-tokens=300, --max-text-tokens=256: expected 1 <= "
                                        "--opt-text-tokens <= --max-text-tokens"),
+        (["--opt-block", "256"], "--opt-block=256, --max-response=128: expected 1 <= --opt-block <= --max-response"),
     ],
 )
 def test_bad_arguments_fail_before_heavy_work(tiny_dir, tmp_path, capsys, argv, message):

@@ -54,6 +54,8 @@ def test_console_commands_are_installed():
         assert path, f"{name} is neither next to {sys.executable} nor on PATH (reinstall: pip install -e .)"
         done = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and "usage:" in done.stdout, done.stderr
+        if name == "lladav-run":  # usage and errors name the command typed, not "python -m runtime"
+            assert done.stdout.startswith("usage: lladav-run "), done.stdout[:60]
 
 
 def test_help_texts_state_defaults_units_and_rules(capsys):
@@ -98,3 +100,17 @@ def test_the_car_installs_without_torch_and_the_readme_commands_parse():
     assert runs and any("--image" not in line for line in runs)  # the quick start runs as written: demo scene
     for line in runs:
         run_cli.build_parser().parse_args(shlex.split(line)[3:])
+
+
+def test_generation_defaults_follow_the_length_typed_and_help_names_the_real_demo_scene(tiny_dir, capsys):
+    """--gen-length 8 alone failed on the default block length 32 the user never typed; steps and block
+    now default to the response length. The run's help named a 640x480 demo scene; it is 640x360."""
+    from runtime import __main__ as run_cli
+    from runtime.demo import demo_image
+
+    args = ["--model", str(tiny_dir), "--layout", "single", "--gen-length", "8", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps_run"] <= 8 and len(out["answer_ids"]) <= 8
+    w, h = demo_image().size
+    assert f"built-in {w}x{h} demo road scene" in " ".join(run_cli.build_parser().format_help().split())
