@@ -52,6 +52,8 @@ class CalibrationSettings:
         expect((self.images is None) == (self.prompts is None),
                "calibration: --calib-images and --calib-prompts go together (a folder of images and a file of "
                f"questions); got images={self.images!r}, prompts={self.prompts!r}")
+        if self.images is not None:  # the folder and file are read now, before minutes of export
+            _folder_items(Path(self.images), Path(self.prompts), 1)
         return self
 
     def to_dict(self) -> dict:

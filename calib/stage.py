@@ -53,6 +53,8 @@ class QuantSettings:
         expect(self.float_precision in FLOAT_BASES, f"quantized graphs' float type: got {self.float_precision!r}; "
                                                    f"expected one of {FLOAT_BASES}")
         s = self.scheme
+        expect(0 <= s.smooth_alpha < 1, f"smooth alpha: got {s.smooth_alpha!r}; expected a value in [0, 1) "
+                                        "(SmoothQuant's migration strength; 0: off)")
         expect(not (s.smooth_alpha and s.awq_grid), f"{s.mode}: SmoothQuant (alpha {s.smooth_alpha}) and AWQ (grid "
                                                     f"{s.awq_grid}) both asked for; expected one (SmoothQuant for int8, AWQ for int4)")
         expect(s.awq_grid >= 0 and (not s.awq_grid or s.mode == "int4"),

@@ -246,6 +246,19 @@ def select(rows: list[Strategy], names) -> list[Strategy]:
     return [known[n] for n in names]
 
 
+def check_miniature_bundle(bundle: Path, manifest: Manifest) -> None:
+    """The held-out questions are the miniature's: another model's bundle would score near 0% and say
+    nothing about pruning. Refused by name (the content hash says which weights the bundle holds)."""
+    from export.checkpoint import open_checkpoint
+    from miniature import embedded_checkpoint
+
+    want = open_checkpoint(embedded_checkpoint()).content_hash()
+    got = manifest.model.get("content_hash")
+    expect(got == want, f"--bundle {str(bundle)!r}: a bundle of model {manifest.model.get('name')!r} (weights "
+                        f"{str(got)[:12]}); expected one of the miniature (miniature/checkpoint, weights {want[:12]}), "
+                        "whose held-out questions this harness asks")
+
+
 @quiet_on_broken_pipe
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -253,6 +266,7 @@ def main(argv=None) -> int:
     try:
         expect(args.limit is None or args.limit >= 1, f"--limit: got {args.limit}; expected >= 1")
         manifest = read_manifest(args.bundle)
+        check_miniature_bundle(args.bundle, manifest)
         rows = select(strategies(), args.strategies)
         gen = replace(HARNESS_GEN, steps=args.steps, gen_length=args.gen_length,
                       block_length=args.block_length or args.gen_length).validate()

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from runtime.errors import LladaVError
+from runtime.errors import LladaVError, expect
 from runtime.cli_args import (add_cache_args, add_generation_args, add_strategy_args, cache_settings, generation_settings,
                               name_flags)
 from runtime.cli_args import parser as cli_parser
@@ -68,10 +68,13 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
     from runtime.pipeline import Pipeline
     from runtime.preprocess import load_image
 
+    flag = "--map"
     if args.trace and args.map is None:
-        args.map = Path("pruning_map.png")
+        args.map, flag = Path("pruning_map.png"), "--trace's pruning map (default; --map chooses another path)"
     if args.map:
-        check_writable(args.map, "--map")  # before minutes of generation, not after
+        check_writable(args.map, flag)  # before minutes of generation, not after
+        expect(args.map.suffix.lower() in MAP_SUFFIXES, f"{flag} {str(args.map)!r}: the file name must end in one "
+                                                        f"of {', '.join(MAP_SUFFIXES)} (the image format)")
     image = load_image(args.image) if args.image else demo_image()  # unreadable image: an error before model work
     gen = generation_settings(args)
     cache = cache_settings(args)
@@ -135,6 +138,9 @@ class StepProgress:
     def close(self) -> None:
         if self.inline and self.shown:
             print(file=self.stream, flush=True)
+
+
+MAP_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # PIL writes these by name
 
 
 def check_writable(path: Path, flag: str) -> None:

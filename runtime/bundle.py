@@ -158,6 +158,8 @@ def read_manifest(bundle) -> Manifest:
     """The manifest, refused if its format is another or it changed since the build (its digest)."""
     bundle = Path(bundle)
     expect(bundle.is_dir(), f"bundle {str(bundle)!r}: not a directory; expected the output of build_engines.py")
+    expect((bundle / MANIFEST).is_file(), f"bundle {str(bundle)!r}: holds no {MANIFEST}; expected a bundle directory "
+                                           "written by export/build_engines.py (manifest, onnx/, host/, tokenizer/)")
     manifest = Manifest.from_dict(read_json(bundle / MANIFEST, "bundle manifest"))
     digest = bundle / DIGEST
     expect(digest.is_file(), f"bundle {str(bundle)!r}: {DIGEST} is missing; rebuild the bundle")

@@ -39,8 +39,10 @@ def load_image(source) -> Image.Image:
         path = Path(source)
         if path.is_dir():
             raise LladaVError(f"image {str(path)!r}: is a directory; expected an image file")
-        if not path.is_file():
+        if not path.exists():
             raise LladaVError(f"image {str(path)!r}: no such file")
+        if not path.is_file():  # a device (/dev/zero) or a FIFO would be read forever
+            raise LladaVError(f"image {str(path)!r}: not a regular file; expected an image file")
         bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own, lower limit below
         try:
             with Image.open(path) as opened:  # reads the header only

@@ -498,3 +498,21 @@ def test_awq_keeps_the_function_and_beats_round_to_nearest():
                     total += float((y - x @ original[i][name].T).pow(2).sum())
         # the search measured v and up before o's and down's scales moved into their rows (fp16 scale rounding differs)
         assert abs(total - found["output_error_awq"]) <= 1e-3 * found["output_error_awq"]
+
+
+def test_quantization_flags_are_checked_before_any_export(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--smooth-alpha 1.5 and an empty --calib-images folder were refused only after minutes of export
+    and calibration."""
+    import export.build as build_mod
+    from export.build_engines import main
+
+    monkeypatch.setattr(build_mod, "export_and_validate", lambda *a, **k: pytest.fail("exported before checking"))
+    images, prompts = tmp_path / "images", tmp_path / "q.txt"
+    images.mkdir()
+    prompts.write_text("What is ahead?\n")
+    base = ["--model", str(tiny_dir), "--out", str(tmp_path / "o"), "--precision", "int8"]
+    assert main(base + ["--smooth-alpha", "1.5"]) == 2
+    assert "smooth alpha: got 1.5; expected a value in [0, 1)" in capsys.readouterr().err
+    assert main(base + ["--calib-images", str(images), "--calib-prompts", str(prompts)]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -244,6 +244,14 @@ def test_harness_refuses_unknown_strategies_and_bad_limits(mini_bundle, capsys):
     assert "--limit: got 0; expected >= 1" in capsys.readouterr().err
 
 
+def test_harness_refuses_a_bundle_of_another_model(runtime_bundles, capsys):
+    """The tiny model's bundle scored a silent 0% table before."""
+    from miniature.eval import main
+
+    assert main(["--bundle", str(runtime_bundles[15]), "--limit", "1"]) == 2
+    assert "a bundle of model 'tiny'" in capsys.readouterr().err
+
+
 def test_harness_checks_its_output_before_evaluating_and_keeps_results_it_cannot_write(mini_bundle, tmp_path, capsys,
                                                                                         monkeypatch):
     import miniature.eval as harness

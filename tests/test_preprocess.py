@@ -162,3 +162,27 @@ def test_chat_template_markers_in_a_question_are_refused_by_name(tokenizer):
     with pytest.raises(LladaVError, match=r"\['<\|mdm_mask\|>'\]"):
         tokenizer.encode_prompt("fill <|mdm_mask|> in")
     assert tokenizer.encode_prompt("Is <|this|> fine?").suffix  # look-alikes that are not special tokens pass
+
+
+def test_a_device_or_fifo_as_image_is_named_for_what_it_is(tmp_path):
+    import os
+
+    from runtime.errors import LladaVError
+    from runtime.preprocess import load_image
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(LladaVError, match="not a regular file; expected an image file"):
+            load_image(path)
+    with pytest.raises(LladaVError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+
+
+def test_an_empty_bundle_folder_says_what_it_expected(tmp_path):
+    from runtime.bundle import read_manifest
+    from runtime.errors import LladaVError
+
+    with pytest.raises(LladaVError, match="holds no manifest.json; expected a bundle directory written by "
+                                          "export/build_engines.py"):
+        read_manifest(tmp_path)

@@ -345,6 +345,13 @@ def test_cli_paths_are_checked_first_and_the_answer_is_never_lost(bundles, tmp_p
     assert err.out == ""
     assert main(base[:2] + ["--image", str(tmp_path)] + base[4:]) == 2
     assert f"image '{tmp_path}': is a directory; expected an image file" in capsys.readouterr().err
+    assert main(base + ["--map", str(tmp_path / "m.txt")]) == 2  # the format comes from the name
+    assert "m.txt': the file name must end in one of .png, .jpg" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pruning_map.png").mkdir()  # --trace's default map path is taken: the error names --trace, not --map
+    assert main(base + ["--trace"]) == 2
+    assert "--trace's pruning map (default; --map chooses another path) 'pruning_map.png': is a directory" \
+        in capsys.readouterr().err
 
 
 def test_small_image_warns_and_a_failing_map_keeps_the_answer(bundles, tmp_path, capsys, monkeypatch):
