@@ -543,3 +543,19 @@ def test_a_second_build_into_the_same_output_is_refused_while_the_first_runs(bun
             build_bundle(replace(req, out=out), log=quiet)
     assert not out.exists()
     assert build_bundle(replace(req, out=out), log=quiet).manifest.k == 15  # released: the next build runs
+
+
+def test_check_output_dir_refuses_each_unusable_target(tmp_path, monkeypatch):
+    """runtime.files.check_output_dir, the one check every writing command runs first. This suite runs as
+    root, which writes anywhere: the unwritable case is taken from os.access."""
+    from runtime.files import check_output_dir
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LladaVError, match=r"--out '.*f': is a file; expected a directory"):
+        check_output_dir(tmp_path / "f", "--out")
+    with pytest.raises(LladaVError, match=r"is a file; expected a directory above the output"):
+        check_output_dir(tmp_path / "f" / "deeper" / "out", "--out")
+    assert check_output_dir(tmp_path / "new" / "out", "--out") == tmp_path / "new" / "out"  # created later
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(LladaVError, match=rf"--out '.*out': '{tmp_path}' is not writable; expected a place this user"):
+        check_output_dir(tmp_path / "out", "--out")
