@@ -21,9 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 # the build in a fresh process; VmHWM (bench.cpu.peak_rss) is that process's peak RSS
 BUILD = """
 import sys, time

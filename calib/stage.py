@@ -104,10 +104,11 @@ def int4_model_check(tmp: Path, manifest: Manifest, entries: dict, model, scheme
     from export.onnx_export import check_parity, ort_session, release_memory
     from export.profiles import VALIDATION_SIZES
     from export.subgraphs import SUBGRAPHS
+    from runtime.bundle import float_type
 
     fp = manifest.graphs_float()
     if model is None:
-        model, _ = load_model(Path(manifest.model["source"]), {"fp16": torch.float16, "fp32": torch.float32}[fp])
+        model, _ = load_model(Path(manifest.model["source"]), getattr(torch, float_type(fp)))
     with torch.no_grad():
         for block in model.model.layers:
             for lin in block.modules():

@@ -21,7 +21,6 @@ import torch
 from export.subgraphs import VISION as VISION_SPEC
 from export.subgraphs import SubgraphSpec, dummy_inputs, export_patches, model_dims
 from runtime.bundle import float_type
-from runtime.checks import output_check
 from runtime.errors import LladaVError
 
 OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
@@ -293,7 +292,6 @@ def check_visual_tokens(path: Path, newline: np.ndarray, reference, cfg, precisi
     as the bundle stores it) against LladaV.visual_tokens, by export.yardstick's rule. A newline that is
     missing or wrong fails here. Returns {"visual_tokens": check}."""
     from export.yardstick import REFERENCE_DTYPE, noise_check, widened
-    from runtime.anyres import ANYRES, plan_tiles
     from runtime.merge import merge_tiles
 
     layout = merge_check_layout(cfg.geometry)
