@@ -9,7 +9,9 @@ full sequence at step 1), one 384-px tile (729 visual tokens), a ~40-token promp
 tokens in blocks of 32, 64 steps, no stop at <|eot_id|> (every setting runs its whole schedule).
 One fp32 bundle; the same question under each setting:
 
-    unpruned uncached | K4 P50 uncached | K4 P50 + dual cache | + threshold 0.9
+    unpruned uncached | K4 P50 uncached | K4 P50 + dual cache | + threshold 0.9 | K4 P70 + dual + T0.9
+
+(pruned settings with the default rule, the duplicate-aware one: its similarity run is in step 1's time)
 
 Per setting: wall time of the denoising loop (vision excluded), steps taken, rows computed, and the
 FLOPs bench.flops predicts from the run's trace; ratios against unpruned uncached, measured next to
@@ -54,11 +56,12 @@ class Setting:
     p: float
     cache: str = "none"
     threshold: float = 0.0
+    rule: str = "duplicate"
 
 
 def settings(k: int) -> list[Setting]:
     return [Setting("unpruned uncached", 0), Setting(f"K{k} P50 uncached", 50), Setting(f"K{k} P50 dual", 50, "dual"),
-            Setting(f"K{k} P50 dual T0.9", 50, "dual", 0.9)]
+            Setting(f"K{k} P50 dual T0.9", 50, "dual", 0.9), Setting(f"K{k} P70 dual T0.9", 70, "dual", 0.9)]
 
 
 def build(shape: CacheBenchShape, workdir: Path, log) -> Path:
@@ -83,7 +86,7 @@ def run_setting(pipe, s: Setting, shape: CacheBenchShape, image) -> dict:
 
     gen = GenerationSettings(steps=shape.gen, gen_length=shape.gen, block_length=shape.block, stop_at_eot=False,
                              threshold=s.threshold)
-    prune = PruneSettings(shape.k, s.p)
+    prune = PruneSettings(shape.k, s.p, rule=s.rule)
     res = pipe.generate(image, QUESTION, gen, prune, cache=CacheSettings(s.cache))
     w = run_workload(pipe.manifest, res.layout, gen)
     rows = [st.rows for st in res.steps]
@@ -95,7 +98,7 @@ def run_setting(pipe, s: Setting, shape: CacheBenchShape, image) -> dict:
             "loop_ms": res.total_ms - res.vision_ms, "decoder_ms": float(np.sum(decoder)),
             "cached_step_ms": float(np.mean(cached)) if cached else None,
             "uncached_later_step_ms": float(np.mean(uncached_later)) if uncached_later else None,
-            "flops": trace_flops(w, shape.k if s.p else None, s.p, rows), "answer_ids": res.answer_ids}
+            "flops": trace_flops(w, shape.k if s.p else None, s.p, rows, s.rule), "answer_ids": res.answer_ids}
 
 
 def run(shape: CacheBenchShape, workdir: Path, log) -> dict:
@@ -153,17 +156,21 @@ def orin_projection(visual: int = 3649, text: int = 50, gen: int = 64, block: in
     from runtime.pruning import pruned_count
 
     w = Workload(text=text, visual=visual, gen=gen, steps=gen)
-    n, n2 = w.n, w.n - pruned_count(visual, 50)
+    n = w.n
     per_block = gen // block
-    cached = ([n2] + [block] * (block - 1)) * per_block
-    plans = {"unpruned uncached": (None, 0, [n] * gen, 1.0), f"K{k} P50 uncached": (k, 50, [n2] * gen, 1.0),
-             f"K{k} P50 dual": (k, 50, cached, 1.0), f"K{k} P50 dual int4": (k, 50, cached, INT4_BYTES_VS_FP16)}
+    reduced = {p: w.n - pruned_count(visual, p) for p in (50, 70)}
+    cached = {p: ([n2] + [block] * (block - 1)) * per_block for p, n2 in reduced.items()}
+    plans = {"unpruned uncached": (None, 0, [n] * gen, 1.0)}
+    for p in (50, 70):  # the default rule (duplicate-aware): its similarities counted in step 1
+        plans.update({f"K{k} P{p} uncached": (k, p, [reduced[p]] * gen, 1.0), f"K{k} P{p} dual": (k, p, cached[p], 1.0),
+                      f"K{k} P{p} dual int4": (k, p, cached[p], INT4_BYTES_VS_FP16)})
     lines = [f"LLaDA-V-8B on Orin (a projection, not a measurement): {visual} visual + {text} text + {gen} response "
              f"tokens, {gen} steps in blocks of {block}; seconds per answer: compute at dense FP16 peak, fp16 "
              "weights read once per step, and the floor (per step the larger of the two, summed)", "",
              f"{'setting':<20} " + " ".join(f"{SHORT[d] + ' compute':>12} {'weights':>8} {'floor':>7}" for d in BANDWIDTH)]
     for name, (kk, p, rows, weights) in plans.items():
-        steps = [trace_flops(w, kk, p, rows[: i + 1]) - (trace_flops(w, kk, p, rows[:i]) if i else 0)
+        rule = "duplicate" if kk is not None else None
+        steps = [trace_flops(w, kk, p, rows[: i + 1], rule) - (trace_flops(w, kk, p, rows[:i], rule) if i else 0)
                  for i in range(len(rows))]
         cells = []
         for dev, bw in BANDWIDTH.items():

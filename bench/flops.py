@@ -7,7 +7,9 @@ Per decoder layer over n tokens (SwiGLU): C(n) = 4nd^2 + 2n^2d + 3ndm multiply-a
 FLOPs (the anchors in docs/flops.md agree: ~14 GFLOP per token per pass, ~22 TFLOP for 1.6k tokens).
 Pruning at layer K of step 1 drops floor(V*P/100) tokens; every later step runs all L layers on
 n' tokens. The LM head costs 2*d*vocab FLOPs per position that gets logits: every position, or
-only the G response positions. The vision tower runs once per generation and is left out, like
+only the G response positions. Given a pruning rule, step 1 also counts what choosing costs
+(rule_flops): the saliency's q.k of the G query rows against the n keys, and for the duplicate
+rule the pivots' cosine similarities to the V visual tokens. The vision tower runs once per generation and is left out, like
 the paper.
 """
 
@@ -18,7 +20,7 @@ import sys
 from dataclasses import dataclass, replace
 
 from runtime.anyres import ANYRES, ImageGeometry, plan_tiles
-from runtime.pruning import pruned_count
+from runtime.pruning import DEFAULT_PIVOTS, pruned_count
 
 # docs/orin.md: dense peak throughput, FLOP/s
 ORIN = {
@@ -80,11 +82,23 @@ def cached_layer_macs(rows: int, n: int, d: int, m: int) -> float:
     return linear_macs(rows, d, m) + 2 * rows * n * d
 
 
-def trace_flops(w: Workload, k: int | None, p: float, rows: list[int]) -> float:
+def rule_flops(w: Workload, rule: str | None, pivots: int = DEFAULT_PIVOTS) -> float:
+    """FLOPs of choosing the kept tokens in step 1 (runtime.pruning's rules; None: not counted). Saliency:
+    q.k of G query rows over n keys and the softmax's few per score; duplicate: that, plus normalising the V
+    visual hidden states (3Vd) and pivots x V dot products of width d."""
+    if rule in (None, "random"):
+        return 0.0
+    saliency = 2 * w.gen * w.n * w.d + 5 * w.gen * w.n
+    if rule == "saliency":
+        return saliency
+    return saliency + 3 * w.visual * w.d + 2 * min(pivots, w.visual) * w.visual * w.d
+
+
+def trace_flops(w: Workload, k: int | None, p: float, rows: list[int], rule: str | None = None) -> float:
     """FLOPs of one generation from the rows each step computed (the runtime's trace): step 1 as
     step_flops has it; a later step over `r` of the n' tokens costs L cached layers plus the LM head
     on its response rows (all G on a refresh, the window's on a cached step)."""
-    first, _ = step_flops(w, k, p)
+    first, _ = step_flops(w, k, p, rule)
     n2 = w.n - (pruned_count(w.visual, p) if k is not None else 0)
     later = 0.0
     for r in rows[1:]:
@@ -98,26 +112,27 @@ def head_flops(w: Workload, n: int) -> float:
     return 2 * w.d * w.vocab * positions
 
 
-def step_flops(w: Workload, k: int | None, p: float) -> tuple[float, float]:
-    """(first step, every later step) FLOPs."""
+def step_flops(w: Workload, k: int | None, p: float, rule: str | None = None) -> tuple[float, float]:
+    """(first step, every later step) FLOPs; rule: count choosing the kept tokens too (rule_flops)."""
     n = w.n
-    if k is None or p == 0:
+    if k is None or pruned_count(w.visual, p) == 0:
         one = w.layers * layer_flops(n, w.d, w.m) + head_flops(w, n)
         return one, one
     n2 = n - pruned_count(w.visual, p)
-    first = k * layer_flops(n, w.d, w.m) + (w.layers - k) * layer_flops(n2, w.d, w.m) + head_flops(w, n2)
+    first = (k * layer_flops(n, w.d, w.m) + (w.layers - k) * layer_flops(n2, w.d, w.m) + head_flops(w, n2)
+             + rule_flops(w, rule))
     later = w.layers * layer_flops(n2, w.d, w.m) + head_flops(w, n2)
     return first, later
 
 
-def total_flops(w: Workload, k: int | None, p: float) -> float:
-    first, later = step_flops(w, k, p)
+def total_flops(w: Workload, k: int | None, p: float, rule: str | None = None) -> float:
+    first, later = step_flops(w, k, p, rule)
     return first + (w.steps - 1) * later
 
 
-def remaining(w: Workload, k: int | None, p: float) -> float:
+def remaining(w: Workload, k: int | None, p: float, rule: str | None = None) -> float:
     """Fraction of the unpruned FLOPs that remain (the paper's 'FLOPs Rem.')."""
-    return total_flops(w, k, p) / total_flops(w, None, 0)
+    return total_flops(w, k, p, rule) / total_flops(w, None, 0)
 
 
 def single_pass_remaining(w: Workload, k: int, p: float) -> float:

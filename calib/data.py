@@ -187,7 +187,7 @@ def _run(bundle: Path, settings: CalibrationSettings, log) -> dict[str, list[dic
     feeds: dict[str, list[dict]] = {"vision": [], "decoder_pre": [], "decoder_post": []}
     items = calibration_items(settings)
     with Pipeline(bundle, runner_factory=factory) as pipe:
-        prune = PruneSettings(pipe.manifest.k, pipe.manifest.p)
+        prune = PruneSettings(pipe.manifest.k, pipe.manifest.p, rule=pipe.manifest.rule)
         for n, (image, question) in enumerate(items):
             pipe.generate(image, question, gen, prune)
             feeds["vision"] += recorders["vision"].take([0])

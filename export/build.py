@@ -32,7 +32,7 @@ from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorIn
                             engine_problem, engine_provenance, file_info, graph_identity, read_manifest, sha256_file, write_manifest)
 from runtime.errors import LladaVError, expect
 from runtime.files import atomic_directory, check_output_dir, output_lock
-from runtime.pruning import PruneSettings
+from runtime.pruning import DEFAULT_RULE, PruneSettings
 from runtime.tokens import TextTokenizer
 
 # what a build writes afresh every time: files of an earlier bundle under these are never carried over
@@ -59,6 +59,7 @@ class BuildRequest:
     clean: bool = False  # delete the old bundle's stale engines instead of keeping them
     quant: "QuantSettings | None" = None  # quantized precisions: scheme and calibration (None: the mode's defaults)
     force: bool = False  # replace a bundle of another model at `out`
+    rule: str = DEFAULT_RULE  # the pruning rule the runtime uses unless told otherwise (runtime.pruning.RULES)
 
     @property
     def float_precision(self) -> str:
@@ -118,7 +119,7 @@ def validate_request(req: BuildRequest) -> tuple[Checkpoint, dict]:
     expect(0 <= req.p < 100, f"P: got {req.p!r}; expected a percentage in [0, 100)")
     req.profiles.validate()
     ckpt = open_checkpoint(req.model_dir)
-    PruneSettings(k=req.k, p=req.p).validate(ckpt.config.n_layers)
+    PruneSettings(k=req.k, p=req.p, rule=req.rule).validate(ckpt.config.n_layers)
     token_ids = TextTokenizer(req.model_dir).ids.to_dict()
     seq_max = axis_ranges(ckpt.config, req.profiles, req.p)["seq"][2]
     expect(seq_max <= ckpt.config.decoder.max_positions,
@@ -222,8 +223,10 @@ class Builder:
             modules = [m.model.vision_tower, m.model.mm_projector]
         elif spec.name == "decoder_pre":
             modules = list(m.model.layers[: self.req.k])
-        else:
+        elif spec.name == "decoder_post":
             modules = [*m.model.layers[self.req.k :], m.model.norm, m.lm_head]
+        else:
+            modules = []  # similarity: no weights
         for module in modules:
             for sub in module.modules():
                 for name, p in list(sub._parameters.items()):
@@ -425,7 +428,7 @@ def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokeni
         subgraphs=entries, host=host, tokenizer=sorted(tokenizer),
         versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                   "transformers": transformers.__version__, "tensorrt": trt["version"]},
-        tensorrt=trt, float_precision=req.float_precision,
+        tensorrt=trt, float_precision=req.float_precision, rule=req.rule,
     )
 
 
@@ -437,7 +440,8 @@ def final_opset(req: BuildRequest) -> int:
 
 def summary(result: BuildResult) -> str:
     m, out = result.manifest, result.out
-    rows = [f"bundle {out}  (K={m.k}, P={m.p:g}, {m.precision}, {m.n_layers} layers, model {m.model['name']})", ""]
+    rows = [f"bundle {out}  (K={m.k}, P={m.p:g}, rule {m.rule}, {m.precision}, {m.n_layers} layers, "
+            f"model {m.model['name']})", ""]
     rows.append(f"{'file (size with its .onnx.data)':<34} {'size':>10}  shapes (min / opt / max)")
     for name, e in m.subgraphs.items():
         first = next(iter(e.shapes[0].values()))

@@ -23,6 +23,7 @@ from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
 from runtime.cli_args import K_HELP, image_size, name_flags  # noqa: E402
 from runtime.cli_args import parser as cli_parser  # noqa: E402
 from runtime.errors import LladaVError  # noqa: E402
+from runtime.pruning import DEFAULT_RULE, RULE_HELP, RULES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--p", type=float, default=50.0,
                     help="percent of visual tokens pruned, in [0, 100): what the runtime uses unless told "
                          "otherwise, and the reduced length the engines are tuned (opt) for")
+    ap.add_argument("--rule", choices=RULES, default=DEFAULT_RULE,
+                    help="which visual tokens survive step 1, what the runtime uses unless told otherwise: "
+                         + "; ".join(f"{r}: {h}" for r, h in RULE_HELP.items()))
     ap.add_argument("--model", type=Path, help="LLaDA-V checkpoint directory (default: the embedded miniature, miniature/checkpoint)")
     ap.add_argument("--out", type=Path, help="bundle directory (default: bundles/<model>-k<K>-p<P>-<precision>)")
     ap.add_argument("--precision", default="fp16", choices=PRECISIONS,
@@ -54,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "larger plans are refused at run time. On an Orin NX this is what makes the 8B fit "
                          "(python -m bench.orin_fit --max-image ...)")
     ap.add_argument("--cfg", action="store_true", help="allow batch 2 for classifier-free guidance")
+    ap.add_argument("--max-pivots", type=int, default=32, help="most pivots the duplicate rule may use at run time")
     ap.add_argument("--opset", type=int, choices=range(17, 21), metavar="{17..20}",
                     help="ONNX opset of the exported graphs (TensorRT 10.3 parses 17..20; default 18, int8 and int4 19; "
                          "int4 graphs become opset 21 when quantized)")
@@ -101,9 +106,9 @@ def request(args: argparse.Namespace) -> BuildRequest:
     out = args.out or Path("bundles") / f"{name}-k{args.k}-p{args.p:g}-{args.precision}"  # P tunes the profile
     profiles = ProfileSettings(args.layout, args.max_text_tokens, args.opt_text_tokens, args.max_response,
                                args.opt_response, args.opt_image, 2 if args.cfg else 1, args.opt_block,
-                               args.max_image)
+                               args.max_image, args.max_pivots)
     return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines, args.clean,
-                        quant_settings(args) if args.precision in QUANTIZED else None, args.force)
+                        quant_settings(args) if args.precision in QUANTIZED else None, args.force, args.rule)
 
 
 def quant_settings(args: argparse.Namespace):

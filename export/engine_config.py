@@ -28,8 +28,10 @@ class EngineBuildSettings:
     workspace_mib: int = 4096
     opt_level: int = 3
     # TensorRT runs fp32 MatMuls and convolutions in TF32 on Ampere (Orin) unless told otherwise
-    # (BuilderFlag.kTF32, NvInfer.h): that matters to fp32 bundles. fp16 and quantized graphs have no fp32
-    # MatMul or Conv (their float32 islands are norms, softmax and casts), so --noTF32 changes nothing there.
+    # (BuilderFlag.kTF32, NvInfer.h): that matters to fp32 bundles, and to the similarity graph of every bundle
+    # (its cosines are a float32 MatMul; TF32's 10-bit mantissa would reorder near-equal similarities). The
+    # decoders of fp16 and quantized bundles have no fp32 MatMul or Conv (their float32 islands are norms,
+    # softmax and casts).
     tf32: bool = False
     # layer names and details in trtexec's --exportProfile / --exportLayerInfo (jetson/profile.py); the
     # runtime lowers its context's NVTX verbosity, since DETAILED adds NVTX work to every enqueue

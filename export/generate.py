@@ -31,7 +31,7 @@ from runtime.cli_args import (K_HELP, add_cache_args, add_generation_args, add_s
                               generation_settings, name_flags)
 from runtime.cli_args import parser as cli_parser  # noqa: E402
 from runtime.cli_args import quiet_on_broken_pipe  # noqa: E402
-from runtime.pruning import PruneSettings, pruned_count  # noqa: E402
+from runtime.pruning import DEFAULT_RULE, PruneSettings, pruned_count  # noqa: E402
 from runtime.tokens import TextTokenizer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     gen = generation_settings(args)
     cache = cache_settings(args)
-    prune = PruneSettings(args.k, args.p, args.query, args.random_prune, args.positions, args.seed)
+    prune = PruneSettings(args.k, args.p, args.query, args.rule or DEFAULT_RULE, args.positions, args.seed, args.pivots)
     model_dir = args.model if args.model is not None else embedded_checkpoint()
     prune.validate(open_checkpoint(model_dir).config.n_layers)  # refuse bad K/P before loading weights
     model, ckpt = load_model(model_dir, DTYPES[args.dtype])
@@ -81,6 +81,7 @@ def run(args: argparse.Namespace) -> dict:
         "response_tokens": lay.n_response,
         "k": prune.k,
         "p": prune.p,
+        "rule": prune.rule,
         "pruned_visual_tokens": pruned_count(lay.n_visual, prune.p),
         "sequence_full": lay.total,
         "sequence_reduced": result.seq_lens[0] if result.seq_lens else lay.total,

@@ -226,7 +226,7 @@ def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, ax
     checkpoint's own noise at the graph's precision (export.yardstick); scores that choose tokens also
     by the kept set at P. reference: the module to compare with (default `module`; a test plants a
     fault in `module` only). Returns {axes: {output: check}}; raises ParityError past a bound."""
-    from export.yardstick import NOISE_FACTOR, REFERENCE_DTYPE, decision_check, noise_check, run_module
+    from export.yardstick import NOISE_FACTOR, REFERENCE_DTYPE, decision_check, decision_rule, noise_check, run_module
 
     fdt = float_dtype(precision)
     reference = module if reference is None else reference
@@ -250,8 +250,8 @@ def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, ax
             if not check["max_abs_diff"] <= check["allowed"]:
                 raise ParityError(f"{spec.name}: output {t.name} differs from the model by {check['max_abs_diff']:.3g} "
                                   f"at {key}; expected <= {check['rule']} = {check['allowed']:.3g}")
-            if t.chooses_tokens:
-                decided = decision_check(got[t.name], yard[t.name], ref[t.name], p)
+            if t.chooses:
+                decided = decision_check(got[t.name], yard[t.name], ref[t.name], decision_rule(t.chooses, feeds, p))
                 check.update(p=p, **{k: v for k, v in decided.items() if k != "first_moved"})
                 if decided["moved"] > decided["allowed_moves"]:
                     raise ParityError(f"{spec.name}: output {t.name} keeps other tokens than the model at P={p:g}: "

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from export.subgraphs import SubgraphSpec, model_dims
 from runtime.anyres import ANYRES, LAYOUTS, SINGLE, max_visual_tokens, plan_tiles
 from runtime.errors import expect
-from runtime.pruning import pruned_count
+from runtime.pruning import DEFAULT_PIVOTS, pruned_count
 
 @dataclass(frozen=True)
 class ProfileSettings:
@@ -39,6 +39,8 @@ class ProfileSettings:
     # the largest camera frame (anyres): tile and visual-token maxima from its plan instead of the worst
     # case over every AnyRes grid (37 tiles); frames whose plan needs more are refused at run time
     max_image: tuple[int, int] | None = None
+    # the duplicate rule's pivots (runtime.pruning) the similarity engine accepts, at most
+    max_pivots: int = 32
 
     @property
     def block_rows(self) -> int:
@@ -62,6 +64,8 @@ class ProfileSettings:
         expect(self.opt_block is None or 1 <= self.opt_block <= self.max_response,
                f"opt_block={self.opt_block}, max_response={self.max_response}: expected 1 <= opt_block <= max_response "
                "(the rows of one response block; a larger one was clamped silently before)")
+        expect(isinstance(self.max_pivots, int) and self.max_pivots >= DEFAULT_PIVOTS,
+               f"max_pivots: got {self.max_pivots!r}; expected an integer >= {DEFAULT_PIVOTS} (the default pivots)")
         expect(self.max_batch in (1, 2), f"max batch: got {self.max_batch}; expected 1, or 2 for CFG")
         expect(self.max_image is None or (len(self.max_image) == 2 and min(self.max_image) >= 1),
                f"max_image: got {self.max_image!r}; expected (width, height) in pixels")
@@ -100,6 +104,10 @@ def axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int
         "query": (1, settings.opt_response, settings.max_text_tokens + settings.max_response),
         "rows": (1, settings.opt_response, settings.max_response),
         "past": (0, 0, 0),  # no cached K/V rows: those steps run the cached profile
+        # the similarity graph: step 1's full sequence and its visual tokens (tuned at the opt image, whatever P)
+        "full_seq": (1, settings.opt_text_tokens + v_opt + settings.opt_response, seq_max),
+        "visual": (1, v_opt, v_max),
+        "pivots": (1, DEFAULT_PIVOTS, settings.max_pivots),
     }
 
 
@@ -145,20 +153,25 @@ def profile_shapes(spec: SubgraphSpec, cfg, ranges: dict, k: int | None) -> dict
 
 # Two sizes of every dynamic axis for validation checks: small, and larger (reduced-sequence-like).
 # The first is the export's example: its past is not 0, so the exporter sees a real K/V axis.
-VALIDATION_SIZES = ({"tiles": 1, "batch": 1, "seq": 48, "query": 8, "rows": 8, "past": 7},
-                    {"tiles": 2, "batch": 2, "seq": 96, "query": 3, "rows": 5, "past": 0})
+VALIDATION_SIZES = ({"tiles": 1, "batch": 1, "seq": 48, "query": 8, "rows": 8, "past": 7, "full_seq": 48, "visual": 40,
+                     "pivots": 8},
+                    {"tiles": 2, "batch": 2, "seq": 96, "query": 3, "rows": 5, "past": 0, "full_seq": 96, "visual": 64,
+                     "pivots": 3})
 
 
 def validation_axes(ranges: dict) -> list[dict[str, int]]:
     """VALIDATION_SIZES clamped into one profile's ranges, so an engine can run them: with one tile
     (--layout single), a short --max-response or without --cfg, the sizes shrink to what it accepts.
-    Query and logit rows index the sequence, so they never exceed it."""
+    Query, logit and visual rows index the sequence, so they never exceed it; pivots index the visual rows."""
     small, large = ({a: min(max(v, ranges[a][0]), ranges[a][2]) for a, v in want.items()} for want in VALIDATION_SIZES)
     for a, (lo, _, hi) in ranges.items():
         if small[a] == large[a] and lo < hi:  # clamping merged them: still try two sizes of a dynamic axis
             small[a] = lo if small[a] != lo else hi
     for axes in (small, large):
-        axes["query"], axes["rows"] = min(axes["query"], axes["seq"]), min(axes["rows"], axes["seq"])
+        for a in ("query", "rows"):
+            axes[a] = min(axes[a], axes["seq"])
+        axes["visual"] = min(axes["visual"], axes["full_seq"])
+        axes["pivots"] = min(axes["pivots"], axes["visual"])
     return [small, large]
 
 

@@ -21,15 +21,7 @@ from export.model import LladaV
 from runtime.caching import CacheSettings, RefreshClock, cache_window
 from runtime.errors import expect
 from runtime.preprocess import ImageInput
-from runtime.pruning import (
-    PruneSettings,
-    SequenceLayout,
-    keep_at_random,
-    keep_by_score,
-    kept_positions,
-    query_rows,
-    reduced_position_ids,
-)
+from runtime.pruning import PruneSettings, SequenceLayout, keep_visual, kept_positions, query_rows, reduced_position_ids
 from runtime.schedule import DenoiseResult, GenerationSettings, denoise
 from runtime.tokens import PromptIds, TokenIds
 
@@ -128,17 +120,18 @@ class ReferenceForward:
         return self._response_logits(out, w.compute, n)
 
     def _first_step(self, h, pos, response_ids):
-        """Layers [0, K) on the full sequence, keep by saliency, layers [K, L) on the rest."""
-        k, p, lay = self.prune.k, self.prune.p, self.layout
+        """Layers [0, K) on the full sequence, keep by the rule (runtime.pruning.keep_visual), layers
+        [K, L) on the rest. The rule reads this model's own saliency and hidden states."""
+        k, lay = self.prune.k, self.layout
         rows = None
-        if not self.prune.random:
+        if self.prune.rule != "random":
             rows = torch.from_numpy(query_rows(lay, self.prune.query, response_ids == self.mask_id))
         h, saliency, kv_pre = self.model.run_layers_kv(h, pos, 0, k, score_rows=rows)
-        if self.prune.random:
-            keep = keep_at_random(lay.n_visual, p, self.prune.seed)
-        else:
+        if saliency is not None:
             self.saliency = saliency[0, lay.visual].float().numpy()
-            keep = keep_by_score(self.saliency, p)
+        visual = h[0, lay.visual]
+        keep = keep_visual(self.prune, lay.n_visual, lambda: self.saliency,
+                           lambda pivots: pivot_similarity(visual, pivots))
         kept = kept_positions(lay, keep)
         self.kept_visual = keep
         self.pos = torch.from_numpy(reduced_position_ids(kept, self.prune.positions))[None]
@@ -151,6 +144,13 @@ class ReferenceForward:
             self.kv = [(kk[:, :, rows], vv[:, :, rows]) for kk, vv in kv_pre] + kv_post
         self.clock.after_pruning(self.prune.positions)
         return h, pos
+
+
+def pivot_similarity(visual: torch.Tensor, pivots: np.ndarray) -> np.ndarray:
+    """(pivots, V) cosine similarities of the pivots' hidden states to every visual token's (V, D), in
+    float64: the reference's own computation of what the exported `similarity` graph computes."""
+    x = visual.double()
+    return torch.nn.functional.cosine_similarity(x[torch.from_numpy(pivots)][:, None], x[None], dim=-1).numpy()
 
 
 def generate(

@@ -1,4 +1,4 @@
-"""The three exported subgraphs, each described declaratively (optimum-style).
+"""The four exported subgraphs, each described declaratively (optimum-style).
 
     vision        pixel_values (tiles, 3, S, S)                      -> features (tiles, S'^2, D)
     decoder_pre   inputs_embeds (batch, seq, D), position_ids, score_rows (query),
@@ -7,6 +7,8 @@
     decoder_post  hidden_states (batch, seq, D), position_ids, logit_rows (rows),
                   past_keys, past_values (L-K, batch, H, past, Dh)
                                      -> logits (batch, rows, vocab), present_keys, present_values
+    similarity    hidden_states (batch, full_seq, D), visual_rows (visual), pivots (pivots)
+                                     -> similarity (batch, pivots, visual)
 
 The K/V tensors serve block KV caching (docs/caching.md) in the same graphs, so the weights are
 held once: the seq rows computed attend to their own keys and values and to `past` cached ones
@@ -19,8 +21,14 @@ every later step on the reduced one; its saliency comes from layer K-1's q.k for
 only (2*H*|rows|*N*Dh work, never the N x N map). decoder_post computes logits only for
 logit_rows (the response), never for the whole sequence.
 
-Named axes: tiles, batch (2 with CFG), seq, query, rows, past. Their ranges come from
-`export.profiles`.
+similarity serves the duplicate-aware pruning rule (runtime.pruning): the cosine similarity of
+the pivots' hidden states entering layer K (pivots: indices into visual_rows, chosen on the host
+from the saliency) to every visual token's, in float32. It reads decoder_pre's hidden states
+where they are (on the device for TensorRT) and has no weights; the host gets (batch, pivots,
+visual) floats, never the hidden states.
+
+Named axes: tiles, batch (2 with CFG), seq, query, rows, past, full_seq (step 1's), visual, pivots. Their ranges come
+from `export.profiles`.
 """
 
 from __future__ import annotations
@@ -50,6 +58,9 @@ TOLERANCES = (("fp32", 1e-4, 1e-5), ("fp16", 1e-3, 1e-2), ("int8", 5e-3, 5e-2), 
 # floor like 1e-3 would accept any order of the tokens. Relative to its own maximum only; measured
 # ORT-vs-PyTorch errors: fp16 1.2-2.4e-3 of max, fp32 ~1e-6 (N = 48..2000).
 SALIENCY_TOLERANCES = (("fp32", 0.0, 1e-4), ("fp16", 0.0, 1e-2), ("int8", 0.0, 5e-2), ("int4", 0.0, 5e-2))
+# Cosine similarities in [-1, 1], computed in float32 from the same hidden states at every precision (TF32 off:
+# export.engine_config): float32 rounding only, over sums of D products.
+SIMILARITY_TOLERANCES = tuple((p, 0.0, 1e-4) for p in ("fp32", "fp16", "int8", "int4"))
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,9 @@ class TensorSpec:
     dtype: str  # FLOAT, F32 or I64
     dims: tuple  # ints or axis names; "D", "V", "S", "F", "T" are model dims filled from the config
     tolerances: tuple = TOLERANCES  # outputs only: (precision, atol, rtol) for validation
-    chooses_tokens: bool = False  # outputs only: a score that picks tokens (judged by its kept set too)
+    # outputs only: what picks tokens, judged by its kept set too: "saliency" (keep_by_score) or
+    # "similarity" (keep_duplicate_aware, with the feeds' pivots)
+    chooses: str = ""
 
     def resolve(self, dims: dict, float_dtype: str) -> tuple[str, tuple[int, ...]]:
         return (float_dtype if self.dtype == FLOAT else self.dtype), tuple(
@@ -151,6 +164,19 @@ class DecoderPost(nn.Module):
         return (self.model.logits(h, logit_rows).to(model_math.at_least_float32(h.dtype)), *stack_presents(presents))
 
 
+class PivotSimilarity(nn.Module):
+    """The duplicate rule's similarities; no weights (k and the model only fix the hidden width)."""
+
+    def __init__(self, model: LladaV, k: int):
+        super().__init__()
+
+    def forward(self, hidden_states, visual_rows, pivots):
+        x = hidden_states[:, visual_rows]  # (B, Vis, D)
+        x = x.to(model_math.at_least_float32(x.dtype))
+        x = x * torch.rsqrt((x * x).sum(-1, keepdim=True).clamp_min(1e-30))  # unit rows (a zero row stays 0)
+        return (x[:, pivots] @ x.transpose(1, 2),)  # (B, M, Vis)
+
+
 VISION = SubgraphSpec(
     "vision",
     inputs=(TensorSpec("pixel_values", FLOAT, ("tiles", 3, "S", "S")),),
@@ -168,7 +194,7 @@ DECODER_PRE = SubgraphSpec(
     ),
     outputs=(
         TensorSpec("hidden_states", FLOAT, ("batch", "seq", "D")),
-        TensorSpec("saliency", F32, ("batch", "seq"), SALIENCY_TOLERANCES, chooses_tokens=True),
+        TensorSpec("saliency", F32, ("batch", "seq"), SALIENCY_TOLERANCES, chooses="saliency"),
         TensorSpec("present_keys", FLOAT, ("Lpre", "batch", "H", "seq", "Dh")),
         TensorSpec("present_values", FLOAT, ("Lpre", "batch", "H", "seq", "Dh")),
     ),
@@ -190,7 +216,17 @@ DECODER_POST = SubgraphSpec(
     ),
     build=DecoderPost,
 )
-SUBGRAPHS = (VISION, DECODER_PRE, DECODER_POST)
+SIMILARITY = SubgraphSpec(
+    "similarity",
+    inputs=(
+        TensorSpec("hidden_states", FLOAT, ("batch", "full_seq", "D")),
+        TensorSpec("visual_rows", I64, ("visual",)),
+        TensorSpec("pivots", I64, ("pivots",)),
+    ),
+    outputs=(TensorSpec("similarity", F32, ("batch", "pivots", "visual"), SIMILARITY_TOLERANCES, chooses="similarity"),),
+    build=PivotSimilarity,
+)
+SUBGRAPHS = (VISION, DECODER_PRE, DECODER_POST, SIMILARITY)
 
 
 def dummy_inputs(spec: SubgraphSpec, cfg, axes: dict[str, int], float_dtype: str, seed: int = 0,

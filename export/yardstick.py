@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runtime.pruning import keep_by_score
+from runtime.pruning import keep_by_score, keep_duplicate_aware
 
 # max |ORT graph - reference| / max |PyTorch at the graph's precision - reference|, measured over the
 # family of checkpoints (docs/export.md): at most 0.83 for fp16, 1.65 for fp32; planted faults 30 and more.
@@ -110,20 +110,31 @@ def noise_check(got, yard, ref, precision: str) -> dict:
             "rule": f"{NOISE_FACTOR:g} x noise {noise:.3g} (PyTorch {precision} vs {ref_name}) + {u:.3g} * max|ref| {scale:.3g}"}
 
 
-def decision_check(got, yard, ref, p: float) -> dict:
+def decision_rule(chooses: str, feeds: dict, p: float):
+    """What a token-choosing output decides at P: row -> kept indices (runtime.pruning, the runtime's rules)."""
+    if chooses == "saliency":
+        return lambda row: keep_by_score(row, p)
+    assert chooses == "similarity", f"unknown choice {chooses!r}"
+    return lambda row: keep_duplicate_aware(row, feeds["pivots"], p)
+
+
+def decision_check(got, yard, ref, keep) -> dict:
     """What a score decides, judged by the same yardstick as its values: per batch row, the tokens
-    keep_by_score keeps at P from the graph's scores, from the yardstick's and from the reference's.
-    A token kept by the reference and dropped by the graph (or the reverse) "moved"; the checkpoint's
-    own noise moves some at the graph's precision (the yardstick's moves). Allowed: NOISE_FACTOR x the
-    yardstick's moves + one per row (a near-tie). A value bound relative to the largest score cannot see
-    a reordering of the small scores around the cut (values ~1/N); this does."""
-    got, yard, ref = (np.atleast_2d(np.asarray(x, np.float64)) for x in (got, yard, ref))
+    keep(row) keeps (decision_rule: the runtime's rule at the bundle's P) from the graph's scores, from
+    the yardstick's and from the reference's. A token kept by the reference and dropped by the graph
+    (or the reverse) "moved"; the checkpoint's own noise moves some at the graph's precision (the
+    yardstick's moves). Allowed: NOISE_FACTOR x the yardstick's moves + one per row (a near-tie). A
+    value bound relative to the largest score cannot see a reordering of the small scores around the
+    cut (saliency values are ~1/N); this does."""
+    got, yard, ref = (np.asarray(x, np.float64) for x in (got, yard, ref))
+    if got.ndim == 1:
+        got, yard, ref = got[None], yard[None], ref[None]
     moved, moved_yard, first = 0, 0, []
     for row, (g, y, r) in enumerate(zip(got, yard, ref)):
-        keep_ref = set(keep_by_score(r, p).tolist())
-        lost = sorted(keep_ref - set(keep_by_score(g, p).tolist()))
+        keep_ref = set(keep(r).tolist())
+        lost = sorted(keep_ref - set(keep(g).tolist()))
         moved += len(lost)
-        moved_yard += len(keep_ref - set(keep_by_score(y, p).tolist()))
+        moved_yard += len(keep_ref - set(keep(y).tolist()))
         first += [(row, t) for t in lost[:3]]
     allowed = NOISE_FACTOR * moved_yard + got.shape[0]
     return {"moved": moved, "moved_yardstick": moved_yard, "allowed_moves": allowed, "first_moved": first[:3]}

@@ -5,11 +5,12 @@ tokens, n = T + V + G and n'(P) = n - floor(V * P / 100):
 
     vision        once, at the image's tile count
     decoder_pre   step 1 on the full sequence n (score rows: the G masked response rows; 1 row at P=0)
+    similarity    step 1, the duplicate rule only: the pivots' similarities to the V visual tokens
     decoder_post  step 1 on the reduced sequence n'(P), logits for the G response rows
     decoder_pre   each later step on n'(P) (1 score row: its saliency is unused)
     decoder_post  each later step on n'(P)
 
-so one answer costs  vision + pre(n) + post(n') + (S - 1) * (pre(n') + post(n')).
+so one answer costs  vision + pre(n) [+ similarity] + post(n') + (S - 1) * (pre(n') + post(n')).
 With a dual KV cache (docs/caching.md; the response one block) the later steps recompute only the
 G response rows against the other n'(P) - G rows' cached K/V:
 
@@ -28,7 +29,7 @@ from runtime.anyres import plan_tiles
 from runtime.bundle import CACHED_PROFILE, FULL_PROFILE, Manifest
 from runtime.errors import LladaVError
 from runtime.pipeline import geometry_of
-from runtime.pruning import pruned_count
+from runtime.pruning import DEFAULT_PIVOTS, pruned_count
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ class Case:
         dims = dict(self.shapes)
         if self.subgraph == "vision":
             return f"vision tiles={dims['pixel_values'][0]}"
+        if self.subgraph == "similarity":
+            return f"similarity seq={dims['hidden_states'][1]} visual={dims['visual_rows'][0]} pivots={dims['pivots'][0]}"
         rows = dims.get("score_rows", dims.get("logit_rows"))[0]
         past = dims["past_keys"][3] if "past_keys" in dims else 0
         return f"{self.subgraph} seq={dims['position_ids'][1]} rows={rows}" + (f" past={past}" if past else "")
@@ -84,19 +87,22 @@ class AnswerCases:
     pre_later: Case
     pre_cached: Case  # a later step with a dual cache: the response rows against the others' K/V
     post_cached: Case
+    rule: Case | None = None  # step 1's similarity run (the duplicate rule, tokens dropped)
 
     @property
     def cases(self) -> tuple[Case, ...]:
-        return (self.vision, self.pre_step1, self.post, self.pre_later, self.pre_cached, self.post_cached)
+        first = (self.vision, self.pre_step1) + ((self.rule,) if self.rule else ())
+        return first + (self.post, self.pre_later, self.pre_cached, self.post_cached)
+
+    def _step1_ms(self, ms: dict[Case, float]) -> float:
+        return ms[self.vision] + ms[self.pre_step1] + (ms[self.rule] if self.rule else 0.0) + ms[self.post]
 
     def predicted_ms(self, ms: dict[Case, float], steps: int) -> float:
-        return (ms[self.vision] + ms[self.pre_step1] + ms[self.post]
-                + (steps - 1) * (ms[self.pre_later] + ms[self.post]))
+        return self._step1_ms(ms) + (steps - 1) * (ms[self.pre_later] + ms[self.post])
 
     def predicted_cached_ms(self, ms: dict[Case, float], steps: int) -> float:
         """The same answer with a dual cache: step 1 refreshes (and prunes), every later step is cached."""
-        return (ms[self.vision] + ms[self.pre_step1] + ms[self.post]
-                + (steps - 1) * (ms[self.pre_cached] + ms[self.post_cached]))
+        return self._step1_ms(ms) + (steps - 1) * (ms[self.pre_cached] + ms[self.post_cached])
 
 
 def generation(manifest: Manifest, image: tuple[int, int], text_tokens: int, steps: int, response: int) -> Generation:
@@ -105,8 +111,11 @@ def generation(manifest: Manifest, image: tuple[int, int], text_tokens: int, ste
     return Generation(tuple(image), tiles.num_tiles, tiles.num_visual_tokens, text_tokens, response, steps)
 
 
-def answer_cases(manifest: Manifest, g: Generation, p: float) -> AnswerCases:
+def answer_cases(manifest: Manifest, g: Generation, p: float, rule: str | None = None,
+                 pivots: int = DEFAULT_PIVOTS) -> AnswerCases:
+    """rule: the pruning rule (default: the bundle's); the duplicate rule adds step 1's similarity run."""
     dims, side = manifest.model_dims(), manifest.geometry["image_size"]
+    rule = manifest.rule if rule is None else rule
     d = dims["D"]
     n, n_red = g.full, g.reduced(p)
 
@@ -124,6 +133,8 @@ def answer_cases(manifest: Manifest, g: Generation, p: float) -> AnswerCases:
         decoder("decoder_pre", n_red, 1),
         decoder("decoder_pre", g.response, 1, past=n_red - g.response),
         decoder("decoder_post", g.response, g.response, past=n_red - g.response),
+        Case("similarity", (("hidden_states", (1, n, d)), ("visual_rows", (g.visual,)), ("pivots", (min(pivots, g.visual),))))
+        if rule == "duplicate" and pruned_count(g.visual, p) > 0 else None,
     )
 
 
@@ -160,6 +171,8 @@ def feeds(case: Case, fdt: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
         elif name in ("score_rows", "logit_rows"):
             seq = dict(case.shapes)["position_ids"][1]
             out[name] = np.arange(seq - shape[0], seq, dtype=np.int64)
+        elif name in ("visual_rows", "pivots"):  # the first rows stand for the visual ones: same work
+            out[name] = np.arange(shape[0], dtype=np.int64)
         else:
             out[name] = (0.5 * rng.standard_normal(shape)).astype(fdt)
     return out

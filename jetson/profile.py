@@ -94,7 +94,8 @@ def make_plan(req: ProfileRequest) -> Plan:
 def time_cases(runners: dict, a: AnswerCases, iterations: int, fdt, samples: dict[Case, list[float]]) -> None:
     """Host wall time of one answer's cases, run the way a generation runs them: decoder_pre and
     decoder_post alternate (later steps: pre(n'), post(n'); step 1: pre(n), post(n')), so neither
-    finds its weights hot in cache from running itself back to back; vision alone."""
+    finds its weights hot in cache from running itself back to back; vision alone; the duplicate rule's
+    similarity run between step 1's halves."""
     inputs = {c: feeds(c, fdt) for c in a.cases}
     for c, f in inputs.items():
         runners[c.subgraph].infer(f, profile=c.profile)  # warm-up at this shape
@@ -110,7 +111,7 @@ def time_cases(runners: dict, a: AnswerCases, iterations: int, fdt, samples: dic
         timed(a.pre_cached)
         timed(a.post_cached)
     for _ in range(max(3, iterations // 4)):
-        for c in (a.vision, a.pre_step1, a.post):
+        for c in (a.vision, a.pre_step1, *([a.rule] if a.rule else []), a.post):  # the rule: step 1's similarity
             timed(c)
 
 
@@ -282,7 +283,7 @@ def measure(req: ProfileRequest, plan: Plan, time_engines: bool) -> tuple[dict[C
         for a in plan.answers:
             if time_engines:
                 time_cases(pipe.runners, a, req.iterations, pipe.fdt, samples)
-            prune = PruneSettings(plan.manifest.k, a.p)
+            prune = PruneSettings(plan.manifest.k, a.p, rule=plan.manifest.rule)
             pipe.generate(image, req.prompt, gen, prune)  # warm-up
             runs = [pipe.generate(image, req.prompt, gen, prune) for _ in range(req.repeats)]
             totals = [r.total_ms for r in runs]

@@ -34,7 +34,7 @@ def shapes_arg(case: Case) -> str:
     return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in case.shapes)
 
 
-INDEX_INPUTS = ("position_ids", "score_rows", "logit_rows")  # int64: trtexec would fill them with random values
+INDEX_INPUTS = ("position_ids", "score_rows", "logit_rows", "visual_rows", "pivots")  # int64: trtexec would fill them with random values
 
 
 def index_input_files(case: Case, directory: Path) -> dict[str, Path]:

@@ -48,13 +48,13 @@ class Strategy:
     k: int | None  # None: unpruned
     p: float = 0.0
     query: str = "response"
-    random: bool = False
+    rule: str = "saliency"  # runtime.pruning.RULES
     positions: str = "original"
     cache: str = "none"  # runtime.caching: none | prefix | dual
     threshold: float = 0.0  # Fast-dLLM's parallel decoding (0: the fixed schedule)
 
     def prune(self, bundle_k: int) -> PruneSettings:
-        return PruneSettings(self.k or bundle_k, self.p, self.query, self.random, self.positions)
+        return PruneSettings(self.k or bundle_k, self.p, self.query, self.rule, self.positions)
 
     @property
     def accelerated(self) -> bool:
@@ -62,18 +62,25 @@ class Strategy:
 
 
 def strategies() -> list[Strategy]:
-    """The issue's rows: P sweep at K=15, K sweep at P=50, query sets, random, compact positions."""
+    """The issues' rows: P sweep at K=15, K sweep at P=50, query sets, random, compact positions (saliency);
+    cache x threshold; the duplicate-aware rule's P and K sweeps and its cache rows (issue 24)."""
     rows = [Strategy("unpruned", "unpruned", None)]
     rows += [Strategy(f"K15 P{p}", "saliency, K=15", 15, p) for p in (25, 50, 70, 90)]
     rows += [Strategy(f"K{k} P50", "saliency, P=50", k, 50) for k in (3, 8, 24)]
     rows += [Strategy(f"K15 P50 query {q}", f"query {q}, K=15", 15, 50, query=q) for q in ("prompt", "last")]
-    rows += [Strategy(f"K15 P{p} random", "random, K=15", 15, p, random=True) for p in (25, 50, 70, 90)]
+    rows += [Strategy(f"K15 P{p} random", "random, K=15", 15, p, rule="random") for p in (25, 50, 70, 90)]
     rows += [Strategy("K15 P50 compact", "compact positions, K=15", 15, 50, positions="compact")]
     for base, k, p in (("unpruned", None, 0.0), ("K15 P50", 15, 50.0)):  # issue 13: cache x threshold
         for cache in ("prefix", "dual"):
             for t in (0.0, 0.9, 0.7):
                 name = f"{base} {cache}" + (f" T{t:g}" if t else "")
                 rows.append(Strategy(name, f"{cache} cache, {base}", k, p, cache=cache, threshold=t))
+    rows += [Strategy(f"K15 P{p} duplicate", "duplicate, K=15", 15, p, rule="duplicate") for p in (25, 50, 70, 90)]
+    rows += [Strategy(f"K{k} P50 duplicate", "duplicate, P=50", k, 50, rule="duplicate") for k in (3, 8, 24)]
+    for p in (50, 70):
+        for cache in ("prefix", "dual"):
+            rows.append(Strategy(f"K15 P{p} duplicate {cache} T0.9", f"duplicate, {cache} cache T0.9", 15, p,
+                                 rule="duplicate", cache=cache, threshold=0.9))
     return rows
 
 
@@ -108,10 +115,10 @@ def record(pipe, s: Strategy, scene_: Scene, q: Question, gen: GenerationSetting
         "recall": object_recall(covering, res.kept_visual) if covering.size else None,
         # the paper's FLOPs Rem.: against an unpruned run of as many steps as this one took (with a cache: from
         # the rows each step computed); summarize() puts cache and threshold rows against the unpruned row's runs
-        "flops_remaining": (trace_flops(w, s.k, s.p, [st.rows for st in res.steps]) / total_flops(steps_w, None, 0)
-                            if s.accelerated else
-                            remaining(steps_w, s.k, s.p) if s.k is not None else 1.0),
-        "flops": trace_flops(steps_w, s.k, s.p, [st.rows for st in res.steps]),
+        "flops_remaining": (trace_flops(w, s.k, s.p, [st.rows for st in res.steps], s.rule)
+                            / total_flops(steps_w, None, 0) if s.accelerated else
+                            remaining(steps_w, s.k, s.p, s.rule) if s.k is not None else 1.0),
+        "flops": trace_flops(steps_w, s.k, s.p, [st.rows for st in res.steps], s.rule if s.k is not None else None),
         "steps": len(res.steps), "visual": res.layout.n_visual, "kept": int(res.kept_visual.size),
     }
 
@@ -202,7 +209,7 @@ def plot(table: list[dict], path: Path, title: str) -> None:
         ax.plot([r["flops_remaining"] for r in rows], [100 * r["accuracy"] for r in rows], style, label=name, ms=6)
         for r in rows:
             if name != "unpruned":
-                ax.annotate(r["name"].split(" ")[0 if name.startswith("saliency, P") else 1],
+                ax.annotate(r["name"].split(" ")[0 if name.endswith("P=50") else 1],
                             (r["flops_remaining"], 100 * r["accuracy"]), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
     ax.set_xlabel("FLOPs remaining (fraction of unpruned)")

@@ -2,7 +2,8 @@
 
     python -m runtime --bundle bundles/tiny-k15-p50-fp16 --image road.jpg --prompt "Is the lane free?"
 
-The strategy (P, query set, random ablation, positions) is chosen here without rebuilding;
+The strategy (P, the rule that picks the kept tokens, query set, positions) is chosen here
+without rebuilding;
 K is the bundle's. --cache and --threshold add block KV caching and parallel decoding
 (docs/caching.md). --json prints a machine-readable result; --trace prints per-step timings;
 --map writes a PNG of the image with the kept visual tokens highlighted.
@@ -86,7 +87,8 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
             print(f"warning: image {what} is {image.width}x{image.height}, smaller than one {side}x{side} "
                   "tile: it is upscaled, and its visual tokens carry little detail", file=sys.stderr)
         p = pipe.manifest.p if args.p is None else args.p
-        prune = PruneSettings(pipe.manifest.k, p, args.query, args.random_prune, args.positions, args.seed)
+        rule = pipe.manifest.rule if args.rule is None else args.rule
+        prune = PruneSettings(pipe.manifest.k, p, args.query, rule, args.positions, args.seed, args.pivots)
         progress = StepProgress(sys.stderr) if shows_progress(args) else None
         result = pipe.generate(image, args.prompt, gen, prune, progress, cache)
         if progress:
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
         "visual_tokens": result.layout.n_visual,
         "k": prune.k,
         "p": p,
+        "rule": prune.rule,
         "cache": cache.mode,
         "threshold": gen.threshold,
         "backend": args.backend,
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
     from runtime.pruning_map import pruning_map
 
     title = (f"K={prune.k} P={p:g}: kept {result.kept_visual.size} of {result.layout.n_visual} "
-             f"visual tokens ({args.query}{', random' if args.random_prune else ''})")
+             f"visual tokens ({prune.rule}, query {args.query})")
     return out, result, lambda: pruning_map(image, result.tile_layout, result.kept_visual, tile_side, title).save(args.map)
 
 

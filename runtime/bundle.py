@@ -23,11 +23,14 @@ from pathlib import Path
 
 from runtime.errors import LladaVError, expect
 from runtime.files import read_json, write_json, write_text
+from runtime.pruning import DEFAULT_RULE
 
 FORMAT = "lladav-edge-bundle"
 # 2: validation results carry their bound; graphs carry their identity; manifest digest
 # 3: the decoder graphs take and return per-layer K/V (docs/caching.md); graphs_float
-FORMAT_VERSION = 4
+# 4: per-output tolerances from the checkpoint's own noise (export.yardstick)
+# 5: the similarity graph (the duplicate-aware rule) and the bundle's default rule
+FORMAT_VERSION = 5
 # Optimization profiles of the decoder graphs (index = TensorRT's profile index): refreshes, step 1 and
 # uncached steps (no cached rows), and cached steps (the window's rows against the others' K/V).
 FULL_PROFILE, CACHED_PROFILE = 0, 1
@@ -95,6 +98,7 @@ class Manifest:
     versions: dict
     tensorrt: dict  # {"built": bool, "reason": str, "script": path, "version": str|None}
     float_precision: str = ""  # the graphs' float type, fp16 or fp32 ("": by precision, bundles written before)
+    rule: str = DEFAULT_RULE  # the default strategy's pruning rule (runtime.pruning.RULES); the runtime may choose another
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -170,11 +174,11 @@ def read_manifest(bundle) -> Manifest:
 
 
 def graph_identity(subgraph: str, k: int, n_layers: int, model_hash: str, precision: str) -> dict[str, str]:
-    """What an exported graph says about itself (ONNX metadata_props). The vision graph does not
-    depend on K, so it is reused across K and says nothing about it."""
-    layers = {"vision": "vision", "decoder_pre": f"0-{k}", "decoder_post": f"{k}-{n_layers}"}[subgraph]
+    """What an exported graph says about itself (ONNX metadata_props). The vision and similarity graphs
+    do not depend on K, so they are reused across K and say nothing about it."""
+    layers = {"vision": "vision", "decoder_pre": f"0-{k}", "decoder_post": f"{k}-{n_layers}", "similarity": "-"}[subgraph]
     return {"lladav.format": FORMAT, "lladav.format_version": str(FORMAT_VERSION), "lladav.subgraph": subgraph,
-            "lladav.layers": layers, "lladav.k": "-" if subgraph == "vision" else str(k),
+            "lladav.layers": layers, "lladav.k": str(k) if subgraph.startswith("decoder") else "-",
             "lladav.model_hash": model_hash, "lladav.precision": precision}
 
 

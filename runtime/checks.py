@@ -37,16 +37,20 @@ def worst_check(checks: dict) -> dict:
 
 def random_feeds(tensors: list[tuple[str, str, tuple[int, ...]]], seed: int = 0) -> dict[str, np.ndarray]:
     """Plausible values for (name, dtype, shape) inputs: activations ~N(0, 1); position ids ascending
-    with gaps (a pruned sequence); score/logit rows distinct indices inside the sequence."""
+    with gaps (a pruned sequence); score/logit/visual rows distinct indices inside the sequence; pivots distinct
+    indices into the visual rows."""
     rng = np.random.default_rng(seed)
-    seq = next((s[1] for n, _, s in tensors if n == "position_ids"), None)
+    seq = next((s[1] for n, _, s in tensors if n in ("position_ids", "inputs_embeds", "hidden_states")), None)
+    visual = next((s[0] for n, _, s in tensors if n == "visual_rows"), None)
     feeds = {}
     for name, dtype, shape in tensors:
         if name == "position_ids":
             pos = np.sort(rng.choice(np.arange(shape[1] * 2), size=shape[1], replace=False))
             feeds[name] = np.broadcast_to(pos, shape).astype(np.int64).copy()
-        elif name in ("score_rows", "logit_rows"):
+        elif name in ("score_rows", "logit_rows", "visual_rows"):
             feeds[name] = np.sort(rng.choice(seq, size=shape[0], replace=False)).astype(np.int64)
+        elif name == "pivots":  # indices into visual_rows, in no particular order (most salient first)
+            feeds[name] = rng.choice(visual, size=shape[0], replace=False).astype(np.int64)
         else:
             feeds[name] = rng.standard_normal(shape).astype(dtype)
     return feeds

@@ -7,7 +7,7 @@ import argparse
 import re
 
 from runtime.caching import CACHE_MODES, CacheSettings
-from runtime.pruning import POSITION_MODES, QUERY_SETS
+from runtime.pruning import DEFAULT_PIVOTS, POSITION_MODES, QUERY_SETS, RULE_HELP, RULES
 from runtime.schedule import REMASKING, GenerationSettings
 
 K_HELP = "pruning layer K: step 1 drops tokens between decoder layers K-1 and K; 1..L-1 (L = 32 for LLaDA-V)"
@@ -50,7 +50,12 @@ def add_strategy_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--query", choices=QUERY_SETS, default="response",
                     help="rows whose attention scores the visual tokens: the masked response (RedVTP), the prompt "
                          "text, or the last prompt token (FastV)")
-    ap.add_argument("--random-prune", action="store_true", help="ablation: drop the same number of tokens at random")
+    ap.add_argument("--rule", choices=RULES, default=None,
+                    help="which visual tokens survive step 1 (default: the bundle's): "
+                         + "; ".join(f"{r}: {h}" for r, h in RULE_HELP.items()))
+    ap.add_argument("--pivots", type=int, default=DEFAULT_PIVOTS,
+                    help="the duplicate rule's pivots: the most salient visual tokens, each keeping its share of the "
+                         "budget among the tokens least similar to it")
     ap.add_argument("--positions", choices=POSITION_MODES, default="original",
                     help="RoPE position ids of kept tokens: their original ones (FastV) or re-packed (RedVTP)")
 

@@ -1,8 +1,10 @@
 """The denoising loop over the split subgraphs, with step-1 pruning: the part that runs on the car.
 
-Vision runs once. Step 1 runs decoder_pre on the full sequence, keeps the visual tokens chosen
-from its saliency (the reference generator's rule, `runtime.pruning`), gathers hidden states and
-position ids, and runs decoder_post on the reduced sequence. Every later step runs both halves
+Vision runs once. Step 1 runs decoder_pre on the full sequence, keeps the visual tokens its
+rule chooses (the reference generator's, `runtime.pruning.keep_visual`: from decoder_pre's
+saliency, and for the duplicate rule the similarity graph's pivot similarities, computed where
+decoder_pre left its hidden states), gathers hidden states and position ids, and runs
+decoder_post on the reduced sequence. Every later step runs both halves
 on the reduced sequence; only the response rows of the input change. With a KV cache
 (`runtime.caching`, docs/caching.md) refreshes keep every layer's keys and values and the steps
 between them recompute only the block's rows (dual) or the block and what follows (prefix). The
@@ -23,8 +25,8 @@ from runtime.caching import CacheSettings, RefreshClock, cache_window
 from runtime.errors import expect
 from runtime.merge import merge_tiles
 from runtime.preprocess import ImageInput, prepare_image
-from runtime.pruning import (PruneSettings, SequenceLayout, keep_at_random, keep_by_score, kept_positions,
-                             pruned_count, query_rows, reduced_position_ids)
+from runtime.pruning import (PruneSettings, SequenceLayout, keep_visual, kept_positions, pruned_count, query_rows,
+                             reduced_position_ids)
 from runtime.runners import float_dtype, make_runners
 from runtime.schedule import DenoiseResult, GenerationSettings, denoise
 from runtime.tokens import PromptIds, TextTokenizer
@@ -35,7 +37,7 @@ class StepTrace:
     step: int
     seq_len: int  # tokens entering decoder_post (after pruning in step 1)
     rows: int  # rows the step computed: seq_len on a refresh or uncached step, fewer on a cached one
-    pre_ms: float
+    pre_ms: float  # decoder_pre, and in step 1 the similarity graph (the duplicate rule)
     post_ms: float
     other_ms: float  # embedding, gathers, unmasking rule: time outside the backends
 
@@ -136,6 +138,8 @@ class Pipeline:
                                           f"{lay.n_visual}, response {gen.gen_length}); the bundle's profile allows "
                                           f"{axes['seq'][2]}{sized_for(prof)}"),
             (batch <= axes["batch"][2], "cfg_scale > 0 needs batch 2; this bundle was built without --cfg"),
+            (prune.rule != "duplicate" or prune.pivots <= axes["pivots"][2],
+             f"pivots: {prune.pivots}; the bundle's similarity engine allows {axes['pivots'][2]} (rebuild with --max-pivots)"),
         ]
         for ok, message in limits:
             expect(ok, message)
@@ -216,11 +220,13 @@ class SplitForward:
         self.cache = cache or CacheSettings()
         self.clock = RefreshClock(self.cache)
         self.pre, self.post = pipe.runners["decoder_pre"], pipe.runners["decoder_post"]
+        self.similarity = pipe.runners["similarity"]
         self.kv = KVCache(self.pre, self.post) if self.cache.enabled else None
         self.mask = pipe.tokenizer.ids.mask
         self.prompt = prompt
         self.kept_visual = np.arange(lay.n_visual)
         self.saliency = None
+        self.rule_ms = 0.0  # the similarity graph's time in step 1
         self.inputs = None  # (B, n', D) after step 1, staged where decoder_pre reads it: only its last G rows change
         self.positions = self.score_rows = self.logit_rows = None  # staged after step 1
         self.host_positions = None  # (B, n') position ids of the reduced sequence, for cached steps' windows
@@ -253,7 +259,7 @@ class SplitForward:
             logits, rows = self._cached_step(response)
         n = self.positions.shape[1]  # rows None: the step computed all of them
         total = (time.perf_counter() - t0) * 1000
-        pre, post = self.pre.last_ms(), self.post.last_ms()
+        pre, post = self.pre.last_ms() + (self.rule_ms if len(self.trace) == 0 else 0.0), self.post.last_ms()
         self.trace.append(StepTrace(len(self.trace) + 1, n, rows or n, pre, post, total - pre - post))
         return logits
 
@@ -301,16 +307,11 @@ class SplitForward:
         lay, prune = self.lay, self.prune
         h = self._batch(self.prompt, response)
         pos = np.broadcast_to(np.arange(lay.total, dtype=np.int64), h.shape[:2]).copy()
-        scoring = not prune.random and pruned_count(lay.n_visual, prune.p) > 0
+        scoring = prune.rule != "random" and pruned_count(lay.n_visual, prune.p) > 0
         rows = query_rows(lay, prune.query, response_ids == self.mask) if scoring else np.array([lay.total - 1], np.int64)
         out = self._run_pre(h, pos, rows)
-        if prune.random:
-            keep = keep_at_random(lay.n_visual, prune.p, prune.seed)
-        elif scoring:
-            self.saliency = np.asarray(self.pre.to_host(out["saliency"]))[0, lay.visual].astype(np.float64)
-            keep = keep_by_score(self.saliency, prune.p)
-        else:
-            keep = np.arange(lay.n_visual)
+        self.rule_ms = 0.0
+        keep = keep_visual(prune, lay.n_visual, lambda: self._saliency(out), lambda p: self._similarity(out, p))
         kept = kept_positions(lay, keep)
         self.kept_visual = keep
         self._keep_kv("decoder_pre", out, kept)
@@ -321,6 +322,19 @@ class SplitForward:
         self.prompt = np.ascontiguousarray(self.prompt[kept[: kept.size - lay.n_response]])
         self._stage_reduced(reduced_position_ids(kept, prune.positions), h.shape[0], response)
         return self._run_post(hidden)
+
+    def _saliency(self, out: dict) -> np.ndarray:
+        self.saliency = np.asarray(self.pre.to_host(out["saliency"]))[0, self.lay.visual].astype(np.float64)
+        return self.saliency
+
+    def _similarity(self, out: dict, pivots: np.ndarray) -> np.ndarray:
+        """(pivots, V) from the similarity graph, on decoder_pre's hidden states where they are."""
+        visual = np.arange(self.lay.visual.start, self.lay.visual.stop, dtype=np.int64)
+        sim = self.similarity.infer({"hidden_states": out["hidden_states"], "visual_rows": visual, "pivots": pivots},
+                                    keep_on_device=True)
+        host = np.asarray(self.similarity.to_host(sim["similarity"]))[0]
+        self.rule_ms = self.similarity.last_ms()
+        return host
 
     def _stage_reduced(self, positions: np.ndarray, batch: int, response: np.ndarray) -> None:
         """The reduced sequence's inputs, placed once where the decoders read them; later steps

@@ -1,10 +1,19 @@
 """Persistent visual-token pruning: which tokens survive step 1, and which positions they keep.
 
-docs/pruning.md: in the first denoising step, between decoder layers K-1 and K, drop
-floor(V * P / 100) of the V visual tokens with the lowest attention saliency (ties: the lower
-index survives), keep the rest in their original order, never drop text or response tokens,
-and run every later step on the reduced sequence. Kept tokens keep their original RoPE
-positions (FastV) or are re-packed to arange (RedVTP).
+docs/pruning.md: in the first denoising step, between decoder layers K-1 and K, drop exactly
+floor(V * P / 100) of the V visual tokens, keep the rest in their original order, never drop
+text or response tokens, and run every later step on the reduced sequence. Kept tokens keep
+their original RoPE positions (FastV) or are re-packed to arange (RedVTP). Which tokens, by rule:
+
+    saliency    the highest attention saliency at layer K-1 (ties: the lower index survives)
+    duplicate   duplicate-aware, after DART (Wen et al. 2025): the `pivots` highest-saliency
+                tokens are kept, the rest of the budget is split over them, and each pivot in
+                turn keeps the remaining tokens least cosine-similar to it (hidden states entering
+                layer K), taken out of the pool as they are kept
+    random      the ablation: the same count, uniformly at random
+
+Every choice here is pure numpy on host arrays, written once for the runtime and the reference
+generator; what the rules read (saliency, similarities) comes from the graphs or the reference.
 """
 
 from __future__ import annotations
@@ -18,6 +27,15 @@ from runtime.errors import expect
 
 QUERY_SETS = ("response", "prompt", "last")  # masked response (RedVTP), prompt text, FastV's last token
 POSITION_MODES = ("original", "compact")
+RULES = ("saliency", "duplicate", "random")
+DEFAULT_RULE = "duplicate"
+DEFAULT_PIVOTS = 8
+RULE_HELP = {
+    "saliency": "keep the tokens the query rows attend to most at layer K-1",
+    "duplicate": "duplicate-aware (after DART): keep the PIVOTS most salient tokens, then per pivot the tokens "
+                 "least similar to it, so near-copies go first",
+    "random": "ablation: drop as many tokens uniformly at random (--seed)",
+}
 
 
 @dataclass(frozen=True)
@@ -27,9 +45,10 @@ class PruneSettings:
     k: int = 15
     p: float = 0.0  # percent of visual tokens dropped, in [0, 100)
     query: str = "response"
-    random: bool = False  # the ablation: drop the same number of tokens uniformly at random
+    rule: str = DEFAULT_RULE  # which tokens survive: RULES
     positions: str = "original"
     seed: int = 0  # for random pruning
+    pivots: int = DEFAULT_PIVOTS  # the duplicate rule's pivots
 
     def validate(self, n_layers: int) -> "PruneSettings":
         expect(
@@ -38,6 +57,9 @@ class PruneSettings:
         )
         expect(0 <= self.p < 100, f"P: got {self.p!r}; expected a percentage in [0, 100)")
         expect(self.query in QUERY_SETS, f"query set: got {self.query!r}; expected one of {QUERY_SETS}")
+        expect(self.rule in RULES, f"rule: got {self.rule!r}; expected one of {RULES}")
+        expect(isinstance(self.pivots, int) and self.pivots >= 1,
+               f"pivots: got {self.pivots!r}; expected an integer >= 1")
         expect(
             self.positions in POSITION_MODES,
             f"positions: got {self.positions!r}; expected one of {POSITION_MODES}",
@@ -93,11 +115,73 @@ def query_rows(layout: SequenceLayout, query: str, masked_response: np.ndarray) 
     return rows.astype(np.int64)
 
 
+def keep_visual(prune: PruneSettings, n_visual: int, saliency, similarity) -> np.ndarray:
+    """The kept visual indices (sorted) under prune's rule: the one place the runtime and the reference
+    generator decide. saliency() -> (V,) scores; similarity(pivots) -> (len(pivots), V) cosine
+    similarities of those visual tokens' hidden states entering layer K to every visual token's.
+    Neither is called when the rule does not read it (nothing dropped, or random)."""
+    if pruned_count(n_visual, prune.p) == 0:
+        return np.arange(n_visual, dtype=np.int64)
+    if prune.rule == "random":
+        return keep_at_random(n_visual, prune.p, prune.seed)
+    scores = saliency()
+    if prune.rule == "saliency":
+        return keep_by_score(scores, prune.p)
+    pivots = pick_pivots(scores, prune.pivots)
+    return keep_duplicate_aware(similarity(pivots), pivots, prune.p)
+
+
 def keep_by_score(scores: np.ndarray, p: float) -> np.ndarray:
     """Visual indices kept: the V - floor(V*P/100) highest scores, ties to the lower index, sorted."""
     n_keep = scores.shape[0] - pruned_count(scores.shape[0], p)
     order = np.argsort(-scores.astype(np.float64), kind="stable")
     return np.sort(order[:n_keep]).astype(np.int64)
+
+
+def pick_pivots(scores: np.ndarray, n: int) -> np.ndarray:
+    """The duplicate rule's pivots: the min(n, V) highest scores, highest first, ties to the lower index."""
+    return np.argsort(-scores.astype(np.float64), kind="stable")[:n].astype(np.int64)
+
+
+def keep_duplicate_aware(similarity: np.ndarray, pivots: np.ndarray, p: float,
+                         image_sizes: list[int] | None = None) -> np.ndarray:
+    """Visual indices kept by the duplicate rule, sorted. similarity (len(pivots), V): cosine similarity
+    of each pivot's hidden state to every visual token's; pivots: visual indices, most salient first.
+
+    V - floor(V*P/100) are kept: the pivots first (most salient first, while the budget lasts); the
+    rest of the budget is split over the pivots in order (the first ones take one more when it does
+    not divide), and each pivot in turn takes its share of the tokens still in the pool least similar
+    to it (ties: the lower index). image_sizes: the visual tokens' split into images (several cameras);
+    each image then keeps V_i - floor(V_i*P/100) of its own tokens by the same rule, its own pivots
+    first and every pivot's similarities to it."""
+    sim = np.asarray(similarity, np.float64)
+    n_visual = sim.shape[1]
+    assert sim.shape[0] == len(pivots), "one similarity row per pivot"
+    sizes = [n_visual] if image_sizes is None else list(image_sizes)
+    assert sum(sizes) == n_visual, "image sizes must add up to the visual tokens"
+    kept, start = [], 0
+    for size in sizes:
+        pool = np.zeros(n_visual, bool)
+        pool[start:start + size] = True
+        kept.append(_keep_from_pool(sim, np.asarray(pivots, np.int64), pool, size - pruned_count(size, p)))
+        start += size
+    return np.sort(np.concatenate(kept)).astype(np.int64)
+
+
+def _keep_from_pool(sim: np.ndarray, pivots: np.ndarray, pool: np.ndarray, n_keep: int) -> np.ndarray:
+    """n_keep indices from `pool` (a mask over the visual tokens, changed in place)."""
+    own = [int(t) for t in pivots if pool[t]][:n_keep]
+    pool[own] = False
+    kept, rest = list(own), n_keep - len(own)
+    m = len(pivots)
+    for i in range(m if rest > 0 else 0):
+        share = rest // m + (1 if i < rest % m else 0)
+        candidates = np.flatnonzero(pool)
+        order = candidates[np.argsort(sim[i, candidates], kind="stable")][:share]
+        pool[order] = False
+        kept += order.tolist()
+    assert len(kept) == n_keep, "the pool held fewer tokens than the budget"
+    return np.array(kept, np.int64)
 
 
 def keep_at_random(n_visual: int, p: float, seed: int) -> np.ndarray:

@@ -391,10 +391,12 @@ def device_work(log: list[Call]) -> list[str]:
     return [f"enqueue {c.args[0]}" if c.op == "enqueue" else c.op for c in log if c.op in shown or c.op == "enqueue"]
 
 
-def expected_device_work(copy_runs: int, later_steps: int) -> list[str]:
+def expected_device_work(copy_runs: int, later_steps: int, similarity: bool = True) -> list[str]:
     """`device_work` of one generation on the TensorRT backend: vision; step 1 (full-sequence
-    decoder_pre, saliency to the host, `copy_runs` device copies gathering the kept rows, the
-    reduced inputs staged, decoder_post, logits to the host); then per later step one upload of
+    decoder_pre, saliency to the host; with the duplicate rule the similarity engine on decoder_pre's
+    hidden states where they are: only its visual rows and pivots uploaded, the similarities to the
+    host, its GPU time; `copy_runs` device copies gathering the kept rows, the reduced inputs staged,
+    decoder_post, logits to the host); then per later step one upload of
     the response rows, both engines, the logits. Each step ends with the trace reading both
     engines' GPU times; deactivation waits for the stream before freeing. The empty K/V inputs (no
     cached rows) are staged once before step 1."""
@@ -402,7 +404,8 @@ def expected_device_work(copy_runs: int, later_steps: int) -> list[str]:
     fetch = ["copy_dtoh", "stream_synchronize"]
     timed = ["event_synchronize", "event_synchronize"]
     vision = ["copy_htod", *run("vision"), *fetch, "event_synchronize"]
-    step1 = (["copy_htod"] * 4 + ["copy_htod"] * 3 + run("decoder_pre") + fetch + ["copy_dtod"] * copy_runs + ["copy_htod"] * 4
-             + run("decoder_post") + fetch + timed)
+    rule = ["copy_htod"] * 2 + run("similarity") + fetch + ["event_synchronize"] if similarity else []
+    step1 = (["copy_htod"] * 4 + ["copy_htod"] * 3 + run("decoder_pre") + fetch + rule + ["copy_dtod"] * copy_runs
+             + ["copy_htod"] * 4 + run("decoder_post") + fetch + timed)
     later = ["copy_htod"] + run("decoder_pre") + run("decoder_post") + fetch + timed
     return vision + step1 + later * later_steps + ["stream_synchronize"]

@@ -121,24 +121,24 @@ def test_bundle_contents_and_manifest(bundle, tiny, tokenizer):
     assert m.k == 15 and m.p == 50 and m.n_layers == 32 and m.precision == "fp32"
     assert m.model["content_hash"] == ckpt.content_hash()
     assert m.token_ids == tokenizer.ids.to_dict()
-    assert set(m.subgraphs) == {"vision", "decoder_pre", "decoder_post"}
+    assert set(m.subgraphs) == {"vision", "decoder_pre", "decoder_post", "similarity"} and m.rule == "duplicate"
     for spec in SUBGRAPHS:
         e = m.subgraphs[spec.name]
         assert [t.name for t in e.inputs] == spec.input_names and [t.name for t in e.outputs] == spec.output_names
         assert all(set(profile) == set(spec.input_names) for profile in e.shapes) and e.validation
-        assert len(e.shapes) == (1 if spec.name == "vision" else 2)  # full; cached steps (decoders)
+        assert len(e.shapes) == (2 if spec.name.startswith("decoder") else 1)  # full; cached steps (decoders)
     assert m.profiles["axes"]["seq"] == [1, 100 + 729 - 364 + 16, 160 + 729 + 32]
     assert m.versions["torch"] and m.versions["onnx"] and m.versions["onnxruntime"]
     assert m.tensorrt["built"] is False and "TensorRT" in m.tensorrt["reason"]
     script = (req.out / m.tensorrt["script"]).read_text()
-    assert script.count("--onnx=") == 3 and "--maxShapes=hidden_states:1x921x64" in script
+    assert script.count("--onnx=") == 4 and "--maxShapes=hidden_states:1x921x64" in script
     assert (req.out / "tokenizer" / "tokenizer.json").is_file() and (req.out / "host" / "embed_tokens.npy").is_file()
     import onnx
 
     meta = {e.name: {p.key: p.value for p in onnx.load(str(req.out / e.onnx.path), load_external_data=False)
                      .metadata_props} for e in m.subgraphs.values()}
     assert meta["decoder_pre"]["lladav.layers"] == "0-15" and meta["decoder_post"]["lladav.layers"] == "15-32"
-    assert meta["decoder_pre"]["lladav.k"] == "15" and meta["vision"]["lladav.k"] == "-"
+    assert meta["decoder_pre"]["lladav.k"] == "15" and meta["vision"]["lladav.k"] == meta["similarity"]["lladav.k"] == "-"
     assert {v["lladav.model_hash"] for v in meta.values()} == {ckpt.content_hash()}
     assert (req.out / "manifest.json.sha256").read_text().split()[0] == sha256_file(req.out / "manifest.json")
     text = summary(result)
@@ -179,7 +179,7 @@ def test_rerun_reuses_and_k_change_reexports_only_decoders(bundle, tmp_path):
     out = tmp_path / "again"
     shutil.copytree(req.out, out)
     same = build_bundle(replace(req, out=out, p=70), log=quiet)
-    assert same.reused == ["vision", "decoder_pre", "decoder_post"] and same.exported == []
+    assert same.reused == ["vision", "decoder_pre", "decoder_post", "similarity"] and same.exported == []
     first = read_manifest(req.out)
     for name, entry in same.manifest.subgraphs.items():  # reused graphs keep the tolerances their validation gave
         assert entry.tolerances == first.subgraphs[name].tolerances and entry.validation == first.subgraphs[name].validation
@@ -187,7 +187,7 @@ def test_rerun_reuses_and_k_change_reexports_only_decoders(bundle, tmp_path):
     assert "replaced one that differed: P 50 -> 70; profile (min, opt, max): seq (1, 481, 921) -> (1, 335, 921)" \
         in summary(same)  # a new P retunes the engines' opt shapes: said, not silent
     moved = build_bundle(replace(req, out=out, k=3), log=quiet)
-    assert moved.reused == ["vision"] and moved.exported == ["decoder_pre", "decoder_post"]
+    assert moved.reused == ["vision", "similarity"] and moved.exported == ["decoder_pre", "decoder_post"]
     verify_files(out, read_manifest(out))
 
 
@@ -442,7 +442,7 @@ def test_opset_is_exported_and_part_of_the_cache_key(bundle, tmp_path):
     out = tmp_path / "o17"
     shutil.copytree(req.out, out)
     result = build_bundle(replace(req, out=out, opset=17), log=quiet)
-    assert result.exported == ["vision", "decoder_pre", "decoder_post"] and result.manifest.opset == 17
+    assert result.exported == ["vision", "decoder_pre", "decoder_post", "similarity"] and result.manifest.opset == 17
     for e in result.manifest.subgraphs.values():
         model = onnx.load(str(out / e.onnx.path), load_external_data=False)
         assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [17]
@@ -499,7 +499,7 @@ def test_rebuild_keeps_what_it_did_not_write_and_reports_stale_engines(bundle, t
     shutil.copytree(req.out, out)
     run_jetson_script(out, tmp_path)
     (out / "NOTES.txt").write_text("mine")
-    engines = {n: out / "engines" / f"{n}.engine" for n in ("vision", "decoder_pre", "decoder_post")}
+    engines = {n: out / "engines" / f"{n}.engine" for n in ("vision", "decoder_pre", "decoder_post", "similarity")}
     record = json.loads((out / "engines" / "decoder_pre.engine.json").read_text())
     assert record["onnx_sha256"] == read_manifest(out).subgraphs["decoder_pre"].onnx.sha256
     check_engines(out, read_manifest(out), record["tensorrt"])  # fresh: no error

@@ -16,6 +16,7 @@ from export.onnx_export import (
     CausalExportError,
     DataDependentShapeError,
     OutputNamesError,
+    ParityError,
     UnsupportedOpError,
     check_bidirectional,
     check_graph,
@@ -30,8 +31,8 @@ from runtime.pruning import PruneSettings, keep_by_score, kept_positions, query_
 from tests.conftest import gradient_image
 
 K = 15
-AXES = [{"tiles": 1, "batch": 1, "seq": 64, "query": 8, "rows": 8, "past": 6},
-        {"tiles": 2, "batch": 2, "seq": 100, "query": 3, "rows": 5, "past": 0}]
+AXES = [{"tiles": 1, "batch": 1, "seq": 64, "query": 8, "rows": 8, "past": 6, "full_seq": 64, "visual": 40, "pivots": 8},
+        {"tiles": 2, "batch": 2, "seq": 100, "query": 3, "rows": 5, "past": 0, "full_seq": 100, "visual": 64, "pivots": 3}]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_p50_chain_equals_the_reference_first_step(exported, tiny, tokenizer):
         embeds, lay = prompt_embeddings(model, prompt, image, g)
         response = model.embed(torch.full((g,), mask))
     x = np.full(g, mask)
-    reference = ReferenceForward(model, embeds, lay, PruneSettings(k=K, p=50), 0.0, mask)
+    reference = ReferenceForward(model, embeds, lay, PruneSettings(k=K, p=50, rule="saliency"), 0.0, mask)
     want = reference(x)
 
     full = torch.cat([embeds, response])[None].numpy()
@@ -177,7 +178,8 @@ def test_graph_io_carries_the_spec_dims(exported):
 def test_ops_are_on_the_trt_list(exported):
     out, reports = exported
     for name, report in reports.items():
-        assert "NonZero" not in report.ops and "MatMul" in report.ops and "Softmax" in report.ops, name
+        assert "NonZero" not in report.ops and "MatMul" in report.ops, name
+        assert ("Softmax" in report.ops) == (name != "similarity"), name  # attention everywhere but there
 
 
 def one_node_graph(op, path):
@@ -321,7 +323,7 @@ def test_the_decision_check_sees_a_reordering_the_value_bound_cannot():
     """Saliency ~1/N at 2000 tokens: a yardstick whose noise sits on the largest scores gives a value
     bound (relative to them) that accepts the small scores reordered. The kept set at P does not:
     500 tokens move where PyTorch's own noise moved none."""
-    from export.yardstick import decision_check, noise_check
+    from export.yardstick import decision_check, decision_rule, noise_check
 
     rng = np.random.default_rng(0)
     ref = rng.uniform(0.2, 1.0, (1, 2000))
@@ -334,9 +336,10 @@ def test_the_decision_check_sees_a_reordering_the_value_bound_cannot():
     got[0, small] = ref[0, small[::-1]]  # every small score given to another token
     value = noise_check(got, yard, ref, "fp16")
     assert value["max_abs_diff"] <= value["allowed"]  # the value rule passes it
-    decided = decision_check(got, yard, ref, 50)
+    keep = decision_rule("saliency", {}, 50)
+    decided = decision_check(got, yard, ref, keep)
     assert decided["moved_yardstick"] == 0 and decided["moved"] == 500 > decided["allowed_moves"] == 1
-    assert decision_check(yard, yard, ref, 50)["moved"] == 0  # the yardstick itself passes
+    assert decision_check(yard, yard, ref, keep)["moved"] == 0  # the yardstick itself passes
 
 
 def test_widened_restores_the_module_even_when_its_forward_raises():
@@ -363,3 +366,41 @@ def test_int4_blocks_follow_the_weights_rows():
         weight_block(40, 128)
     q, scale = blocked_int4(np.random.default_rng(0).standard_normal((352, 8)).astype(np.float32), 128)
     assert q.shape == (352, 8) and scale.shape == (352 // 32, 8)
+
+
+def test_similarity_graph_matches_the_reference_rule(exported, tiny):
+    """The similarity graph on decoder_pre's hidden states against the reference generator's own cosine
+    similarities (export.reference.pivot_similarity, float64), and the kept set they give at P=50/70."""
+    from export.reference import pivot_similarity
+    from runtime.pruning import keep_duplicate_aware, pick_pivots
+
+    model, ckpt = tiny
+    rng = np.random.default_rng(4)
+    n, visual = 120, np.arange(10, 110)
+    feeds = {"inputs_embeds": rng.standard_normal((1, n, 64)).astype(np.float32),
+             "position_ids": np.arange(n)[None], "score_rows": np.arange(n - 8, n), **no_past(ckpt.config, "decoder_pre")}
+    h, sal = sess(exported, "decoder_pre").run(["hidden_states", "saliency"], feeds)
+    pivots = pick_pivots(sal[0, visual], 8)
+    (got,) = sess(exported, "similarity").run(None, {"hidden_states": h, "visual_rows": visual, "pivots": pivots})
+    want = pivot_similarity(torch.from_numpy(h[0, visual]), pivots)
+    err = float(np.abs(got[0] - want).max())
+    print(f"similarity max |graph - reference|: {err:.2e}")
+    assert got.shape == (1, 8, visual.size) and err < 1e-6
+    for p in (50, 70):
+        assert np.array_equal(keep_duplicate_aware(got[0], pivots, p), keep_duplicate_aware(want, pivots, p))
+
+
+def test_a_similarity_graph_without_normalisation_is_refused(tiny, tmp_path):
+    """Plant a fault: dot products instead of cosines. The value check refuses it."""
+    from export.subgraphs import SIMILARITY
+
+    class DotProducts(torch.nn.Module):
+        def forward(self, hidden_states, visual_rows, pivots):
+            x = hidden_states[:, visual_rows].float()
+            return (x[:, pivots] @ x.transpose(1, 2),)
+
+    _, ckpt = tiny
+    with pytest.raises(ParityError, match="similarity: output similarity differs from the model"):
+        export_and_validate(SIMILARITY, DotProducts(), ckpt.config, "fp32", tmp_path / "s.onnx", AXES, k=K,
+                            reference=SIMILARITY.build(None, K))
+    assert not (tmp_path / "s.onnx").exists()

@@ -77,3 +77,19 @@ def test_trace_flops_learns_caching():
     per_step = w.layers * 2 * (linear_macs(r, w.d, w.m) + 2 * r * n2 * w.d) + 2 * w.d * w.vocab * r
     assert cached == pytest.approx(2 * per_step, rel=1e-12)
     assert per_step < w.layers * 2 * layer_macs(n2, w.d, w.m) / 10  # a cached step is > 10x cheaper at 8B scale
+
+
+def test_the_rule_costs_are_counted_and_tiny_on_the_8b():
+    """Choosing the kept tokens: the duplicate rule adds pivots x V x d dot products and normalising V rows
+    to saliency's q.k of the query rows (which both rules read); what it adds is, on the 8B (V = 3645,
+    d = 4096), under 0.1% of one decoder layer."""
+    from bench.flops import layer_flops, rule_flops
+
+    w = Workload(visual=3645)
+    dup, sal = rule_flops(w, "duplicate"), rule_flops(w, "saliency")
+    assert dup - sal == 3 * 3645 * 4096 + 2 * 8 * 3645 * 4096 and rule_flops(w, "random") == 0
+    layer = layer_flops(w.n, w.d, w.m)
+    print(f"saliency scoring {sal / layer:.4%}, the duplicate rule's similarities {(dup - sal) / layer:.4%} of one layer")
+    assert dup - sal < 1e-3 * layer
+    assert total_flops(w, 15, 50, "duplicate") - total_flops(w, 15, 50) == dup  # step 1 only
+    assert total_flops(w, 15, 0, "duplicate") == total_flops(w, None, 0)  # nothing dropped, nothing chosen

@@ -105,9 +105,9 @@ def test_compact_positions_are_arange(tiny, tokenizer, inputs):
         assert np.array_equal(pos.numpy(), np.arange(pos.shape[0]))
 
 
-def test_kept_tokens_are_the_most_salient(tiny, tokenizer, inputs):
+def test_the_saliency_rule_keeps_the_most_salient(tiny, tokenizer, inputs):
     model, _ = tiny
-    result, _ = run(model, tokenizer, inputs, PruneSettings(k=15, p=50))
+    result, _ = run(model, tokenizer, inputs, PruneSettings(k=15, p=50, rule="saliency"))
     s = result.saliency
     kept = set(result.kept_visual.tolist())
     dropped = np.setdiff1d(np.arange(s.size), result.kept_visual)
@@ -144,7 +144,7 @@ def test_pruning_changes_the_computation(tiny, tokenizer, inputs):
 def test_generation_is_deterministic_under_a_seed(tiny, tokenizer, inputs):
     model, _ = tiny
     gen = replace(GEN, temperature=0.8, seed=3)
-    prune = PruneSettings(k=15, p=50, random=True, seed=5)
+    prune = PruneSettings(k=15, p=50, rule="random", seed=5)
     a, _ = run(model, tokenizer, inputs, prune, gen)
     b, _ = run(model, tokenizer, inputs, prune, gen)
     assert a.answer_ids == b.answer_ids and np.array_equal(a.kept_visual, b.kept_visual)
@@ -153,8 +153,8 @@ def test_generation_is_deterministic_under_a_seed(tiny, tokenizer, inputs):
 
 def test_random_pruning_ablation(tiny, tokenizer, inputs):
     model, _ = tiny
-    a, spy = run(model, tokenizer, inputs, PruneSettings(k=15, p=50, random=True, seed=1))
-    b, _ = run(model, tokenizer, inputs, PruneSettings(k=15, p=50, random=True, seed=2))
+    a, spy = run(model, tokenizer, inputs, PruneSettings(k=15, p=50, rule="random", seed=1))
+    b, _ = run(model, tokenizer, inputs, PruneSettings(k=15, p=50, rule="random", seed=2))
     assert a.saliency is None and a.kept_visual.size == b.kept_visual.size == 729 - 364
     assert not np.array_equal(a.kept_visual, b.kept_visual)
     assert spy.forwards()[1] == [a.layout.total - 364] * 32

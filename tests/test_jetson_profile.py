@@ -37,6 +37,9 @@ def test_onnxruntime_report_end_to_end(runtime_bundles, tmp_path):
         n_red = n - 729 * int(a["p"]) // 100
         pre_step1 = median[f"decoder_pre seq={n} rows={8 if a['p'] else 1}"]
         post, pre = median[f"decoder_post seq={n_red} rows=8"], median[f"decoder_pre seq={n_red} rows=1"]
+        # the bundle's rule (duplicate): step 1 also runs the similarity graph, where tokens are dropped
+        pre_step1 += median[f"similarity seq={n} visual=729 pivots=8"] if a["p"] else 0.0
+        assert f"similarity seq={n} visual=729 pivots=8" in median
         assert a["predicted_ms"] == pytest.approx(median["vision tiles=1"] + pre_step1 + post + 7 * (pre + post))
         past = n_red - 8  # with a dual cache the later steps run the 8 response rows against the others' K/V
         cached = median[f"decoder_pre seq=8 rows=1 past={past}"] + median[f"decoder_post seq=8 rows=8 past={past}"]
@@ -179,7 +182,7 @@ def test_the_engine_check_feeds_and_rule_come_from_the_bundle(runtime_bundles):
         assert max(a for a, _ in m.subgraphs[spec.name].tolerances.values()) == 2 * NOISE_FACTOR * noise
         with runners[spec.name] as runner:
             per_profile = prof.validation_feeds(m, spec.name)
-            assert len(per_profile) == len(m.subgraphs[spec.name].shapes) == (1 if spec.name == "vision" else 2)
+            assert len(per_profile) == len(m.subgraphs[spec.name].shapes) == (2 if spec.name.startswith("decoder") else 1)
             for profile, feeds in enumerate(per_profile):  # Runner.check: names, dtypes, inside that profile
                 for f in feeds:
                     assert set(runner.infer(f, profile=profile)) == {t.name for t in m.subgraphs[spec.name].outputs}

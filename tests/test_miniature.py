@@ -166,7 +166,7 @@ def test_harness_writes_a_row_for_every_strategy(harness_run):
 
     out, data = harness_run
     rows = {r["name"]: r for r in data["rows"]}
-    assert list(rows) == [s.name for s in strategies()] and len(rows) == 15 + 12
+    assert list(rows) == [s.name for s in strategies()] and len(rows) == 15 + 12 + 11
     md = (out / "table.md").read_text()
     assert all(f"| {name} |" in md for name in rows)
     assert (out / "accuracy_vs_flops.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -180,6 +180,9 @@ def test_harness_writes_a_row_for_every_strategy(harness_run):
     by_k = [rows[f"K{k} P50"]["flops_remaining"] for k in (3, 8, 15, 24)]
     assert by_k == sorted(by_k) and by_k[-1] < 1  # later K: more work on the full sequence
     assert rows["K15 P50 random"]["flops_remaining"] == pytest.approx(rows["K15 P50"]["flops_remaining"], rel=0.05)
+    # the duplicate rule's similarities are counted: a little more than saliency's, at the same kept count
+    dup, sal = rows["K15 P50 duplicate"]["flops_remaining"], rows["K15 P50"]["flops_remaining"]
+    assert sal < dup < 1.01 * sal
     for k in (3, 8, 24):  # the K sweep ran on sibling bundles built from the same checkpoint
         assert read_manifest(out / "bundles" / f"k{k}").k == k
     # issue 13's rows: a cache computes fewer rows than the same strategy uncached; a threshold takes fewer steps
@@ -400,8 +403,9 @@ def test_rounds_add_focus_and_review_stages_on_their_kinds(tmp_path, small_run_s
 
 def test_the_quick_start_builds_the_miniature_and_answers_the_readme_question(tmp_path, capsys):
     """README's quick start: build_engines without --model builds the embedded miniature (fp16), and
-    python -m runtime answers the README's question about the demo scene correctly unpruned, and at the
-    bundle's P=50 gives the wrong answer the README says it gives (pruning drops the car's tokens)."""
+    python -m runtime answers the README's question about the demo scene correctly unpruned and at the
+    bundle's P=50 with its default rule (duplicate-aware), and with --rule saliency gives the wrong answer
+    the README says it gives (saliency drops the car's tokens)."""
     from pathlib import Path
 
     from export.build_engines import main as build
@@ -411,17 +415,18 @@ def test_the_quick_start_builds_the_miniature_and_answers_the_readme_question(tm
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     command = 'python -m runtime --bundle bundles/miniature-k15-p50-fp16 --prompt "Is the left lane free?" --trace'
-    assert command in readme and "It answers `no` unpruned (`--p 0`), which is right" in readme
-    assert "at the bundle's P=50 it answers `yes`" in readme
+    assert command in readme and "It answers `no`,\nwhich is right" in readme
+    assert "the bundle's P=50 with the default rule, the duplicate-aware one; with `--rule saliency` it answers\n`yes`" in readme
     want = next(q.answer for q in questions(scene(DEMO_SEED)) if q.text == "Is the left lane free?")
     assert want == "no"
     out = tmp_path / "bundles" / "miniature-k15-p50-fp16"
     assert build(["--k", "15", "--p", "50", "--out", str(out), "--opt-image", "640x360"]) == 0
     capsys.readouterr()
-    for p, said in (("0", want), ("50", "yes")):
-        assert run(["--bundle", str(out), "--prompt", "Is the left lane free?", "--p", p, "--json", "--quiet"]) == 0
+    for p, rule, said in (("0", [], want), ("50", [], want), ("50", ["--rule", "saliency"], "yes")):
+        assert run(["--bundle", str(out), "--prompt", "Is the left lane free?", "--p", p, "--json", "--quiet", *rule]) == 0
         answer = json.loads(capsys.readouterr().out)
         assert answer["answer"] == said and answer["visual_tokens"] == 184 and answer["p"] == float(p)
+        assert answer["rule"] == (rule[1] if rule else "duplicate")
 
 
 def test_the_shipped_miniature_answers_far_above_chance(mini_bundle, tmp_path):

@@ -46,10 +46,13 @@ def reference(tiny, tokenizer, image, question, gen, prune, cache=None):
 
 @pytest.mark.parametrize("k", [3, 15])
 @pytest.mark.parametrize("p", [0, 50, 70])
-def test_onnxruntime_generates_the_reference_tokens(bundles, tiny, tokenizer, image, k, p):
+@pytest.mark.parametrize("rule", ["saliency", "duplicate"])
+def test_onnxruntime_generates_the_reference_tokens(bundles, tiny, tokenizer, image, k, p, rule):
+    """The kept set token for token: the reference computes the rule from its own saliency and hidden
+    states, the runtime from the graphs' (decoder_pre's saliency, the similarity graph)."""
     with Pipeline(bundles[k]) as pipe:
         for question, gen in [(PROMPTS[0], GEN), (PROMPTS[1], replace(GEN, temperature=0.7, seed=11))]:
-            prune = PruneSettings(k=k, p=p)
+            prune = PruneSettings(k=k, p=p, rule=rule)
             got = pipe.generate(image, question, gen, prune)
             want = reference(tiny, tokenizer, image, question, gen, prune)
             assert got.answer_ids == want.answer_ids, (k, p, question)
@@ -57,11 +60,21 @@ def test_onnxruntime_generates_the_reference_tokens(bundles, tiny, tokenizer, im
             assert [s.seq_len for s in got.steps] == want.seq_lens
 
 
+def test_the_rules_keep_different_tokens(bundles, tiny, tokenizer, image):
+    """The duplicate rule is not saliency under another name: on the same question they differ, and the
+    duplicate rule keeps its 8 pivots, the most salient tokens."""
+    kept = {rule: reference(tiny, tokenizer, image, PROMPTS[0], GEN, PruneSettings(k=15, p=70, rule=rule))
+            for rule in ("saliency", "duplicate")}
+    assert not np.array_equal(kept["saliency"].kept_visual, kept["duplicate"].kept_visual)
+    top8 = np.argsort(-kept["saliency"].saliency, kind="stable")[:8]
+    assert set(top8.tolist()) <= set(kept["duplicate"].kept_visual.tolist())
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_strategies_chosen_at_run_time(bundles, tiny, tokenizer, image, seed):
     gen = replace(GEN, temperature=1.0, seed=seed)
     with Pipeline(bundles[15]) as pipe:
-        for prune in (PruneSettings(k=15, p=50, query="last"), PruneSettings(k=15, p=70, random=True, seed=seed),
+        for prune in (PruneSettings(k=15, p=50, query="last"), PruneSettings(k=15, p=70, rule="random", seed=seed),
                       PruneSettings(k=15, p=50, query="prompt", positions="compact")):
             got = pipe.generate(image, PROMPTS[0], gen, prune)
             want = reference(tiny, tokenizer, image, PROMPTS[0], gen, prune)
@@ -304,7 +317,7 @@ def test_fp16_bundle_end_to_end(tiny_dir, tiny, tokenizer, tmp_path):
                        log=lambda m: None).out
     # the tiny model's saliencies on this sketch are >90% clear of the cut; on the demo scene or a
     # gradient only ~60% are, which would leave the kept-set comparison testing little
-    img, prune = road_sketch(640, 480), PruneSettings(k=15, p=50)
+    img, prune = road_sketch(640, 480), PruneSettings(k=15, p=50, rule="saliency")
     with Pipeline(out) as pipe:
         prompt, im, lay = pipe.prepare(img, PROMPTS[0], GEN, prune)
         embeds, _ = pipe.prompt_embeddings(prompt, im)
@@ -331,6 +344,14 @@ def test_fp16_bundle_end_to_end(tiny_dir, tiny, tokenizer, tmp_path):
         print(f"fp16 logits step {step}: max |diff| {diff:.2e} at scale {scale:.2e}")
         assert ok
     want = generate(model, tokenizer.ids, tokenizer.encode_prompt(PROMPTS[0]), im, GEN, prune)
+    assert got.answer_ids == want.answer_ids
+    # the duplicate rule on the fp16 graphs (saliency pivots, float32 similarities of fp16 hidden states)
+    dup = replace(prune, rule="duplicate")
+    with Pipeline(out) as pipe:
+        got = pipe.generate(img, PROMPTS[0], GEN, dup)
+    want = generate(model, tokenizer.ids, tokenizer.encode_prompt(PROMPTS[0]), im, GEN, dup)
+    same = np.isin(got.kept_visual, want.kept_visual).mean()
+    print(f"fp16 duplicate rule: {same:.2%} of the kept tokens are the reference's")
     assert got.answer_ids == want.answer_ids
 
 

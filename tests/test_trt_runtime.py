@@ -16,7 +16,7 @@ import pytest
 
 from runtime.errors import LladaVError
 from runtime.pipeline import Pipeline, empty_past
-from runtime.pruning import PruneSettings, keep_by_score, kept_positions
+from runtime.pruning import PruneSettings, keep_by_score, keep_duplicate_aware, kept_positions, pick_pivots
 from runtime.schedule import GenerationSettings
 from runtime.trt_runner import TrtBackend, make_trt_runners, row_runs
 from tests.conftest import gradient_image
@@ -129,14 +129,20 @@ def test_three_step_generation_device_work(runtime_bundles, capfd):
     assert all(i < first_run for i, c in enumerate(device.log) if c.op == "malloc")  # nothing after activation
     assert len(device.calls("malloc")) == sum((len(e.inputs) + len(e.outputs)) * len(e.shapes)  # per profile
                                               for e in pipe.manifest.subgraphs.values())
-    step1_post = [i for i, c in enumerate(device.log) if c.op == "enqueue"][2]
+    step1_post = next(i for i, c in enumerate(device.log) if c.op == "enqueue" and c.args[0] == "decoder_post")
     uploads = [c for c in device.log[step1_post:] if c.op == "copy_htod"]
     assert [c.args[1] for c in uploads] == [("host", g * 64 * 4)] * 2  # later steps upload the G response rows only
 
     # what each engine read
     pre, post = device.engines["decoder_pre"].runs, device.engines["decoder_post"].runs
     saliency = stamp(1, (1, lay.total), np.float32)[0, lay.visual]
-    assert np.array_equal(result.kept_visual, keep_by_score(saliency, 50))
+    (sim,) = device.engines["similarity"].runs  # step 1 only, on decoder_pre's hidden states as it left them
+    pivots = pick_pivots(saliency, 8)
+    assert np.array_equal(sim["hidden_states"], stamp(1, (1, lay.total, 64), np.float32))
+    assert np.array_equal(sim["visual_rows"], np.arange(lay.visual.start, lay.visual.stop)) and np.array_equal(sim["pivots"], pivots)
+    similarities = stamp(1, (1, 8, lay.n_visual), np.float32)[0]
+    assert np.array_equal(result.kept_visual, keep_duplicate_aware(similarities, pivots, 50))
+    assert not np.array_equal(result.kept_visual, keep_by_score(saliency, 50))
     assert np.array_equal(post[0]["hidden_states"], stamp(1, (1, lay.total, 64), np.float32)[:, kept])
     for step in (1, 2):
         assert np.array_equal(post[step]["hidden_states"], stamp(step + 1, (1, n, 64), np.float32))
@@ -152,7 +158,8 @@ def test_three_step_generation_device_work(runtime_bundles, capfd):
         unmasked = [i for i in range(g) if not np.array_equal(x[0, n - g + i], mask_row)]
         assert len(unmasked) == sum(result.denoise.transfers[:step])
         assert all(np.array_equal(x[0, n - g + i], pipe.embed[result.denoise.response[i]]) for i in unmasked)
-    assert [(s.pre_ms, s.post_ms) for s in result.steps] == [(1.0, 1.0)] * 3  # the events' clock, not the host's
+    # the events' clock, not the host's; step 1's decoder_pre time includes the similarity engine's
+    assert [(s.pre_ms, s.post_ms) for s in result.steps] == [(2.0, 1.0)] + [(1.0, 1.0)] * 2
 
 
 def test_everything_allocated_is_freed_and_nothing_per_generation(runtime_bundles):
@@ -163,7 +170,7 @@ def test_everything_allocated_is_freed_and_nothing_per_generation(runtime_bundle
     assert all(i < first_run for i, c in enumerate(device.log) if c.op == "malloc")  # two answers, none after activation
     assert sorted(c.result for c in mallocs) == sorted(c.args[0] for c in frees)
     assert sorted(c.result for c in device.calls("event_create")) == sorted(c.args[0] for c in device.calls("event_destroy"))
-    assert len(device.calls("event_create")) == 6
+    assert len(device.calls("event_create")) == 2 * len(device.engines)  == 8  # a pair per engine
     assert [c.args[0] for c in device.calls("stream_destroy")] == [device.calls("stream_create")[0].result]
     assert device.sim.memory == {} and device.sim.pending() == 0
 
