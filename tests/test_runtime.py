@@ -82,13 +82,14 @@ def test_strategies_chosen_at_run_time(bundles, tiny, tokenizer, image, seed):
 
 
 def test_pytorch_backend_generates_the_reference_tokens(bundles, tiny, tokenizer, image):
-    """Uncached and with a dual cache (its cached steps feed read-only views: no warning), P=0 and 50."""
+    """Uncached and with a dual cache (its cached steps feed read-only views: no warning), P=0, 50 and 70
+    (the default rule: duplicate-aware)."""
     import warnings
 
     from runtime.caching import CacheSettings
 
     with Pipeline(bundles[15], backend="pytorch", model_dir=tiny[1].path) as pipe:
-        for p in (0, 50):
+        for p in (0, 50, 70):
             prune = PruneSettings(k=15, p=p)
             for cache in (None, CacheSettings("dual")):
                 with warnings.catch_warnings():
@@ -273,7 +274,7 @@ def test_cfg_generates_the_reference_tokens(tiny_dir, tiny, tokenizer, image, tm
                        log=lambda m: None).out
     gen = replace(GEN, cfg_scale=1.5)
     with Pipeline(out) as pipe:
-        for p in (0, 50):
+        for p in (0, 50, 70):
             prune = PruneSettings(k=15, p=p)
             got = pipe.generate(image, PROMPTS[0], gen, prune)
             want = reference(tiny, tokenizer, image, PROMPTS[0], gen, prune)
