@@ -46,7 +46,7 @@ def run_bundle(bundle: Path, items, gen, log) -> dict[str, list[dict]]:
     """{strategy: [per question: harness record + kept set + step-1 logits]}."""
     from miniature.eval import record, strategies
     from runtime.pipeline import Pipeline
-    from runtime.runners import make_runners
+    from runtime.backends import make_runners
 
     rows = [s for s in strategies() if s.name in STRATEGIES]
     taps = {}

@@ -172,7 +172,7 @@ def record_calibration(bundle: Path, settings: CalibrationSettings, root: Path, 
 def _run(bundle: Path, settings: CalibrationSettings, log) -> dict[str, list[dict]]:
     from runtime.pipeline import Pipeline
     from runtime.pruning import PruneSettings
-    from runtime.runners import make_runners
+    from runtime.backends import make_runners
     from runtime.schedule import GenerationSettings
 
     gen = GenerationSettings(steps=settings.steps, gen_length=settings.gen_length,

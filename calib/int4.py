@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.quantize import QuantizationError, lm_head_nodes, weight_matmuls
+from calib.graph import QuantizationError, lm_head_nodes, weight_matmuls
 from runtime.errors import expect
 
 INT4_OPSET = 21

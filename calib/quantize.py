@@ -20,11 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import LladaVError, expect
-
-
-class QuantizationError(LladaVError):
-    """A graph cannot take the asked quantization, or the result breaks TensorRT's Q/DQ rules."""
+from calib.graph import QuantizationError, lm_head_nodes, weight_matmuls
+from runtime.errors import expect
 
 
 @dataclass(frozen=True)
@@ -62,20 +59,6 @@ def quantize(src: Path, dst: Path, feeds: list[dict], scheme: QuantScheme, vocab
 
         return quantize_int4(src, dst, vocab, scheme.block)
     return quantize_graph(src, dst, feeds, scheme, vocab)
-
-
-def weight_matmuls(model) -> tuple[list, list]:
-    """(MatMuls with a constant weight, the others) of an ONNX model proto."""
-    consts = {t.name for t in model.graph.initializer}
-    mm = [n for n in model.graph.node if n.op_type == "MatMul"]
-    return [n for n in mm if n.input[1] in consts], [n for n in mm if n.input[1] not in consts]
-
-
-def lm_head_nodes(model, vocab: int) -> list[str]:
-    """Names of the MatMuls whose weight maps to the vocabulary (the LM head): kept in float."""
-    dims = {t.name: list(t.dims) for t in model.graph.initializer}
-    weighted, _ = weight_matmuls(model)
-    return [n.name for n in weighted if dims[n.input[1]][-1:] == [vocab]]
 
 
 class _Feeds:

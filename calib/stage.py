@@ -134,7 +134,7 @@ def int4_model_check(tmp: Path, manifest: Manifest, entries: dict, model, scheme
 def quantize_entry(tmp: Path, entry: SubgraphEntry, data, scheme: QuantScheme, vocab: int, log) -> SubgraphEntry:
     """One graph quantized and validated right away (op list, TensorRT's Q/DQ rules, ONNX Runtime runs it,
     error against the float graph), then put in the float graph's place; its entry updated."""
-    from export.build import artifact_key
+    from runtime.bundle import artifact_key
     from export.onnx_export import check_graph
     from export.subgraphs import SUBGRAPHS
 

@@ -28,8 +28,9 @@ from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, ful
                              profile_ranges, settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
 from export.yardstick import engine_tolerances
-from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, device_engine, device_engines,
-                            engine_problem, engine_provenance, file_info, graph_identity, read_manifest, sha256_file, write_manifest)
+from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, artifact_key, device_engine,
+                            device_engines, engine_problem, engine_provenance, file_info, graph_identity, read_manifest,
+                            sha256_file, write_manifest)
 from runtime.errors import LladaVError, expect
 from runtime.files import atomic_directory, check_output_dir, output_lock
 from runtime.pruning import DEFAULT_RULE, PruneSettings
@@ -138,10 +139,6 @@ def exporter_source_hash() -> str:
     for name in SOURCES:
         h.update((Path(__file__).resolve().parents[1] / name).read_bytes())
     return h.hexdigest()[:16]
-
-
-def artifact_key(*parts) -> str:
-    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
 
 
 def previous_manifest(out: Path) -> Manifest | None:

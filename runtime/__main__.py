@@ -25,7 +25,7 @@ from runtime.cli_args import parser as cli_parser
 from runtime.cli_args import quiet_on_broken_pipe
 from runtime.pruning import PruneSettings
 from runtime.pipeline import VERIFY
-from runtime.runners import BACKENDS
+from runtime.backends import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -173,6 +173,11 @@ def read_manifest(bundle) -> Manifest:
     return manifest
 
 
+def artifact_key(*parts) -> str:
+    """A bundle entry's cache key (SubgraphEntry.key) from what its artifact depends on."""
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]
+
+
 def graph_identity(subgraph: str, k: int, n_layers: int, model_hash: str, precision: str) -> dict[str, str]:
     """What an exported graph says about itself (ONNX metadata_props). The vision and similarity graphs
     do not depend on K, so they are reused across K and say nothing about it."""

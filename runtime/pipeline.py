@@ -27,7 +27,8 @@ from runtime.merge import merge_tiles
 from runtime.preprocess import ImageInput, prepare_image
 from runtime.pruning import (PruneSettings, SequenceLayout, keep_visual, kept_positions, pruned_count, query_rows,
                              reduced_position_ids)
-from runtime.runners import float_dtype, make_runners
+from runtime.backends import make_runners
+from runtime.runners import float_dtype
 from runtime.schedule import DenoiseResult, GenerationSettings, denoise
 from runtime.tokens import PromptIds, TextTokenizer
 

@@ -1,7 +1,7 @@
 """Runners: one per subgraph, one lifecycle, one contract (Polygraphy's loader/runner idea).
 
-    runner = make_runner("onnxruntime", bundle, manifest, "decoder_pre")
-    with runner:                       # activate ... deactivate
+    runners = make_runners("onnxruntime", bundle, manifest)   # runtime.backends: {subgraph: runner}
+    with runners["decoder_pre"] as runner:                       # activate ... deactivate
         outputs = runner.infer(feeds)  # {name: array}, inputs checked against the manifest
 
 Backends: ONNX Runtime (CPU here; CUDA where onnxruntime-gpu and a GPU exist, with IO binding),
@@ -21,8 +21,6 @@ import numpy as np
 
 from runtime.bundle import FULL_PROFILE, Manifest, SubgraphEntry, float_type
 from runtime.errors import LladaVError
-
-BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
 
 # ONNX Runtime's common-subexpression elimination merges the dedicated Q/DQ pair a quantized graph
 # gives each linear layer (TensorRT shares no Q/DQ pair between nodes) back into one Q per shared
@@ -219,23 +217,7 @@ class TorchRunner(Runner):
         return {t.name: o.numpy() for t, o in zip(self.entry.outputs, outs)}
 
 
-def make_runners(backend: str, bundle: Path, manifest: Manifest, model_dir=None, device: str = "cpu",
-                 kv_cache: bool = True) -> dict:
-    """{subgraph name: runner} for a backend; heavy imports happen here, lazily. kv_cache=False: the
-    TensorRT backend allocates the full profile's buffers only (host backends allocate per run)."""
-    if backend not in BACKENDS:
-        raise LladaVError(f"backend: got {backend!r}; expected one of {BACKENDS}")
-    fdt = float_dtype(manifest)
-    if backend == "onnxruntime":
-        return {n: OrtRunner(e, fdt, bundle, device) for n, e in manifest.subgraphs.items()}
-    if backend == "tensorrt":
-        from runtime.trt_runner import make_trt_runners
-
-        return make_trt_runners(bundle, manifest, fdt, kv_cache=kv_cache)
-    return _torch_runners(manifest, fdt, model_dir)
-
-
-def _torch_runners(manifest: Manifest, fdt, model_dir) -> dict:
+def torch_runners(manifest: Manifest, fdt, model_dir) -> dict:
     import torch
 
     from export.checkpoint import load_model, open_checkpoint

@@ -170,7 +170,7 @@ def test_the_engine_check_feeds_and_rule_come_from_the_bundle(runtime_bundles):
     and the rule it applies is the export's, recorded in the manifest (the car has no export code)."""
     from export.subgraphs import SUBGRAPHS
     from export.yardstick import NOISE_FACTOR
-    from runtime.runners import make_runners
+    from runtime.backends import make_runners
 
     m = read_manifest(runtime_bundles[15])
     runners = make_runners("onnxruntime", runtime_bundles[15], m)

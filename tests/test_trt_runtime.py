@@ -283,7 +283,7 @@ def test_the_device_cache_generates_the_onnxruntime_backends_tokens(runtime_bund
     tokens, kept tokens and rows per step as the ONNX Runtime backend (also with a refresh every 2nd
     step inside a block: profile switches mid-block). Not TensorRT: its data movement."""
     from calib.data import RecordingRunner
-    from runtime.runners import make_runners
+    from runtime.backends import make_runners
 
     prune, cache = PruneSettings(k=15, p=p), CacheSettings(mode, refresh_every)
     image, question = gradient_image(320, 200), "Is the traffic light red?"
