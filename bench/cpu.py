@@ -21,9 +21,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 @dataclass(frozen=True)
 class BenchShape:

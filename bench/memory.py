@@ -16,8 +16,6 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Each probe runs in a fresh process and reads VmHWM (bench.cpu.peak_rss): the peak RSS of that
 # address space, unlike ru_maxrss, which survives exec from the parent.

@@ -26,10 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # unified LPDDR5 (GB = 1e9 B) and dense throughput; Nano: the JetPack 6.1+ "Super" clocks (67 sparse INT8 TOPS)
 DEVICES = {"AGX Orin 64GB": 64e9, "Orin NX 16GB": 16e9, "Orin Nano 8GB": 8e9}

@@ -23,10 +23,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 @dataclass(frozen=True)

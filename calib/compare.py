@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import LladaVError, expect
+from runtime.errors import expect
 from runtime.files import write_json, write_text
 
 STRATEGIES = ("unpruned", "K15 P50")
@@ -126,10 +126,12 @@ def main(argv=None) -> int:
     from miniature.eval import HARNESS_GEN
     from miniature.scenes import held_out_set
     from runtime.bundle import read_manifest
+    from runtime.cli_args import at_boundary
 
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    try:
+
+    def run_all():
         expect(args.limit is None or args.limit >= 1, f"--limit: got {args.limit}; expected >= 1")
         manifests = {b: read_manifest(b) for b in args.bundles}
         model = {m.model["content_hash"] for m in manifests.values()}
@@ -140,13 +142,12 @@ def main(argv=None) -> int:
         items = held_out_set()[: args.limit]
         t0 = time.time()
         runs = {n: run_bundle(b, items, HARNESS_GEN, log) for n, b in zip(names, args.bundles)}
-        minutes = (time.time() - t0) / 60
-    except LladaVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return model, names, items, runs, (time.time() - t0) / 60
+
+    status, got = at_boundary(run_all, interrupted="interrupted; nothing was written")
+    if status is not None:
+        return status
+    model, names, items, runs, minutes = got
     rows = compare(runs, names[0])
     header = (f"Precision comparison: model {next(iter(model))[:12]}, {len(items)} held-out questions, reference "
               f"{names[0]}, ONNX Runtime CPU, {minutes:.1f} min")

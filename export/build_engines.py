@@ -14,16 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.build import PRECISIONS, QUANTIZED, BuildRequest, build_bundle, summary  # noqa: E402
-from export.profiles import ProfileSettings  # noqa: E402
-from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
-from runtime.cli_args import K_HELP, image_size, name_flags  # noqa: E402
-from runtime.cli_args import parser as cli_parser  # noqa: E402
-from runtime.errors import LladaVError  # noqa: E402
-from runtime.pruning import DEFAULT_RULE, RULE_HELP, RULES  # noqa: E402
+from export.build import PRECISIONS, QUANTIZED, BuildRequest, build_bundle, summary
+from export.profiles import ProfileSettings
+from runtime.anyres import ANYRES, LAYOUTS
+from runtime.cli_args import K_HELP, at_boundary, image_size
+from runtime.cli_args import parser as cli_parser
+from runtime.pruning import DEFAULT_RULE, RULE_HELP, RULES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,18 +128,19 @@ def quant_settings(args: argparse.Namespace):
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    req = None
-    try:
-        req = request(args)
-        result = build_bundle(req)
-    except LladaVError as exc:
-        print(f"error: {name_flags(str(exc), ap)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # the temporary directory is already gone (atomic_directory)
-        kept = req is not None and (Path(req.out) / "manifest.json").is_file()
-        print("interrupted; nothing was written" + (f", the previous bundle {req.out} is intact" if kept else ""),
-              file=sys.stderr)
-        return 130
+    reqs = []
+
+    def build():
+        reqs.append(request(args))
+        return build_bundle(reqs[0])
+
+    def interrupted() -> str:  # the temporary directory is already gone (atomic_directory)
+        kept = reqs and (Path(reqs[0].out) / "manifest.json").is_file()
+        return "interrupted; nothing was written" + (f", the previous bundle {reqs[0].out} is intact" if kept else "")
+
+    status, result = at_boundary(build, ap, interrupted)
+    if status is not None:
+        return status
     print(summary(result))
     return 0
 

@@ -15,24 +15,21 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from export.checkpoint import load_model, open_checkpoint  # noqa: E402
-from export.reference import generate  # noqa: E402
-from miniature import embedded_checkpoint  # noqa: E402
-from runtime.demo import demo_image  # noqa: E402
-from runtime.anyres import ANYRES, LAYOUTS  # noqa: E402
-from runtime.errors import LladaVError  # noqa: E402
-from runtime.preprocess import prepare_image  # noqa: E402
-from runtime.cli_args import (K_HELP, add_cache_args, add_generation_args, add_strategy_args, cache_settings,  # noqa: E402
-                              generation_settings, name_flags)
-from runtime.cli_args import parser as cli_parser  # noqa: E402
-from runtime.cli_args import quiet_on_broken_pipe  # noqa: E402
-from runtime.pruning import DEFAULT_RULE, PruneSettings, pruned_count  # noqa: E402
-from runtime.tokens import TextTokenizer  # noqa: E402
+from export.checkpoint import load_model, open_checkpoint
+from export.reference import generate
+from miniature import embedded_checkpoint
+from runtime.demo import demo_image
+from runtime.anyres import ANYRES, LAYOUTS
+from runtime.preprocess import prepare_image
+from runtime.cli_args import (K_HELP, add_cache_args, add_generation_args, add_strategy_args, cache_settings,
+                              generation_settings, at_boundary)
+from runtime.cli_args import parser as cli_parser
+from runtime.cli_args import quiet_on_broken_pipe
+from runtime.pruning import DEFAULT_RULE, PruneSettings, pruned_count
+from runtime.tokens import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -111,11 +108,9 @@ def report(out: dict) -> str:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    try:
-        out = run(args)
-    except LladaVError as exc:
-        print(f"error: {name_flags(str(exc), ap)}", file=sys.stderr)
-        return 2
+    status, out = at_boundary(lambda: run(args), ap)
+    if status is not None:
+        return status
     print(json.dumps(out) if args.json else report(out))
     return 0
 

@@ -1,1 +1,3 @@
-"""On-target engine builds, trtexec latency profiling, clocks and power: a later issue."""
+"""On the Jetson: the engines' build script's companions and latency profiling (`profile`: trtexec
+per engine and shape, tegrastats power, the runtime's own answers, a report), the answer's engine runs
+from a manifest (`plan`), trtexec and tegrastats helpers, device facts (`device`)."""

@@ -23,19 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jetson import device, tegrastats, trtexec  # noqa: E402
-from jetson.plan import AnswerCases, Case, answer_cases, check_inside_profile, feeds, generation, unique_cases  # noqa: E402
-from jetson.report import markdown, write_report  # noqa: E402
-from runtime.bundle import Manifest, read_manifest, verify_files  # noqa: E402
-from runtime.cli_args import image_size, name_flags, percent_list  # noqa: E402
-from runtime.cli_args import parser as cli_parser  # noqa: E402
-from runtime.errors import LladaVError, expect  # noqa: E402
-from runtime.files import check_output_dir  # noqa: E402
-from runtime.tokens import TextTokenizer  # noqa: E402
-from runtime.trt_runner import engine_path  # noqa: E402
+from jetson import device, tegrastats, trtexec
+from jetson.plan import AnswerCases, Case, answer_cases, check_inside_profile, feeds, generation, unique_cases
+from jetson.report import markdown, write_report
+from runtime.bundle import Manifest, read_manifest, verify_files
+from runtime.cli_args import at_boundary, image_size, percent_list
+from runtime.cli_args import parser as cli_parser
+from runtime.errors import LladaVError, expect
+from runtime.files import check_output_dir
+from runtime.tokens import TextTokenizer
+from runtime.trt_runner import engine_path
 
 BACKENDS = ("tensorrt", "onnxruntime")
 
@@ -443,15 +441,8 @@ def main(argv=None) -> int:
     req = ProfileRequest(args.bundle, args.backend, args.image_size, args.p, args.prompt, args.steps, args.out,
                          args.dry_run, args.lock_clocks, not args.no_build, args.iterations, args.repeats, timing,
                          args.trtexec)
-    try:
-        profile(req)
-    except LladaVError as exc:
-        print(f"error: {name_flags(str(exc), ap)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; no report was written (an earlier one is intact)", file=sys.stderr)
-        return 130
-    return 0
+    status, _ = at_boundary(lambda: profile(req), ap, "interrupted; no report was written (an earlier one is intact)")
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ import numpy as np
 from bench.flops import remaining, run_workload, total_flops, trace_flops
 from miniature.scenes import Question, Scene, held_out_set
 from runtime.bundle import Manifest, read_manifest
-from runtime.cli_args import quiet_on_broken_pipe
-from runtime.errors import LladaVError, expect
+from runtime.cli_args import at_boundary, quiet_on_broken_pipe
+from runtime.errors import expect
 from runtime.files import check_output_dir, write_json, write_text
 from runtime.pruning import PruneSettings
 from runtime.pruning_map import object_recall, tokens_covering
@@ -270,7 +270,8 @@ def check_miniature_bundle(bundle: Path, manifest: Manifest) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    try:
+
+    def evaluate():
         expect(args.limit is None or args.limit >= 1, f"--limit: got {args.limit}; expected >= 1")
         manifest = read_manifest(args.bundle)
         check_miniature_bundle(args.bundle, manifest)
@@ -282,13 +283,12 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
         records = run_all(args.bundle, rows, items, gen, out / "bundles", log)
-        minutes = (time.time() - t0) / 60
-    except LladaVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return manifest, rows, gen, items, out, records, (time.time() - t0) / 60
+
+    status, got = at_boundary(evaluate, interrupted="interrupted; nothing was written")
+    if status is not None:
+        return status
+    manifest, rows, gen, items, out, records, minutes = got
     table = summarize(rows, records)
     header = (f"Miniature LLaDA-V ({manifest.precision}, model {manifest.model['content_hash'][:12]}), "
               f"{len(items)} held-out questions, gen_length {gen.gen_length}, {gen.steps} steps"

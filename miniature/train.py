@@ -40,6 +40,7 @@ from export.tiny import tokenizer_files
 from miniature import CHECKPOINT
 from miniature.data import IGNORE, TOKEN_ATTRIBUTES, VALIDATION_SEEDS, Encoder, Example, training_seeds
 from miniature.tokenizer import miniature_tokenizer
+from runtime.cli_args import at_boundary
 from runtime.errors import LladaVError
 from runtime.files import write_json
 from runtime.tokens import TextTokenizer
@@ -516,7 +517,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     settings = TrainSettings(seed=args.seed, vision_steps=args.vision_steps, samples=args.samples, focus_steps=args.focus_steps,
                              scenes_per_step=args.scenes_per_step, lr=args.lr)
-    try:
+    def train():
         run = Run(settings, args.run_dir)
         n_params = sum(p.numel() for p in run.model.parameters())
         print(f"miniature: {n_params / 1e6:.2f}M parameters; {settings.vision_steps} vision steps, "
@@ -529,12 +530,12 @@ def main(argv=None) -> int:
         plot_loss(run.log, args.report / "loss.png", settings)
         write_json(args.report / "training.json", {"settings": dataclasses.asdict(settings),
                                                        "minutes": run.elapsed / 60, "log": run.log})
-    except LladaVError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last checkpoint in the run dir resumes the run", file=sys.stderr)
-        return 130
+        return run, out
+
+    status, got = at_boundary(train, interrupted="interrupted: the last checkpoint in the run dir resumes the run")
+    if status is not None:
+        return status
+    run, out = got
     print(f"trained in {run.elapsed / 60:.1f} min; checkpoint written to {out}")
     return 0
 

@@ -2,7 +2,8 @@
 
 This package must import without torch, transformers or TensorRT: it holds the pieces the
 car needs (preprocessing, token ids and the chat template, the denoising schedule, the pruning
-rule) and, later, the backends, each imported lazily.
+rules, the bundle reader, the split denoising loop) and the backends (runtime.backends), each
+imported lazily.
 """
 
 from runtime.errors import LladaVError

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from runtime.errors import LladaVError, expect
-from runtime.cli_args import (add_cache_args, add_generation_args, add_strategy_args, cache_settings, generation_settings,
-                              name_flags)
+from runtime.cli_args import (add_cache_args, add_generation_args, add_strategy_args, at_boundary, cache_settings,
+                              generation_settings)
 from runtime.cli_args import parser as cli_parser
 from runtime.cli_args import quiet_on_broken_pipe
 from runtime.pruning import PruneSettings
@@ -183,14 +183,10 @@ def report(out: dict, trace: bool) -> str:
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    try:
-        out, _, draw = run(args)
-    except LladaVError as exc:
-        print(f"error: {name_flags(str(exc), ap)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    status, got = at_boundary(lambda: run(args), ap)
+    if status is not None:
+        return status
+    out, _, draw = got
     map_error = write_map(draw, out, args.map) if draw else None
     print(json.dumps(out) if args.json else report(out, args.trace))
     if map_error:

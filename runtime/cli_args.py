@@ -109,6 +109,25 @@ def name_flags(message: str, ap: argparse.ArgumentParser) -> str:
     return message
 
 
+def at_boundary(work, ap: argparse.ArgumentParser | None = None, interrupted="interrupted"):
+    """An entry point's boundary: (None, work()) when it succeeds; else the exit status and None after
+    one line on stderr: the project error (LladaVError) in the words the user typed (name_flags, with
+    `ap`) -> 2, Ctrl-C -> 130 with `interrupted` (a string, or a function returning one, for messages
+    that depend on how far the work got)."""
+    import sys
+
+    from runtime.errors import LladaVError
+
+    try:
+        return None, work()
+    except LladaVError as exc:
+        print(f"error: {name_flags(str(exc), ap) if ap is not None else exc}", file=sys.stderr)
+        return 2, None
+    except KeyboardInterrupt:
+        print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
+        return 130, None
+
+
 SIGPIPE_STATUS = 141  # what a shell reports for a program killed by SIGPIPE (128 + 13)
 
 

@@ -3,7 +3,6 @@ the graphs re-saved with our external-data name and their identity, the manifest
 import dataclasses, shutil, sys
 from pathlib import Path
 import onnx
-sys.path.insert(0, "/work/main")
 from export.onnx_export import consolidate_external_data
 from runtime.bundle import file_info, read_manifest, write_manifest
 

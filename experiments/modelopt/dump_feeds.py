@@ -2,7 +2,6 @@
 import json, sys
 from pathlib import Path
 import numpy as np
-sys.path.insert(0, "/work/main")
 from calib.data import load_calibration
 m = json.load(open("/work/main/bundles/miniature-k15-p50-int8-fp32/manifest.json"))
 key = m["subgraphs"]["decoder_pre"]["quantization"]["calibration"]["key"]
