@@ -1,6 +1,8 @@
 """The backend registry: `make_runners(backend, ...)` -> {subgraph name: runner} (runtime.runners'
-contract). Each backend's module is imported only when it is asked for: ONNX Runtime and the
-PyTorch reference modules (runtime.runners), TensorRT (runtime.trt_runner)."""
+contract). Each backend's module is imported only when it is asked for: ONNX Runtime
+(runtime.runners), TensorRT (runtime.trt_runner), and plugins registered under the
+`lladav_edge.backends` entry point: the workstation's PyTorch backend (export.torch_backend), which
+the car's runtime never imports by name."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from pathlib import Path
 from runtime.bundle import Manifest
 from runtime.errors import LladaVError
 
-BACKENDS = ("tensorrt", "onnxruntime", "pytorch")
+BACKENDS = ("tensorrt", "onnxruntime", "pytorch")  # pytorch: a plugin (PLUGINS)
+PLUGINS = "lladav_edge.backends"  # entry-point group: name -> factory(bundle, manifest, fdt, model_dir=, device=)
 
 
 def make_runners(backend: str, bundle: Path, manifest: Manifest, model_dir=None, device: str = "cpu",
@@ -18,7 +21,7 @@ def make_runners(backend: str, bundle: Path, manifest: Manifest, model_dir=None,
     TensorRT backend allocates the full profile's buffers only (host backends allocate per run)."""
     if backend not in BACKENDS:
         raise LladaVError(f"backend: got {backend!r}; expected one of {BACKENDS}")
-    from runtime.runners import OrtRunner, float_dtype, torch_runners
+    from runtime.runners import OrtRunner, float_dtype
 
     fdt = float_dtype(manifest)
     if backend == "onnxruntime":
@@ -27,4 +30,18 @@ def make_runners(backend: str, bundle: Path, manifest: Manifest, model_dir=None,
         from runtime.trt_runner import make_trt_runners
 
         return make_trt_runners(bundle, manifest, fdt, kv_cache=kv_cache)
-    return torch_runners(manifest, fdt, model_dir)
+    return plugin(backend)(bundle, manifest, fdt, model_dir=model_dir, device=device)
+
+
+def plugin(name: str):
+    """The factory a plugin backend registered under PLUGINS."""
+    from importlib.metadata import entry_points
+
+    found = [e for e in entry_points(group=PLUGINS) if e.name == name]
+    if not found:
+        raise LladaVError(f"backend {name}: no plugin registered under the entry point group {PLUGINS!r} (the "
+                          "project's installation is incomplete: reinstall it with pip install -e .)")
+    try:
+        return found[0].load()
+    except ImportError as exc:
+        raise LladaVError(f"backend {name}: needs the workstation install (pip install -e \".[export]\"): {exc}") from None

@@ -441,3 +441,14 @@ def test_the_shipped_miniature_answers_far_above_chance(mini_bundle, tmp_path):
     chance = sum(CHANCE.values()) / len(CHANCE)
     for name, floor in SHIPPED_FLOOR.items():
         assert rows[name]["accuracy"] >= floor > chance + 0.15, (name, rows[name]["by_kind"])
+
+
+def test_the_runtimes_demo_png_is_the_first_held_out_scene():
+    """runtime/demo.png (the car has no scene generator) is the miniature's first held-out scene as drawn
+    at 640x360, pixel for pixel; other sizes are that image resized."""
+    from miniature.scenes import TEST_SEEDS
+    from runtime.demo import DEMO_SEED, demo_image
+
+    assert DEMO_SEED in TEST_SEEDS
+    assert np.array_equal(np.asarray(demo_image()), np.asarray(scene(DEMO_SEED, (640, 360)).image))
+    assert demo_image(1920, 1080).size == (1920, 1080)
