@@ -94,10 +94,38 @@ def predicted(shape: BenchShape, n_text: int, n_visual: int, gen: int, k, p) -> 
     return remaining(w, k, p)
 
 
-def run(shape: BenchShape, workdir: Path, log) -> dict:
+def steps_sweep(shape: BenchShape, case_fn, n_text: int, n_visual: int, log) -> list[dict]:
+    """K=15 P=50 against unpruned at each step count of the sweep, next to the FLOPs prediction."""
+    from runtime.schedule import GenerationSettings
+
+    sweep = []
+    for steps in shape.steps_sweep:
+        settings = GenerationSettings(steps, steps, steps, stop_at_eot=False)
+        log(f"steps sweep: {steps} steps")
+        unpruned = timed(case_fn(15, 0, settings), shape.repeats)[0]
+        pruned = timed(case_fn(15, 50, settings), shape.repeats)[0]
+        sweep.append({"steps": steps, "unpruned_s": unpruned, "pruned_s": pruned, "speedup": unpruned / pruned,
+                      "predicted_speedup": 1 / predicted(shape, n_text, n_visual, steps, 15, 50)})
+    return sweep
+
+
+def build_bundles(ckpt: Path, shape: BenchShape, workdir: Path, log) -> dict:
+    """{K: manifest} of the fp32 bundles at K=15 and K=3, one 384-px tile."""
     from export.build import BuildRequest, build_bundle
-    from export.checkpoint import load_model
     from export.profiles import ProfileSettings
+
+    profiles = ProfileSettings(layout="single", max_text_tokens=128, opt_text_tokens=80,
+                               max_response=max(64, *shape.steps_sweep), opt_response=shape.gen)
+    bundles = {}
+    for k in (15, 3):
+        log(f"building the K={k} bundle (fp32, ONNX Runtime)")
+        bundles[k] = build_bundle(BuildRequest(ckpt, workdir / f"bundle-k{k}", k, 50, "fp32", profiles),
+                                  log=lambda m: None).manifest
+    return bundles
+
+
+def run(shape: BenchShape, workdir: Path, log) -> dict:
+    from export.checkpoint import load_model
     from export.reference import generate
     from runtime.demo import demo_image
     from runtime.pipeline import Pipeline
@@ -107,13 +135,7 @@ def run(shape: BenchShape, workdir: Path, log) -> dict:
     from runtime.tokens import TextTokenizer
 
     ckpt = bench_checkpoint(workdir / "checkpoint", shape, log)
-    profiles = ProfileSettings(layout="single", max_text_tokens=128, opt_text_tokens=80,
-                               max_response=max(64, *shape.steps_sweep), opt_response=shape.gen)
-    bundles = {}
-    for k in (15, 3):
-        log(f"building the K={k} bundle (fp32, ONNX Runtime)")
-        bundles[k] = build_bundle(BuildRequest(ckpt, workdir / f"bundle-k{k}", k, 50, "fp32", profiles),
-                                  log=lambda m: None).manifest
+    bundles = build_bundles(ckpt, shape, workdir, log)
     model, cfg_ckpt = load_model(ckpt)
     tok = TextTokenizer(ckpt)
     image = demo_image()
@@ -142,20 +164,18 @@ def run(shape: BenchShape, workdir: Path, log) -> dict:
     base = results["b"]["median_s"]
     for key in results:
         results[key]["ratio_vs_b"] = results[key]["median_s"] / base
-    sweep = []
-    for steps in shape.steps_sweep:
-        settings = GenerationSettings(steps, steps, steps, stop_at_eot=False)
-        log(f"steps sweep: {steps} steps")
-        unpruned = timed(case_fn(15, 0, settings), shape.repeats)[0]
-        pruned = timed(case_fn(15, 50, settings), shape.repeats)[0]
-        sweep.append({"steps": steps, "unpruned_s": unpruned, "pruned_s": pruned, "speedup": unpruned / pruned,
-                      "predicted_speedup": 1 / predicted(shape, n_text, n_visual, steps, 15, 50)})
+    sweep = steps_sweep(shape, case_fn, n_text, n_visual, log)
     for pipe in pipes.values():
         pipe.__exit__(None, None, None)
+    return {"shape": asdict(shape), "tokens": {"text": n_text, "visual": n_visual, "response": shape.gen},
+            "cases": results, "steps_sweep": sweep, "weight_bytes": weight_bytes(bundles)}
+
+
+def weight_bytes(bundles: dict) -> dict[str, int]:
+    """Each graph's weight file at K=15, and the K=3 decoders' (the vision graph is the same)."""
     weights = {name: e.data.bytes for name, e in bundles[15].subgraphs.items()}
     weights.update({f"k3/{name}": e.data.bytes for name, e in bundles[3].subgraphs.items() if name != "vision"})
-    return {"shape": asdict(shape), "tokens": {"text": n_text, "visual": n_visual, "response": shape.gen},
-            "cases": results, "steps_sweep": sweep, "weight_bytes": weights}
+    return weights
 
 
 def report(out: dict) -> str:

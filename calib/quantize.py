@@ -168,6 +168,12 @@ def check_qdq(path: Path, scheme: QuantScheme) -> dict:
         elif node.op_type == "QuantizeLinear":
             counts["activations"] += 1
     expect(counts["weights"] > 0, f"{path.name}: no quantized weight found")
+    _check_qdq_placement(path, model, consts)
+    return counts
+
+
+def _check_qdq_placement(path: Path, model, consts: dict) -> None:
+    """One dedicated activation Q/DQ pair per consumer; attention MatMuls read no quantized input."""
     dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     weights = {n.output[0] for n in dqs if n.input[0] in consts}
     dq_out = {n.output[0] for n in dqs}
@@ -184,7 +190,6 @@ def check_qdq(path: Path, scheme: QuantScheme) -> dict:
     if touched:
         raise QuantizationError(f"{path.name}: attention MatMuls {touched[:3]} read quantized inputs; expected them "
                                 "in float (softmax(q.k) and p.v stay fp16/fp32)")
-    return counts
 
 
 def _check_blocked(path: Path, node, w, s: np.ndarray, block: int) -> None:

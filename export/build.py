@@ -281,7 +281,7 @@ def _build_bundle(req: BuildRequest, ckpt, token_ids: dict, log, start: float) -
         for name in tokenizer:
             shutil.copy2(ckpt.path / name, tmp / "tokenizer" / name)
         if req.precision in QUANTIZED:
-            entries = quantize(req, tmp, ckpt, ckpt_hash, token_ids, b, entries, host, tokenizer, log)
+            entries = quantize_bundle(req, tmp, ckpt, ckpt_hash, token_ids, b, entries, host, tokenizer, log)
         trt = engines_stage(req, tmp, entries, b, log)
         manifest = make_manifest(req, ckpt, ckpt_hash, token_ids, b.ranges, entries, host, tokenizer, trt)
         write_jetson_script(tmp, manifest, b.settings)
@@ -292,7 +292,7 @@ def _build_bundle(req: BuildRequest, ckpt, token_ids: dict, log, start: float) -
                        time.perf_counter() - start, retuned(b.old, manifest), stale)
 
 
-def quantize(req, tmp, ckpt, ckpt_hash, token_ids, b, entries, host, tokenizer, log) -> dict:
+def quantize_bundle(req, tmp, ckpt, ckpt_hash, token_ids, b, entries, host, tokenizer, log) -> dict:
     """The float bundle at `tmp` (a provisional manifest makes it runnable) -> its decoders quantized
     by calib/, calibrated on what they see when that bundle answers questions."""
     from calib.stage import quantize_stage

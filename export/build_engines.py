@@ -25,6 +25,15 @@ from runtime.pruning import DEFAULT_RULE, RULE_HELP, RULES
 
 def build_parser() -> argparse.ArgumentParser:
     ap = cli_parser(None, __doc__)
+    add_method_args(ap)
+    add_profile_args(ap)
+    add_build_args(ap)
+    add_calibration_args(ap)
+    return ap
+
+
+def add_method_args(ap: argparse.ArgumentParser) -> None:
+    """K, P, the rule; which checkpoint, where, at which precision."""
     ap.add_argument("--k", type=int, default=15, help=K_HELP)
     ap.add_argument("--p", type=float, default=50.0,
                     help="percent of visual tokens pruned, in [0, 100): what the runtime uses unless told "
@@ -38,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weights and activations of the exported graphs (norms, softmax, saliency and logits stay "
                          "float32); int8: fp16 graphs whose decoder linear layers are W8A8 Q/DQ, calibrated on the "
                          "pipeline's own activations; int4: their weights INT4 (blocks of 128), activations fp16 (calib/)")
+
+
+def add_profile_args(ap: argparse.ArgumentParser) -> None:
+    """What the engines accept and are tuned for (export.profiles.ProfileSettings)."""
     ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES,
                     help="AnyRes tiles (up to 37 tiles, ~4.3k visual tokens) or one 384x384 tile (729 tokens)")
     ap.add_argument("--max-text-tokens", type=int, default=256, help="longest prompt in tokens, chat template included")
@@ -56,12 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
                          "(python -m bench.orin_fit --max-image ...)")
     ap.add_argument("--cfg", action="store_true", help="allow batch 2 for classifier-free guidance")
     ap.add_argument("--max-pivots", type=int, default=32, help="most pivots the duplicate rule may use at run time")
+
+
+def add_build_args(ap: argparse.ArgumentParser) -> None:
+    """Opset, engines, and what happens to an existing bundle at --out."""
     ap.add_argument("--opset", type=int, choices=range(17, 21), metavar="{17..20}",
                     help="ONNX opset of the exported graphs (TensorRT 10.3 parses 17..20; default 18, int8 and int4 19; "
                          "int4 graphs become opset 21 when quantized)")
     ap.add_argument("--engines", choices=("auto", "skip", "require"), default="auto",
                     help="TensorRT engines: build where TensorRT and a GPU exist (auto), never (skip), or fail "
                          "before any export without them (require)")
+    ap.add_argument("--force", action="store_true",
+                    help="replace a bundle of another model at --out (refused otherwise)")
+    ap.add_argument("--clean", action="store_true",
+                    help="when rebuilding into an existing bundle, delete its engines that no longer match (stale) "
+                         "instead of keeping them; every other file the build did not write is always kept")
+
+
+def add_calibration_args(ap: argparse.ArgumentParser) -> None:
+    """int8 and int4: the calibration data and the schemes' knobs (calib/)."""
     cal = ap.add_argument_group("calibration (--precision int8 or int4)")
     cal.add_argument("--calib-samples", type=int, default=48,
                      help="questions run through the float bundle to record what each graph sees")
@@ -83,13 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
                           "on an x86 CPU, whose integer GEMMs take float32 graphs only")
     cal.add_argument("--calib-dir", type=Path, default=Path("bundles") / "calibration",
                      help="where calibration data is stored and reused (keyed by model, K, P and settings)")
-    ap.add_argument("--force", action="store_true",
-                    help="replace a bundle of another model at --out (refused otherwise)")
-    ap.add_argument("--clean", action="store_true",
-                    help="when rebuilding into an existing bundle, delete its engines that no longer match (stale) "
-                         "instead of keeping them; every other file the build did not write is always kept")
-    return ap
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)

@@ -69,13 +69,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
     from runtime.pipeline import Pipeline
     from runtime.preprocess import load_image
 
-    flag = "--map"
-    if args.trace and args.map is None:
-        args.map, flag = Path("pruning_map.png"), "--trace's pruning map (default; --map chooses another path)"
-    if args.map:
-        check_writable(args.map, flag)  # before minutes of generation, not after
-        expect(args.map.suffix.lower() in MAP_SUFFIXES, f"{flag} {str(args.map)!r}: the file name must end in one "
-                                                        f"of {', '.join(MAP_SUFFIXES)} (the image format)")
+    check_map_path(args)
     image = load_image(args.image) if args.image else demo_image()  # unreadable image: an error before model work
     gen = generation_settings(args)
     cache = cache_settings(args)
@@ -94,29 +88,45 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
         if progress:
             progress.close()
         tile_side = pipe.geometry.side
-    out = {
+    out = result_dict(result, prune, gen, cache, args.backend)
+    if not args.map:
+        return out, result, None
+    from runtime.pruning_map import pruning_map
+
+    title = (f"K={prune.k} P={prune.p:g}: kept {result.kept_visual.size} of {result.layout.n_visual} "
+             f"visual tokens ({prune.rule}, query {args.query})")
+    return out, result, lambda: pruning_map(image, result.tile_layout, result.kept_visual, tile_side, title).save(args.map)
+
+
+def check_map_path(args: argparse.Namespace) -> None:
+    """Where the pruning map goes (--map, or --trace's default), checked before minutes of generation."""
+    flag = "--map"
+    if args.trace and args.map is None:
+        args.map, flag = Path("pruning_map.png"), "--trace's pruning map (default; --map chooses another path)"
+    if args.map:
+        check_writable(args.map, flag)
+        expect(args.map.suffix.lower() in MAP_SUFFIXES, f"{flag} {str(args.map)!r}: the file name must end in one "
+                                                        f"of {', '.join(MAP_SUFFIXES)} (the image format)")
+
+
+def result_dict(result, prune: PruneSettings, gen, cache, backend: str) -> dict:
+    """The --json object of one answer."""
+    return {
         "answer": result.text,
         "token_ids": result.answer_ids,
         "kept_visual": result.kept_visual.tolist(),
         "visual_tokens": result.layout.n_visual,
         "k": prune.k,
-        "p": p,
+        "p": prune.p,
         "rule": prune.rule,
         "cache": cache.mode,
         "threshold": gen.threshold,
-        "backend": args.backend,
+        "backend": backend,
         "vision_ms": round(result.vision_ms, 3),
         "total_ms": round(result.total_ms, 3),
         "steps": [s.__dict__ for s in result.steps],
         "pruning_map": None,
     }
-    if not args.map:
-        return out, result, None
-    from runtime.pruning_map import pruning_map
-
-    title = (f"K={prune.k} P={p:g}: kept {result.kept_visual.size} of {result.layout.n_visual} "
-             f"visual tokens ({prune.rule}, query {args.query})")
-    return out, result, lambda: pruning_map(image, result.tile_layout, result.kept_visual, tile_side, title).save(args.map)
 
 
 def shows_progress(args: argparse.Namespace) -> bool:

@@ -215,9 +215,9 @@ class KVCache:
 class SplitForward:
     """`forward(response_ids) -> logits (G, vocab)` over decoder_pre and decoder_post."""
 
-    def __init__(self, pipe: Pipeline, prompt: np.ndarray, lay: SequenceLayout, prune: PruneSettings, cfg: float,
+    def __init__(self, pipe: Pipeline, prompt: np.ndarray, lay: SequenceLayout, prune: PruneSettings, cfg_scale: float,
                  cache: CacheSettings | None = None):
-        self.pipe, self.lay, self.prune, self.cfg = pipe, lay, prune, cfg
+        self.pipe, self.lay, self.prune, self.cfg_scale = pipe, lay, prune, cfg_scale
         self.cache = cache or CacheSettings()
         self.clock = RefreshClock(self.cache)
         self.pre, self.post = pipe.runners["decoder_pre"], pipe.runners["decoder_post"]
@@ -233,13 +233,13 @@ class SplitForward:
         self.host_positions = None  # (B, n') position ids of the reduced sequence, for cached steps' windows
         self.trace: list[StepTrace] = []
         # no cached K/V (0 rows): staged once where each half reads them
-        self.no_past = {r.name: {n: r.stage(n, x) for n, x in empty_past(pipe.manifest, r.name, 2 if cfg > 0 else 1,
+        self.no_past = {r.name: {n: r.stage(n, x) for n, x in empty_past(pipe.manifest, r.name, 2 if cfg_scale > 0 else 1,
                                                                          pipe.fdt).items()}
                         for r in (self.pre, self.post)}
 
     def _batch(self, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
         h = np.concatenate([prompt, response])[None]
-        if self.cfg > 0:  # the unconditional branch: every prompt token masked
+        if self.cfg_scale > 0:  # the unconditional branch: every prompt token masked
             masked = np.broadcast_to(self.pipe.embed[self.mask], prompt.shape)
             h = np.concatenate([h, np.concatenate([masked, response])[None]])
         return np.ascontiguousarray(h, dtype=self.pipe.fdt)
@@ -277,8 +277,8 @@ class SplitForward:
 
     def _guided(self, logits: np.ndarray) -> np.ndarray:
         """(B, rows, V) -> (rows, V): classifier-free guidance when the batch holds both branches."""
-        if self.cfg > 0:
-            return logits[1] + (self.cfg + 1) * (logits[0] - logits[1])
+        if self.cfg_scale > 0:
+            return logits[1] + (self.cfg_scale + 1) * (logits[0] - logits[1])
         return logits[0]
 
     def _keep_kv(self, half: str, out: dict, rows: np.ndarray | None = None) -> None:

@@ -91,3 +91,14 @@ def test_an_unregistered_plugin_backend_is_a_clear_error(monkeypatch):
     with pytest.raises(LladaVError, match="backend pytorch: no plugin registered under the entry point group "
                                           "'lladav_edge.backends'.*reinstall it with pip install -e ."):
         plugin("pytorch")
+
+
+def test_no_function_is_longer_than_fifty_lines():
+    """Short functions (the house style): every function of the packages, nested ones included."""
+    long = []
+    for pkg in PACKAGES:
+        for f in (ROOT / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(f.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
+                    long.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
+    assert long == []
