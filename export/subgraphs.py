@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from export import model as model_math
 from export.model import LladaV
+from runtime.bundle import resolve_dims
 from runtime.checks import random_feeds
 
 FLOAT = "float"  # the precision's float type: float16 or float32
@@ -74,9 +75,7 @@ class TensorSpec:
     chooses: str = ""
 
     def resolve(self, dims: dict, float_dtype: str) -> tuple[str, tuple[int, ...]]:
-        return (float_dtype if self.dtype == FLOAT else self.dtype), tuple(
-            d if isinstance(d, int) else dims[d] for d in self.dims
-        )
+        return (float_dtype if self.dtype == FLOAT else self.dtype), resolve_dims(self.dims, dims)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 from jetson import device, tegrastats, trtexec
 from jetson.plan import AnswerCases, Case, answer_cases, check_inside_profile, feeds, generation, unique_cases
 from jetson.report import markdown, write_report
-from runtime.bundle import Manifest, read_manifest, verify_files
+from runtime.bundle import Manifest, read_manifest, resolve_dims, verify_files
 from runtime.cli_args import at_boundary, image_size, percent_list
 from runtime.cli_args import parser as cli_parser
 from runtime.errors import LladaVError, expect
@@ -207,7 +207,7 @@ def validation_feeds(manifest: Manifest, name: str) -> list[list[dict]]:
         for i, axes in enumerate(profile_axes):
             sizes = {**dims, **axes}
             tensors = [(t.name, str(fdt) if t.dtype == "float" else t.dtype,
-                        tuple(d if isinstance(d, int) else sizes[d] for d in t.dims)) for t in entry.inputs]
+                        resolve_dims(t.dims, sizes)) for t in entry.inputs]
             out[-1].append(random_feeds(tensors, seed=100 + i))
     return out
 

@@ -173,6 +173,12 @@ def read_manifest(bundle) -> Manifest:
     return manifest
 
 
+def resolve_dims(dims, sizes: dict[str, int]) -> tuple[int, ...]:
+    """A tensor's shape from its dims (ints, model-dim and axis names) and the sizes of those names: the
+    one rule the export's specs (export.subgraphs.TensorSpec) and the car's manifest entries share."""
+    return tuple(d if isinstance(d, int) else sizes[d] for d in dims)
+
+
 def artifact_key(*parts) -> str:
     """A bundle entry's cache key (SubgraphEntry.key) from what its artifact depends on."""
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:32]

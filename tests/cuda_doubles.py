@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.bundle import Manifest, SubgraphEntry
+from runtime.bundle import Manifest, SubgraphEntry, resolve_dims
 
 
 class HazardError(AssertionError):
@@ -255,7 +255,7 @@ class SimulatedEngine:
         sizes = dict(self.model_dims)
         for t in self.entry.inputs:
             sizes.update({d: s for d, s in zip(t.dims, self.shapes[t.name]) if isinstance(d, str)})
-        return tuple(d if isinstance(d, int) else sizes[d] for d in self.tensors[name].dims)
+        return resolve_dims(self.tensors[name].dims, sizes)
 
     def set_address(self, name: str, ptr: int) -> bool:
         self.addresses[name] = ptr
