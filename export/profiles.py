@@ -95,17 +95,17 @@ def axis_ranges(cfg, settings: ProfileSettings, p: float) -> dict[str, tuple[int
         expect(v_opt <= v_max and tiles_opt <= tiles_max,
                f"opt_image {size(settings.opt_image)}: {v_opt} visual tokens in {tiles_opt} tiles; max_image "
                f"{size(settings.max_image)} allows {v_max} in {tiles_max} (tune for a frame the maxima admit)")
-    reduced_opt = settings.opt_text_tokens + v_opt - pruned_count(v_opt, p) + settings.opt_response
+    full_opt = settings.opt_text_tokens + v_opt + settings.opt_response  # step 1's length at the opt image
     seq_max = settings.max_text_tokens + v_max + settings.max_response
     return {
         "tiles": (1, tiles_opt, tiles_max),
         "batch": (1, 1, settings.max_batch),
-        "seq": (1, reduced_opt, seq_max),
+        "seq": (1, full_opt - pruned_count(v_opt, p), seq_max),  # tuned at the reduced length
         "query": (1, settings.opt_response, settings.max_text_tokens + settings.max_response),
         "rows": (1, settings.opt_response, settings.max_response),
         "past": (0, 0, 0),  # no cached K/V rows: those steps run the cached profile
         # the similarity graph: step 1's full sequence and its visual tokens (tuned at the opt image, whatever P)
-        "full_seq": (1, settings.opt_text_tokens + v_opt + settings.opt_response, seq_max),
+        "full_seq": (1, full_opt, seq_max),
         "visual": (1, v_opt, v_max),
         "pivots": (1, DEFAULT_PIVOTS, settings.max_pivots),
     }
@@ -130,8 +130,8 @@ def profile_ranges(cfg, settings: ProfileSettings, p: float) -> list[dict[str, t
 
 
 def full_sequence_opt(cfg, settings: ProfileSettings) -> int:
-    """The step-1 sequence length at the opt image and lengths (inside the seq range)."""
-    return settings.opt_text_tokens + image_extent(cfg, settings)[0][1] + settings.opt_response
+    """The step-1 sequence length at the opt image and lengths (inside the seq range): the full_seq axis's opt."""
+    return axis_ranges(cfg, settings, 0.0)["full_seq"][1]
 
 
 def input_shapes(spec: SubgraphSpec, cfg, ranges: list[dict], k: int | None = None) -> list[dict]:

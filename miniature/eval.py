@@ -118,7 +118,7 @@ def record(pipe, s: Strategy, scene_: Scene, q: Question, gen: GenerationSetting
         "flops_remaining": (trace_flops(w, s.k, s.p, [st.rows for st in res.steps], s.rule)
                             / total_flops(steps_w, None, 0) if s.accelerated else
                             remaining(steps_w, s.k, s.p, s.rule) if s.k is not None else 1.0),
-        "flops": trace_flops(steps_w, s.k, s.p, [st.rows for st in res.steps], s.rule if s.k is not None else None),
+        "flops": trace_flops(steps_w, s.k, s.p, [st.rows for st in res.steps], s.rule),  # unpruned: no rule counted
         "steps": len(res.steps), "visual": res.layout.n_visual, "kept": int(res.kept_visual.size),
     }
 

@@ -227,7 +227,7 @@ class SplitForward:
         self.prompt = prompt
         self.kept_visual = np.arange(lay.n_visual)
         self.saliency = None
-        self.rule_ms = 0.0  # the similarity graph's time in step 1
+        self.rule_ms = 0.0  # the similarity graph's time, counted into the step that ran it (step 1)
         self.inputs = None  # (B, n', D) after step 1, staged where decoder_pre reads it: only its last G rows change
         self.positions = self.score_rows = self.logit_rows = None  # staged after step 1
         self.host_positions = None  # (B, n') position ids of the reduced sequence, for cached steps' windows
@@ -260,7 +260,8 @@ class SplitForward:
             logits, rows = self._cached_step(response)
         n = self.positions.shape[1]  # rows None: the step computed all of them
         total = (time.perf_counter() - t0) * 1000
-        pre, post = self.pre.last_ms() + (self.rule_ms if len(self.trace) == 0 else 0.0), self.post.last_ms()
+        pre, post = self.pre.last_ms() + self.rule_ms, self.post.last_ms()
+        self.rule_ms = 0.0
         self.trace.append(StepTrace(len(self.trace) + 1, n, rows or n, pre, post, total - pre - post))
         return logits
 
@@ -311,7 +312,6 @@ class SplitForward:
         scoring = prune.rule != "random" and pruned_count(lay.n_visual, prune.p) > 0
         rows = query_rows(lay, prune.query, response_ids == self.mask) if scoring else np.array([lay.total - 1], np.int64)
         out = self._run_pre(h, pos, rows)
-        self.rule_ms = 0.0
         keep = keep_visual(prune, lay.n_visual, lambda: self._saliency(out), lambda p: self._similarity(out, p))
         kept = kept_positions(lay, keep)
         self.kept_visual = keep

@@ -154,16 +154,16 @@ def keep_duplicate_aware(similarity: np.ndarray, pivots: np.ndarray, p: float,
     to it (ties: the lower index). image_sizes: the visual tokens' split into images (several cameras);
     each image then keeps V_i - floor(V_i*P/100) of its own tokens by the same rule, its own pivots
     first and every pivot's similarities to it."""
-    sim = np.asarray(similarity, np.float64)
+    sim, pivots = np.asarray(similarity, np.float64), np.asarray(pivots, np.int64)
     n_visual = sim.shape[1]
-    assert sim.shape[0] == len(pivots), "one similarity row per pivot"
+    assert sim.shape[0] == pivots.size, "one similarity row per pivot"
     sizes = [n_visual] if image_sizes is None else list(image_sizes)
     assert sum(sizes) == n_visual, "image sizes must add up to the visual tokens"
     kept, start = [], 0
     for size in sizes:
         pool = np.zeros(n_visual, bool)
         pool[start:start + size] = True
-        kept.append(_keep_from_pool(sim, np.asarray(pivots, np.int64), pool, size - pruned_count(size, p)))
+        kept.append(_keep_from_pool(sim, pivots, pool, size - pruned_count(size, p)))
         start += size
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
