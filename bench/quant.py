@@ -81,9 +81,9 @@ def graph_path(bundle: Path, name: str) -> Path:
 
 
 def time_graph(path: Path, feeds: dict, repeats: int, quantized: bool) -> float:
-    from export.onnx_export import ort_session
+    from runtime.backends.ort import ort_session
 
-    sess = ort_session(path, quantized)
+    sess = ort_session(path, quantized=quantized)  # the runtime's session settings
     sess.run(None, feeds)
     times = []
     for _ in range(repeats):
@@ -108,7 +108,7 @@ def with_empty_past(feeds: dict, manifest, name: str) -> dict:
 
 
 def run(shape: QuantBenchShape, workdir: Path, log) -> dict:
-    from runtime.bundle import float_type, read_manifest
+    from runtime.bundle import read_manifest
     from runtime.pruning import pruned_count
 
     bundles = build(shape, workdir, log)
@@ -119,7 +119,7 @@ def run(shape: QuantBenchShape, workdir: Path, log) -> dict:
     times = {}
     for variant, bundle in bundles.items():
         m = read_manifest(bundle)
-        dtype = np.dtype(float_type(m.graphs_float()))
+        dtype = m.float_dtype
         for name, n in cases.items():
             log(f"timing {variant} {name} at {n} tokens")
             feeds = with_empty_past(feeds_for(name, n, shape.d_model, dtype), m, name)

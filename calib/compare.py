@@ -51,8 +51,8 @@ def run_bundle(bundle: Path, items, gen, log) -> dict[str, list[dict]]:
     rows = [s for s in strategies() if s.name in STRATEGIES]
     taps = {}
 
-    def factory(path, manifest, fdt):
-        runners = make_runners("onnxruntime", path, manifest)
+    def factory(opened):
+        runners = make_runners("onnxruntime", opened)
         taps["post"] = runners["decoder_post"] = FirstLogits(runners["decoder_post"])
         return runners
 

@@ -179,8 +179,8 @@ def _run(bundle: Path, settings: CalibrationSettings, log) -> dict[str, list[dic
                              block_length=settings.gen_length).validate()
     recorders = {}
 
-    def factory(path, manifest, fdt):
-        recorders.update({n: RecordingRunner(r) for n, r in make_runners("onnxruntime", path, manifest).items()})
+    def factory(opened):
+        recorders.update({n: RecordingRunner(r) for n, r in make_runners("onnxruntime", opened).items()})
         return recorders
 
     keep = recorded_steps(settings.steps, settings.steps_recorded)

@@ -27,6 +27,7 @@ import numpy as np
 
 from calib.data import CalibrationSettings, record_calibration
 from calib.quantize import SCHEMES, QuantScheme, check_qdq, quantize
+from runtime.backends.ort import ort_session
 from runtime.bundle import Manifest, SubgraphEntry, file_info
 from runtime.errors import expect
 
@@ -101,14 +102,12 @@ def int4_model_check(tmp: Path, manifest: Manifest, entries: dict, model, scheme
 
     from calib.awq import fake_int4
     from export.checkpoint import load_model
-    from export.onnx_export import check_parity, ort_session, release_memory
+    from export.onnx_export import check_parity, release_memory
     from export.profiles import VALIDATION_SIZES
     from export.subgraphs import SUBGRAPHS
-    from runtime.bundle import float_type
-
-    fp = manifest.graphs_float()
+    fp = manifest.float_precision
     if model is None:
-        model, _ = load_model(Path(manifest.model["source"]), getattr(torch, float_type(fp)))
+        model, _ = load_model(Path(manifest.model["source"]), getattr(torch, manifest.float_dtype.name))
     with torch.no_grad():
         for block in model.model.layers:
             for lin in block.modules():
@@ -203,7 +202,7 @@ def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log)
     for name, span in spans.items():
         blocks = {i: model.model.layers[i] for i in span}
         chosen[name] = fold_scales(specs[name].build(model, k), blocks, data.feeds(name), specs[name].input_names, scheme, log)
-    fp = manifest.graphs_float()
+    fp = manifest.float_precision
     model = model.half() if fp == "fp16" else model
     out = {}
     for name in spans:
@@ -241,8 +240,6 @@ def fold_scales(module, blocks: dict, feeds: list[dict], names: list[str], schem
 def quantization_error(float_path: Path, quant_path: Path, feeds: list[dict]) -> dict:
     """Per output, max |quantized - float| over the feeds and that relative to max |float|: what
     quantization costs, measured on what the graph really sees. ONNX Runtime runs both graphs."""
-    from export.onnx_export import ort_session
-
     a, b = ort_session(float_path), ort_session(quant_path, quantized=True)
     names = [o.name for o in a.get_outputs()]
     diff, scale = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)

@@ -21,14 +21,13 @@ import numpy as np
 
 from export.checkpoint import TOKENIZER_FILES, Checkpoint, load_model, open_checkpoint
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
-from export.onnx_export import (DEFAULT_OPSET, MERGE_CHECK, check_visual_tokens, copy_or_link, export_and_validate,
-                                float_dtype)
+from export.onnx_export import DEFAULT_OPSET, MERGE_CHECK, check_visual_tokens, copy_or_link, export_and_validate
 from runtime.checks import worst_check
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
                              profile_ranges, settings_dict, validation_axes)
 from export.subgraphs import SUBGRAPHS, SubgraphSpec
 from export.yardstick import engine_tolerances
-from runtime.bundle import (ENGINES, FileInfo, Manifest, SubgraphEntry, TensorInfo, artifact_key, device_engine,
+from runtime.bundle import (ENGINES, FLOAT_DTYPES, FileInfo, Manifest, SubgraphEntry, TensorInfo, artifact_key, device_engine,
                             device_engines, engine_problem, engine_provenance, file_info, graph_identity, read_manifest,
                             sha256_file, write_manifest)
 from runtime.errors import LladaVError, expect
@@ -241,7 +240,7 @@ class Builder:
         for name in ("embed_tokens", "image_newline"):
             path = key_dir / f"{name}.npy"
             old = self.old.host.get(name) if self.old else None
-            same_dtype = self.old.graphs_float() == self.req.float_precision if self.old else False
+            same_dtype = self.old.float_precision == self.req.float_precision if self.old else False
             if old and self.old.model.get("content_hash") == ckpt_hash and same_dtype \
                     and intact(self.req.out, old):
                 copy_or_link(self.req.out / old.path, path)
@@ -381,7 +380,7 @@ def engines_stage(req: BuildRequest, tmp: Path, entries: dict, b: Builder, log) 
             continue
         log(f"{name}: building TensorRT engine ...")
         build_engine(tmp / entry.onnx.path, engine, entry.shapes, b.settings, cache)
-        feeds = [[dummy_inputs(spec, b.cfg, axes, float_dtype(req.float_precision), seed=i, k=req.k)
+        feeds = [[dummy_inputs(spec, b.cfg, axes, FLOAT_DTYPES[req.float_precision], seed=i, k=req.k)
                   for i, axes in enumerate(validation_axes(ranges))]  # inside each of the engine's profiles
                  for ranges in b.ranges[: len(entry.shapes)]]
         entry.engine = file_info(tmp, engine)

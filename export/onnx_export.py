@@ -20,7 +20,8 @@ import torch
 
 from export.subgraphs import VISION as VISION_SPEC
 from export.subgraphs import SubgraphSpec, dummy_inputs, export_patches, model_dims
-from runtime.bundle import float_type
+from runtime.backends.ort import ort_session
+from runtime.bundle import FLOAT_DTYPES
 from runtime.errors import LladaVError
 
 OPS_FILE = Path(__file__).with_name("trt_onnx_ops.txt")
@@ -68,9 +69,6 @@ class ExportReport:
     seconds: float = 0.0
 
 
-float_dtype = float_type  # the name export/ uses: a precision's float type (runtime.bundle)
-
-
 # ---------------------------------------------------------------- export
 
 
@@ -79,7 +77,7 @@ def export_onnx(spec: SubgraphSpec, module: torch.nn.Module, cfg, precision: str
                 k: int | None = None) -> Path:
     """torch.onnx.export (TorchScript exporter) at `opset` -> dst + dst.data; `identity` becomes the
     graph's metadata_props (runtime.bundle.graph_identity); k: the pruning layer (K/V layer counts)."""
-    feeds = dummy_inputs(spec, cfg, example_axes, float_dtype(precision), k=k)
+    feeds = dummy_inputs(spec, cfg, example_axes, FLOAT_DTYPES[precision], k=k)
     args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         raw = Path(tmp) / "raw.onnx"
@@ -204,22 +202,6 @@ def check_graph(path: Path, spec: SubgraphSpec) -> dict:
     return dict(sorted(ops.items()))
 
 
-def ort_session(path: Path, quantized: bool = False, exact: bool = False):
-    """A CPU session; `quantized`: with the optimizer settings the runtime uses for Q/DQ graphs; `exact`:
-    basic graph optimizations only, so the graph's own arithmetic runs (ONNX Runtime's extended level
-    fuses int4 DequantizeLinear + MatMul into MatMulNBits, which computes with int8 activations)."""
-    import onnxruntime as ort
-
-    from runtime.runners import QDQ_DISABLED_OPTIMIZERS
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if exact:
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=QDQ_DISABLED_OPTIMIZERS if quantized else [])
-
-
 def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, axes_list: list[dict],
                  session=None, k: int | None = None, reference=None, p: float = 50.0) -> dict:
     """ONNX Runtime on the graph against the PyTorch model, at each set of axis sizes, by the
@@ -228,14 +210,14 @@ def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, ax
     fault in `module` only). Returns {axes: {output: check}}; raises ParityError past a bound."""
     from export.yardstick import NOISE_FACTOR, REFERENCE_DTYPE, decision_check, decision_rule, noise_check, run_module
 
-    fdt = float_dtype(precision)
+    float_dtype = FLOAT_DTYPES[precision]
     reference = module if reference is None else reference
     report = {}
     session = session or ort_session(path)
     for i, axes in enumerate(axes_list):
-        feeds = dummy_inputs(spec, cfg, axes, fdt, seed=i, k=k)
+        feeds = dummy_inputs(spec, cfg, axes, float_dtype, seed=i, k=k)
         got = dict(zip(spec.output_names, session.run(spec.output_names, feeds)))
-        _check_shapes(spec, got, {**model_dims(cfg, k), **axes}, fdt)
+        _check_shapes(spec, got, {**model_dims(cfg, k), **axes}, float_dtype)
         yard = run_module(reference, feeds, spec.input_names, spec.output_names)
         ref = run_module(reference, feeds, spec.input_names, spec.output_names, widen_to=REFERENCE_DTYPE[precision])
         key = ",".join(f"{a}={v}" for a, v in sorted(axes.items()))
@@ -261,9 +243,9 @@ def check_parity(path: Path, spec: SubgraphSpec, module, cfg, precision: str, ax
     return report
 
 
-def _check_shapes(spec, outputs, dims, fdt):
+def _check_shapes(spec, outputs, dims, float_dtype):
     for t in spec.outputs:
-        _, want = t.resolve(dims, fdt)
+        _, want = t.resolve(dims, float_dtype)
         got = tuple(np.asarray(outputs[t.name]).shape)
         if got != want:
             raise DynamicAxisError(f"{spec.name}: output {t.name} has shape {got} at {dims}; expected {want}")
@@ -295,7 +277,7 @@ def check_visual_tokens(path: Path, newline: np.ndarray, reference, cfg, precisi
     from runtime.merge import merge_tiles
 
     layout = merge_check_layout(cfg.geometry)
-    pixels = dummy_inputs(VISION_SPEC, cfg, {"tiles": layout.num_tiles}, float_dtype(precision), seed=3)["pixel_values"]
+    pixels = dummy_inputs(VISION_SPEC, cfg, {"tiles": layout.num_tiles}, FLOAT_DTYPES[precision], seed=3)["pixel_values"]
     session = session or ort_session(path)
     feats = session.run(["image_features"], {"pixel_values": pixels})[0]
     got = merge_tiles(feats, layout, newline)
@@ -319,8 +301,8 @@ def check_visual_tokens(path: Path, newline: np.ndarray, reference, cfg, precisi
 def check_bidirectional(path: Path, spec: SubgraphSpec, cfg, precision: str, axes: dict, session=None,
                         k: int | None = None) -> float:
     """Perturb the last token's input; the first position's output must change."""
-    fdt = float_dtype(precision)
-    feeds = dummy_inputs(spec, cfg, axes, fdt, seed=7, k=k)
+    float_dtype = FLOAT_DTYPES[precision]
+    feeds = dummy_inputs(spec, cfg, axes, float_dtype, seed=7, k=k)
     x_name, out_name = spec.input_names[0], spec.output_names[0]
     if "logit_rows" in feeds:
         feeds["logit_rows"] = np.array([0], dtype=np.int64)

@@ -74,7 +74,7 @@ class TensorSpec:
     # "similarity" (keep_duplicate_aware, with the feeds' pivots)
     chooses: str = ""
 
-    def resolve(self, dims: dict, float_dtype: str) -> tuple[str, tuple[int, ...]]:
+    def resolve(self, dims: dict, float_dtype) -> tuple:
         return (float_dtype if self.dtype == FLOAT else self.dtype), resolve_dims(self.dims, dims)
 
 
@@ -228,7 +228,7 @@ SIMILARITY = SubgraphSpec(
 SUBGRAPHS = (VISION, DECODER_PRE, DECODER_POST, SIMILARITY)
 
 
-def dummy_inputs(spec: SubgraphSpec, cfg, axes: dict[str, int], float_dtype: str, seed: int = 0,
+def dummy_inputs(spec: SubgraphSpec, cfg, axes: dict[str, int], float_dtype, seed: int = 0,
                  k: int | None = None) -> dict:
     """Random feeds for `spec` at the given axis sizes (runtime.checks.random_feeds); k: the pruning
     layer, which sizes the decoders' K/V tensors."""

@@ -1,4 +1,4 @@
-"""The PyTorch backend: the reference modules (export.subgraphs) as runners (runtime.runners'
+"""The PyTorch backend: the reference modules (export.subgraphs) as runners (runtime.backends.base's
 contract), for debugging and parity on the workstation. It needs torch and the checkpoint the bundle
 was built from, so it lives here, not in the car's runtime/: the runtime finds it through the
 `lladav_edge.backends` entry point (pyproject.toml; runtime.backends)."""
@@ -9,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import Manifest
+from runtime.bundle import Bundle
 from runtime.errors import LladaVError
-from runtime.runners import Runner
+from runtime.backends.base import Runner
 
 
 class TorchRunner(Runner):
     """The PyTorch reference modules (export.subgraphs) on the CPU: debugging and parity."""
 
-    def __init__(self, entry, fdt, module):
-        super().__init__(entry, fdt)
+    def __init__(self, entry, float_dtype, module):
+        super().__init__(entry, float_dtype)
         self.module = module
 
     def _activate(self):
@@ -34,7 +34,7 @@ class TorchRunner(Runner):
         return {t.name: o.numpy() for t, o in zip(self.entry.outputs, outs)}
 
 
-def torch_runners(bundle: Path, manifest: Manifest, fdt, model_dir=None, **_) -> dict:
+def torch_runners(bundle: Bundle, model_dir=None, **_) -> dict:
     """{subgraph: TorchRunner} from the checkpoint at model_dir, or the one the manifest names; refused
     unless it is the one the bundle was built from (content hash)."""
     import torch
@@ -42,6 +42,7 @@ def torch_runners(bundle: Path, manifest: Manifest, fdt, model_dir=None, **_) ->
     from export.checkpoint import load_model, open_checkpoint
     from export.subgraphs import SUBGRAPHS
 
+    manifest, float_dtype = bundle.manifest, bundle.float_dtype
     path = Path(model_dir or manifest.model["source"])
     if model_dir is None and not path.is_dir():
         raise LladaVError(f"pytorch backend: the checkpoint {str(path)!r} (recorded in the bundle's manifest when it "
@@ -50,5 +51,5 @@ def torch_runners(bundle: Path, manifest: Manifest, fdt, model_dir=None, **_) ->
     if ckpt.content_hash() != manifest.model["content_hash"]:
         raise LladaVError(f"pytorch backend: checkpoint {str(path)!r} is not the one this bundle was built from "
                           f"(content hash {ckpt.content_hash()[:12]}; bundle {manifest.model['content_hash'][:12]})")
-    model, _ = load_model(path, {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[fdt])
-    return {s.name: TorchRunner(manifest.subgraphs[s.name], fdt, s.build(model, manifest.k)) for s in SUBGRAPHS}
+    model, _ = load_model(path, {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}[float_dtype])
+    return {s.name: TorchRunner(manifest.subgraphs[s.name], float_dtype, s.build(model, manifest.k)) for s in SUBGRAPHS}

@@ -79,7 +79,7 @@ def locked_clocks(store: Path, run):
 
 def require_gpu() -> None:
     """A usable CUDA GPU, or a LladaVError saying why not (one 1-byte allocation through libcudart)."""
-    from runtime.cuda import CudaError, CudaRuntime
+    from runtime.backends.cuda import CudaError, CudaRuntime
     from runtime.errors import LladaVError
 
     try:

@@ -28,7 +28,6 @@ import numpy as np
 from runtime.anyres import plan_tiles
 from runtime.bundle import CACHED_PROFILE, FULL_PROFILE, Manifest
 from runtime.errors import LladaVError
-from runtime.pipeline import geometry_of
 from runtime.pruning import DEFAULT_PIVOTS, pruned_count
 
 
@@ -107,7 +106,7 @@ class AnswerCases:
 
 def generation(manifest: Manifest, image: tuple[int, int], text_tokens: int, steps: int, response: int) -> Generation:
     layout = manifest.profiles["settings"]["layout"]
-    tiles = plan_tiles(image, geometry_of(manifest), layout)
+    tiles = plan_tiles(image, manifest.image_geometry(), layout)
     return Generation(tuple(image), tiles.num_tiles, tiles.num_visual_tokens, text_tokens, response, steps)
 
 
@@ -160,7 +159,7 @@ def check_inside_profile(manifest: Manifest, case: Case) -> None:
                               "rebuild the bundle with larger maxima)")
 
 
-def feeds(case: Case, fdt: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
+def feeds(case: Case, float_dtype: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
     """Valid inputs for a case: small random activations, positions 0..n-1, row indices inside the
     sequence (the response rows at its end). Random indices would read outside the sequence."""
     rng = np.random.default_rng(seed)
@@ -174,5 +173,5 @@ def feeds(case: Case, fdt: np.dtype, seed: int = 0) -> dict[str, np.ndarray]:
         elif name in ("visual_rows", "pivots"):  # the first rows stand for the visual ones: same work
             out[name] = np.arange(shape[0], dtype=np.int64)
         else:
-            out[name] = (0.5 * rng.standard_normal(shape)).astype(fdt)
+            out[name] = (0.5 * rng.standard_normal(shape)).astype(float_dtype)
     return out

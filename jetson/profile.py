@@ -27,13 +27,12 @@ import numpy as np
 from jetson import device, tegrastats, trtexec
 from jetson.plan import AnswerCases, Case, answer_cases, check_inside_profile, feeds, generation, unique_cases
 from jetson.report import markdown, write_report
-from runtime.bundle import Manifest, read_manifest, resolve_dims, verify_files
+from runtime.bundle import Bundle, Manifest, read_manifest, resolve_dims
 from runtime.cli_args import at_boundary, image_size, percent_list
 from runtime.cli_args import parser as cli_parser
 from runtime.errors import LladaVError, expect
 from runtime.files import check_output_dir
-from runtime.tokens import TextTokenizer
-from runtime.trt_runner import engine_path
+from runtime.backends.trt import engine_path
 
 BACKENDS = ("tensorrt", "onnxruntime")
 
@@ -58,17 +57,21 @@ class ProfileRequest:
 
 @dataclass
 class Plan:
-    manifest: Manifest
+    bundle: Bundle
     generation: object
     answers: list[AnswerCases]
     cases: list[Case]
     engine_check: dict = field(default_factory=dict)  # TensorRT: subgraph -> worst check vs ONNX Runtime
 
+    @property
+    def manifest(self) -> Manifest:
+        return self.bundle.manifest
+
 
 def make_plan(req: ProfileRequest) -> Plan:
     """Everything checked before any long run: the bundle, P, the shapes against the profiles."""
-    m = read_manifest(req.bundle)
-    verify_files(req.bundle, m, check_hashes=False)
+    bundle = Bundle(req.bundle)  # every file present and whole, the graphs' identities
+    m = bundle.manifest
     for p in req.ps:
         expect(0 <= p < 100, f"--p: got {p:g}; expected percentages in [0, 100)")
     expect(req.steps is None or req.steps >= 1, f"--steps: got {req.steps}; expected an integer >= 1 (denoising steps)")
@@ -76,25 +79,25 @@ def make_plan(req: ProfileRequest) -> Plan:
     expect(req.repeats >= 1, f"--repeats: got {req.repeats}; expected an integer >= 1 (measured answers per P)")
     settings = m.profiles["settings"]
     image = req.image or tuple(settings["opt_image"])
-    prompt = TextTokenizer(req.bundle / "tokenizer").encode_prompt(req.prompt)
+    prompt = bundle.tokenizer.encode_prompt(req.prompt)
     steps = req.steps if req.steps is not None else settings["opt_response"]
     g = generation(m, image, len(prompt.prefix) + len(prompt.suffix), steps, steps)
     answers = [answer_cases(m, g, p) for p in req.ps]
     cases = unique_cases(answers)
     for case in cases:
         check_inside_profile(m, case)
-    return Plan(m, g, answers, cases)
+    return Plan(bundle, g, answers, cases)
 
 
 # ---------------------------------------------------------------- ONNX Runtime: times of the runners
 
 
-def time_cases(runners: dict, a: AnswerCases, iterations: int, fdt, samples: dict[Case, list[float]]) -> None:
+def time_cases(runners: dict, a: AnswerCases, iterations: int, float_dtype, samples: dict[Case, list[float]]) -> None:
     """Host wall time of one answer's cases, run the way a generation runs them: decoder_pre and
     decoder_post alternate (later steps: pre(n'), post(n'); step 1: pre(n), post(n')), so neither
     finds its weights hot in cache from running itself back to back; vision alone; the duplicate rule's
     similarity run between step 1's halves."""
-    inputs = {c: feeds(c, fdt) for c in a.cases}
+    inputs = {c: feeds(c, float_dtype) for c in a.cases}
     for c, f in inputs.items():
         runners[c.subgraph].infer(f, profile=c.profile)  # warm-up at this shape
 
@@ -156,7 +159,7 @@ def tensorrt_commands(req: ProfileRequest, plan: Plan, work: Path,
 
 
 def time_tensorrt(req: ProfileRequest, plan: Plan, work: Path) -> dict[Case, dict]:
-    from runtime.trt_runner import check_engines
+    from runtime.backends.trt import check_engines
 
     version = device.tensorrt_version()
     expect(version is not None, "backend tensorrt: the TensorRT Python package is not installed (JetPack installs it "
@@ -184,11 +187,11 @@ def time_tensorrt(req: ProfileRequest, plan: Plan, work: Path) -> dict[Case, dic
                 continue
             if what == "trtexec":
                 if not checked:  # engines agree with ONNX Runtime before any of them is timed
-                    plan.engine_check, checked = check_against_onnxruntime(req.bundle, plan.manifest), True
+                    plan.engine_check, checked = check_against_onnxruntime(plan.bundle), True
                 trtexec.write_index_inputs(case, work / "inputs")
             run(cmd, what)
             if what == "build engines":
-                check_engines(req.bundle, read_manifest(req.bundle), version)
+                check_engines(plan.bundle.root, plan.manifest, version)
     finally:
         stop_logger(logger, tegrastats.stop_command())
     return out
@@ -198,29 +201,27 @@ def validation_feeds(manifest: Manifest, name: str) -> list[list[dict]]:
     """Random feeds for subgraph `name` at each of the bundle's validation shapes, per optimization
     profile of its engine (inside that profile)."""
     from runtime.checks import random_feeds
-    from runtime.runners import float_dtype
-
-    fdt, dims, entry = float_dtype(manifest), manifest.model_dims(), manifest.subgraphs[name]
+    float_dtype, dims, entry = manifest.float_dtype, manifest.model_dims(), manifest.subgraphs[name]
     out = []
     for profile_axes in manifest.profiles["validation_axes"][: len(entry.shapes)]:
         out.append([])
         for i, axes in enumerate(profile_axes):
             sizes = {**dims, **axes}
-            tensors = [(t.name, str(fdt) if t.dtype == "float" else t.dtype,
+            tensors = [(t.name, str(float_dtype) if t.dtype == "float" else t.dtype,
                         resolve_dims(t.dims, sizes)) for t in entry.inputs]
             out[-1].append(random_feeds(tensors, seed=100 + i))
     return out
 
 
-def check_against_onnxruntime(bundle: Path, manifest: Manifest) -> dict[str, dict]:
+def check_against_onnxruntime(bundle: Bundle) -> dict[str, dict]:
     """Every engine vs ONNX Runtime with Polygraphy at the bundle's validation shapes, by the
     bundle's own tolerance rule (manifest tolerances per output)."""
     from runtime.checks import compare_engine, worst_check
 
-    out = {}
+    out, manifest = {}, bundle.manifest
     for name, entry in manifest.subgraphs.items():
-        expect(bool(entry.tolerances), f"bundle {str(bundle)!r}: no tolerances recorded for {name}; rebuild the bundle")
-        report = compare_engine(engine_path(bundle, entry), bundle / entry.onnx.path, validation_feeds(manifest, name),
+        expect(bool(entry.tolerances), f"bundle {str(bundle.root)!r}: no tolerances recorded for {name}; rebuild the bundle")
+        report = compare_engine(engine_path(bundle.root, entry), bundle.graph(name), validation_feeds(manifest, name),
                                 {o: tuple(v) for o, v in entry.tolerances.items()}, name)
         out[name] = worst_check(report)
     return out
@@ -277,10 +278,10 @@ def measure(req: ProfileRequest, plan: Plan, time_engines: bool) -> tuple[dict[C
     image = demo_image(*g.image)
     samples: dict[Case, list[float]] = {}
     measured = {}
-    with Pipeline(req.bundle, backend=req.backend) as pipe:
+    with Pipeline(plan.bundle, backend=req.backend) as pipe:
         for a in plan.answers:
             if time_engines:
-                time_cases(pipe.runners, a, req.iterations, pipe.fdt, samples)
+                time_cases(pipe.runners, a, req.iterations, pipe.float_dtype, samples)
             prune = PruneSettings(plan.manifest.k, a.p, rule=plan.manifest.rule)
             pipe.generate(image, req.prompt, gen, prune)  # warm-up
             runs = [pipe.generate(image, req.prompt, gen, prune) for _ in range(req.repeats)]

@@ -24,7 +24,7 @@ from runtime.cli_args import (add_cache_args, add_generation_args, add_strategy_
 from runtime.cli_args import parser as cli_parser
 from runtime.cli_args import quiet_on_broken_pipe
 from runtime.pruning import PruneSettings
-from runtime.pipeline import VERIFY
+from runtime.bundle import VERIFY
 from runtime.backends import BACKENDS
 
 

@@ -21,13 +21,16 @@ import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from runtime.anyres import ImageGeometry
 from runtime.errors import LladaVError, expect
 from runtime.files import read_json, write_json, write_text
 from runtime.pruning import DEFAULT_RULE
 
 FORMAT = "lladav-edge-bundle"
 # 2: validation results carry their bound; graphs carry their identity; manifest digest
-# 3: the decoder graphs take and return per-layer K/V (docs/caching.md); graphs_float
+# 3: the decoder graphs take and return per-layer K/V (docs/caching.md); float_precision
 # 4: per-output tolerances from the checkpoint's own noise (export.yardstick)
 # 5: the similarity graph (the duplicate-aware rule) and the bundle's default rule
 FORMAT_VERSION = 5
@@ -74,11 +77,10 @@ class SubgraphEntry:
         return self.precision or manifest_precision
 
 
-def float_type(precision: str) -> str:
-    """The numpy float type of a float precision (fp32: float32; fp16: float16) or, for a quantized
-    mode, of its default float base (fp16 graphs with Q/DQ; Manifest.graphs_float names a bundle's).
-    The one rule the exporter and the runtime share."""
-    return "float32" if precision == "fp32" else "float16"
+# A float precision's numpy type: what a bundle's graphs take and return for their float tensors
+# (Manifest.float_precision; quantized bundles are fp16 or fp32 graphs with Q/DQ). The one rule the
+# exporter and the runtime share; `float_dtype` names the numpy type everywhere.
+FLOAT_DTYPES = {"fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
 
 
 @dataclass
@@ -97,7 +99,7 @@ class Manifest:
     tokenizer: list[str]
     versions: dict
     tensorrt: dict  # {"built": bool, "reason": str, "script": path, "version": str|None}
-    float_precision: str = ""  # the graphs' float type, fp16 or fp32 ("": by precision, bundles written before)
+    float_precision: str = ""  # the graphs' float type, fp16 or fp32 ("": by precision)
     rule: str = DEFAULT_RULE  # the default strategy's pruning rule (runtime.pruning.RULES); the runtime may choose another
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
@@ -105,9 +107,15 @@ class Manifest:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def graphs_float(self) -> str:
-        """fp16 or fp32: what the graphs' float inputs and outputs are (quantized bundles: either)."""
-        return self.float_precision or ("fp32" if self.precision == "fp32" else "fp16")
+    def __post_init__(self):
+        self.float_precision = self.float_precision or ("fp32" if self.precision == "fp32" else "fp16")
+        expect(self.float_precision in FLOAT_DTYPES, f"manifest: float_precision {self.float_precision!r}; expected "
+                                                     f"one of {tuple(FLOAT_DTYPES)}")
+
+    @property
+    def float_dtype(self) -> np.dtype:
+        """The numpy type of the graphs' float inputs and outputs (FLOAT_DTYPES[float_precision])."""
+        return FLOAT_DTYPES[self.float_precision]
 
     def model_dims(self) -> dict[str, int]:
         """The model dims that tensor dims name (D, V, S, F, Dv; H, Dh and the halves' layers Lpre, Lpost)."""
@@ -115,6 +123,12 @@ class Manifest:
         return {"D": d["d_model"], "V": d["vocab"], "S": g["image_size"], "F": g["tokens_per_tile"],
                 "Dv": self.model["vision"]["d_model"], "H": d["heads"], "Dh": d["d_model"] // d["heads"],
                 "Lpre": self.k, "Lpost": self.n_layers - self.k}
+
+    def image_geometry(self) -> ImageGeometry:
+        """The image geometry (runtime.anyres.ImageGeometry) the vision graph was exported for."""
+        g = self.geometry
+        return ImageGeometry(g["image_size"], g["patch_size"], tuple(tuple(p) for p in g["grid_pinpoints"]),
+                             g["max_tiles"], tuple(g["mean"]), tuple(g["std"]))
 
     @staticmethod
     def from_dict(d: dict) -> "Manifest":
@@ -222,6 +236,73 @@ def verify_files(bundle: Path, manifest: Manifest, check_hashes: bool = True) ->
         expect(size == info.bytes, f"bundle {str(bundle)!r}: {info.path} has {size} bytes; manifest says {info.bytes}")
         if check_hashes:
             expect(sha256_file(path) == info.sha256, f"bundle {str(bundle)!r}: {info.path} is corrupt (sha256 mismatch)")
+
+
+VERIFY = ("sizes", "hashes", "none")  # how much of a bundle's bytes Bundle checks when it opens one
+
+
+class Bundle:
+    """A bundle directory, opened and checked: the one object that reads a bundle. It owns the
+    manifest, the tokenizer, the host tensors (embed_tokens memory-mapped, image_newline), the image
+    geometry and the graphs' float type (float_dtype); the pipeline, the backends, jetson/, calib/
+    and the harness take it. verify: sizes (every file present and whole), hashes (also sha256, slow
+    for the 8B), none; expect_k / expect_model: refuse a bundle of another K or model (hash prefix)."""
+
+    def __init__(self, root, verify: str = "sizes", expect_k: int | None = None, expect_model: str | None = None):
+        self.root = Path(root)
+        self.manifest = m = read_manifest(self.root)
+        where = f"bundle {str(self.root)!r}"
+        expect(expect_k is None or expect_k == m.k, f"{where}: built for K={m.k}; asked to run K={expect_k} "
+                                                    f"(rebuild with --k {expect_k})")
+        expect(expect_model is None or m.model["content_hash"].startswith(expect_model),
+               f"{where}: built from model {m.model['content_hash'][:12]}; expected {expect_model}")
+        expect(verify in VERIFY, f"verify: got {verify!r}; expected one of {VERIFY}")
+        if verify != "none":
+            verify_files(self.root, m, check_hashes=verify == "hashes")
+            verify_identity(self.root, m)  # the graphs say what they are; an edited manifest is refused
+        self._tokenizer = self._embed = self._newline = None
+
+    def __repr__(self) -> str:
+        return f"Bundle({str(self.root)!r}, K={self.manifest.k}, {self.manifest.precision})"
+
+    @property
+    def float_dtype(self) -> np.dtype:
+        return self.manifest.float_dtype
+
+    @property
+    def tokenizer(self):
+        """The bundle's tokenizer (runtime.tokens.TextTokenizer), checked against the manifest's token ids."""
+        if self._tokenizer is None:
+            from runtime.tokens import TextTokenizer
+
+            tok = TextTokenizer(self.root / "tokenizer")
+            expect(tok.ids.to_dict() == self.manifest.token_ids, f"bundle {str(self.root)!r}: tokenizer ids "
+                                                                 f"{tok.ids.to_dict()} differ from the manifest's")
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @property
+    def embed(self) -> np.ndarray:
+        """(V, D) token embeddings, memory-mapped: the runtime embeds the text and the response."""
+        if self._embed is None:
+            self._embed = np.load(self.root / self.manifest.host["embed_tokens"].path, mmap_mode="r")
+        return self._embed
+
+    @property
+    def newline(self) -> np.ndarray:
+        """(D,) the image_newline the vision merge appends to each row of tiles."""
+        if self._newline is None:
+            self._newline = np.load(self.root / self.manifest.host["image_newline"].path)
+        return self._newline
+
+    @property
+    def geometry(self) -> ImageGeometry:
+        """The image geometry the vision graph was exported for."""
+        return self.manifest.image_geometry()
+
+    def graph(self, name: str) -> Path:
+        """Subgraph `name`'s ONNX file."""
+        return self.root / self.manifest.subgraphs[name].onnx.path
 
 
 ENGINES = "engines"

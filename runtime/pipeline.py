@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from runtime.anyres import ImageGeometry, TileLayout
-from runtime.bundle import CACHED_PROFILE, Manifest, read_manifest, verify_files, verify_identity
+from runtime.anyres import TileLayout
+from runtime.bundle import CACHED_PROFILE, Bundle, Manifest
 from runtime.caching import CacheSettings, RefreshClock, cache_window
 from runtime.errors import expect
 from runtime.merge import merge_tiles
@@ -28,7 +27,6 @@ from runtime.preprocess import ImageInput, prepare_image
 from runtime.pruning import (PruneSettings, SequenceLayout, keep_visual, kept_positions, pruned_count, query_rows,
                              reduced_position_ids)
 from runtime.backends import make_runners
-from runtime.runners import float_dtype
 from runtime.schedule import DenoiseResult, GenerationSettings, denoise
 from runtime.tokens import PromptIds, TextTokenizer
 
@@ -57,53 +55,32 @@ class RuntimeResult:
     total_ms: float = 0.0
 
 
-VERIFY = ("sizes", "hashes", "none")
-
-
 def sized_for(settings: dict) -> str:
     """What a bundle whose engines were sized for one camera frame adds to a too-large-image error."""
     size = settings.get("max_image")
     return f" (its engines were sized for {size[0]}x{size[1]} frames: --max-image)" if size else ""
 
 
-def geometry_of(manifest: Manifest) -> ImageGeometry:
-    g = manifest.geometry
-    return ImageGeometry(g["image_size"], g["patch_size"], tuple(tuple(p) for p in g["grid_pinpoints"]),
-                         g["max_tiles"], tuple(g["mean"]), tuple(g["std"]))
-
-
 class Pipeline:
-    """A bundle, loaded and checked, with one backend's runners."""
+    """A bundle (runtime.bundle.Bundle) with one backend's runners."""
 
     def __init__(self, bundle, backend: str = "onnxruntime", model_dir=None, device: str = "cpu",
                  expect_k: int | None = None, expect_model: str | None = None, verify: str = "sizes",
                  runner_factory=None, kv_cache: bool = True):
-        """runner_factory(bundle, manifest, float dtype) -> {subgraph: Runner} replaces the backend's
-        own runners (the tests' recorded TensorRT backend). kv_cache=False: generations run uncached
-        only, and the TensorRT backend does not allocate the cached-step profile's buffers (the K/V
-        cache: 2.1-2.5 GB for the 8B)."""
-        self.bundle = Path(bundle)
-        self.manifest = read_manifest(self.bundle)
-        m = self.manifest
-        expect(expect_k is None or expect_k == m.k,
-               f"bundle {str(self.bundle)!r}: built for K={m.k}; asked to run K={expect_k} (rebuild with --k {expect_k})")
-        expect(expect_model is None or m.model["content_hash"].startswith(expect_model),
-               f"bundle {str(self.bundle)!r}: built from model {m.model['content_hash'][:12]}; expected {expect_model}")
-        expect(verify in VERIFY, f"verify: got {verify!r}; expected one of {VERIFY}")
-        if verify != "none":  # sizes: every file present and whole; hashes: also sha256 (slow for 8B)
-            verify_files(self.bundle, m, check_hashes=verify == "hashes")
-            verify_identity(self.bundle, m)  # the graphs say what they are; an edited manifest is refused
-        self.tokenizer = TextTokenizer(self.bundle / "tokenizer")
-        expect(self.tokenizer.ids.to_dict() == m.token_ids,
-               f"bundle {str(self.bundle)!r}: tokenizer ids {self.tokenizer.ids.to_dict()} differ from the manifest's")
-        self.fdt = float_dtype(m)
-        self.embed = np.load(self.bundle / m.host["embed_tokens"].path, mmap_mode="r")
-        self.newline = np.load(self.bundle / m.host["image_newline"].path)
-        self.geometry = geometry_of(m)
+        """bundle: an opened Bundle, or its directory (opened here with verify, expect_k and expect_model).
+        runner_factory(bundle) -> {subgraph: Runner} replaces the backend's own runners (the tests'
+        recorded TensorRT backend, calib/'s recorders). kv_cache=False: generations run uncached only,
+        and the TensorRT backend does not allocate the cached-step profile's buffers (the K/V cache:
+        2.1-2.5 GB for the 8B)."""
+        if not isinstance(bundle, Bundle):
+            bundle = Bundle(bundle, verify, expect_k, expect_model)
+        self.bundle, self.manifest = bundle, bundle.manifest
+        self.tokenizer, self.float_dtype = bundle.tokenizer, bundle.float_dtype
+        self.embed, self.newline, self.geometry = bundle.embed, bundle.newline, bundle.geometry
         if runner_factory is None:
-            self.runners = make_runners(backend, self.bundle, m, model_dir, device, kv_cache)
+            self.runners = make_runners(backend, bundle, model_dir, device, kv_cache)
         else:
-            self.runners = runner_factory(self.bundle, m, self.fdt)
+            self.runners = runner_factory(bundle)
         self.backend, self.kv_cache = backend, kv_cache
 
     def __enter__(self):
@@ -149,10 +126,10 @@ class Pipeline:
     def prompt_embeddings(self, prompt: PromptIds, img: ImageInput):
         """(N_prompt, D) [prefix | visual | suffix] and the vision time."""
         runner = self.runners["vision"]
-        out = runner.infer({"pixel_values": img.pixel_values.astype(self.fdt)})
+        out = runner.infer({"pixel_values": img.pixel_values.astype(self.float_dtype)})
         visual = merge_tiles(np.asarray(out["image_features"]), img.layout, self.newline)
-        parts = [self.embed[list(prompt.prefix)], visual.astype(self.fdt), self.embed[list(prompt.suffix)]]
-        return np.concatenate(parts).astype(self.fdt), runner.last_ms()
+        parts = [self.embed[list(prompt.prefix)], visual.astype(self.float_dtype), self.embed[list(prompt.suffix)]]
+        return np.concatenate(parts).astype(self.float_dtype), runner.last_ms()
 
     # ------------------------------------------------------------ generation
 
@@ -174,11 +151,11 @@ class Pipeline:
                              forward.saliency, vision_ms, forward.trace, (time.perf_counter() - start) * 1000)
 
 
-def empty_past(manifest: Manifest, name: str, batch: int, fdt) -> dict[str, np.ndarray]:
+def empty_past(manifest: Manifest, name: str, batch: int, float_dtype) -> dict[str, np.ndarray]:
     """No cached keys and values (0 rows): the decoder half runs over the whole sequence it is given."""
     dims = manifest.model_dims()
     shape = (dims["Lpre" if name == "decoder_pre" else "Lpost"], batch, dims["H"], 0, dims["Dh"])
-    return {"past_keys": np.zeros(shape, fdt), "past_values": np.zeros(shape, fdt)}
+    return {"past_keys": np.zeros(shape, float_dtype), "past_values": np.zeros(shape, float_dtype)}
 
 
 class KVCache:
@@ -234,7 +211,7 @@ class SplitForward:
         self.trace: list[StepTrace] = []
         # no cached K/V (0 rows): staged once where each half reads them
         self.no_past = {r.name: {n: r.stage(n, x) for n, x in empty_past(pipe.manifest, r.name, 2 if cfg_scale > 0 else 1,
-                                                                         pipe.fdt).items()}
+                                                                         pipe.float_dtype).items()}
                         for r in (self.pre, self.post)}
 
     def _batch(self, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
@@ -242,14 +219,14 @@ class SplitForward:
         if self.cfg_scale > 0:  # the unconditional branch: every prompt token masked
             masked = np.broadcast_to(self.pipe.embed[self.mask], prompt.shape)
             h = np.concatenate([h, np.concatenate([masked, response])[None]])
-        return np.ascontiguousarray(h, dtype=self.pipe.fdt)
+        return np.ascontiguousarray(h, dtype=self.pipe.float_dtype)
 
     def start_block(self, start: int, end: int) -> None:
         self.clock.start_block(start, end)
 
     def __call__(self, response_ids: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        response = np.asarray(self.pipe.embed[response_ids], dtype=self.pipe.fdt)
+        response = np.asarray(self.pipe.embed[response_ids], dtype=self.pipe.float_dtype)
         refresh = self.clock.next_step_refreshes()
         if self.inputs is None:
             logits, rows = self._first_step(response_ids, response), None

@@ -210,10 +210,10 @@ class SimulatedEngine:
     """An engine stand-in for one subgraph (see the module docstring). `profiles` overrides the
     manifest's min/max per input and profile, as if the engine had been built for other profiles."""
 
-    def __init__(self, manifest: Manifest, name: str, fdt: np.dtype, cuda: SimulatedCuda, profiles: list | None = None,
+    def __init__(self, manifest: Manifest, name: str, float_dtype: np.dtype, cuda: SimulatedCuda, profiles: list | None = None,
                  entry: SubgraphEntry | None = None):
         self.entry = entry or manifest.subgraphs[name]
-        self.fdt, self.cuda = np.dtype(fdt), cuda
+        self.float_dtype, self.cuda = np.dtype(float_dtype), cuda
         self.model_dims = manifest.model_dims()
         entry = self.entry
         self.profiles = profiles or entry.shapes
@@ -229,7 +229,7 @@ class SimulatedEngine:
 
     def dtype(self, name: str) -> np.dtype:
         t = self.tensors[name]
-        return self.fdt if t.dtype == "float" else np.dtype(t.dtype)
+        return self.float_dtype if t.dtype == "float" else np.dtype(t.dtype)
 
     @property
     def num_profiles(self) -> int:
@@ -292,8 +292,8 @@ class SimulatedEngine:
 class OrtEngine(SimulatedEngine):
     """A SimulatedEngine that computes its outputs with an ONNX Runtime session of the bundle's graph."""
 
-    def __init__(self, manifest: Manifest, name: str, fdt: np.dtype, cuda: SimulatedCuda, session):
-        super().__init__(manifest, name, fdt, cuda)
+    def __init__(self, manifest: Manifest, name: str, float_dtype: np.dtype, cuda: SimulatedCuda, session):
+        super().__init__(manifest, name, float_dtype, cuda)
         self.session = session
 
     def compute(self, seen: dict[str, np.ndarray], outputs: dict[str, tuple]) -> dict[str, np.ndarray]:

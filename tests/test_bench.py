@@ -41,7 +41,7 @@ def test_quant_bench_times_every_decoder_in_every_variant(tmp_path, capsys):
         # fp32-based: the linears int8 too, but the LM head stays float32 (at d=128 a large share of decoder_post)
         assert out["weight_bytes"][f"int8 fp32-based/{g}"] < 0.45 * out["weight_bytes"][f"fp32/{g}"]
     m = read_manifest(tmp_path / "quick" / "int8-fp32-based")
-    assert (m.precision, m.graphs_float()) == ("int8", "fp32")
+    assert (m.precision, m.float_precision) == ("int8", "fp32")
     pre = onnx.load(str(tmp_path / "quick" / "int8-fp32-based" / "onnx" / "decoder_pre.onnx"), load_external_data=False)
     assert pre.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     text = capsys.readouterr().out

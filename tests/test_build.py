@@ -492,7 +492,7 @@ def run_jetson_script(bundle, tmp_path):
 
 def test_rebuild_keeps_what_it_did_not_write_and_reports_stale_engines(bundle, tmp_path):
     """Issue 9: a rebuild deleted engines/ (minutes of Jetson work) and a user's NOTES.txt."""
-    from runtime.trt_runner import check_engines
+    from runtime.backends.trt import check_engines
 
     req, _ = bundle
     out = tmp_path / "b"

@@ -224,7 +224,7 @@ def test_linears_sharing_an_input_get_dedicated_qdq_pairs_that_onnx_runtime_fuse
     integer GEMMs (MatMulIntegerToFloat); with its default optimizers it merges the pairs and fuses neither."""
     import onnxruntime as ort
 
-    from runtime.runners import QDQ_DISABLED_OPTIMIZERS
+    from runtime.backends.ort import QDQ_DISABLED_OPTIMIZERS
 
     src, dst = _two_linears(tmp_path / "two.onnx"), tmp_path / "two_q.onnx"
     rng = np.random.default_rng(1)

@@ -171,9 +171,10 @@ def test_the_engine_check_feeds_and_rule_come_from_the_bundle(runtime_bundles):
     from export.subgraphs import SUBGRAPHS
     from export.yardstick import NOISE_FACTOR
     from runtime.backends import make_runners
+    from runtime.bundle import Bundle
 
     m = read_manifest(runtime_bundles[15])
-    runners = make_runners("onnxruntime", runtime_bundles[15], m)
+    runners = make_runners("onnxruntime", Bundle(runtime_bundles[15]))
     for spec in SUBGRAPHS:
         # derived from the export's own validation (export.yardstick.engine_tolerances): twice its bound
         noise = max(c["noise"] for key, per in m.subgraphs[spec.name].validation.items() if key != "visual_tokens"
@@ -192,7 +193,7 @@ def test_the_engine_check_feeds_and_rule_come_from_the_bundle(runtime_bundles):
 def test_no_gpu_is_a_clear_error():
     """Here libcudart loads (the CUDA toolkit is installed) but there is no driver or GPU."""
     from jetson import device
-    from runtime.cuda import CudaError, CudaRuntime
+    from runtime.backends.cuda import CudaError, CudaRuntime
     from runtime.errors import LladaVError
 
     try:

@@ -18,7 +18,7 @@ from runtime.errors import LladaVError
 from runtime.pipeline import Pipeline, empty_past
 from runtime.pruning import PruneSettings, keep_by_score, keep_duplicate_aware, kept_positions, pick_pivots
 from runtime.schedule import GenerationSettings
-from runtime.trt_runner import TrtBackend, make_trt_runners, row_runs
+from runtime.backends.trt import TrtBackend, make_trt_runners, row_runs
 from tests.conftest import gradient_image
 from runtime.caching import CacheSettings, cache_window
 from tests.cuda_doubles import (Call, HazardError, OrtEngine, RecordedEngine, Recorder, SimulatedCuda, SimulatedEngine,
@@ -38,21 +38,23 @@ class Device:
         self.engines: dict[str, SimulatedEngine] = {}
         self.profiles, self.fail, self.compute, self.kv_cache = profiles or {}, fail, compute, kv_cache
 
-    def runners(self, bundle, manifest, fdt):
+    def runners(self, bundle):
+        manifest, float_dtype = bundle.manifest, bundle.float_dtype
+
         def engine(name, path):
             if name == self.fail:
                 raise LladaVError(f"{name}: could not be deserialized")
             if self.compute:
                 import onnxruntime as ort
 
-                session = ort.InferenceSession(str(bundle / manifest.subgraphs[name].onnx.path),
+                session = ort.InferenceSession(str(bundle.graph(name)),
                                                providers=["CPUExecutionProvider"])
-                self.engines[name] = OrtEngine(manifest, name, fdt, self.sim, session)
+                self.engines[name] = OrtEngine(manifest, name, float_dtype, self.sim, session)
             else:
-                self.engines[name] = SimulatedEngine(manifest, name, fdt, self.sim, self.profiles.get(name))
+                self.engines[name] = SimulatedEngine(manifest, name, float_dtype, self.sim, self.profiles.get(name))
             return RecordedEngine(self.engines[name], name, self.log)
 
-        return make_trt_runners(bundle, manifest, fdt, lambda: Recorder(self.sim, self.log), engine, self.kv_cache)
+        return make_trt_runners(bundle, lambda: Recorder(self.sim, self.log), engine, self.kv_cache)
 
     def calls(self, op: str) -> list[Call]:
         return [c for c in self.log if c.op == op]
@@ -219,12 +221,13 @@ def test_failed_activation_frees_what_it_allocated(runtime_bundles):
 def test_an_engine_with_other_tensors_is_refused(runtime_bundles):
     device = Device()
 
-    def runners(bundle, manifest, fdt):
+    def runners(bundle):
+        manifest, float_dtype = bundle.manifest, bundle.float_dtype
         other = replace(manifest.subgraphs["vision"], outputs=[replace(manifest.subgraphs["vision"].outputs[0],
                                                                        name="features")])
-        wrong = lambda name, path: SimulatedEngine(manifest, name, fdt, device.sim,  # noqa: E731
+        wrong = lambda name, path: SimulatedEngine(manifest, name, float_dtype, device.sim,  # noqa: E731
                                                    entry=other if name == "vision" else None)
-        return make_trt_runners(bundle, manifest, fdt, lambda: device.sim, wrong)
+        return make_trt_runners(bundle, lambda: device.sim, wrong)
 
     with pytest.raises(LladaVError, match=r"vision: the engine's tensors are \['features', 'pixel_values'\]"):
         with Pipeline(runtime_bundles[15], backend="tensorrt", runner_factory=runners):
@@ -234,16 +237,17 @@ def test_an_engine_with_other_tensors_is_refused(runtime_bundles):
 
 def test_gather_and_row_writes_cover_every_batch_entry(runtime_bundles):
     """Classifier-free guidance runs batch 2: the step-1 gather and the response-row writes serve both."""
-    from runtime.bundle import read_manifest
+    from runtime.bundle import Bundle
 
-    manifest = read_manifest(runtime_bundles[15])
+    bundle = Bundle(runtime_bundles[15])
+    manifest = bundle.manifest
     for entry in manifest.subgraphs.values():
         for profile in entry.shapes:
             for name, shapes in profile.items():
                 if len(shapes["max"]) > 1 and entry.name != "vision":
                     shapes["max"][1 if name.startswith("past_") else 0] = 2  # the batch axis (K/V: after the layers)
     sim = SimulatedCuda()
-    backend = TrtBackend(runtime_bundles[15], manifest, np.dtype(np.float32), lambda: sim,
+    backend = TrtBackend(bundle, lambda: sim,
                          lambda name, path: SimulatedEngine(manifest, name, np.float32, sim))
     backend.acquire()
     x = np.random.default_rng(0).standard_normal((2, 40, 64)).astype(np.float32)
@@ -292,8 +296,8 @@ def test_the_device_cache_generates_the_onnxruntime_backends_tokens(runtime_bund
         got = pipe.generate(image, question, CACHED_GEN, prune, cache=cache)
     recorded = {}
 
-    def recording(bundle, manifest, fdt):
-        recorded.update({n: RecordingRunner(r) for n, r in make_runners("onnxruntime", bundle, manifest).items()})
+    def recording(bundle):
+        recorded.update({n: RecordingRunner(r) for n, r in make_runners("onnxruntime", bundle).items()})
         return recorded
 
     with Pipeline(runtime_bundles[15], runner_factory=recording) as pipe:
@@ -376,10 +380,10 @@ def test_without_the_kv_cache_only_the_full_profile_is_allocated(runtime_bundles
 
 
 def test_cuda_runtime_over_the_real_libcudart():
-    """runtime/cuda.py's ctypes layer over the real libcudart. Without a GPU (this CI has the CUDA
+    """runtime/backends/cuda.py's ctypes layer over the real libcudart. Without a GPU (this CI has the CUDA
     toolkit but no driver) every call fails with an error naming the call and CUDA's error; with
     one, a round trip through device memory on a stream, timed by events."""
-    from runtime.cuda import CudaError, CudaRuntime
+    from runtime.backends.cuda import CudaError, CudaRuntime
 
     try:
         cuda = CudaRuntime()
@@ -431,7 +435,7 @@ def test_a_profile_switch_that_raises_becomes_the_projects_error():
     """TensorRT's Python binding raises RuntimeError from set_optimization_profile_async (pyCore.cpp,
     release/10.3) instead of returning False: TrtEngine.set_profile turns it into False, which the
     backend reports by name."""
-    from runtime.trt_runner import TrtEngine
+    from runtime.backends.trt import TrtEngine
 
     class Context:
         def set_optimization_profile_async(self, index, stream):
@@ -468,7 +472,7 @@ def test_host_sources_of_uploads_stay_alive_until_the_stream_is_synchronised():
     import gc
     import weakref
 
-    from runtime.cuda import CudaRuntime
+    from runtime.backends.cuda import CudaRuntime
 
     class Lib:  # libcudart's calls that succeed, recording nothing
         def __getattr__(self, name):

@@ -1,4 +1,4 @@
-"""What a CUDA GPU checks without TensorRT: runtime/cuda.py's success path over the real libcudart, and
+"""What a CUDA GPU checks without TensorRT: runtime/backends/cuda.py's success path over the real libcudart, and
 the TensorRT backend's device work (buffers, copies, the KV cache's strided gathers, one stream) with
 stand-in engines that read their inputs from and write their outputs to real device memory, computing
 with ONNX Runtime on the CPU.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.cuda import CudaError, CudaRuntime
+from runtime.backends.cuda import CudaError, CudaRuntime
 
 
 def _usable() -> tuple[bool, str]:
@@ -33,7 +33,7 @@ from runtime.caching import CacheSettings  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.pruning import PruneSettings  # noqa: E402
 from runtime.schedule import GenerationSettings  # noqa: E402
-from runtime.trt_runner import make_trt_runners  # noqa: E402
+from runtime.backends.trt import make_trt_runners  # noqa: E402
 from tests.conftest import gradient_image  # noqa: E402
 from tests.cuda_doubles import SimulatedEngine  # noqa: E402
 
@@ -73,8 +73,8 @@ class DeviceOrtEngine(SimulatedEngine):
     """An engine stand-in over real CUDA: on enqueue it waits for the stream (the work before it), reads
     its inputs from their device addresses, runs ONNX Runtime, and writes its outputs to theirs."""
 
-    def __init__(self, manifest, name, fdt, cuda, session):
-        super().__init__(manifest, name, fdt, cuda)
+    def __init__(self, manifest, name, float_dtype, cuda, session):
+        super().__init__(manifest, name, float_dtype, cuda)
         self.session = session
 
     def enqueue(self, stream: int) -> bool:
@@ -106,11 +106,11 @@ def session(path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def device_runners(bundle, manifest, fdt):
+def device_runners(bundle):
     def engine(name, path):
-        return DeviceOrtEngine(manifest, name, fdt, CudaRuntime(), session(bundle / manifest.subgraphs[name].onnx.path))
+        return DeviceOrtEngine(bundle.manifest, name, bundle.float_dtype, CudaRuntime(), session(bundle.graph(name)))
 
-    return make_trt_runners(bundle, manifest, fdt, CudaRuntime, engine, True)
+    return make_trt_runners(bundle, CudaRuntime, engine, True)
 
 
 @pytest.mark.parametrize("p", [0, 50])

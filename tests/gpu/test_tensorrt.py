@@ -22,7 +22,7 @@ if not USABLE:
     pytest.skip(f"needs TensorRT and a GPU: {WHY}", allow_module_level=True)
 
 from export.build import BuildRequest, build_bundle  # noqa: E402
-from export.onnx_export import float_dtype  # noqa: E402
+from runtime.bundle import FLOAT_DTYPES  # noqa: E402
 from runtime.checks import scaled_diff, worst_check  # noqa: E402
 from export.profiles import validation_axes  # noqa: E402
 from export.reference import generate  # noqa: E402
@@ -33,7 +33,7 @@ from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.preprocess import prepare_image  # noqa: E402
 from runtime.pruning import PruneSettings, kept_positions  # noqa: E402
 from runtime.schedule import GenerationSettings  # noqa: E402
-from runtime.trt_runner import TrtEngine, make_trt_runners, row_runs  # noqa: E402
+from runtime.backends.trt import TrtEngine, make_trt_runners, row_runs  # noqa: E402
 from tests.conftest import RUNTIME_PROFILE, gradient_image  # noqa: E402
 from tests.cuda_doubles import RecordedEngine, Recorder, device_work, expected_device_work, streams_used  # noqa: E402
 
@@ -60,7 +60,7 @@ def test_engines_build_with_the_bundle_settings_and_match_onnxruntime(engines, t
     for spec in SUBGRAPHS:
         entry = m.subgraphs[spec.name]
         assert entry.engine is not None and entry.engine_check, spec.name
-        feeds = [[dummy_inputs(spec, cfg, axes, float_dtype(precision), seed=10 + i, k=m.k)
+        feeds = [[dummy_inputs(spec, cfg, axes, FLOAT_DTYPES[precision], seed=10 + i, k=m.k)
                   for i, axes in enumerate(validation_axes(ranges))]  # each profile at its own shapes
                  for ranges in (m.profiles["axes"], m.profiles["cached_axes"])[: len(entry.shapes)]]
         report = check_engine(result.out / entry.engine.path, result.out / entry.onnx.path, feeds, spec.name,
@@ -125,12 +125,12 @@ def test_fp32_cached_generation_token_parity(engines, mode, p):
 def test_device_work_over_real_cuda(engines):
     """The order, stream and lifetimes the simulated tests check (tests/test_trt_runtime.py), recorded
     over libcudart and the real engines."""
-    from runtime.cuda import CudaRuntime
+    from runtime.backends.cuda import CudaRuntime
 
     log = []
 
-    def runners(bundle, manifest, fdt):
-        return make_trt_runners(bundle, manifest, fdt, lambda: Recorder(CudaRuntime(), log),
+    def runners(bundle):
+        return make_trt_runners(bundle, lambda: Recorder(CudaRuntime(), log),
                                 lambda name, path: RecordedEngine(TrtEngine(name, path), name, log))
 
     gen = GenerationSettings(steps=3, gen_length=6, block_length=6)

@@ -20,7 +20,7 @@ full profile's output buffers; the rows a cached step attends to are gathered fr
 cached profile's past K/V input buffers (one strided copy per run of rows, cudaMemcpy2DAsync)
 once per refresh, and every cached step of that refresh reads them in place.
 
-CUDA calls go through `runtime.cuda.CudaApi`; engine calls through `TrtEngine` (TensorRT 10
+CUDA calls go through `runtime.backends.cuda.CudaApi`; engine calls through `TrtEngine` (TensorRT 10
 Python API: deserialize_cuda_engine, create_execution_context, set_input_shape,
 set_tensor_address, execute_async_v3). Tests substitute both (tests/cuda_doubles.py) to check
 the order, streams and lifetimes of the device work; they do not run TensorRT.
@@ -33,10 +33,10 @@ from typing import Callable
 
 import numpy as np
 
-from runtime.bundle import CACHED_PROFILE, FULL_PROFILE, Manifest, SubgraphEntry, device_engine, engine_problem
-from runtime.cuda import CudaApi, CudaError, DeviceTensor
+from runtime.bundle import CACHED_PROFILE, FULL_PROFILE, Bundle, Manifest, SubgraphEntry, device_engine, engine_problem
+from runtime.backends.cuda import CudaApi, CudaError, DeviceTensor
 from runtime.errors import LladaVError, expect
-from runtime.runners import Runner
+from runtime.backends.base import Runner
 
 
 def row_runs(rows: np.ndarray) -> list[tuple[int, int, int]]:
@@ -108,11 +108,10 @@ class TrtEngine:
 class TrtBackend:
     """Every device resource of the TensorRT backend, with one lifecycle (see the module docstring)."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, fdt: np.dtype,
-                 cuda_factory: Callable[[], CudaApi] | None = None,
+    def __init__(self, bundle: Bundle, cuda_factory: Callable[[], CudaApi] | None = None,
                  engine_factory: Callable[[str, Path], TrtEngine] = TrtEngine, kv_cache: bool = True):
         """kv_cache=False: only the full profile's buffers are allocated (no cached steps)."""
-        self.bundle, self.entries, self.fdt = Path(bundle), manifest.subgraphs, fdt
+        self.root, self.entries, self.float_dtype = bundle.root, bundle.manifest.subgraphs, bundle.float_dtype
         self.kv_cache = kv_cache
         self.cuda_factory = cuda_factory or _cuda_runtime
         self.engine_factory = engine_factory
@@ -146,7 +145,7 @@ class TrtBackend:
             self.cuda = self.cuda_factory()
             self.stream = self.cuda.stream_create()
             for name, entry in self.entries.items():
-                self.engines[name] = engine = self.engine_factory(name, engine_path(self.bundle, entry))
+                self.engines[name] = engine = self.engine_factory(name, engine_path(self.root, entry))
                 self._check_io(entry, engine)
                 self._allocate(entry, engine)
                 self.events[name] = (self.cuda.event_create(), self.cuda.event_create())
@@ -163,7 +162,7 @@ class TrtBackend:
                f"{entry.name}: the engine's tensors are {sorted(engine.names)}; the bundle's graph has {sorted(want)} "
                "(an engine from another bundle: rebuild it with jetson/build_engines.sh)")
         for t in (*entry.inputs, *entry.outputs):
-            dtype = self.fdt if t.dtype == "float" else np.dtype(t.dtype)
+            dtype = self.float_dtype if t.dtype == "float" else np.dtype(t.dtype)
             expect(engine.dtype(t.name) == dtype,
                    f"{entry.name}: the engine's '{t.name}' is {engine.dtype(t.name)}; the bundle expects {dtype}")
 
@@ -314,7 +313,7 @@ class TrtBackend:
 
 
 def _cuda_runtime() -> CudaApi:
-    from runtime.cuda import CudaRuntime
+    from runtime.backends.cuda import CudaRuntime
 
     return CudaRuntime()
 
@@ -322,8 +321,8 @@ def _cuda_runtime() -> CudaApi:
 class TrtRunner(Runner):
     """The runner contract for one engine of a shared `TrtBackend`."""
 
-    def __init__(self, entry: SubgraphEntry, fdt, backend: TrtBackend):
-        super().__init__(entry, fdt)
+    def __init__(self, entry: SubgraphEntry, backend: TrtBackend):
+        super().__init__(entry, backend.float_dtype)
         self.backend = backend
 
     def _activate(self):
@@ -368,8 +367,7 @@ def check_engines(bundle: Path, manifest: Manifest, tensorrt_version: str) -> No
         expect(problem is None, f"backend tensorrt: {path} is {problem}; {rebuild}")
 
 
-def make_trt_runners(bundle: Path, manifest: Manifest, fdt, cuda_factory=None, engine_factory=None,
-                     kv_cache: bool = True) -> dict:
+def make_trt_runners(bundle: Bundle, cuda_factory=None, engine_factory=None, kv_cache: bool = True) -> dict:
     """{subgraph: TrtRunner} sharing one backend. The factories default to CUDA and TensorRT."""
     if engine_factory is None:
         try:
@@ -378,6 +376,6 @@ def make_trt_runners(bundle: Path, manifest: Manifest, fdt, cuda_factory=None, e
             raise LladaVError("backend tensorrt: the TensorRT Python package is not installed "
                               "(on the Jetson it comes with JetPack); use --backend onnxruntime") from None
         engine_factory = TrtEngine
-        check_engines(bundle, manifest, tensorrt.__version__)
-    backend = TrtBackend(bundle, manifest, fdt, cuda_factory, engine_factory, kv_cache)
-    return {name: TrtRunner(entry, fdt, backend) for name, entry in manifest.subgraphs.items()}
+        check_engines(bundle.root, bundle.manifest, tensorrt.__version__)
+    backend = TrtBackend(bundle, cuda_factory, engine_factory, kv_cache)
+    return {name: TrtRunner(entry, backend) for name, entry in bundle.manifest.subgraphs.items()}
