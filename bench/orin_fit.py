@@ -16,7 +16,7 @@ LPDDR5 as the GPU's: they count. Activation peaks are estimates from the tensors
 live at the maximum sequence; 'unfused' adds the N x N attention scores (float32) and
 probabilities (fp16) of the explicit MatMul-Softmax-MatMul, 'fused' is what remains if TensorRT
 fuses attention and never forms them. Whether it fuses is measured on the device
-(jetson/profile.py), not here. The decoders' K/V buffers (docs/caching.md) count too: the full
+(jetson/latency.py), not here. The decoders' K/V buffers (docs/caching.md) count too: the full
 profile's present K/V (every layer's keys and values at the longest sequence, fp16) are written at
 every step, cached or not; the cached-step profile's past K/V (the cache) are as large again.
 """

@@ -70,13 +70,15 @@ class QuantSettings:
         return QuantSettings(SCHEMES[mode], **kw)
 
 
-def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log) -> dict[str, SubgraphEntry]:
-    """The entries of `manifest` (a complete float bundle at `tmp`), their graphs quantized in place."""
+def quantize_stage(tmp: Path, manifest: Manifest, q: QuantSettings, log, export_graph) -> dict[str, SubgraphEntry]:
+    """The entries of `manifest` (a complete float bundle at `tmp`), their graphs quantized in place.
+    export_graph(name, model, dst) -> ExportReport: the build's export-and-validate step
+    (export.build.Builder.export_graph), which re-exports the decoders with folded scales."""
     data = record_calibration(tmp, q.calibration, q.data_root, log)
     data.check_for(manifest.model["content_hash"], manifest.k)
     out, folded, model = dict(manifest.subgraphs), {}, None
     if q.scheme.smooth_alpha or q.scheme.awq_grid:
-        entries, folded, model = folded_graphs(tmp, manifest, data, q.scheme, log)
+        entries, folded, model = folded_graphs(tmp, manifest, data, q.scheme, log, export_graph)
         out.update(entries)
     if q.scheme.mode != "int4" and model is not None:
         model = None  # int8's graphs are not checked against a PyTorch model (activation Q/DQ: docs/export.md)
@@ -180,7 +182,8 @@ def unshare(path: Path) -> None:
         os.replace(tmp, path)
 
 
-def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log) -> tuple[dict[str, SubgraphEntry], dict, object]:
+def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log,
+                  export_graph) -> tuple[dict[str, SubgraphEntry], dict, object]:
     """The decoder graphs re-exported (and validated) from the checkpoint with per-channel scales
     folded into their weights, taken on the calibration feeds: SmoothQuant's migration (int8,
     calib.smooth) or AWQ's searched scales (int4, calib.awq). The graphs compute the same function,
@@ -189,10 +192,7 @@ def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log)
     import torch
 
     from export.checkpoint import load_model
-    from export.onnx_export import export_and_validate, release_memory
-    from export.profiles import VALIDATION_SIZES
     from export.subgraphs import SUBGRAPHS
-    from runtime.bundle import graph_identity
 
     model, _ = load_model(Path(manifest.model["source"]), torch.float32)
     k, n = manifest.k, manifest.n_layers
@@ -206,11 +206,9 @@ def folded_graphs(tmp: Path, manifest: Manifest, data, scheme: QuantScheme, log)
     model = model.half() if fp == "fp16" else model
     out = {}
     for name in spans:
-        entry, spec = manifest.subgraphs[name], specs[name]
+        entry = manifest.subgraphs[name]
         path = tmp / entry.onnx.path
-        identity = graph_identity(name, k, n, manifest.model["content_hash"], fp)
-        report = export_and_validate(spec, spec.build(model, k), model.cfg, fp, path, list(VALIDATION_SIZES),
-                                     manifest.opset, identity, k, p=manifest.p)
+        report = export_graph(name, model, path)
         out[name] = dataclasses.replace(entry, onnx=file_info(tmp, path), data=file_info(tmp, report.data),
                                         validation=report.checks, ops=report.ops)
     return out, {name: c for name, c in chosen.items() if c}, model

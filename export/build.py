@@ -21,7 +21,7 @@ import numpy as np
 
 from export.checkpoint import TOKENIZER_FILES, Checkpoint, load_model, open_checkpoint
 from export.engine_config import EngineBuildSettings, build_script, trtexec_command
-from export.onnx_export import DEFAULT_OPSET, MERGE_CHECK, check_visual_tokens, copy_or_link, export_and_validate
+from export.onnx_export import DEFAULT_OPSET, MERGE_CHECK, GraphExport, check_visual_tokens, copy_or_link
 from runtime.checks import worst_check
 from export.profiles import (VALIDATION_SIZES, ProfileSettings, axis_ranges, full_sequence_opt, input_shapes,
                              profile_ranges, settings_dict, validation_axes)
@@ -153,10 +153,13 @@ def intact(old_root: Path, info: FileInfo | None) -> bool:
 
 
 class Builder:
-    """One run of build_bundle; holds what the stages share."""
+    """One run of build_bundle: the export's state (request, checkpoint and its content hash, token
+    ids, profile ranges, build settings, the previous bundle) and the stages that share it."""
 
-    def __init__(self, req: BuildRequest, ckpt: Checkpoint, log):
+    def __init__(self, req: BuildRequest, ckpt: Checkpoint, log, token_ids: dict | None = None):
         self.req, self.ckpt, self.cfg, self.log = req, ckpt, ckpt.config, log
+        self.token_ids = token_ids if token_ids is not None else TextTokenizer(req.model_dir).ids.to_dict()
+        self.ckpt_hash, self.source = ckpt.content_hash(), exporter_source_hash()
         self.ranges = profile_ranges(self.cfg, req.profiles, req.p)  # [full, cached]
         self.settings = EngineBuildSettings(req.precision)
         self.model = None
@@ -172,10 +175,22 @@ class Builder:
             self.model, _ = load_model(self.ckpt.path, dtype)
         return self.model
 
-    def subgraph(self, tmp: Path, spec: SubgraphSpec, ckpt_hash: str, source: str) -> SubgraphEntry:
+    def graph_export(self, spec: SubgraphSpec) -> GraphExport:
+        """How this build exports and validates `spec`'s graph (also calib/'s re-exports with folded scales)."""
+        fp = self.req.float_precision
+        return GraphExport(spec, self.cfg, self.req.k, fp, self.req.graph_opset,
+                           graph_identity(spec.name, self.req.k, self.cfg.n_layers, self.ckpt_hash, fp),
+                           tuple(VALIDATION_SIZES), self.req.p)
+
+    def export_graph(self, name: str, model, dst: Path):
+        """Subgraph `name` of `model` exported to dst and validated (export.onnx_export.ExportReport)."""
+        spec = next(s for s in SUBGRAPHS if s.name == name)
+        return self.graph_export(spec).run(spec.build(model, self.req.k), dst)
+
+    def subgraph(self, tmp: Path, spec: SubgraphSpec) -> SubgraphEntry:
         k = self.req.k if spec.name.startswith("decoder") else "-"
         fp = self.req.float_precision
-        key = artifact_key(ckpt_hash, spec.name, k, fp, self.req.graph_opset, source)
+        key = artifact_key(self.ckpt_hash, spec.name, k, fp, self.req.graph_opset, self.source)
         shapes = input_shapes(spec, self.cfg, self.ranges, self.req.k)
         old = self.old.subgraphs.get(spec.name) if self.old else None
         onnx_path = tmp / "onnx" / f"{spec.name}.onnx"
@@ -190,10 +205,7 @@ class Builder:
             return entry
         self.log(f"{spec.name}: exporting ({fp}, opset {self.req.graph_opset}) and validating ...")
         # the ONNX graph does not depend on the profile: validate it at fixed sizes (proving its axes dynamic)
-        identity = graph_identity(spec.name, self.req.k, self.cfg.n_layers, ckpt_hash, fp)
-        report = export_and_validate(spec, spec.build(self.loaded_model(), self.req.k), self.cfg, fp,
-                                     onnx_path, list(VALIDATION_SIZES), self.req.graph_opset, identity, self.req.k,
-                                     p=self.req.p)
+        report = self.export_graph(spec.name, self.loaded_model(), onnx_path)
         tolerances = engine_tolerances(report.checks, fp)
         if spec.name == "vision":  # the merge the runtime does, with the image_newline the bundle holds
             newline = np.load(tmp / "host" / "image_newline.npy")
@@ -233,7 +245,7 @@ class Builder:
 
         release_memory()
 
-    def host_files(self, tmp: Path, ckpt_hash: str) -> dict[str, FileInfo]:
+    def host_files(self, tmp: Path) -> dict[str, FileInfo]:
         key_dir = tmp / "host"
         key_dir.mkdir()
         out = {}
@@ -241,7 +253,7 @@ class Builder:
             path = key_dir / f"{name}.npy"
             old = self.old.host.get(name) if self.old else None
             same_dtype = self.old.float_precision == self.req.float_precision if self.old else False
-            if old and self.old.model.get("content_hash") == ckpt_hash and same_dtype \
+            if old and self.old.model.get("content_hash") == self.ckpt_hash and same_dtype \
                     and intact(self.req.out, old):
                 copy_or_link(self.req.out / old.path, path)
             else:
@@ -250,6 +262,52 @@ class Builder:
                 np.save(path, tensor.detach().numpy())
             out[name] = file_info(tmp, path)
         return out
+
+    def quantize_bundle(self, tmp: Path, entries: dict, host: dict, tokenizer: list[str]) -> dict:
+        """The float bundle at `tmp` (a provisional manifest makes it runnable) -> its decoders quantized
+        by calib/, calibrated on what they see when that bundle answers questions; re-exports (scales
+        folded into the weights) go through this builder's export_graph."""
+        from calib.stage import quantize_stage
+
+        trt = {"built": False, "reason": "provisional: calibration", "version": None,
+               "script": "jetson/build_engines.sh", "build_settings": None}
+        float_req = replace(self.req, precision=self.req.float_precision, opset=self.req.graph_opset)
+        provisional = self.make_manifest(entries, host, tokenizer, trt, float_req)
+        write_manifest(tmp, provisional)
+        return quantize_stage(tmp, provisional, self.req.quant_settings(), self.log, self.export_graph)
+
+    def make_manifest(self, entries: dict, host: dict, tokenizer: list[str], trt: dict,
+                      req: BuildRequest | None = None) -> Manifest:
+        """The bundle's manifest; req: another request over the same checkpoint (the provisional float one)."""
+        import onnx
+        import onnxruntime
+        import torch
+        import transformers
+
+        req = req or self.req
+        cfg, ranges = self.cfg, self.ranges
+        d, v, g = cfg.decoder, cfg.vision, cfg.geometry
+        return Manifest(
+            model={"name": cfg.name, "source": str(self.ckpt.path), "content_hash": self.ckpt_hash,
+                   "decoder": {"layers": d.n_layers, "d_model": d.d_model, "heads": d.n_heads, "d_mlp": d.d_mlp,
+                               "vocab": d.vocab_size, "rope_theta": d.rope_theta, "rms_eps": d.rms_eps,
+                               "max_positions": d.max_positions},
+                   "vision": {"d_model": v.d_model, "layers": v.n_layers, "heads": v.n_heads, "d_mlp": v.d_mlp}},
+            k=req.k, p=req.p, n_layers=d.n_layers, precision=req.precision, opset=final_opset(req),
+            token_ids=self.token_ids,
+            geometry={"image_size": g.image_size, "patch_size": g.patch_size, "tokens_per_tile": g.tokens_per_tile,
+                      "grid_pinpoints": [list(p) for p in g.grid_pinpoints], "max_tiles": g.max_tiles,
+                      "mean": list(g.mean), "std": list(g.std)},
+            profiles={"settings": settings_dict(req.profiles), "axes": {a: list(r) for a, r in ranges[0].items()},
+                      "cached_axes": {a: list(r) for a, r in ranges[1].items()},
+                      "full_step1_seq_opt": full_sequence_opt(cfg, req.profiles),
+                      # per profile: where engines are checked against ONNX Runtime
+                      "validation_axes": [validation_axes(r) for r in ranges]},
+            subgraphs=entries, host=host, tokenizer=sorted(tokenizer),
+            versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                      "transformers": transformers.__version__, "tensorrt": trt["version"]},
+            tensorrt=trt, float_precision=req.float_precision, rule=req.rule,
+        )
 
 
 def build_bundle(req: BuildRequest, log=None) -> BuildResult:
@@ -262,10 +320,8 @@ def build_bundle(req: BuildRequest, log=None) -> BuildResult:
 
 def _build_bundle(req: BuildRequest, ckpt, token_ids: dict, log, start: float) -> BuildResult:
     log(f"checkpoint {ckpt.path}: {ckpt.config.n_layers} layers, d={ckpt.config.decoder.d_model}; hashing ...")
-    ckpt_hash = ckpt.content_hash()
-    source = exporter_source_hash()
-    b = Builder(req, ckpt, log)
-    if b.old is not None and b.old.model.get("content_hash") != ckpt_hash:
+    b = Builder(req, ckpt, log, token_ids)
+    if b.old is not None and b.old.model.get("content_hash") != b.ckpt_hash:
         expect(req.force, f"out {str(req.out)!r}: holds a bundle of another model ({b.old.model.get('name')!r}, "
                           f"{str(b.old.model.get('source'))!r}); this build is of {ckpt.config.name!r} "
                           f"({str(ckpt.path)!r}). Expected a new --out, or --force to replace that bundle")
@@ -274,34 +330,21 @@ def _build_bundle(req: BuildRequest, ckpt, token_ids: dict, log, start: float) -
     with atomic_directory(req.out, keep=lambda rel: rel not in dropped and rel.parts[0] not in OWNED) as tmp:
         for sub in ("onnx", "tokenizer", "jetson"):
             (tmp / sub).mkdir()
-        host = b.host_files(tmp, ckpt_hash)  # first: the vision check merges with the image_newline written here
-        entries = {s.name: b.subgraph(tmp, s, ckpt_hash, source) for s in SUBGRAPHS}
+        host = b.host_files(tmp)  # first: the vision check merges with the image_newline written here
+        entries = {s.name: b.subgraph(tmp, s) for s in SUBGRAPHS}
         tokenizer = [name for name in TOKENIZER_FILES if (ckpt.path / name).is_file()]
         for name in tokenizer:
             shutil.copy2(ckpt.path / name, tmp / "tokenizer" / name)
         if req.precision in QUANTIZED:
-            entries = quantize_bundle(req, tmp, ckpt, ckpt_hash, token_ids, b, entries, host, tokenizer, log)
+            entries = b.quantize_bundle(tmp, entries, host, tokenizer)
         trt = engines_stage(req, tmp, entries, b, log)
-        manifest = make_manifest(req, ckpt, ckpt_hash, token_ids, b.ranges, entries, host, tokenizer, trt)
+        manifest = b.make_manifest(entries, host, tokenizer, trt)
         write_jetson_script(tmp, manifest, b.settings)
         stale = stale_engines(Path(req.out), manifest, req.clean, dropped, log)
         write_manifest(tmp, manifest)
     log(f"bundle written to {req.out}")
     return BuildResult(manifest, Path(req.out), b.reused, b.exported, trt["built"], trt["reason"],
                        time.perf_counter() - start, retuned(b.old, manifest), stale)
-
-
-def quantize_bundle(req, tmp, ckpt, ckpt_hash, token_ids, b, entries, host, tokenizer, log) -> dict:
-    """The float bundle at `tmp` (a provisional manifest makes it runnable) -> its decoders quantized
-    by calib/, calibrated on what they see when that bundle answers questions."""
-    from calib.stage import quantize_stage
-
-    float_req = replace(req, precision=req.float_precision, opset=req.graph_opset)
-    trt = {"built": False, "reason": "provisional: calibration", "version": None, "script": "jetson/build_engines.sh",
-           "build_settings": None}
-    provisional = make_manifest(float_req, ckpt, ckpt_hash, token_ids, b.ranges, entries, host, tokenizer, trt)
-    write_manifest(tmp, provisional)
-    return quantize_stage(tmp, provisional, req.quant_settings(), log)
 
 
 def write_jetson_script(tmp: Path, manifest: Manifest, settings: EngineBuildSettings) -> None:
@@ -395,37 +438,6 @@ def reusable_engine(old_manifest: Manifest, old: SubgraphEntry, new: SubgraphEnt
     return (old.onnx.sha256 == new.onnx.sha256 and old.data.sha256 == new.data.sha256 and old.shapes == new.shapes
             and old_manifest.tensorrt.get("version") == version
             and old_manifest.tensorrt.get("build_settings") == settings.to_dict())
-
-
-def make_manifest(req, ckpt, ckpt_hash, token_ids, ranges, entries, host, tokenizer, trt) -> Manifest:
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    cfg = ckpt.config
-    d, v, g = cfg.decoder, cfg.vision, cfg.geometry
-    return Manifest(
-        model={"name": cfg.name, "source": str(ckpt.path), "content_hash": ckpt_hash,
-               "decoder": {"layers": d.n_layers, "d_model": d.d_model, "heads": d.n_heads, "d_mlp": d.d_mlp,
-                           "vocab": d.vocab_size, "rope_theta": d.rope_theta, "rms_eps": d.rms_eps,
-                           "max_positions": d.max_positions},
-               "vision": {"d_model": v.d_model, "layers": v.n_layers, "heads": v.n_heads, "d_mlp": v.d_mlp}},
-        k=req.k, p=req.p, n_layers=d.n_layers, precision=req.precision, opset=final_opset(req),
-        token_ids=token_ids,
-        geometry={"image_size": g.image_size, "patch_size": g.patch_size, "tokens_per_tile": g.tokens_per_tile,
-                  "grid_pinpoints": [list(p) for p in g.grid_pinpoints], "max_tiles": g.max_tiles,
-                  "mean": list(g.mean), "std": list(g.std)},
-        profiles={"settings": settings_dict(req.profiles), "axes": {a: list(r) for a, r in ranges[0].items()},
-                  "cached_axes": {a: list(r) for a, r in ranges[1].items()},
-                  "full_step1_seq_opt": full_sequence_opt(cfg, req.profiles),
-                  # per profile: where engines are checked against ONNX Runtime
-                  "validation_axes": [validation_axes(r) for r in ranges]},
-        subgraphs=entries, host=host, tokenizer=sorted(tokenizer),
-        versions={"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-                  "transformers": transformers.__version__, "tensorrt": trt["version"]},
-        tensorrt=trt, float_precision=req.float_precision, rule=req.rule,
-    )
 
 
 def final_opset(req: BuildRequest) -> int:

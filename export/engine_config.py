@@ -33,7 +33,7 @@ class EngineBuildSettings:
     # decoders of fp16 and quantized bundles have no fp32 MatMul or Conv (their float32 islands are norms,
     # softmax and casts).
     tf32: bool = False
-    # layer names and details in trtexec's --exportProfile / --exportLayerInfo (jetson/profile.py); the
+    # layer names and details in trtexec's --exportProfile / --exportLayerInfo (jetson/latency.py); the
     # runtime lowers its context's NVTX verbosity, since DETAILED adds NVTX work to every enqueue
     profiling_verbosity: str = "detailed"
 

@@ -346,6 +346,29 @@ def export_and_validate(spec: SubgraphSpec, module, cfg, precision: str, dst: Pa
     return report
 
 
+@dataclass(frozen=True)
+class GraphExport:
+    """One subgraph's export with its state bound in one place: which graph (spec), of which model
+    (cfg), split at K, at which float precision and opset, the identity it carries
+    (runtime.bundle.graph_identity), the axis sizes it is validated at and the P its token choices
+    are checked at. The export patches are the spec's (export.subgraphs.export_patches). The build
+    (export.build.Builder) makes one per graph; calib/'s re-exports with folded scales go through it."""
+
+    spec: SubgraphSpec
+    cfg: object
+    k: int
+    precision: str  # the graph's float precision (fp16, fp32)
+    opset: int
+    identity: dict
+    sizes: tuple  # validation axis sizes (export.profiles.VALIDATION_SIZES)
+    p: float = 50.0
+
+    def run(self, module, dst: Path, reference=None) -> ExportReport:
+        """Export `module` (the spec's graph of some weights of this model) to dst, then validate it."""
+        return export_and_validate(self.spec, module, self.cfg, self.precision, dst, list(self.sizes), self.opset,
+                                   self.identity, self.k, reference, self.p)
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap back to the OS (glibc), so stages do not stack up."""
     import ctypes

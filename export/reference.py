@@ -7,7 +7,9 @@ sequence; only the response embeddings change between steps. With P = 0 every to
 and the loop equals the unpruned one exactly. With a KV cache (runtime.caching, docs/caching.md)
 a refresh keeps every layer's keys and values, and the steps between refreshes recompute only
 the current block's rows (dual) or the block and the rows after it (prefix). The ONNX export and
-every runtime backend must reproduce this generator token for token.
+every runtime backend must reproduce this generator token for token. What each step computes
+(its kind, the rows that score, the tokens that survive, guidance) is runtime.steps.StepPlan's,
+the plan the runtime's split forward follows too; this module does the torch work.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import numpy as np
 import torch
 
 from export.model import LladaV
-from runtime.caching import CacheSettings, RefreshClock, cache_window
+from runtime.caching import CacheSettings, CacheWindow
 from runtime.errors import expect
 from runtime.preprocess import ImageInput
-from runtime.pruning import PruneSettings, SequenceLayout, keep_visual, kept_positions, query_rows, reduced_position_ids
+from runtime.pruning import PruneSettings, SequenceLayout
 from runtime.schedule import DenoiseResult, GenerationSettings, denoise
+from runtime.steps import FIRST, FULL, StepPlan
 from runtime.tokens import PromptIds, TokenIds
 
 
@@ -53,9 +56,8 @@ class ReferenceForward:
     """`forward(response_ids) -> logits (G, vocab)` for one generation, pruning at its first call."""
 
     def __init__(self, model, prompt, layout, prune, cfg_scale, mask_id, cache: CacheSettings | None = None):
-        self.model, self.layout, self.prune, self.cfg_scale = model, layout, prune, cfg_scale
-        self.cache = cache or CacheSettings()
-        self.clock = RefreshClock(self.cache)
+        self.model, self.layout = model, layout
+        self.plan = StepPlan(layout, prune, cache, cfg_scale)  # what each step computes (runtime.steps)
         self.kv = None  # [(k, v)] per layer over every row of the (reduced) sequence, (B, H, n, Dh)
         self.computed_rows: list[int] = []
         self.mask_id = mask_id
@@ -65,18 +67,17 @@ class ReferenceForward:
         self.kept_visual = np.arange(layout.n_visual)
         self.saliency = None
         self.seq_lens: list[int] = []
-        self.first = True
 
     def _batch(self, response: torch.Tensor) -> torch.Tensor:
         """(B, N, D): the conditional sequence and, with CFG, the one whose prompt is all masks."""
         h = torch.cat([self.prompt, response])[None]
-        if self.cfg_scale > 0:
+        if self.plan.batch > 1:
             un = torch.cat([self.mask_embed.expand_as(self.prompt), response])[None]
             h = torch.cat([h, un])
         return h
 
     def start_block(self, start: int, end: int) -> None:
-        self.clock.start_block(start, end)
+        self.plan.start_block(start, end)
 
     @torch.inference_mode()
     def __call__(self, response_ids: np.ndarray) -> np.ndarray:
@@ -84,15 +85,14 @@ class ReferenceForward:
         h = self._batch(response)
         pos = self.pos.expand(h.shape[0], -1)
         L = self.model.cfg.n_layers
-        refresh = self.clock.next_step_refreshes()
-        if self.first and self.prune is not None:
+        step = self.plan.next_step()
+        if step.kind == FIRST:
             h, pos = self._first_step(h, pos, response_ids)
-            self.first = False
-        elif refresh:
+        elif step.kind == FULL:
             h, _, kv = self.model.run_layers_kv(h, pos, 0, L)
-            self.kv = kv if self.cache.enabled else None
+            self.kv = kv if self.plan.cache.enabled else None
         else:
-            return self._cached_step(h, pos)
+            return self._cached_step(h, pos, step.window)
         self.seq_lens.append(h.shape[1])
         self.computed_rows.append(h.shape[1])
         return self._response_logits(h, np.arange(h.shape[1]), h.shape[1])
@@ -103,15 +103,14 @@ class ReferenceForward:
         g = self.layout.n_response
         at = np.flatnonzero(rows >= n - g)
         logits = self.model.logits(h, torch.from_numpy(at)).float()
-        logits = logits[1] + (self.cfg_scale + 1) * (logits[0] - logits[1]) if self.cfg_scale > 0 else logits[0]
+        logits = self.plan.guide(logits)
         out = np.zeros((g, logits.shape[-1]), dtype=np.float32)
         out[rows[at] - (n - g)] = logits.numpy()
         return out
 
-    def _cached_step(self, h, pos) -> np.ndarray:
+    def _cached_step(self, h, pos, w: CacheWindow) -> np.ndarray:
         """Recompute the window's rows against the cached keys and values of the others."""
         n = h.shape[1]
-        w = cache_window(self.cache.mode, n, self.layout.n_response, self.clock.block)
         compute, past = torch.from_numpy(w.compute), torch.from_numpy(w.past)
         cached = [(k[:, :, past], v[:, :, past]) for k, v in self.kv]
         out, _, _ = self.model.run_layers_kv(h[:, compute], pos[:, compute], 0, self.model.cfg.n_layers, past=cached)
@@ -120,29 +119,26 @@ class ReferenceForward:
         return self._response_logits(out, w.compute, n)
 
     def _first_step(self, h, pos, response_ids):
-        """Layers [0, K) on the full sequence, keep by the rule (runtime.pruning.keep_visual), layers
-        [K, L) on the rest. The rule reads this model's own saliency and hidden states."""
-        k, lay = self.prune.k, self.layout
-        rows = None
-        if self.prune.rule != "random":
-            rows = torch.from_numpy(query_rows(lay, self.prune.query, response_ids == self.mask_id))
-        h, saliency, kv_pre = self.model.run_layers_kv(h, pos, 0, k, score_rows=rows)
+        """Layers [0, K) on the full sequence, keep what the plan's rule keeps, layers [K, L) on the
+        rest. The rule reads this model's own saliency and hidden states."""
+        k, lay = self.plan.prune.k, self.layout
+        rows = self.plan.score_rows(response_ids == self.mask_id)
+        h, saliency, kv_pre = self.model.run_layers_kv(h, pos, 0, k,
+                                                       score_rows=None if rows is None else torch.from_numpy(rows))
         if saliency is not None:
             self.saliency = saliency[0, lay.visual].float().numpy()
         visual = h[0, lay.visual]
-        keep = keep_visual(self.prune, lay.n_visual, lambda: self.saliency,
-                           lambda pivots: pivot_similarity(visual, pivots))
-        kept = kept_positions(lay, keep)
-        self.kept_visual = keep
-        self.pos = torch.from_numpy(reduced_position_ids(kept, self.prune.positions))[None]
+        pruned = self.plan.prune_visual(lambda: self.saliency, lambda pivots: pivot_similarity(visual, pivots))
+        kept = pruned.kept
+        self.kept_visual = pruned.keep
+        self.pos = torch.from_numpy(pruned.positions)[None]
         self.prompt = self.prompt[torch.from_numpy(kept[: kept.shape[0] - lay.n_response])]
         h = h[:, torch.from_numpy(kept)]
         pos = self.pos.expand(h.shape[0], -1)
         h, _, kv_post = self.model.run_layers_kv(h, pos, k, self.model.cfg.n_layers)
-        if self.cache.enabled:  # the first refresh: layers < K keep the kept rows' keys and values of the full pass
+        if self.plan.cache.enabled:  # the first refresh: layers < K keep the kept rows' keys and values of the full pass
             rows = torch.from_numpy(kept)
             self.kv = [(kk[:, :, rows], vv[:, :, rows]) for kk, vv in kv_pre] + kv_post
-        self.clock.after_pruning(self.prune.positions)
         return h, pos
 
 

@@ -1,14 +1,15 @@
 """The denoising loop over the split subgraphs, with step-1 pruning: the part that runs on the car.
 
-Vision runs once. Step 1 runs decoder_pre on the full sequence, keeps the visual tokens its
-rule chooses (the reference generator's, `runtime.pruning.keep_visual`: from decoder_pre's
-saliency, and for the duplicate rule the similarity graph's pivot similarities, computed where
-decoder_pre left its hidden states), gathers hidden states and position ids, and runs
-decoder_post on the reduced sequence. Every later step runs both halves
-on the reduced sequence; only the response rows of the input change. With a KV cache
-(`runtime.caching`, docs/caching.md) refreshes keep every layer's keys and values and the steps
-between them recompute only the block's rows (dual) or the block and what follows (prefix). The
-unmasking rule is `runtime.schedule.denoise`, shared with the reference generator.
+What each step computes is `runtime.steps.StepPlan`'s, the plan the reference generator follows
+too; this module does the tensor work. Vision runs once. Step 1 runs decoder_pre on the full
+sequence, keeps the visual tokens the plan's rule chooses (from decoder_pre's saliency, and for the
+duplicate rule the similarity graph's pivot similarities, computed where decoder_pre left its
+hidden states), gathers hidden states and position ids, and runs decoder_post on the reduced
+sequence. Every later step runs both halves on the reduced sequence; only the response rows of
+the input change. With a KV cache (`runtime.caching`, docs/caching.md) refreshes keep every
+layer's keys and values and the steps between them recompute only the block's rows (dual) or the
+block and what follows (prefix). The unmasking rule is `runtime.schedule.denoise`, shared with
+the reference generator.
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ import numpy as np
 
 from runtime.anyres import TileLayout
 from runtime.bundle import CACHED_PROFILE, Bundle, Manifest
-from runtime.caching import CacheSettings, RefreshClock, cache_window
+from runtime.caching import CacheSettings, CacheWindow
 from runtime.errors import expect
 from runtime.merge import merge_tiles
 from runtime.preprocess import ImageInput, prepare_image
-from runtime.pruning import (PruneSettings, SequenceLayout, keep_visual, kept_positions, pruned_count, query_rows,
-                             reduced_position_ids)
+from runtime.pruning import PruneSettings, SequenceLayout
 from runtime.backends import make_runners
 from runtime.schedule import DenoiseResult, GenerationSettings, denoise
+from runtime.steps import FIRST, FULL, StepPlan
 from runtime.tokens import PromptIds, TextTokenizer
 
 
@@ -194,12 +195,11 @@ class SplitForward:
 
     def __init__(self, pipe: Pipeline, prompt: np.ndarray, lay: SequenceLayout, prune: PruneSettings, cfg_scale: float,
                  cache: CacheSettings | None = None):
-        self.pipe, self.lay, self.prune, self.cfg_scale = pipe, lay, prune, cfg_scale
-        self.cache = cache or CacheSettings()
-        self.clock = RefreshClock(self.cache)
+        self.pipe, self.lay = pipe, lay
+        self.plan = StepPlan(lay, prune, cache, cfg_scale)  # what each step computes (runtime.steps)
         self.pre, self.post = pipe.runners["decoder_pre"], pipe.runners["decoder_post"]
         self.similarity = pipe.runners["similarity"]
-        self.kv = KVCache(self.pre, self.post) if self.cache.enabled else None
+        self.kv = KVCache(self.pre, self.post) if self.plan.cache.enabled else None
         self.mask = pipe.tokenizer.ids.mask
         self.prompt = prompt
         self.kept_visual = np.arange(lay.n_visual)
@@ -210,32 +210,32 @@ class SplitForward:
         self.host_positions = None  # (B, n') position ids of the reduced sequence, for cached steps' windows
         self.trace: list[StepTrace] = []
         # no cached K/V (0 rows): staged once where each half reads them
-        self.no_past = {r.name: {n: r.stage(n, x) for n, x in empty_past(pipe.manifest, r.name, 2 if cfg_scale > 0 else 1,
+        self.no_past = {r.name: {n: r.stage(n, x) for n, x in empty_past(pipe.manifest, r.name, self.plan.batch,
                                                                          pipe.float_dtype).items()}
                         for r in (self.pre, self.post)}
 
     def _batch(self, prompt: np.ndarray, response: np.ndarray) -> np.ndarray:
         h = np.concatenate([prompt, response])[None]
-        if self.cfg_scale > 0:  # the unconditional branch: every prompt token masked
+        if self.plan.batch > 1:  # the unconditional branch: every prompt token masked
             masked = np.broadcast_to(self.pipe.embed[self.mask], prompt.shape)
             h = np.concatenate([h, np.concatenate([masked, response])[None]])
         return np.ascontiguousarray(h, dtype=self.pipe.float_dtype)
 
     def start_block(self, start: int, end: int) -> None:
-        self.clock.start_block(start, end)
+        self.plan.start_block(start, end)
 
     def __call__(self, response_ids: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         response = np.asarray(self.pipe.embed[response_ids], dtype=self.pipe.float_dtype)
-        refresh = self.clock.next_step_refreshes()
-        if self.inputs is None:
+        step = self.plan.next_step()
+        if step.kind == FIRST:
             logits, rows = self._first_step(response_ids, response), None
-        elif refresh:  # only the response rows change: write them into the staged (device) input
-            self.pre.write_rows(self.inputs, self.positions.shape[1] - self.lay.n_response, response)
+        elif step.kind == FULL:  # only the response rows change: write them into the staged (device) input
+            self.pre.write_rows(self.inputs, self.plan.n - self.lay.n_response, response)
             logits, rows = self._step(), None
         else:
-            logits, rows = self._cached_step(response)
-        n = self.positions.shape[1]  # rows None: the step computed all of them
+            logits, rows = self._cached_step(response, step.window)
+        n = self.plan.n  # rows None: the step computed all of them
         total = (time.perf_counter() - t0) * 1000
         pre, post = self.pre.last_ms() + self.rule_ms, self.post.last_ms()
         self.rule_ms = 0.0
@@ -251,23 +251,16 @@ class SplitForward:
                  **self.no_past["decoder_post"]}
         out = self.post.infer(feeds, keep_on_device=True)  # present K/V stay where they are
         self._keep_kv("decoder_post", out)
-        return self._guided(np.asarray(self.post.to_host(out["logits"])))
-
-    def _guided(self, logits: np.ndarray) -> np.ndarray:
-        """(B, rows, V) -> (rows, V): classifier-free guidance when the batch holds both branches."""
-        if self.cfg_scale > 0:
-            return logits[1] + (self.cfg_scale + 1) * (logits[0] - logits[1])
-        return logits[0]
+        return self.plan.guide(np.asarray(self.post.to_host(out["logits"])))
 
     def _keep_kv(self, half: str, out: dict, rows: np.ndarray | None = None) -> None:
         if self.kv is not None:
             self.kv.keep(half, out, rows)
 
-    def _cached_step(self, response: np.ndarray) -> tuple[np.ndarray, int]:
+    def _cached_step(self, response: np.ndarray, w: CacheWindow) -> tuple[np.ndarray, int]:
         """The window's rows against the cached K/V of the others, in the engines' cached profile.
         Returns (G, V) logits (zeros outside the rows computed) and the number of rows computed."""
-        n, g = self.positions.shape[1], self.lay.n_response
-        w = cache_window(self.cache.mode, n, g, self.clock.block)
+        n, g = self.plan.n, self.lay.n_response
         local = w.compute - (n - g)  # the window lies inside the response (it starts at the block)
         batch = self.host_positions.shape[0]  # both CFG branches hold the same response rows
         h = np.ascontiguousarray(np.broadcast_to(response[local], (batch, local.size, response.shape[1])))
@@ -277,28 +270,25 @@ class SplitForward:
         post = self.post.infer({"hidden_states": pre["hidden_states"], "position_ids": pos,
                                 "logit_rows": np.arange(w.compute.size, dtype=np.int64),
                                 **self.kv.past_for("decoder_post", w.past)}, keep_on_device=True, profile=CACHED_PROFILE)
-        logits = self._guided(np.asarray(self.post.to_host(post["logits"])))
+        logits = self.plan.guide(np.asarray(self.post.to_host(post["logits"])))
         out = np.zeros((g, logits.shape[-1]), dtype=logits.dtype)
         out[local] = logits
         return out, int(w.compute.size)
 
     def _first_step(self, response_ids, response) -> np.ndarray:
-        lay, prune = self.lay, self.prune
+        lay = self.lay
         h = self._batch(self.prompt, response)
         pos = np.broadcast_to(np.arange(lay.total, dtype=np.int64), h.shape[:2]).copy()
-        scoring = prune.rule != "random" and pruned_count(lay.n_visual, prune.p) > 0
-        rows = query_rows(lay, prune.query, response_ids == self.mask) if scoring else np.array([lay.total - 1], np.int64)
-        out = self._run_pre(h, pos, rows)
-        keep = keep_visual(prune, lay.n_visual, lambda: self._saliency(out), lambda p: self._similarity(out, p))
-        kept = kept_positions(lay, keep)
-        self.kept_visual = keep
-        self._keep_kv("decoder_pre", out, kept)
-        self.clock.after_pruning(prune.positions)
+        rows = self.plan.score_rows(response_ids == self.mask)
+        out = self._run_pre(h, pos, np.array([lay.total - 1], np.int64) if rows is None else rows)  # the graph needs a row
+        pruned = self.plan.prune_visual(lambda: self._saliency(out), lambda p: self._similarity(out, p))
+        self.kept_visual = pruned.keep
+        self._keep_kv("decoder_pre", out, pruned.kept)
         hidden = out["hidden_states"]
-        if keep.size < lay.n_visual:  # into decoder_post's own input (on the device for TensorRT)
-            hidden = self.post.take_rows(hidden, kept, "hidden_states")
-        self.prompt = np.ascontiguousarray(self.prompt[kept[: kept.size - lay.n_response]])
-        self._stage_reduced(reduced_position_ids(kept, prune.positions), h.shape[0], response)
+        if pruned.keep.size < lay.n_visual:  # into decoder_post's own input (on the device for TensorRT)
+            hidden = self.post.take_rows(hidden, pruned.kept, "hidden_states")
+        self.prompt = np.ascontiguousarray(self.prompt[pruned.kept[: pruned.kept.size - lay.n_response]])
+        self._stage_reduced(pruned.positions, h.shape[0], response)
         return self._run_post(hidden)
 
     def _saliency(self, out: dict) -> np.ndarray:

@@ -102,3 +102,13 @@ def test_no_function_is_longer_than_fifty_lines():
                 if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 50:
                     long.append(f"{f.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1})")
     assert long == []
+
+
+def test_no_module_shadows_the_standard_library():
+    """`python jetson/latency.py` puts jetson/ first on sys.path: a module there named like a standard
+    library one (profile, once) would replace it for everything the script imports."""
+    import sys
+
+    shadows = [str(f.relative_to(ROOT)) for pkg in PACKAGES for f in (ROOT / pkg).rglob("*.py")
+               if f.stem in sys.stdlib_module_names]
+    assert shadows == []

@@ -330,10 +330,9 @@ def test_reuse_leaves_the_previous_manifest_untouched(bundle, tmp_path):
     b = Builder(replace(req, p=70), ckpt, quiet)
     before = b.old.subgraphs["decoder_pre"].shapes
     (tmp_path / "onnx").mkdir()
-    from export.build import exporter_source_hash
     from export.subgraphs import DECODER_PRE as spec
 
-    entry = b.subgraph(tmp_path, spec, ckpt.content_hash(), exporter_source_hash())  # the ranges of P=70
+    entry = b.subgraph(tmp_path, spec)  # the ranges of P=70
     assert b.reused == ["decoder_pre"] and entry is not b.old.subgraphs["decoder_pre"]
     assert b.old.subgraphs["decoder_pre"].shapes == before != entry.shapes
 
@@ -381,7 +380,7 @@ def test_one_source_drives_the_builder_and_the_trtexec_command():
     assert flags == 1 and "--stronglyTyped" in EngineBuildSettings("fp16").trtexec_flags()
     assert ("set_memory_pool_limit", "MemoryPoolType.WORKSPACE", 4096 << 20) in calls
     assert ("set", "builder_optimization_level", 3) in calls
-    assert ("set", "profiling_verbosity", "ProfilingVerbosity.DETAILED") in calls  # layer names for jetson/profile.py
+    assert ("set", "profiling_verbosity", "ProfilingVerbosity.DETAILED") in calls  # layer names for jetson/latency.py
     assert "--profilingVerbosity=detailed" in EngineBuildSettings("fp16").trtexec_flags()
     base = EngineBuildSettings("fp32")
     variants = {"precision": "fp16", "workspace_mib": 1024, "opt_level": 5, "tf32": True, "profiling_verbosity": "none"}

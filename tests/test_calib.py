@@ -358,10 +358,10 @@ def test_smoothquant_migration_keeps_the_function_and_divides_the_activations():
         assert float(again[20, "q"].max() / again[20, "q"].median()) < float(maxima[20, "q"].max() / maxima[20, "q"].median())
 
 
-def test_jetson_profiles_an_int8_bundle_like_any_other(int8_bundle, tmp_path, capsys):
+def test_jetson_latencys_an_int8_bundle_like_any_other(int8_bundle, tmp_path, capsys):
     """The on-target profiler plans an int8 bundle's engines (dry run: every trtexec command printed) and its
     ONNX Runtime path runs the quantized graphs."""
-    from jetson.profile import main
+    from jetson.latency import main
 
     assert main(["--bundle", str(int8_bundle), "--dry-run"]) == 0
     text = capsys.readouterr().out

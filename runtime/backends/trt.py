@@ -66,7 +66,7 @@ class TrtEngine:
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise LladaVError(f"{name}: TensorRT could not create an execution context (out of device memory?)")
-        # engines are built with DETAILED profiling verbosity for jetson/profile.py; its NVTX ranges would
+        # engines are built with DETAILED profiling verbosity for jetson/latency.py; its NVTX ranges would
         # cost every enqueue here (TensorRT's nvtx_verbosity docstring)
         self.context.nvtx_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
         self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

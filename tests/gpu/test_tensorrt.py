@@ -147,18 +147,18 @@ def test_device_work_over_real_cuda(engines):
 
 
 def test_profile_with_trtexec(engines, tmp_path):
-    """jetson/profile.py over TensorRT: engines checked against ONNX Runtime, trtexec timings at the
+    """jetson/latency.py over TensorRT: engines checked against ONNX Runtime, trtexec timings at the
     shapes of an answer, and the runtime's answers (power only on a Jetson)."""
     import shutil
 
-    from jetson import profile as prof
+    from jetson import latency
     from jetson.trtexec import TRTEXEC_ON_JETPACK
 
     exe = shutil.which("trtexec") or (TRTEXEC_ON_JETPACK if Path(TRTEXEC_ON_JETPACK).is_file() else None)
     if exe is None:
         pytest.skip(f"needs trtexec on PATH or at {TRTEXEC_ON_JETPACK}")
     bundle = engines["fp32"].out
-    r = prof.profile(prof.ProfileRequest(bundle, "tensorrt", ps=(0, 50), steps=4, iterations=10, repeats=1,
+    r = latency.latency_report(latency.LatencyRequest(bundle, "tensorrt", ps=(0, 50), steps=4, iterations=10, repeats=1,
                                          out=tmp_path / "report", trtexec=exe))
     assert set(r["engine_check"]) == {"vision", "decoder_pre", "decoder_post"}
     assert all(c["compute_ms"]["median"] > 0 and c["top_layers"] for c in r["cases"])

@@ -1,8 +1,8 @@
 """Profile a bundle at the shapes one answer really runs, and write a latency report.
 
-    python jetson/profile.py --bundle B                       # on the Jetson: TensorRT, trtexec, tegrastats
-    python jetson/profile.py --bundle B --backend onnxruntime # anywhere: ONNX Runtime on the CPU
-    python jetson/profile.py --bundle B --dry-run             # print every command, run none
+    python jetson/latency.py --bundle B                       # on the Jetson: TensorRT, trtexec, tegrastats
+    python jetson/latency.py --bundle B --backend onnxruntime # anywhere: ONNX Runtime on the CPU
+    python jetson/latency.py --bundle B --dry-run             # print every command, run none
 
 For an image size and a list of P: times each engine at its shapes (vision at the image's tile
 count, decoder_pre on the full step-1 sequence, decoder_pre and decoder_post on each reduced
@@ -38,7 +38,7 @@ BACKENDS = ("tensorrt", "onnxruntime")
 
 
 @dataclass(frozen=True)
-class ProfileRequest:
+class LatencyRequest:
     bundle: Path
     backend: str = "tensorrt"
     image: tuple[int, int] | None = None  # default: the profile's opt image
@@ -68,7 +68,7 @@ class Plan:
         return self.bundle.manifest
 
 
-def make_plan(req: ProfileRequest) -> Plan:
+def make_plan(req: LatencyRequest) -> Plan:
     """Everything checked before any long run: the bundle, P, the shapes against the profiles."""
     bundle = Bundle(req.bundle)  # every file present and whole, the graphs' identities
     m = bundle.manifest
@@ -119,7 +119,7 @@ def time_cases(runners: dict, a: AnswerCases, iterations: int, float_dtype, samp
 # ---------------------------------------------------------------- TensorRT: trtexec and tegrastats
 
 
-def trtexec_path(req: ProfileRequest) -> str:
+def trtexec_path(req: LatencyRequest) -> str:
     path = req.trtexec or shutil.which("trtexec") or trtexec.TRTEXEC_ON_JETPACK
     if not req.dry_run:
         expect(Path(path).is_file() or shutil.which(path) is not None,
@@ -133,7 +133,7 @@ def case_stem(work: Path, plan: Plan, case: Case) -> Path:
     return work / f"case{plan.cases.index(case)}"
 
 
-def tensorrt_commands(req: ProfileRequest, plan: Plan, work: Path,
+def tensorrt_commands(req: LatencyRequest, plan: Plan, work: Path,
                       power: bool = True) -> list[tuple[Case | None, str, list[str]]]:
     """(case, what, command) in order: the engine build if any engine is missing, then per case
     tegrastats start, the trtexec profile, tegrastats stop (tegrastats only with `power`: a Jetson)."""
@@ -158,7 +158,7 @@ def tensorrt_commands(req: ProfileRequest, plan: Plan, work: Path,
     return cmds
 
 
-def time_tensorrt(req: ProfileRequest, plan: Plan, work: Path) -> dict[Case, dict]:
+def time_tensorrt(req: LatencyRequest, plan: Plan, work: Path) -> dict[Case, dict]:
     from runtime.backends.trt import check_engines
 
     version = device.tensorrt_version()
@@ -262,7 +262,7 @@ def run(cmd: list[str], what: str) -> None:
 # ---------------------------------------------------------------- the runtime itself
 
 
-def measure(req: ProfileRequest, plan: Plan, time_engines: bool) -> tuple[dict[Case, dict], dict[float, dict]]:
+def measure(req: LatencyRequest, plan: Plan, time_engines: bool) -> tuple[dict[Case, dict], dict[float, dict]]:
     """Per P, with one set of sessions (the runtime's own runners): its engines timed at their shapes
     (`time_engines`: ONNX Runtime; TensorRT's come from trtexec), then answers through the runtime on
     the demo scene at the image size, exactly S steps (no stop at <|eot_id|>), a warm-up answer first
@@ -294,7 +294,7 @@ def measure(req: ProfileRequest, plan: Plan, time_engines: bool) -> tuple[dict[C
     return {c: {"compute_ms": trtexec.stats(ms)} for c, ms in samples.items()}, measured
 
 
-def measure_dual_cache(pipe, image, req: ProfileRequest, gen, prune) -> dict:
+def measure_dual_cache(pipe, image, req: LatencyRequest, gen, prune) -> dict:
     """The same answer with a dual cache (one block: step 1 refreshes, every later step is cached), a
     warm-up first (the cached-step profile's first run), the median of `repeats`."""
     from runtime.caching import CacheSettings
@@ -308,7 +308,7 @@ def measure_dual_cache(pipe, image, req: ProfileRequest, gen, prune) -> dict:
 # ---------------------------------------------------------------- the report
 
 
-def assemble(req: ProfileRequest, plan: Plan, times: dict[Case, dict], measured: dict[float, dict] | None,
+def assemble(req: LatencyRequest, plan: Plan, times: dict[Case, dict], measured: dict[float, dict] | None,
              dev: dict) -> dict:
     from bench.flops import Workload, remaining
 
@@ -342,7 +342,7 @@ def assemble(req: ProfileRequest, plan: Plan, times: dict[Case, dict], measured:
 # ---------------------------------------------------------------- entry point
 
 
-def profile(req: ProfileRequest) -> dict | None:
+def latency_report(req: LatencyRequest) -> dict | None:
     plan = make_plan(req)
     if req.dry_run:
         print_plan(req, plan)
@@ -380,7 +380,7 @@ def keep_report(report: dict) -> str:
         return "nor in a temporary directory; here it is:\n" + markdown(report)
 
 
-def print_plan(req: ProfileRequest, plan: Plan) -> None:
+def print_plan(req: LatencyRequest, plan: Plan) -> None:
     g = plan.generation
     print(f"# {req.bundle}: {g.image[0]}x{g.image[1]} ({g.tiles} tiles, {g.visual} visual), {g.text} text, "
           f"{g.response} response, {g.steps} steps, P {', '.join(f'{p:g}' for p in req.ps)}")
@@ -439,10 +439,10 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     timing = trtexec.Timing(args.warmup, args.duration, args.iterations)
-    req = ProfileRequest(args.bundle, args.backend, args.image_size, args.p, args.prompt, args.steps, args.out,
+    req = LatencyRequest(args.bundle, args.backend, args.image_size, args.p, args.prompt, args.steps, args.out,
                          args.dry_run, args.lock_clocks, not args.no_build, args.iterations, args.repeats, timing,
                          args.trtexec)
-    status, _ = at_boundary(lambda: profile(req), ap, "interrupted; no report was written (an earlier one is intact)")
+    status, _ = at_boundary(lambda: latency_report(req), ap, "interrupted; no report was written (an earlier one is intact)")
     return status or 0
 
 

@@ -1,4 +1,4 @@
-"""jetson/profile.py: the ONNX Runtime report end to end on the tiny bundle, the Jetson plan (--dry-run),
+"""jetson/latency.py: the ONNX Runtime report end to end on the tiny bundle, the Jetson plan (--dry-run),
 and bad input. Nothing here runs trtexec, tegrastats or TensorRT."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import shlex
 import numpy as np
 import pytest
 
-from jetson import profile as prof
+from jetson import latency
 from jetson.plan import answer_cases, generation
 from runtime.bundle import read_manifest
 from runtime.errors import LladaVError
@@ -26,7 +26,7 @@ def test_onnxruntime_report_end_to_end(runtime_bundles, tmp_path):
     out = tmp_path / "report"
     argv = ["--bundle", str(runtime_bundles[15]), "--backend", "onnxruntime", "--p", "0,50", "--iterations", "3",
             "--repeats", "1", "--out", str(out)]
-    assert prof.main(argv) == 0
+    assert latency.main(argv) == 0
     r = json.loads((out / "report.json").read_text())
     assert (out / "report.png").stat().st_size > 0 and "no trtexec, no tegrastats" in (out / "report.md").read_text()
     g = r["generation"]
@@ -64,7 +64,7 @@ def test_a_failed_report_leaves_the_earlier_one(runtime_bundles, tmp_path, monke
     monkeypatch.setattr(report, "plot", broken_plot)
     with pytest.raises(LladaVError, match=r"--out .*report could not be written there \(disk full\); nor in a "
                                           r"temporary directory; here it is:\n# ") as caught:
-        prof.profile(prof.ProfileRequest(runtime_bundles[15], "onnxruntime", ps=(0,), iterations=1, repeats=1, out=out))
+        latency.latency_report(latency.LatencyRequest(runtime_bundles[15], "onnxruntime", ps=(0,), iterations=1, repeats=1, out=out))
     assert "predicted" in str(caught.value)  # the report's table itself: the timing runs are not lost
     assert (out / "report.md").read_text() == "earlier" and [p.name for p in tmp_path.iterdir()] == ["report"]
 
@@ -78,13 +78,13 @@ def test_the_report_directory_keeps_what_it_did_not_write_and_a_file_is_refused_
     (out / "notes.txt").write_text("mine")
     (out / "sub").mkdir()
     (out / "sub" / "data.bin").write_bytes(b"1")
-    prof.profile(prof.ProfileRequest(runtime_bundles[15], "onnxruntime", ps=(0,), iterations=1, repeats=1, out=out))
+    latency.latency_report(latency.LatencyRequest(runtime_bundles[15], "onnxruntime", ps=(0,), iterations=1, repeats=1, out=out))
     assert (out / "notes.txt").read_text() == "mine" and (out / "sub" / "data.bin").read_bytes() == b"1"
     assert {"report.json", "report.md", "report.png"} <= {p.name for p in out.iterdir()}
     target = tmp_path / "a-file"
     target.write_text("keep me")
-    monkeypatch.setattr(prof, "measure", lambda *a, **k: pytest.fail("timed before checking --out"))
-    assert prof.main(["--bundle", str(runtime_bundles[15]), "--backend", "onnxruntime", "--out", str(target)]) == 2
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed before checking --out"))
+    assert latency.main(["--bundle", str(runtime_bundles[15]), "--backend", "onnxruntime", "--out", str(target)]) == 2
     assert target.read_text() == "keep me"
 
 
@@ -95,15 +95,15 @@ def test_the_report_directory_keeps_what_it_did_not_write_and_a_file_is_refused_
     (["--repeats", "0"], "--repeats: got 0; expected an integer >= 1"),
 ])
 def test_counts_are_checked_before_the_timing_runs(runtime_bundles, tmp_path, capsys, monkeypatch, argv, message):
-    monkeypatch.setattr(prof, "measure", lambda *a, **k: pytest.fail("timed before checking the flags"))
-    assert prof.main(["--bundle", str(runtime_bundles[15]), "--backend", "onnxruntime", "--out", str(tmp_path / "r")]
+    monkeypatch.setattr(latency, "measure", lambda *a, **k: pytest.fail("timed before checking the flags"))
+    assert latency.main(["--bundle", str(runtime_bundles[15]), "--backend", "onnxruntime", "--out", str(tmp_path / "r")]
                      + argv) == 2
     assert message in capsys.readouterr().err
 
 
 def test_dry_run_prints_the_jetson_plan(runtime_bundles, capsys):
     bundle = runtime_bundles[15]
-    assert prof.main(["--bundle", str(bundle), "--dry-run", "--lock-clocks", "--p", "0,50,70"]) == 0
+    assert latency.main(["--bundle", str(bundle), "--dry-run", "--lock-clocks", "--p", "0,50,70"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1:3] == ["sudo jetson_clocks --store '$WORK/clocks.conf'", "sudo jetson_clocks"]
     assert lines[-1] == "sudo jetson_clocks --restore '$WORK/clocks.conf'"
@@ -146,10 +146,10 @@ def test_bad_input_is_refused_before_any_long_run(runtime_bundles, tmp_path, cap
     base = ["--bundle", str(runtime_bundles[15]), "--out", str(tmp_path / "r")]
     if message is None:
         with pytest.raises(SystemExit):
-            prof.main(base + argv)
+            latency.main(base + argv)
         assert "expected WIDTHxHEIGHT" in capsys.readouterr().err
         return
-    assert prof.main(base + argv) == 2
+    assert latency.main(base + argv) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "r").exists()
 
 
@@ -157,11 +157,11 @@ def test_the_jetson_package_imports_without_tensorrt_or_torch():
     import subprocess
     import sys
 
-    code = ("import sys, jetson.profile, jetson.plan, jetson.trtexec, jetson.tegrastats, jetson.device, jetson.report; "
+    code = ("import sys, jetson.latency, jetson.plan, jetson.trtexec, jetson.tegrastats, jetson.device, jetson.report; "
             "print(sorted(m for m in ('torch', 'tensorrt', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
-    assert re.search(r"usage: profile.py", subprocess.run([sys.executable, "jetson/profile.py", "--help"],
+    assert re.search(r"usage: profile.py", subprocess.run([sys.executable, "jetson/latency.py", "--help"],
                                                           capture_output=True, text=True).stdout)
 
 
@@ -182,7 +182,7 @@ def test_the_engine_check_feeds_and_rule_come_from_the_bundle(runtime_bundles):
         assert set(m.subgraphs[spec.name].tolerances) == set(spec.output_names)
         assert max(a for a, _ in m.subgraphs[spec.name].tolerances.values()) == 2 * NOISE_FACTOR * noise
         with runners[spec.name] as runner:
-            per_profile = prof.validation_feeds(m, spec.name)
+            per_profile = latency.validation_feeds(m, spec.name)
             assert len(per_profile) == len(m.subgraphs[spec.name].shapes) == (2 if spec.name.startswith("decoder") else 1)
             for profile, feeds in enumerate(per_profile):  # Runner.check: names, dtypes, inside that profile
                 for f in feeds:
