@@ -16,8 +16,6 @@ graphs with the runtime's session settings. Prints the ratios to fp32.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -148,20 +146,9 @@ def report(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="a smoke run at d=128")
-    ap.add_argument("--workdir", type=Path, default=Path("bundles/bench-quant"))
-    ap.add_argument("--json", type=Path, default=Path("bench_quant.json"))
-    args = ap.parse_args(argv)
-    shape = QUICK if args.quick else QuantBenchShape()
-    start = time.perf_counter()
-    log = lambda m: print(f"[{time.perf_counter() - start:6.1f}s] {m}", file=sys.stderr, flush=True)  # noqa: E731
-    out = run(shape, args.workdir / ("quick" if args.quick else "full"), log)
-    out["total_seconds"] = time.perf_counter() - start
-    args.json.write_text(json.dumps(out, indent=2) + "\n")
-    print(report(out))
-    print(f"\nwrote {args.json} in {out['total_seconds']:.0f} s")
-    return 0
+    from bench.cli import bench_main
+
+    return bench_main(argv, __doc__, "quant", (QUICK, QuantBenchShape()), run, (report,))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Runners: one per subgraph, one lifecycle, one contract (Polygraphy's loader/runner idea).
 
     runners = make_runners("onnxruntime", bundle)   # runtime.backends: {subgraph: runner}
-    with runners["decoder_pre"] as runner:                       # activate ... deactivate
-        outputs = runner.infer(feeds)  # {name: array}, inputs checked against the manifest
+    with runners["decoder_pre"] as runner:          # activate ... deactivate
+        outputs = runner.infer(feeds)               # {name: array}, inputs checked against the manifest
 
 Backends, each in its own module, imported lazily through the registry (runtime.backends): ONNX
 Runtime (runtime.backends.ort), TensorRT (runtime.backends.trt), and the workstation's PyTorch
-(export.torch_backend, a plugin: the reference modules, for debugging and parity). Feeds and outputs are numpy arrays, except that a
-runner may return, and accept back, device tensors (`keep_on_device=True`, `stage`,
-`take_rows`) so hidden states go from decoder_pre to decoder_post without a trip through host
-memory.
+(export.torch_backend, a plugin: the reference modules, for debugging and parity). Feeds and
+outputs are numpy arrays, except that a runner may return, and accept back, device tensors
+(`keep_on_device=True`, `stage`, `take_rows`) so hidden states go from decoder_pre to
+decoder_post without a trip through host memory.
 """
 
 from __future__ import annotations
