@@ -201,7 +201,7 @@ def interrupted(bundle, tmp_path, monkeypatch):
     def ctrl_c(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mod, "export_and_validate", ctrl_c)
+    monkeypatch.setattr(build_mod.GraphExport, "run", ctrl_c)
     return req, out, (out / "manifest.json").read_text()
 
 
@@ -428,7 +428,7 @@ def test_engines_required_fail_before_any_export(tiny_dir, tmp_path, capsys, mon
         raise AssertionError("weights were loaded or a graph exported before the TensorRT check")
 
     monkeypatch.setattr(build_mod, "load_model", no_heavy_work)
-    monkeypatch.setattr(build_mod, "export_and_validate", no_heavy_work)
+    monkeypatch.setattr(build_mod.GraphExport, "run", no_heavy_work)
     out = tmp_path / "o"
     assert main(["--model", str(tiny_dir), "--out", str(out), "--engines", "require"]) == 2
     assert f"engines: required, but {why}" in capsys.readouterr().err and not out.exists()

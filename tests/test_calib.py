@@ -510,7 +510,7 @@ def test_quantization_flags_are_checked_before_any_export(tiny_dir, tmp_path, ca
     import export.build as build_mod
     from export.build_engines import main
 
-    monkeypatch.setattr(build_mod, "export_and_validate", lambda *a, **k: pytest.fail("exported before checking"))
+    monkeypatch.setattr(build_mod.GraphExport, "run", lambda *a, **k: pytest.fail("exported before checking"))
     images, prompts = tmp_path / "images", tmp_path / "q.txt"
     images.mkdir()
     prompts.write_text("What is ahead?\n")

@@ -161,7 +161,7 @@ def test_the_jetson_package_imports_without_tensorrt_or_torch():
             "print(sorted(m for m in ('torch', 'tensorrt', 'transformers') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
-    assert re.search(r"usage: profile.py", subprocess.run([sys.executable, "jetson/latency.py", "--help"],
+    assert re.search(r"usage: latency.py", subprocess.run([sys.executable, "jetson/latency.py", "--help"],
                                                           capture_output=True, text=True).stdout)
 
 
