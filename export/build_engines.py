@@ -69,6 +69,9 @@ def add_profile_args(ap: argparse.ArgumentParser) -> None:
                          "(python -m bench.orin_fit --max-image ...)")
     ap.add_argument("--cfg", action="store_true", help="allow batch 2 for classifier-free guidance")
     ap.add_argument("--max-pivots", type=int, default=32, help="most pivots the duplicate rule may use at run time")
+    ap.add_argument("--cameras", type=int, default=1,
+                    help="the most cameras (images) one request may hold: the vision engine and the sequence profiles "
+                         "also cover that many views (730 tokens each, LLaDA-V's several-image convention)")
 
 
 def add_build_args(ap: argparse.ArgumentParser) -> None:
@@ -122,7 +125,7 @@ def request(args: argparse.Namespace) -> BuildRequest:
     out = args.out or Path("bundles") / f"{name}-k{args.k}-p{args.p:g}-{args.precision}"  # P tunes the profile
     profiles = ProfileSettings(args.layout, args.max_text_tokens, args.opt_text_tokens, args.max_response,
                                args.opt_response, args.opt_image, 2 if args.cfg else 1, args.opt_block,
-                               args.max_image, args.max_pivots)
+                               args.max_image, args.max_pivots, args.cameras)
     return BuildRequest(model_dir, out, args.k, args.p, args.precision, profiles, args.opset, args.engines, args.clean,
                         quant_settings(args) if args.precision in QUANTIZED else None, args.force, args.rule)
 

@@ -23,12 +23,12 @@ from export.reference import generate
 from miniature import embedded_checkpoint
 from runtime.demo import demo_image
 from runtime.anyres import ANYRES, LAYOUTS
-from runtime.preprocess import prepare_image
+from runtime.cameras import named_images, parse_image_args, prepare_images
 from runtime.cli_args import (K_HELP, add_cache_args, add_generation_args, add_strategy_args, cache_settings,
                               generation_settings, at_boundary)
 from runtime.cli_args import parser as cli_parser
 from runtime.cli_args import quiet_on_broken_pipe
-from runtime.pruning import DEFAULT_RULE, PruneSettings, pruned_count
+from runtime.pruning import DEFAULT_RULE, PruneSettings
 from runtime.tokens import TextTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,7 +37,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def build_parser() -> argparse.ArgumentParser:
     ap = cli_parser(None, __doc__)
     ap.add_argument("--model", type=Path, help="LLaDA-V checkpoint directory (default: the embedded miniature, miniature/checkpoint)")
-    ap.add_argument("--image", type=Path, help="image file (default: the demo driving scene)")
+    ap.add_argument("--image", action="append", metavar="[CAMERA=]PATH",
+                    help="image file (default: the demo driving scene); several cameras: one NAME=PATH each")
     ap.add_argument("--prompt", default="What color is the vehicle ahead?", help="the question about the image")
     ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES, help="AnyRes tiles or one 384x384 tile")
     ap.add_argument("--k", type=int, default=15, help=K_HELP)
@@ -57,29 +58,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     gen = generation_settings(args)
     cache = cache_settings(args)
-    prune = PruneSettings(args.k, args.p, args.query, args.rule or DEFAULT_RULE, args.positions, args.seed, args.pivots)
+    prune = PruneSettings(args.k, args.p, args.query, args.rule or DEFAULT_RULE, args.positions, args.seed, args.pivots,
+                          args.budget)
     model_dir = args.model if args.model is not None else embedded_checkpoint()
     prune.validate(open_checkpoint(model_dir).config.n_layers)  # refuse bad K/P before loading weights
     model, ckpt = load_model(model_dir, DTYPES[args.dtype])
     tokenizer = TextTokenizer(model_dir)
-    image = prepare_image(args.image if args.image is not None else demo_image(), ckpt.config.geometry, args.layout)
-    prompt = tokenizer.encode_prompt(args.prompt)
+    views = named_images(parse_image_args(args.image) if args.image else demo_image())
+    images = prepare_images(views, ckpt.config.geometry, args.layout)
+    prompt = tokenizer.encode_prompt(args.prompt, [name for name, _ in views] if len(views) > 1 else None)
     start = time.perf_counter()
-    result = generate(model, tokenizer.ids, prompt, image, gen, prune, cache)
+    result = generate(model, tokenizer.ids, prompt, images, gen, prune, cache)
     seconds = time.perf_counter() - start
     lay = result.layout
     return {
         "model": str(model_dir),
         "embedded": args.model is None,
         "layers": ckpt.config.n_layers,
-        "image_tiles": image.layout.num_tiles,
+        "image_tiles": sum(im.layout.num_tiles for im in images),
         "visual_tokens": lay.n_visual,
-        "text_tokens": lay.n_prefix + lay.n_suffix,
+        "text_tokens": prompt.n_text,
         "response_tokens": lay.n_response,
         "k": prune.k,
         "p": prune.p,
         "rule": prune.rule,
-        "pruned_visual_tokens": pruned_count(lay.n_visual, prune.p),
+        "pruned_visual_tokens": lay.n_visual - result.kept_visual.size,
         "sequence_full": lay.total,
         "sequence_reduced": result.seq_lens[0] if result.seq_lens else lay.total,
         "steps_run": len(result.seq_lens),

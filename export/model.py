@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime.anyres import ANYRES, ImageGeometry, TileLayout
+from runtime.anyres import ANYRES, PAD, ImageGeometry, TileLayout
 
 MINIATURE_VOCAB = 512  # its BPE (miniature/tokenizer.py) plus LLaDA-V's six special tokens
 
@@ -264,6 +264,8 @@ def merge_anyres(feats: torch.Tensor, layout: TileLayout, newline: torch.Tensor)
     `newline` after every row.
     """
     base = feats[0]
+    if layout.mode == PAD:  # one view of several images (LLaDA-V's "pad"): its features, then the newline
+        return torch.cat((base, newline[None].to(base.dtype)), dim=0)
     if layout.mode != ANYRES:
         return base
     across, down = layout.grid

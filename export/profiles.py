@@ -41,6 +41,9 @@ class ProfileSettings:
     max_image: tuple[int, int] | None = None
     # the duplicate rule's pivots (runtime.pruning) the similarity engine accepts, at most
     max_pivots: int = 32
+    # the most cameras one request may hold (runtime.cameras): the vision engine's tiles and the sequence
+    # profiles also cover that many padded views of 729 tokens + the image_newline each
+    cameras: int = 1
 
     @property
     def block_rows(self) -> int:
@@ -67,6 +70,8 @@ class ProfileSettings:
         expect(isinstance(self.max_pivots, int) and self.max_pivots >= DEFAULT_PIVOTS,
                f"max_pivots: got {self.max_pivots!r}; expected an integer >= {DEFAULT_PIVOTS} (the default pivots)")
         expect(self.max_batch in (1, 2), f"max batch: got {self.max_batch}; expected 1, or 2 for CFG")
+        expect(isinstance(self.cameras, int) and self.cameras >= 1,
+               f"cameras: got {self.cameras!r}; expected an integer >= 1 (the most images per request)")
         expect(self.max_image is None or (len(self.max_image) == 2 and min(self.max_image) >= 1),
                f"max_image: got {self.max_image!r}; expected (width, height) in pixels")
         return self
@@ -74,7 +79,14 @@ class ProfileSettings:
 
 def image_extent(cfg, settings: ProfileSettings) -> tuple[tuple[int, int], tuple[int, int]]:
     """((tiles, visual tokens) at the opt image, (tiles, visual tokens) at the maxima) for the layout:
-    the maxima from max_image's plan, or the worst case over every AnyRes grid."""
+    the maxima from max_image's plan, or the worst case over every AnyRes grid, and at least what
+    `cameras` padded views need."""
+    opt, most = one_image_extent(cfg, settings)
+    rig = (settings.cameras, settings.cameras * (cfg.geometry.tokens_per_tile + 1)) if settings.cameras > 1 else (0, 0)
+    return opt, (max(most[0], rig[0]), max(most[1], rig[1]))
+
+
+def one_image_extent(cfg, settings: ProfileSettings) -> tuple[tuple[int, int], tuple[int, int]]:
     g = cfg.geometry
     if settings.layout == SINGLE:
         return (1, g.tokens_per_tile), (1, g.tokens_per_tile)

@@ -21,6 +21,7 @@ import torch
 
 from export.model import LladaV
 from runtime.caching import CacheSettings, CacheWindow
+from runtime.cameras import request_layout
 from runtime.errors import expect
 from runtime.preprocess import ImageInput
 from runtime.pruning import PruneSettings, SequenceLayout
@@ -43,13 +44,16 @@ class GenerationResult:
         return [int(t) for t in self.denoise.answer]
 
 
-def prompt_embeddings(model: LladaV, prompt: PromptIds, image: ImageInput, n_response: int):
-    """(N_prompt, D) embeddings [prefix | visual | suffix] and the sequence layout."""
-    visual = model.visual_tokens(torch.from_numpy(image.pixel_values), image.layout)
-    prefix = model.embed(torch.tensor(prompt.prefix, dtype=torch.long))
-    suffix = model.embed(torch.tensor(prompt.suffix, dtype=torch.long))
-    layout = SequenceLayout(len(prompt.prefix), visual.shape[0], len(prompt.suffix), n_response)
-    return torch.cat([prefix, visual, suffix]), layout
+def prompt_embeddings(model: LladaV, prompt: PromptIds, images, n_response: int):
+    """(N_prompt, D) embeddings [prefix | visual | suffix] (several images: their segments with the
+    text between them) and the sequence layout. images: an ImageInput or a list of them, each run
+    through the vision tower on its own."""
+    images = images if isinstance(images, list) else [images]
+    layout = request_layout(prompt, images, n_response)
+    visuals = [model.visual_tokens(torch.from_numpy(im.pixel_values), im.layout) for im in images]
+    parts = [model.embed(torch.tensor(seg, dtype=torch.long)) if isinstance(seg, tuple) else visuals[seg]
+             for seg in prompt.segments()]
+    return torch.cat(parts), layout
 
 
 class ReferenceForward:
@@ -126,8 +130,8 @@ class ReferenceForward:
         h, saliency, kv_pre = self.model.run_layers_kv(h, pos, 0, k,
                                                        score_rows=None if rows is None else torch.from_numpy(rows))
         if saliency is not None:
-            self.saliency = saliency[0, lay.visual].float().numpy()
-        visual = h[0, lay.visual]
+            self.saliency = saliency[0, torch.from_numpy(lay.visual_rows)].float().numpy()
+        visual = h[0, torch.from_numpy(lay.visual_rows)]
         pruned = self.plan.prune_visual(lambda: self.saliency, lambda pivots: pivot_similarity(visual, pivots))
         kept = pruned.kept
         self.kept_visual = pruned.keep
@@ -153,12 +157,13 @@ def generate(
     model: LladaV,
     ids: TokenIds,
     prompt: PromptIds,
-    image: ImageInput,
+    image: ImageInput | list[ImageInput],
     gen: GenerationSettings,
     prune: PruneSettings | None,
     cache: CacheSettings | None = None,
 ) -> GenerationResult:
-    """Generate an answer; `prune=None` is the unpruned baseline, `cache=None` uncached."""
+    """Generate an answer; `prune=None` is the unpruned baseline, `cache=None` uncached. Several images
+    (runtime.cameras.prepare_images): a list, and a prompt with one placeholder each."""
     gen.validate()
     cache = (cache or CacheSettings()).validate()
     if prune is not None:

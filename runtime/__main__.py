@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     # errors and usage name the command the user typed: lladav-run, or python -m runtime
     ap = cli_parser(None if Path(sys.argv[0]).name == "lladav-run" else "python -m runtime", __doc__)
     ap.add_argument("--bundle", type=Path, required=True, help="bundle directory from export/build_engines.py")
-    ap.add_argument("--image", type=Path, help="image file (PNG, JPEG, ...); default: the built-in 640x360 demo road scene")
+    ap.add_argument("--image", action="append", metavar="[CAMERA=]PATH",
+                    help="image file (PNG, JPEG, ...); default: the built-in 640x360 demo road scene. Several cameras: "
+                         "one NAME=PATH each (--image front=f.jpg --image left=l.jpg); the prompt names them")
     ap.add_argument("--prompt", required=True, help="the question about the image")
     ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the graphs")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="onnxruntime's execution provider")
@@ -70,32 +72,61 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
     from runtime.preprocess import load_image
 
     check_map_path(args)
-    image = load_image(args.image) if args.image else demo_image()  # unreadable image: an error before model work
+    image = load_images(args.image)  # unreadable images: an error before model work
     gen = generation_settings(args)
     cache = cache_settings(args)
     with Pipeline(args.bundle, args.backend, args.model, args.device, expect_k=args.k,
                   verify=args.verify, kv_cache=cache.enabled) as pipe:
-        side = pipe.geometry.image_size
-        if min(image.size) < side and not args.quiet:
-            what = args.image if args.image else "the demo scene"
-            print(f"warning: image {what} is {image.width}x{image.height}, smaller than one {side}x{side} "
-                  "tile: it is upscaled, and its visual tokens carry little detail", file=sys.stderr)
+        if not args.quiet:
+            warn_small(image, args.image, pipe.geometry.image_size)
         p = pipe.manifest.p if args.p is None else args.p
         rule = pipe.manifest.rule if args.rule is None else args.rule
-        prune = PruneSettings(pipe.manifest.k, p, args.query, rule, args.positions, args.seed, args.pivots)
+        prune = PruneSettings(pipe.manifest.k, p, args.query, rule, args.positions, args.seed, args.pivots, args.budget)
         progress = StepProgress(sys.stderr) if shows_progress(args) else None
         result = pipe.generate(image, args.prompt, gen, prune, progress, cache)
         if progress:
             progress.close()
-        tile_side = pipe.geometry.side
+        geometry = pipe.geometry
     out = result_dict(result, prune, gen, cache, args.backend)
     if not args.map:
         return out, result, None
-    from runtime.pruning_map import pruning_map
+    from runtime.pruning_map import camera_pruning_map, pruning_map
 
     title = (f"K={prune.k} P={prune.p:g}: kept {result.kept_visual.size} of {result.layout.n_visual} "
              f"visual tokens ({prune.rule}, query {args.query})")
-    return out, result, lambda: pruning_map(image, result.tile_layout, result.kept_visual, tile_side, title).save(args.map)
+    if isinstance(image, list):
+        return out, result, lambda: camera_pruning_map(image, result.tile_layouts, result.kept_visual, geometry,
+                                                       title).save(args.map)
+    return out, result, lambda: pruning_map(image, result.tile_layout, result.kept_visual, geometry.side,
+                                            title).save(args.map)
+
+
+def load_images(values: list[str] | None):
+    """--image values -> one PIL image (default: the demo scene), or [(camera, PIL image), ...]."""
+    from runtime.cameras import named_images, parse_image_args
+    from runtime.demo import demo_image
+    from runtime.preprocess import load_image
+
+    if not values:
+        return demo_image()
+    request = parse_image_args(values)
+    if not isinstance(request, list):
+        return load_image(request)
+    loaded = []
+    for name, path in named_images(request):
+        try:
+            loaded.append((name, load_image(path)))
+        except LladaVError as exc:
+            raise LladaVError(f"camera {name!r}: {exc}") from None
+    return loaded
+
+
+def warn_small(image, values: list[str] | None, side: int) -> None:
+    """A frame smaller than one tile is upscaled: its tokens carry little detail."""
+    for name, im in image if isinstance(image, list) else [(values[0] if values else "the demo scene", image)]:
+        if min(im.size) < side:
+            print(f"warning: image {name} is {im.width}x{im.height}, smaller than one {side}x{side} "
+                  "tile: it is upscaled, and its visual tokens carry little detail", file=sys.stderr)
 
 
 def check_map_path(args: argparse.Namespace) -> None:
@@ -116,6 +147,8 @@ def result_dict(result, prune: PruneSettings, gen, cache, backend: str) -> dict:
         "token_ids": result.answer_ids,
         "kept_visual": result.kept_visual.tolist(),
         "visual_tokens": result.layout.n_visual,
+        "cameras": {name: size for name, size in zip(result.cameras, result.layout.sizes)} if len(result.cameras) > 1
+        else None,
         "k": prune.k,
         "p": prune.p,
         "rule": prune.rule,

@@ -20,7 +20,10 @@ from runtime.errors import LladaVError
 
 SINGLE = "single"  # one 384x384 tile, 729 tokens: fixed shapes for deployment
 ANYRES = "anyres"  # anyres_max_N with spatial_unpad, as LLaDA-V was trained
-LAYOUTS = (SINGLE, ANYRES)
+LAYOUTS = (SINGLE, ANYRES)  # a bundle's layout for one-image requests
+# several images in one request (cameras): LLaDA-V's convention (image_aspect_ratio "pad"): each image is
+# padded to a square with the mean colour and becomes one view, 729 features + the image_newline (730)
+PAD = "pad"
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,10 @@ class TileLayout:
 
     @property
     def num_grid_tokens(self) -> int:
+        """Tokens after the global tile's: the grid's with an image_newline per row (anyres), the one
+        image_newline after the view (pad), none (single)."""
         rows, cols = self.merged
-        return rows * (cols + 1) if self.mode == ANYRES else 0  # +1: image_newline per row
+        return rows * (cols + 1) if self.mode == ANYRES else 1 if self.mode == PAD else 0
 
     @property
     def num_visual_tokens(self) -> int:
@@ -142,13 +147,13 @@ def shrunk_rows_cols(rows: int, cols: int, max_tiles: int, side: int) -> tuple[i
 
 def plan_tiles(size: tuple[int, int], geometry: ImageGeometry, mode: str) -> TileLayout:
     """The tiling of an image of `size` = (width, height) pixels in layout `mode`."""
-    if mode not in LAYOUTS:
-        raise LladaVError(f"image layout: got {mode!r}; expected one of {LAYOUTS}")
+    if mode not in LAYOUTS + (PAD,):
+        raise LladaVError(f"image layout: got {mode!r}; expected one of {LAYOUTS + (PAD,)}")
     w, h = size
     if w <= 0 or h <= 0:
         raise LladaVError(f"image size: got {w}x{h}; expected a non-empty image")
-    if mode == SINGLE:
-        return TileLayout(SINGLE, size, (0, 0), (0, 0), (0, 0), geometry.tokens_per_tile)
+    if mode in (SINGLE, PAD):
+        return TileLayout(mode, size, (0, 0), (0, 0), (0, 0), geometry.tokens_per_tile)
     bw, bh = select_best_resolution(size, geometry.grid_pinpoints)
     across, down = bw // geometry.image_size, bh // geometry.image_size
     rows, cols = unpadded_rows_cols(size, down * geometry.side, across * geometry.side)

@@ -7,7 +7,7 @@ import argparse
 import re
 
 from runtime.caching import CACHE_MODES, CacheSettings
-from runtime.pruning import DEFAULT_PIVOTS, POSITION_MODES, QUERY_SETS, RULE_HELP, RULES
+from runtime.pruning import BUDGETS, DEFAULT_PIVOTS, POSITION_MODES, QUERY_SETS, RULE_HELP, RULES
 from runtime.schedule import REMASKING, GenerationSettings
 
 K_HELP = "pruning layer K: step 1 drops tokens between decoder layers K-1 and K; 1..L-1 (L = 32 for LLaDA-V)"
@@ -58,6 +58,9 @@ def add_strategy_args(ap: argparse.ArgumentParser) -> None:
                          "budget among the tokens least similar to it")
     ap.add_argument("--positions", choices=POSITION_MODES, default="original",
                     help="RoPE position ids of kept tokens: their original ones (FastV) or re-packed (RedVTP)")
+    ap.add_argument("--budget", choices=BUDGETS, default="global",
+                    help="several cameras: rank every camera's tokens together (global), or let each camera keep its "
+                         "own share (per_camera: no camera wiped out)")
 
 
 def add_generation_args(ap: argparse.ArgumentParser) -> None:

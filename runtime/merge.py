@@ -1,14 +1,15 @@
 """AnyRes feature merge in numpy: the runtime's twin of export.model.merge_anyres.
 
 The global tile's features first, then the grid's, un-padded, bilinearly shrunk when too large
-(torch's bilinear with align_corners=False), and an image_newline after every row.
+(torch's bilinear with align_corners=False), and an image_newline after every row. An image of a
+several-image request (pad) is one view's features and one image_newline.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from runtime.anyres import ANYRES, TileLayout
+from runtime.anyres import ANYRES, PAD, TileLayout
 
 
 def resize_bilinear(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -29,6 +30,8 @@ def resize_bilinear(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
 def merge_tiles(feats: np.ndarray, layout: TileLayout, newline: np.ndarray) -> np.ndarray:
     """Projected tile features (T, S*S, D) -> visual tokens (V, D)."""
     base = feats[0]
+    if layout.mode == PAD:  # one view of several images: its features, then the image_newline
+        return np.concatenate([base, newline.astype(feats.dtype)[None]], axis=0)
     if layout.mode != ANYRES:
         return base
     across, down = layout.grid

@@ -24,7 +24,8 @@ from runtime.bundle import CACHED_PROFILE, Bundle, Manifest
 from runtime.caching import CacheSettings, CacheWindow
 from runtime.errors import expect
 from runtime.merge import merge_tiles
-from runtime.preprocess import ImageInput, prepare_image
+from runtime.cameras import named_images, prepare_images, request_layout
+from runtime.preprocess import ImageInput
 from runtime.pruning import PruneSettings, SequenceLayout
 from runtime.backends import make_runners
 from runtime.schedule import DenoiseResult, GenerationSettings, denoise
@@ -54,6 +55,8 @@ class RuntimeResult:
     vision_ms: float
     steps: list[StepTrace] = field(default_factory=list)
     total_ms: float = 0.0
+    cameras: list[str] = field(default_factory=list)  # the images' names ([""]: one unnamed image)
+    tile_layouts: list[TileLayout] = field(default_factory=list)  # per image (tile_layout: the first's)
 
 
 def sized_for(settings: dict) -> str:
@@ -96,24 +99,40 @@ class Pipeline:
     # ------------------------------------------------------------ inputs
 
     def prepare(self, image, question: str, gen: GenerationSettings, prune: PruneSettings):
-        """Tokenize, tile and check every length against the bundle's profiles before running anything."""
+        """Tokenize, tile and check every length against the bundle's profiles before running anything.
+        image: one image, or named ones (runtime.cameras). Returns (prompt, [ImageInput], layout)."""
         gen.validate()
         prune.validate(self.manifest.n_layers)
         prof = self.manifest.profiles["settings"]
-        axes = self.manifest.profiles["axes"]
-        prompt = self.tokenizer.encode_prompt(question)
-        img = prepare_image(image, self.geometry, prof["layout"])
-        n_text = len(prompt.prefix) + len(prompt.suffix)
-        lay = SequenceLayout(len(prompt.prefix), img.layout.num_visual_tokens, len(prompt.suffix), gen.gen_length)
+        views = named_images(image)
+        cameras = [name for name, _ in views] if len(views) > 1 else None
+        prompt = self.tokenizer.encode_prompt(question, cameras)
+        if cameras:
+            self._check_cameras(cameras)
+        images = prepare_images(views, self.geometry, prof["layout"])
+        lay = request_layout(prompt, images, gen.gen_length)
+        self._check_limits(prompt, images, lay, gen, prune)
+        return prompt, images, lay
+
+    def _check_cameras(self, cameras: list[str]) -> None:
+        """More cameras than the vision engine takes views is an error before any image is read."""
+        most = self.manifest.profiles["axes"]["tiles"][2]
+        expect(len(cameras) <= most, f"images: {len(cameras)} cameras ({', '.join(cameras)}); the bundle's vision "
+                                     f"engine takes at most {most} views per request (rebuild with --cameras {len(cameras)})")
+
+    def _check_limits(self, prompt: PromptIds, images: list[ImageInput], lay: SequenceLayout,
+                      gen: GenerationSettings, prune: PruneSettings) -> None:
+        prof, axes = self.manifest.profiles["settings"], self.manifest.profiles["axes"]
+        n_text, tiles = prompt.n_text, sum(im.layout.num_tiles for im in images)
+        what = "image" if len(images) == 1 else f"{len(images)} images"
         batch = 2 if gen.cfg_scale > 0 else 1
         limits = [
             (n_text <= prof["max_text_tokens"], f"prompt: {n_text} text tokens; the bundle's profile allows "
                                                 f"{prof['max_text_tokens']} (rebuild with --max-text-tokens)"),
             (gen.gen_length <= axes["rows"][2], f"gen_length: {gen.gen_length}; the bundle's profile allows "
                                                f"{axes['rows'][2]} (rebuild with --max-response)"),
-            (img.layout.num_tiles <= axes["tiles"][2], f"image: {img.layout.num_tiles} tiles; the bundle allows "
-                                                       f"{axes['tiles'][2]}{sized_for(prof)}"),
-            (lay.total <= axes["seq"][2], f"sequence: {lay.total} tokens (prompt {n_text}, image "
+            (tiles <= axes["tiles"][2], f"{what}: {tiles} tiles; the bundle allows {axes['tiles'][2]}{sized_for(prof)}"),
+            (lay.total <= axes["seq"][2], f"sequence: {lay.total} tokens (prompt {n_text}, {what} "
                                           f"{lay.n_visual}, response {gen.gen_length}); the bundle's profile allows "
                                           f"{axes['seq'][2]}{sized_for(prof)}"),
             (batch <= axes["batch"][2], "cfg_scale > 0 needs batch 2; this bundle was built without --cfg"),
@@ -122,14 +141,19 @@ class Pipeline:
         ]
         for ok, message in limits:
             expect(ok, message)
-        return prompt, img, lay
 
-    def prompt_embeddings(self, prompt: PromptIds, img: ImageInput):
-        """(N_prompt, D) [prefix | visual | suffix] and the vision time."""
+    def prompt_embeddings(self, prompt: PromptIds, images):
+        """(N_prompt, D) [prefix | visual | suffix] (several images: their segments with the text between
+        them) and the vision time. images: an ImageInput or a list of them; one vision run for all."""
+        images = images if isinstance(images, list) else [images]
         runner = self.runners["vision"]
-        out = runner.infer({"pixel_values": img.pixel_values.astype(self.float_dtype)})
-        visual = merge_tiles(np.asarray(out["image_features"]), img.layout, self.newline)
-        parts = [self.embed[list(prompt.prefix)], visual.astype(self.float_dtype), self.embed[list(prompt.suffix)]]
+        out = runner.infer({"pixel_values": np.concatenate([im.pixel_values for im in images]).astype(self.float_dtype)})
+        feats, visuals, start = np.asarray(out["image_features"]), [], 0
+        for im in images:
+            visuals.append(merge_tiles(feats[start:start + im.layout.num_tiles], im.layout, self.newline))
+            start += im.layout.num_tiles
+        parts = [self.embed[list(seg)] if isinstance(seg, tuple) else visuals[seg].astype(self.float_dtype)
+                 for seg in prompt.segments()]
         return np.concatenate(parts).astype(self.float_dtype), runner.last_ms()
 
     # ------------------------------------------------------------ generation
@@ -143,13 +167,14 @@ class Pipeline:
         expect(not cache.enabled or self.kv_cache,
                f"cache {cache.mode}: this pipeline was opened without KV-cache buffers (kv_cache=False; the runtime "
                "opens it so for --cache none)")
-        prompt, img, lay = self.prepare(image, question, gen, prune)
-        embeds, vision_ms = self.prompt_embeddings(prompt, img)
+        prompt, images, lay = self.prepare(image, question, gen, prune)
+        embeds, vision_ms = self.prompt_embeddings(prompt, images)
         forward = SplitForward(self, embeds, lay, prune, gen.cfg_scale, cache)
         result = denoise(forward, gen, self.tokenizer.ids, on_step)
         answer = [int(t) for t in result.answer]
-        return RuntimeResult(self.tokenizer.decode(answer), answer, result, lay, img.layout, forward.kept_visual,
-                             forward.saliency, vision_ms, forward.trace, (time.perf_counter() - start) * 1000)
+        return RuntimeResult(self.tokenizer.decode(answer), answer, result, lay, images[0].layout, forward.kept_visual,
+                             forward.saliency, vision_ms, forward.trace, (time.perf_counter() - start) * 1000,
+                             [name for name, _ in named_images(image)], [im.layout for im in images])
 
 
 def empty_past(manifest: Manifest, name: str, batch: int, float_dtype) -> dict[str, np.ndarray]:
@@ -292,12 +317,12 @@ class SplitForward:
         return self._run_post(hidden)
 
     def _saliency(self, out: dict) -> np.ndarray:
-        self.saliency = np.asarray(self.pre.to_host(out["saliency"]))[0, self.lay.visual].astype(np.float64)
+        self.saliency = np.asarray(self.pre.to_host(out["saliency"]))[0, self.lay.visual_rows].astype(np.float64)
         return self.saliency
 
     def _similarity(self, out: dict, pivots: np.ndarray) -> np.ndarray:
         """(pivots, V) from the similarity graph, on decoder_pre's hidden states where they are."""
-        visual = np.arange(self.lay.visual.start, self.lay.visual.stop, dtype=np.int64)
+        visual = self.lay.visual_rows
         sim = self.similarity.infer({"hidden_states": out["hidden_states"], "visual_rows": visual, "pivots": pivots},
                                     keep_on_device=True)
         host = np.asarray(self.similarity.to_host(sim["similarity"]))[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from runtime.anyres import ANYRES, ImageGeometry, TileLayout, plan_tiles, select_best_resolution
+from runtime.anyres import ANYRES, PAD, ImageGeometry, TileLayout, plan_tiles, select_best_resolution
 from runtime.errors import LladaVError
 
 # the largest frame accepted: above an 8K camera frame (33.2 MP), below PIL's decompression-bomb
@@ -125,10 +125,25 @@ def grid_tiles(image: Image.Image, geometry: ImageGeometry) -> list[Image.Image]
     ]
 
 
+def pad_to_square(image: Image.Image, geometry: ImageGeometry) -> Image.Image:
+    """The image centred on a square of its longer side, filled with the mean colour (LLaVA's
+    expand2square, what LLaDA-V does to each image of a several-image request)."""
+    w, h = image.size
+    if w == h:
+        return image
+    fill = tuple(int(m * 255) for m in geometry.mean)
+    canvas = Image.new("RGB", (max(w, h), max(w, h)), fill)
+    canvas.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return canvas
+
+
 def prepare_image(source, geometry: ImageGeometry, mode: str) -> ImageInput:
-    """Load and tile an image: the global tile first, then (AnyRes) the grid tiles."""
+    """Load and tile an image: the global tile first, then (AnyRes) the grid tiles; pad: one view of
+    the image padded to a square (an image of a several-image request)."""
     image = load_image(source)
     layout = plan_tiles(image.size, geometry, mode)
+    if mode == PAD:
+        image = pad_to_square(image, geometry)
     tiles = [image] + (grid_tiles(image, geometry) if mode == ANYRES else [])
     assert len(tiles) == layout.num_tiles, (len(tiles), layout)
     pixels = np.stack([normalize(t, geometry) for t in tiles])

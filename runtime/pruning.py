@@ -28,6 +28,9 @@ from runtime.errors import expect
 QUERY_SETS = ("response", "prompt", "last")  # masked response (RedVTP), prompt text, FastV's last token
 POSITION_MODES = ("original", "compact")
 RULES = ("saliency", "duplicate", "random")
+# several images: rank every camera's tokens together (global), or give each camera its own
+# V_i - floor(V_i*P/100) (per_camera: no camera wiped out)
+BUDGETS = ("global", "per_camera")
 DEFAULT_RULE = "duplicate"
 DEFAULT_PIVOTS = 8
 RULE_HELP = {
@@ -49,6 +52,7 @@ class PruneSettings:
     positions: str = "original"
     seed: int = 0  # for random pruning
     pivots: int = DEFAULT_PIVOTS  # the duplicate rule's pivots
+    budget: str = "global"  # several images: BUDGETS
 
     def validate(self, n_layers: int) -> "PruneSettings":
         expect(
@@ -58,6 +62,7 @@ class PruneSettings:
         expect(0 <= self.p < 100, f"P: got {self.p!r}; expected a percentage in [0, 100)")
         expect(self.query in QUERY_SETS, f"query set: got {self.query!r}; expected one of {QUERY_SETS}")
         expect(self.rule in RULES, f"rule: got {self.rule!r}; expected one of {RULES}")
+        expect(self.budget in BUDGETS, f"budget: got {self.budget!r}; expected one of {BUDGETS}")
         expect(isinstance(self.pivots, int) and self.pivots >= 1,
                f"pivots: got {self.pivots!r}; expected an integer >= 1")
         expect(
@@ -69,19 +74,47 @@ class PruneSettings:
 
 @dataclass(frozen=True)
 class SequenceLayout:
-    """[prefix text | visual | suffix text | response] along the sequence."""
+    """[prefix text | visual | suffix text | response] along the sequence. With several images
+    (cameras) the visual part is one segment per image, with text between them:
+    [prefix | image 0 | gap 0 | image 1 | ... | image n-1 | suffix | response]."""
 
     n_prefix: int
-    n_visual: int
+    n_visual: int  # all images' visual tokens
     n_suffix: int
     n_response: int
+    image_sizes: tuple[int, ...] = ()  # several images: each one's visual tokens (they add up to n_visual)
+    gaps: tuple[int, ...] = ()  # several images: the text tokens between image i and image i + 1
+
+    def __post_init__(self):
+        assert not self.image_sizes or sum(self.image_sizes) == self.n_visual, "image sizes add up to n_visual"
+        assert len(self.gaps) == max(len(self.image_sizes) - 1, 0), "one gap between consecutive images"
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Each image's visual tokens (one image: (n_visual,))."""
+        return self.image_sizes or (self.n_visual,)
 
     @property
     def total(self) -> int:
-        return self.n_prefix + self.n_visual + self.n_suffix + self.n_response
+        return self.n_prefix + self.n_visual + sum(self.gaps) + self.n_suffix + self.n_response
+
+    def segments(self) -> list[slice]:
+        """Each image's rows in the sequence."""
+        out, start = [], self.n_prefix
+        for size, gap in zip(self.sizes, (*self.gaps, 0)):
+            out.append(slice(start, start + size))
+            start += size + gap
+        return out
+
+    @property
+    def visual_rows(self) -> np.ndarray:
+        """(V,) the sequence rows of the visual tokens, image by image (int64)."""
+        return np.concatenate([np.arange(s.start, s.stop) for s in self.segments()]).astype(np.int64)
 
     @property
     def visual(self) -> slice:
+        """The visual rows of a one-image layout as a slice."""
+        assert not self.gaps, "several images: use visual_rows"
         return slice(self.n_prefix, self.n_prefix + self.n_visual)
 
     @property
@@ -93,7 +126,7 @@ class SequenceLayout:
         return self.total - self.n_response
 
     def prompt_text_positions(self) -> np.ndarray:
-        return np.concatenate([np.arange(self.n_prefix), np.arange(self.visual.stop, self.n_prompt)])
+        return np.setdiff1d(np.arange(self.n_prompt), self.visual_rows).astype(np.int64)
 
 
 def pruned_count(n_visual: int, p: float) -> int:
@@ -115,20 +148,44 @@ def query_rows(layout: SequenceLayout, query: str, masked_response: np.ndarray) 
     return rows.astype(np.int64)
 
 
-def keep_visual(prune: PruneSettings, n_visual: int, saliency, similarity) -> np.ndarray:
+def budget_sizes(prune: PruneSettings, image_sizes) -> list[int]:
+    """The visual tokens' split into budgets: one per image with the per_camera budget, else one.
+    image_sizes: each image's visual tokens, or one count (one image)."""
+    sizes = [int(image_sizes)] if np.ndim(image_sizes) == 0 else [int(x) for x in image_sizes]
+    return sizes if prune.budget == "per_camera" and len(sizes) > 1 else [sum(sizes)]
+
+
+def dropped_count(prune: PruneSettings, image_sizes) -> int:
+    """How many visual tokens step 1 drops: floor(V_b * P / 100) summed over the budgets."""
+    return sum(pruned_count(size, prune.p) for size in budget_sizes(prune, image_sizes))
+
+
+def keep_visual(prune: PruneSettings, image_sizes, saliency, similarity) -> np.ndarray:
     """The kept visual indices (sorted) under prune's rule: the one place the runtime and the reference
-    generator decide. saliency() -> (V,) scores; similarity(pivots) -> (len(pivots), V) cosine
-    similarities of those visual tokens' hidden states entering layer K to every visual token's.
-    Neither is called when the rule does not read it (nothing dropped, or random)."""
-    if pruned_count(n_visual, prune.p) == 0:
+    generator decide. image_sizes: each image's visual tokens (one image: V); saliency() -> (V,)
+    scores; similarity(pivots) -> (len(pivots), V) cosine similarities of those visual tokens' hidden
+    states entering layer K to every visual token's. Neither is called when the rule does not read it
+    (nothing dropped, or random). Each budget (budget_sizes) keeps V_b - floor(V_b*P/100) of its own."""
+    sizes = budget_sizes(prune, image_sizes)
+    n_visual = sum(sizes)
+    if dropped_count(prune, sizes) == 0:
         return np.arange(n_visual, dtype=np.int64)
     if prune.rule == "random":
-        return keep_at_random(n_visual, prune.p, prune.seed)
+        return _per_budget(sizes, lambda i, size: keep_at_random(size, prune.p, prune.seed + i))
     scores = saliency()
     if prune.rule == "saliency":
-        return keep_by_score(scores, prune.p)
+        return _per_budget(sizes, lambda i, size: keep_by_score(scores[_offset(sizes, i):][:size], prune.p))
     pivots = pick_pivots(scores, prune.pivots)
-    return keep_duplicate_aware(similarity(pivots), pivots, prune.p)
+    return keep_duplicate_aware(similarity(pivots), pivots, prune.p, sizes if len(sizes) > 1 else None)
+
+
+def _offset(sizes: list[int], i: int) -> int:
+    return int(sum(sizes[:i]))
+
+
+def _per_budget(sizes: list[int], keep) -> np.ndarray:
+    """keep(i, size) -> indices within budget i, shifted to the visual tokens' indices and joined."""
+    return np.concatenate([_offset(sizes, i) + keep(i, size) for i, size in enumerate(sizes)]).astype(np.int64)
 
 
 def keep_by_score(scores: np.ndarray, p: float) -> np.ndarray:
@@ -193,9 +250,8 @@ def keep_at_random(n_visual: int, p: float, seed: int) -> np.ndarray:
 
 def kept_positions(layout: SequenceLayout, keep_visual: np.ndarray) -> np.ndarray:
     """Sequence positions that survive: all text and response, the kept visual tokens, in order."""
-    return np.concatenate(
-        [np.arange(layout.n_prefix), layout.n_prefix + keep_visual, np.arange(layout.visual.stop, layout.total)]
-    ).astype(np.int64)
+    dropped = np.delete(layout.visual_rows, keep_visual)
+    return np.setdiff1d(np.arange(layout.total), dropped).astype(np.int64)
 
 
 def reduced_position_ids(kept: np.ndarray, mode: str) -> np.ndarray:

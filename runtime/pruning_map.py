@@ -1,7 +1,8 @@
 """A picture of what pruning kept: the input image with dropped visual tokens darkened.
 
 Left panel: the global tile's 27x27 tokens over the whole image. Right panel (AnyRes): the grid
-tokens over the whole image (the un-padded grid covers exactly the original image). PIL only.
+tokens over the whole image (the un-padded grid covers exactly the original image). Several
+cameras: one panel per camera, its 27x27 tokens over its padded square view. PIL only.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def object_recall(covering: np.ndarray, kept: np.ndarray) -> float:
     return float(np.isin(covering, kept).mean()) if covering.size else 1.0
 
 
-def pruning_map(image: Image.Image, layout: TileLayout, kept: np.ndarray, side: int, title: str = "") -> Image.Image:
+def pruning_map(image: Image.Image, layout: TileLayout, kept: np.ndarray, side: int, title: str = "",
+                labels: list[str] | None = None) -> Image.Image:
     image = image.convert("RGB")
     scale = PANEL / max(image.size)
     w, h = max(1, round(image.width * scale)), max(1, round(image.height * scale))
@@ -71,8 +73,31 @@ def pruning_map(image: Image.Image, layout: TileLayout, kept: np.ndarray, side: 
         shaded = np.where(dim[p][..., None], pixels * 0.25 + np.array([0, 0, 60]), pixels)
         canvas.paste(Image.fromarray(shaded.clip(0, 255).astype(np.uint8)), (8 + p * (w + 8), 32))
     draw = ImageDraw.Draw(canvas)
-    labels = ["global tile", "AnyRes grid"][:panels]
+    labels = labels or ["global tile", "AnyRes grid"][:panels]
     for p, label in enumerate(labels):
         draw.text((8 + p * (w + 8), 18), label, fill=(0, 0, 0))
     draw.text((8, 2), title, fill=(0, 0, 0))
+    return canvas
+
+
+def camera_pruning_map(views: list[tuple[str, Image.Image]], layouts: list[TileLayout], kept: np.ndarray,
+                       geometry, title: str = "") -> Image.Image:
+    """One panel per camera (its padded square view, as the vision tower saw it), side by side; kept:
+    indices into all cameras' visual tokens, camera after camera."""
+    from runtime.preprocess import pad_to_square
+
+    panels, start = [], 0
+    for (name, image), layout in zip(views, layouts):
+        n = layout.num_visual_tokens
+        own = kept[(kept >= start) & (kept < start + n)] - start
+        share = f"{name}: kept {own.size} of {n}"
+        panels.append(pruning_map(pad_to_square(image.convert("RGB"), geometry), layout, own, geometry.side,
+                                  labels=[share]))
+        start += n
+    canvas = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), (255, 255, 255))
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, 0))
+        x += panel.width
+    ImageDraw.Draw(canvas).text((8, 2), title, fill=(0, 0, 0))
     return canvas

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.caching import CacheSettings, CacheWindow, RefreshClock, cache_window
-from runtime.pruning import (PruneSettings, SequenceLayout, keep_visual, kept_positions, pruned_count, query_rows,
+from runtime.pruning import (PruneSettings, SequenceLayout, dropped_count, keep_visual, kept_positions, query_rows,
                              reduced_position_ids)
 
 FIRST, FULL, CACHED = "first", "full", "cached"
@@ -73,14 +73,14 @@ class StepPlan:
         """The query rows whose attention at layer K-1 scores the visual tokens in step 1 (masked_response:
         which response rows are masks), or None when the rule reads no saliency (random, nothing pruned)."""
         p = self.prune
-        if p.rule == "random" or pruned_count(self.layout.n_visual, p.p) == 0:
+        if p.rule == "random" or dropped_count(p, self.layout.sizes) == 0:
             return None
         return query_rows(self.layout, p.query, masked_response)
 
     def prune_visual(self, saliency, similarity) -> Pruned:
         """Step 1's survivors under the rule (runtime.pruning.keep_visual: saliency() -> (V,) scores,
         similarity(pivots) -> (pivots, V), each called only when the rule reads it)."""
-        keep = keep_visual(self.prune, self.layout.n_visual, saliency, similarity)
+        keep = keep_visual(self.prune, self.layout.sizes, saliency, similarity)
         kept = kept_positions(self.layout, keep)
         self.clock.after_pruning(self.prune.positions)
         self.pruned, self.n = True, int(kept.size)

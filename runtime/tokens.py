@@ -50,19 +50,50 @@ class TokenIds:
 
 @dataclass(frozen=True)
 class PromptIds:
-    """The chat prompt as token ids around the single image placeholder."""
+    """The chat prompt as token ids around its image placeholders: prefix, <image>, suffix for one
+    image; with several, the text between consecutive placeholders in `between`."""
 
     prefix: tuple[int, ...]  # up to and including "<|start_header_id|>user<|end_header_id|>\n\n"
     suffix: tuple[int, ...]  # "\n{question}<|eot_id|>...assistant<|end_header_id|>\n\n"
+    between: tuple[tuple[int, ...], ...] = ()  # several images: the text between image i and image i + 1
+
+    @property
+    def n_images(self) -> int:
+        return len(self.between) + 1
+
+    @property
+    def n_text(self) -> int:
+        return len(self.prefix) + sum(map(len, self.between)) + len(self.suffix)
+
+    def segments(self) -> list:
+        """The prompt in sequence order: token-id tuples (text) and image indices (ints)."""
+        out: list = [self.prefix]
+        for i, text in enumerate(self.between):
+            out += [i, text]
+        return out + [self.n_images - 1, self.suffix]
 
 
 def chat_prompt(question: str, system: str = SYSTEM_PROMPT) -> str:
     """LLaDA-V's template for one image and one question (the image placeholder is included)."""
+    return chat_turn(f"{IMAGE_PLACEHOLDER}\n{question}", system)
+
+
+def chat_turn(user: str, system: str = SYSTEM_PROMPT) -> str:
+    """LLaDA-V's template around one user turn (which carries its image placeholders)."""
     return (
         "<|startoftext|><|start_header_id|>system<|end_header_id|>\n\n"
         f"{system}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
-        f"{IMAGE_PLACEHOLDER}\n{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        f"{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+def camera_turn(question: str, cameras: list[str]) -> str:
+    """The user turn of a several-camera request: one line per camera naming its image, then the
+    question ("front camera: <image>\nleft camera: <image>\n{question}"); a question that places its
+    own placeholders (one per camera, in the cameras' order) is taken as it is."""
+    if IMAGE_PLACEHOLDER in question:
+        return question
+    return "".join(f"{name} camera: {IMAGE_PLACEHOLDER}\n" for name in cameras) + question
 
 
 class TextTokenizer:
@@ -102,12 +133,30 @@ class TextTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def encode_prompt(self, question: str) -> PromptIds:
-        """The chat prompt for `question`, split at the image placeholder."""
+    def encode_prompt(self, question: str, cameras: list[str] | None = None) -> PromptIds:
+        """The chat prompt for `question`, split at its image placeholders. cameras: the names of a
+        several-image request's images (runtime.cameras), which the prompt names (camera_turn)."""
+        if cameras and len(cameras) > 1:
+            return self._camera_prompt(question, cameras)
         if IMAGE_PLACEHOLDER in question:
             raise LladaVError(
                 f"prompt: contains {IMAGE_PLACEHOLDER!r}; expected plain text (the image goes in automatically)"
             )
+        self._check_text(question)
+        before, after = chat_prompt(question).split(IMAGE_PLACEHOLDER)
+        return PromptIds(tuple(self.encode(before)), tuple(self.encode(after)))
+
+    def _camera_prompt(self, question: str, cameras: list[str]) -> PromptIds:
+        found = question.count(IMAGE_PLACEHOLDER)
+        if found and found != len(cameras):
+            raise LladaVError(f"prompt: {found} {IMAGE_PLACEHOLDER!r} placeholder(s) for {len(cameras)} images "
+                              f"({', '.join(cameras)}); expected one per image, in that order, or none (each "
+                              "camera's line is added)")
+        self._check_text(question.replace(IMAGE_PLACEHOLDER, ""))
+        chunks = [tuple(self.encode(c)) for c in chat_turn(camera_turn(question, cameras)).split(IMAGE_PLACEHOLDER)]
+        return PromptIds(chunks[0], chunks[-1], tuple(chunks[1:-1]))
+
+    def _check_text(self, question: str) -> None:
         if not question.strip():
             raise LladaVError("prompt: empty; expected a question about the image")
         markers = sorted(t for t in self.special_texts() if t in question)

@@ -1,0 +1,163 @@
+"""Several cameras per request (runtime.cameras, docs/cameras.md): LLaDA-V's several-image convention
+(one padded view of 729 features + the image_newline per image, one placeholder per image), the
+sequence layout with several visual segments, per-camera budgets, the runtime against the reference
+generator, and the errors a deployment engineer meets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from export.build import BuildRequest, build_bundle
+from export.profiles import ProfileSettings
+from export.reference import generate, prompt_embeddings
+from runtime.anyres import PAD, ImageGeometry, plan_tiles
+from runtime.cameras import named_images, parse_image_args, prepare_images, request_layout
+from runtime.errors import LladaVError
+from runtime.merge import merge_tiles
+from runtime.pipeline import Pipeline
+from runtime.preprocess import pad_to_square
+from runtime.pruning import PruneSettings, SequenceLayout, keep_visual, kept_positions
+from runtime.schedule import GenerationSettings
+from tests.conftest import gradient_image, road_sketch
+
+GEN = GenerationSettings(steps=8, gen_length=8, block_length=8)
+RIG = ProfileSettings(layout="single", max_text_tokens=200, opt_text_tokens=100, max_response=16, opt_response=8,
+                      cameras=3)
+
+
+def views(n: int) -> dict:
+    """n cameras that see different things."""
+    frames = [road_sketch(640, 480), gradient_image(480, 320), Image.new("RGB", (300, 500), (200, 40, 40))]
+    return dict(zip(("front", "left", "right"), frames[:n]))
+
+
+@pytest.fixture(scope="module")
+def rig_bundle(tiny_dir, tmp_path_factory):
+    return build_bundle(BuildRequest(tiny_dir, tmp_path_factory.mktemp("rig") / "b", 15, 50, "fp32", RIG),
+                        log=lambda m: None).out
+
+
+def test_pad_is_llava_expand2square_then_one_view():
+    """A 200x100 frame: centred on a 200x200 square of the mean colour (127), 729 + 1 tokens."""
+    img = Image.new("RGB", (200, 100), (255, 0, 0))
+    sq = np.asarray(pad_to_square(img, ImageGeometry()))
+    assert sq.shape == (200, 200, 3)
+    assert (sq[:50] == 127).all() and (sq[150:] == 127).all() and (sq[50:150] == (255, 0, 0)).all()
+    layout = plan_tiles((200, 100), ImageGeometry(), PAD)
+    assert layout.num_tiles == 1 and layout.num_visual_tokens == 730
+    feats, newline = np.random.default_rng(0).standard_normal((1, 729, 8)), np.arange(8.0)
+    merged = merge_tiles(feats, layout, newline)
+    assert merged.shape == (730, 8) and np.array_equal(merged[:729], feats[0]) and np.array_equal(merged[729], newline)
+
+
+def test_layout_with_several_segments():
+    lay = SequenceLayout(3, 7, 2, 4, (4, 3), (2,))  # [3 | 4 | 2 | 3 | 2 | 4]
+    assert lay.total == 18 and [(s.start, s.stop) for s in lay.segments()] == [(3, 7), (9, 12)]
+    assert lay.visual_rows.tolist() == [3, 4, 5, 6, 9, 10, 11]
+    assert lay.prompt_text_positions().tolist() == [0, 1, 2, 7, 8, 12, 13]
+    # visual tokens 1, 2 (camera 0) and 5 (camera 1) dropped
+    assert kept_positions(lay, np.array([0, 3, 4, 6])).tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 11, *range(12, 18)]
+
+
+def test_the_prompt_names_each_camera_and_counts_placeholders(tokenizer):
+    prompt = tokenizer.encode_prompt("Is there a pedestrian?", ["front", "left"])
+    assert prompt.n_images == 2 and tokenizer.decode(prompt.between[0]).strip() == "left camera:"
+    assert tokenizer.decode(prompt.prefix).endswith("front camera: ")
+    own = tokenizer.encode_prompt("rear <image> and side <image>: any cyclist?", ["rear", "side"])
+    assert tokenizer.decode(own.between[0]) == " and side " and own.n_images == 2
+    with pytest.raises(LladaVError, match=r"prompt: 1 '<image>' placeholder\(s\) for 2 images \(front, left\)"):
+        tokenizer.encode_prompt("front <image> only", ["front", "left"])
+
+
+def test_named_images_refuse_what_is_ambiguous():
+    assert named_images("a.png") == [("", "a.png")]
+    assert parse_image_args(["a.png"]) == "a.png"
+    assert parse_image_args(["front=a.png", "left=b=c.png"]) == [("front", "a.png"), ("left", "b=c.png")]
+    with pytest.raises(LladaVError, match=r"camera name\(s\) \['front'\]: given twice"):
+        named_images([("front", "a.png"), ("front", "b.png")])
+    with pytest.raises(LladaVError, match="--image 'b.png': several images need a camera name each"):
+        parse_image_args(["front=a.png", "b.png"])
+    with pytest.raises(LladaVError, match="camera name ' ': expected a non-empty name"):
+        named_images({" ": "a.png"})
+
+
+def test_per_camera_budget_keeps_every_camera():
+    """Camera 1's tokens all score below camera 0's: the global budget (saliency) wipes it out, the
+    per-camera one keeps V_i - floor(V_i * P / 100) of each."""
+    scores = np.r_[np.linspace(10, 20, 20), np.linspace(0, 1, 10)]
+    never = lambda *a: pytest.fail("not read")  # noqa: E731
+    glob = keep_visual(PruneSettings(p=50, rule="saliency"), (20, 10), lambda: scores, never)
+    per = keep_visual(PruneSettings(p=50, rule="saliency", budget="per_camera"), (20, 10), lambda: scores, never)
+    assert glob.size == per.size == 15 and (glob < 20).all()
+    assert (per < 20).sum() == 10 and (per >= 20).sum() == 5 and set(per[per >= 20]) == set(range(25, 30))
+    rand = keep_visual(PruneSettings(p=50, rule="random", budget="per_camera"), (20, 10), never, never)
+    assert (rand < 20).sum() == 10 and (rand >= 20).sum() == 5
+
+
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("p", [0, 50])
+def test_runtime_matches_the_reference_with_several_cameras(rig_bundle, tiny, tokenizer, n, p):
+    """Tokens and kept set of the ONNX Runtime pipeline equal the reference generator's (fp32)."""
+    model, ckpt = tiny
+    cams = views(n)
+    prune = PruneSettings(k=15, p=p)
+    with Pipeline(rig_bundle) as pipe:
+        got = pipe.generate(cams, "How many vehicles in all cameras?", GEN, prune)
+    images = prepare_images(named_images(cams), ckpt.config.geometry, "single")
+    prompt = tokenizer.encode_prompt("How many vehicles in all cameras?", list(cams))
+    want = generate(model, tokenizer.ids, prompt, images, GEN, prune)
+    assert got.layout == want.layout and got.layout.sizes == (730,) * n and got.cameras == list(cams)
+    assert got.answer_ids == want.answer_ids and np.array_equal(got.kept_visual, want.kept_visual)
+    assert got.kept_visual.size == 730 * n - (730 * n * p) // 100
+
+
+def test_vision_runs_once_for_all_cameras_and_matches_each_image_alone(rig_bundle, tiny, tokenizer):
+    model, ckpt = tiny
+    cams = views(3)
+    with Pipeline(rig_bundle) as pipe:
+        prompt, images, lay = pipe.prepare(cams, "Any cyclist?", GEN, PruneSettings(k=15, p=50))
+        embeds, _ = pipe.prompt_embeddings(prompt, images)
+    with torch.inference_mode():
+        ref, ref_lay = prompt_embeddings(model, prompt, images, GEN.gen_length)
+    assert ref_lay == lay and embeds.shape == (lay.n_prompt, ref.shape[1])
+    assert np.abs(ref.numpy() - embeds).max() < 1e-4
+    for i, rows in enumerate(lay.segments()):  # each segment ends with the image_newline
+        assert np.allclose(embeds[rows.stop - 1], model.model.image_newline.detach().numpy(), atol=1e-6), i
+
+
+def test_clear_errors_for_a_rig(rig_bundle, runtime_bundles, tmp_path):
+    with Pipeline(runtime_bundles[15]) as pipe:  # built for one image
+        with pytest.raises(LladaVError, match=r"images: 2 cameras \(front, left\); the bundle's vision engine takes at "
+                                              r"most 1 views per request \(rebuild with --cameras 2\)"):
+            pipe.generate(views(2), "Any cyclist?", GEN, PruneSettings(k=15, p=50))
+    with Pipeline(rig_bundle) as pipe:
+        with pytest.raises(LladaVError, match=r"camera 'left': image .*missing.png'?: no such file"):
+            pipe.generate({"front": views(1)["front"], "left": tmp_path / "missing.png"}, "Any?", GEN,
+                          PruneSettings(k=15, p=50))
+        with pytest.raises(LladaVError, match=r"prompt: 3 '<image>' placeholder\(s\) for 2 images"):
+            pipe.generate(views(2), "<image> <image> <image> what?", GEN, PruneSettings(k=15, p=50))
+
+
+def test_cli_runs_a_rig_and_draws_one_panel_per_camera(rig_bundle, tmp_path, capsys):
+    from runtime.__main__ import main
+
+    paths = []
+    for name, img in views(2).items():
+        paths.append(f"{name}={tmp_path / f'{name}.png'}")
+        img.save(tmp_path / f"{name}.png")
+    out_map = tmp_path / "map.png"
+    argv = ["--bundle", str(rig_bundle), "--prompt", "Any cyclist?", "--gen-length", "8", "--p", "50",
+            "--budget", "per_camera", "--json", "--quiet", "--map", str(out_map)]
+    assert main(argv + [a for p in paths for a in ("--image", p)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cameras"] == {"front": 730, "left": 730} and len(out["kept_visual"]) == 730
+    kept = np.array(out["kept_visual"])
+    assert (kept < 730).sum() == 365 and (kept >= 730).sum() == 365  # per camera: half of each
+    assert Image.open(out_map).width > 2 * 512  # two panels
+    assert main(argv + ["--image", paths[0], "--image", paths[0]]) == 2
+    assert "camera name(s) ['front']: given twice" in capsys.readouterr().err
