@@ -2,6 +2,7 @@
 
     python -m bench.cache                  # d=1024, 8 layers, gen 64, block 32: a few minutes on 2 cores
     python -m bench.cache --quick          # a smoke run at d=128
+    python -m bench.cache --cameras 3      # a 3-camera rig: three padded views (730 tokens each)
 
 A LLaDA-shaped decoder wide enough that, as on the 8B, the linear layers dominate (d=1024, m=2816),
 random weights, 8 layers split at K=4 (the 8B's K=15 of 32 keeps the same share of layers on the
@@ -23,11 +24,13 @@ the threshold's step savings are a trained model's (the miniature's are in docs/
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 
 import numpy as np
+
+from runtime.errors import expect
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class CacheBenchShape:
     k: int = 4
     gen: int = 64
     block: int = 32
+    cameras: int = 1  # > 1: a rig, each camera one padded view of the demo scene (docs/cameras.md)
 
 
 QUICK = CacheBenchShape(d_model=128, heads=2, d_mlp=352, layers=4, k=2, gen=16, block=8)
@@ -66,8 +70,8 @@ def build(shape: CacheBenchShape, workdir: Path, log) -> Path:
 
     ckpt = bench_checkpoint(workdir / "checkpoint", BenchShape(d_model=shape.d_model, heads=shape.heads,
                                                                d_mlp=shape.d_mlp, layers=shape.layers), log)
-    profile = ProfileSettings(layout="single", max_text_tokens=96, opt_text_tokens=48, max_response=shape.gen,
-                              opt_response=shape.gen)
+    profile = ProfileSettings(layout="single", max_text_tokens=96 + 16 * shape.cameras, opt_text_tokens=48,
+                              max_response=shape.gen, opt_response=shape.gen, cameras=shape.cameras)
     log("building the fp32 bundle")
     return build_bundle(BuildRequest(ckpt, workdir / "fp32", shape.k, 50, "fp32", profile, engines="skip"),
                         log=lambda m: None).out
@@ -102,8 +106,10 @@ def run(shape: CacheBenchShape, workdir: Path, log) -> dict:
     from runtime.pruning import PruneSettings
     from runtime.schedule import GenerationSettings
 
+    from runtime.cameras import rig_names
+
     bundle = build(shape, workdir, log)
-    image = demo_image()
+    image = demo_image() if shape.cameras == 1 else {name: demo_image() for name in rig_names(shape.cameras)}
     out = []
     with Pipeline(bundle) as pipe:
         warm = GenerationSettings(steps=2, gen_length=8, block_length=8, stop_at_eot=False)
@@ -117,7 +123,8 @@ def run(shape: CacheBenchShape, workdir: Path, log) -> dict:
 def report(out: dict) -> str:
     s, res = out["shape"], out["results"]
     base = res[0]
-    lines = [f"decoder d={s['d_model']}, m={s['d_mlp']}, {s['layers']} layers split at K={s['k']}; one 384-px tile; "
+    views = "one 384-px tile" if s.get("cameras", 1) == 1 else f"{s['cameras']} cameras (one padded view each)"
+    lines = [f"decoder d={s['d_model']}, m={s['d_mlp']}, {s['layers']} layers split at K={s['k']}; {views}; "
              f"gen {s['gen']} in blocks of {s['block']}; ONNX Runtime CPU; one run each", "",
              f"{'setting':<22} {'steps':>5} {'loop s':>8} {'speedup':>8} {'FLOPs pred.':>11} {'cached step ms':>15}"]
     for r in res:
@@ -182,7 +189,15 @@ def orin_projection(visual: int = 3649, text: int = 50, gen: int = 64, block: in
 def main(argv=None) -> int:
     from bench.cli import bench_main
 
-    return bench_main(argv, __doc__, "cache", (QUICK, CacheBenchShape()), run, (report, lambda _: orin_projection()))
+    def add_args(ap):
+        ap.add_argument("--cameras", type=int, default=1, help="a rig of this many cameras (one padded view each)")
+
+    def adapt(shape, args):
+        expect(args.cameras >= 1, f"--cameras: got {args.cameras}; expected an integer >= 1")
+        return replace(shape, cameras=args.cameras)
+
+    return bench_main(argv, __doc__, "cache", (QUICK, CacheBenchShape()), run, (report, lambda _: orin_projection()),
+                      add_args, adapt)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ the profile's maximum shapes, and the compute floor of a denoising step at FP16 
 
     python -m bench.orin_fit                 # K=15, default profile (AnyRes, 256 text, 128 response)
     python -m bench.orin_fit --max-image 1920x1080   # engines sized for the camera frame (--max-image)
+    python -m bench.orin_fit --cameras 4             # engines sized for a 4-camera rig (--cameras)
 
 Parameter counts come from the 8B architecture instantiated on the meta device (no weights).
 Bytes per precision follow the schemes of calib/ (docs/quantization.md):
@@ -170,7 +171,12 @@ def main(argv=None) -> int:
                     help="the profile's largest frame, as export/build_engines.py --max-image (default: any image)")
     ap.add_argument("--max-text-tokens", type=int, default=256, help="the profile's longest prompt")
     ap.add_argument("--max-response", type=int, default=128, help="the profile's longest response")
-    ap.add_argument("--visual", type=int, default=3649, help="visual tokens of the step floors (1920x1080 AnyRes)")
+    ap.add_argument("--cameras", type=int, default=1,
+                    help="a camera rig: engines sized for this many views per request (export/build_engines.py "
+                         "--cameras, one-image layout single), and the step floors at that many views")
+    ap.add_argument("--visual", type=int, default=None,
+                    help="visual tokens of the step floors (default: 3649, one 1920x1080 AnyRes frame; a rig: 730 "
+                         "per camera)")
     ap.add_argument("--text", type=int, default=50)
     ap.add_argument("--gen-length", type=int, default=64)
     args = ap.parse_args(argv)
@@ -178,9 +184,15 @@ def main(argv=None) -> int:
     default = ProfileSettings()
     profile = replace(default, max_text_tokens=args.max_text_tokens, max_response=args.max_response,
                       opt_text_tokens=min(default.opt_text_tokens, args.max_text_tokens),
-                      opt_response=min(default.opt_response, args.max_response), max_image=args.max_image)
+                      opt_response=min(default.opt_response, args.max_response), max_image=args.max_image,
+                      cameras=args.cameras, layout="single" if args.cameras > 1 else default.layout)
     ranges = axis_ranges(cfg, profile.validate(), 0)
-    print(report(args.k, ranges["seq"][2], ranges["tiles"][2], args.visual, args.text, args.gen_length))
+    visual = args.visual if args.visual is not None else 3649 if args.cameras == 1 else args.cameras * 730
+    print(report(args.k, ranges["seq"][2], ranges["tiles"][2], visual, args.text, args.gen_length))
+    if args.cameras > 1:  # the rig's answer time, as bench.cache projects the one-frame answer
+        from bench.cache import orin_projection
+
+        print("\n" + orin_projection(visual=visual, text=args.text, gen=args.gen_length, k=args.k))
     return 0
 
 

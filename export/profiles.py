@@ -79,11 +79,13 @@ class ProfileSettings:
 
 def image_extent(cfg, settings: ProfileSettings) -> tuple[tuple[int, int], tuple[int, int]]:
     """((tiles, visual tokens) at the opt image, (tiles, visual tokens) at the maxima) for the layout:
-    the maxima from max_image's plan, or the worst case over every AnyRes grid, and at least what
-    `cameras` padded views need."""
+    the maxima from max_image's plan, or the worst case over every AnyRes grid. A rig (cameras > 1):
+    tuned at its `cameras` padded views (730 tokens each), its maxima at least those."""
     opt, most = one_image_extent(cfg, settings)
-    rig = (settings.cameras, settings.cameras * (cfg.geometry.tokens_per_tile + 1)) if settings.cameras > 1 else (0, 0)
-    return opt, (max(most[0], rig[0]), max(most[1], rig[1]))
+    if settings.cameras == 1:
+        return opt, most
+    rig = (settings.cameras, settings.cameras * (cfg.geometry.tokens_per_tile + 1))
+    return rig, (max(most[0], rig[0]), max(most[1], rig[1]))
 
 
 def one_image_extent(cfg, settings: ProfileSettings) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -27,7 +27,8 @@ import numpy as np
 from jetson import device, tegrastats, trtexec
 from jetson.plan import AnswerCases, Case, answer_cases, check_inside_profile, feeds, generation, unique_cases
 from jetson.report import markdown, write_report
-from runtime.bundle import Bundle, Manifest, read_manifest, resolve_dims
+from runtime.bundle import Bundle, Manifest, resolve_dims
+from runtime.cameras import rig_names
 from runtime.cli_args import at_boundary, image_size, percent_list
 from runtime.cli_args import parser as cli_parser
 from runtime.errors import LladaVError, expect
@@ -53,6 +54,7 @@ class LatencyRequest:
     repeats: int = 3  # measured answers per P (the report takes their median)
     timing: trtexec.Timing = field(default_factory=trtexec.Timing)
     trtexec: str | None = None
+    cameras: int = 1  # frames per request (runtime.cameras): a rig's answer
 
 
 @dataclass
@@ -76,12 +78,15 @@ def make_plan(req: LatencyRequest) -> Plan:
         expect(0 <= p < 100, f"--p: got {p:g}; expected percentages in [0, 100)")
     expect(req.steps is None or req.steps >= 1, f"--steps: got {req.steps}; expected an integer >= 1 (denoising steps)")
     expect(req.iterations >= 1, f"--iterations: got {req.iterations}; expected an integer >= 1 (timed runs per case)")
+    most = m.profiles["axes"]["tiles"][2]
+    expect(1 <= req.cameras <= most, f"--cameras: got {req.cameras}; expected 1..{most} (the bundle's vision engine "
+                                     "takes that many views: rebuild it with --cameras)")
     expect(req.repeats >= 1, f"--repeats: got {req.repeats}; expected an integer >= 1 (measured answers per P)")
     settings = m.profiles["settings"]
     image = req.image or tuple(settings["opt_image"])
-    prompt = bundle.tokenizer.encode_prompt(req.prompt)
+    prompt = bundle.tokenizer.encode_prompt(req.prompt, rig_names(req.cameras) if req.cameras > 1 else None)
     steps = req.steps if req.steps is not None else settings["opt_response"]
-    g = generation(m, image, len(prompt.prefix) + len(prompt.suffix), steps, steps)
+    g = generation(m, image, prompt.n_text, steps, steps, req.cameras)
     answers = [answer_cases(m, g, p) for p in req.ps]
     cases = unique_cases(answers)
     for case in cases:
@@ -275,7 +280,7 @@ def measure(req: LatencyRequest, plan: Plan, time_engines: bool) -> tuple[dict[C
 
     g = plan.generation
     gen = GenerationSettings(g.steps, g.response, g.response, stop_at_eot=False)
-    image = demo_image(*g.image)
+    image = demo_image(*g.image) if g.cameras == 1 else {name: demo_image(*g.image) for name in rig_names(g.cameras)}
     samples: dict[Case, list[float]] = {}
     measured = {}
     with Pipeline(plan.bundle, backend=req.backend) as pipe:
@@ -330,7 +335,7 @@ def assemble(req: LatencyRequest, plan: Plan, times: dict[Case, dict], measured:
               "ONNX Runtime on this machine's CPU, host wall-clock time per run (no trtexec, no tegrastats: "
               "no GPU time, no power)")
     return {"bundle": str(req.bundle), "backend": req.backend, "k": m.k, "device": dev, "timing_source": source,
-            "generation": {"image": list(g.image), "tiles": g.tiles, "visual": g.visual, "text": g.text,
+            "generation": {"image": list(g.image), "cameras": g.cameras, "tiles": g.tiles, "visual": g.visual, "text": g.text,
                            "response": g.response, "steps": g.steps},
             "cases": [{"label": c.label, "subgraph": c.subgraph, "shapes": {n: list(s) for n, s in c.shapes}, **times[c]}
                       for c in plan.cases],
@@ -382,7 +387,8 @@ def keep_report(report: dict) -> str:
 
 def print_plan(req: LatencyRequest, plan: Plan) -> None:
     g = plan.generation
-    print(f"# {req.bundle}: {g.image[0]}x{g.image[1]} ({g.tiles} tiles, {g.visual} visual), {g.text} text, "
+    rig = f"{g.cameras} cameras of " if g.cameras > 1 else ""
+    print(f"# {req.bundle}: {rig}{g.image[0]}x{g.image[1]} ({g.tiles} tiles, {g.visual} visual), {g.text} text, "
           f"{g.response} response, {g.steps} steps, P {', '.join(f'{p:g}' for p in req.ps)}")
     work = Path("$WORK")
     lines = []
@@ -401,7 +407,8 @@ def print_plan(req: LatencyRequest, plan: Plan) -> None:
     for p in req.ps:
         lines.append(["python", "-m", "runtime", "--bundle", str(req.bundle), "--backend", req.backend, "--p", f"{p:g}",
                       "--steps", str(g.steps), "--gen-length", str(g.response), "--block-length", str(g.response),
-                      "--no-stop-at-eot", "--prompt", req.prompt, "--trace", "--json"])
+                      "--no-stop-at-eot", "--prompt", req.prompt, "--trace", "--json"]
+                     + [a for name in rig_names(g.cameras) if g.cameras > 1 for a in ("--image", f"{name}={name}.png")])
     if req.lock_clocks:
         lines.append(device.clock_commands(work / "clocks.conf")[2])
     for cmd in lines:
@@ -418,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the same report from ONNX Runtime on this machine's CPU")
     ap.add_argument("--image-size", type=image_size, metavar="WIDTHxHEIGHT",
                     help="camera frame size in pixels (default: the bundle's profile opt image)")
+    ap.add_argument("--cameras", type=int, default=1, help="frames per request (a camera rig: each frame one padded "
+                                                           "view, docs/cameras.md; the bundle's --cameras at least)")
     ap.add_argument("--p", type=percent_list, default="0,50,70", help="P values to profile, percent, comma-separated")
     ap.add_argument("--prompt", default="Is the lane free?", help="the question (its token count sets the text length)")
     ap.add_argument("--steps", type=int, help="denoising steps = response tokens (default: the profile's opt response)")
@@ -441,7 +450,7 @@ def main(argv=None) -> int:
     timing = trtexec.Timing(args.warmup, args.duration, args.iterations)
     req = LatencyRequest(args.bundle, args.backend, args.image_size, args.p, args.prompt, args.steps, args.out,
                          args.dry_run, args.lock_clocks, not args.no_build, args.iterations, args.repeats, timing,
-                         args.trtexec)
+                         args.trtexec, args.cameras)
     status, _ = at_boundary(lambda: latency_report(req), ap, "interrupted; no report was written (an earlier one is intact)")
     return status or 0
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.anyres import plan_tiles
+from runtime.anyres import PAD, plan_tiles
 from runtime.bundle import CACHED_PROFILE, FULL_PROFILE, Manifest
 from runtime.errors import LladaVError
 from runtime.pruning import DEFAULT_PIVOTS, pruned_count
@@ -41,6 +41,7 @@ class Generation:
     text: int
     response: int
     steps: int
+    cameras: int = 1  # frames of `image`'s size, one padded view each when several
 
     @property
     def full(self) -> int:
@@ -104,10 +105,14 @@ class AnswerCases:
         return self._step1_ms(ms) + (steps - 1) * (ms[self.pre_cached] + ms[self.post_cached])
 
 
-def generation(manifest: Manifest, image: tuple[int, int], text_tokens: int, steps: int, response: int) -> Generation:
-    layout = manifest.profiles["settings"]["layout"]
+def generation(manifest: Manifest, image: tuple[int, int], text_tokens: int, steps: int, response: int,
+               cameras: int = 1) -> Generation:
+    """One answer's sizes: one image in the bundle's layout, or `cameras` frames of that size, each one
+    padded view (runtime.cameras)."""
+    layout = manifest.profiles["settings"]["layout"] if cameras == 1 else PAD
     tiles = plan_tiles(image, manifest.image_geometry(), layout)
-    return Generation(tuple(image), tiles.num_tiles, tiles.num_visual_tokens, text_tokens, response, steps)
+    return Generation(tuple(image), cameras * tiles.num_tiles, cameras * tiles.num_visual_tokens, text_tokens,
+                      response, steps, cameras)
 
 
 def answer_cases(manifest: Manifest, g: Generation, p: float, rule: str | None = None,

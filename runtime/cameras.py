@@ -21,6 +21,14 @@ from runtime.pruning import SequenceLayout
 from runtime.tokens import IMAGE_PLACEHOLDER, PromptIds
 
 
+RIG_NAMES = ("front", "left", "right", "rear", "front-left", "front-right")  # a rig's default camera names
+
+
+def rig_names(n: int) -> list[str]:
+    """Names for a rig of n cameras (RIG_NAMES, then camera7, camera8, ...)."""
+    return [RIG_NAMES[i] if i < len(RIG_NAMES) else f"camera{i + 1}" for i in range(n)]
+
+
 def named_images(image) -> list[tuple[str, object]]:
     """A request's images as (name, source) pairs: one image (a path or a PIL image) -> [("", image)];
     a dict {name: image} or a list of (name, image) pairs -> those, every name checked."""

@@ -161,3 +161,32 @@ def test_cli_runs_a_rig_and_draws_one_panel_per_camera(rig_bundle, tmp_path, cap
     assert Image.open(out_map).width > 2 * 512  # two panels
     assert main(argv + ["--image", paths[0], "--image", paths[0]]) == 2
     assert "camera name(s) ['front']: given twice" in capsys.readouterr().err
+
+
+def test_a_rig_bundle_is_sized_and_tuned_for_its_cameras(rig_bundle):
+    from runtime.bundle import read_manifest
+
+    m = read_manifest(rig_bundle)
+    axes = m.profiles["axes"]
+    assert axes["tiles"] == [1, 3, 3] and axes["visual"][1:] == [3 * 730, 3 * 730]
+    assert axes["full_seq"][1] == RIG.opt_text_tokens + 3 * 730 + RIG.opt_response  # tuned at the rig
+    assert axes["seq"][2] == RIG.max_text_tokens + 3 * 730 + RIG.max_response
+    assert m.profiles["settings"]["cameras"] == 3
+
+
+def test_the_jetson_plan_and_the_orin_projection_take_a_rig(rig_bundle, capsys):
+    from bench.orin_fit import main as orin_fit
+    from jetson import latency
+
+    assert latency.main(["--bundle", str(rig_bundle), "--backend", "onnxruntime", "--dry-run", "--cameras", "2",
+                         "--p", "0,50"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "2 cameras of" in lines[0] and "(2 tiles, 1460 visual)" in lines[0]
+    assert "# onnxruntime vision tiles=2" in lines
+    runs = [line for line in lines if line.startswith("python -m runtime")]
+    assert len(runs) == 2 and all("--image front=front.png --image left=left.png" in r for r in runs)
+    assert latency.main(["--bundle", str(rig_bundle), "--backend", "onnxruntime", "--dry-run", "--cameras", "4"]) == 2
+    assert "--cameras: got 4; expected 1..3" in capsys.readouterr().err
+    assert orin_fit(["--cameras", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "vision at 4 tiles" in out and "2920 visual + 50 text + 64 response tokens" in out
