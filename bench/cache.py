@@ -196,8 +196,13 @@ def main(argv=None) -> int:
         expect(args.cameras >= 1, f"--cameras: got {args.cameras}; expected an integer >= 1")
         return replace(shape, cameras=args.cameras)
 
-    return bench_main(argv, __doc__, "cache", (QUICK, CacheBenchShape()), run, (report, lambda _: orin_projection()),
-                      add_args, adapt)
+    return bench_main(argv, __doc__, "cache", (QUICK, CacheBenchShape()), run, (report, projection), add_args, adapt)
+
+
+def projection(out: dict) -> str:
+    """The 8B's Orin projection for what the run asked: one 1920x1080 frame, or the rig's views."""
+    cameras = out["shape"].get("cameras", 1)
+    return orin_projection() if cameras == 1 else orin_projection(visual=730 * cameras)
 
 
 if __name__ == "__main__":
