@@ -10,8 +10,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from miniature.scenes import COLORS, LANES, LIGHTS, LIMITS, Question, Scene, questions, scene
-from runtime.anyres import ANYRES, ImageGeometry, TileLayout
+from miniature.scenes import COLORS, LANES, LIGHTS, LIMITS, Question, RigScene, Scene, questions, rig, rig_questions, scene
+from runtime.anyres import ANYRES, PAD, ImageGeometry, TileLayout
 from runtime.preprocess import prepare_image
 from runtime.pruning_map import token_boxes, tokens_covering
 from runtime.tokens import PromptIds, TextTokenizer
@@ -57,15 +57,16 @@ def token_labels(s: Scene, layout: TileLayout, side: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Example:
-    """One scene: its tiles and, per question, the prompt ids and the target response ids."""
+    """One scene (or camera rig): its tiles and, per question, the prompt ids and the target response ids."""
 
     seed: int
-    pixels: np.ndarray  # (T, 3, S, S) float32
-    layout: TileLayout
-    questions: tuple[Question, ...]
+    pixels: np.ndarray  # (T, 3, S, S) float32: every image's tiles, image after image
+    layouts: tuple[TileLayout, ...]  # one per image (a rig: one padded view per camera)
+    questions: tuple  # Question, or RigQuestion for a rig
     prompts: tuple[PromptIds, ...]
     responses: tuple[tuple[int, ...], ...]  # each exactly response_length ids
-    labels: np.ndarray  # (V, attributes) token_labels
+    labels: np.ndarray  # (V, attributes) token_labels, image after image
+    cameras: tuple[str, ...] = ()  # a rig's camera names
 
     def asking(self, kinds) -> "Example":
         """The same scene asking only the questions of these kinds (Question.report_kind), in order."""
@@ -93,7 +94,7 @@ class Encoder:
         return Example(
             s.seed,
             image.pixel_values,
-            image.layout,
+            (image.layout,),
             qs,
             tuple(self._prompt(q.text) for q in qs),
             tuple(self.response(q.answer) for q in qs),
@@ -102,6 +103,25 @@ class Encoder:
 
     def examples(self, seeds, text: bool = True) -> list[Example]:
         return [self.example(scene(int(seed)), text) for seed in seeds]
+
+    def rig_example(self, r: RigScene) -> Example:
+        """A camera rig's example: one padded view per camera (runtime.cameras), its questions."""
+        names = tuple(r.cameras)
+        images = [prepare_image(s.image, self.geometry, PAD) for s in r.cameras.values()]
+        qs = tuple(rig_questions(r))
+        return Example(
+            r.seed,
+            np.concatenate([im.pixel_values for im in images]),
+            tuple(im.layout for im in images),
+            qs,
+            tuple(self.tok.encode_prompt(q.text, list(names)) for q in qs),
+            tuple(self.response(q.answer) for q in qs),
+            np.concatenate([token_labels(s, im.layout, self.geometry.side) for s, im in zip(r.cameras.values(), images)]),
+            names,
+        )
+
+    def rig_examples(self, seeds) -> list[Example]:
+        return [self.rig_example(rig(int(seed))) for seed in seeds]
 
 
 def training_seeds(run_seed: int, first: int, count: int) -> np.ndarray:

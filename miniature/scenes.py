@@ -7,6 +7,10 @@ object's box; `questions(scene)` asks the templated questions and computes their
 words each) and which objects each question is about (the harness measures how many of those
 objects' visual tokens pruning keeps). Train and test scenes come from disjoint seed ranges.
 Everything is deterministic in the seed (numpy's PCG64, PIL drawing).
+
+Camera rigs (`rig(seed)`): two or three cameras (front, left, right), each its own scene, and
+questions that name a camera ("In the left camera, is there a pedestrian?") or span them ("How
+many vehicles in all cameras?"); their scenes' seeds lie apart from the single-image ones.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ COLORS = {"red": (200, 30, 30), "blue": (30, 60, 200), "green": (30, 150, 50), "
 LIGHTS = ("red", "yellow", "green")
 LIMITS = (30, 50, 70, 90, 110)
 NUMBERS = ("zero", "one", "two", "three", "four")
+RIG_NUMBERS = (*NUMBERS, "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve")  # all cameras' vehicles
 LANES = ("left", "ego", "right")
 
 
@@ -262,3 +267,67 @@ def questions(s: Scene, kinds=("light", "count", "pedestrian", "ahead", "limit")
 def held_out_set() -> list[tuple[Scene, Question]]:
     """The fixed held-out set: every question of every test scene."""
     return [(s, q) for s in map(scene, TEST_SEEDS) for q in questions(s)]
+
+
+# ---------------------------------------------------------------- camera rigs
+
+RIG_CAMERAS = ("front", "left", "right")
+RIG_TRAIN_SEEDS = range(0, 1_000_000)
+RIG_TEST_SEEDS = range(1_000_000, 1_000_000 + 60)  # 60 rigs x (cameras + 1) questions, held out
+RIG_SCENE_BASE = 50_000_000  # a rig's scenes: 4 seeds each from here, apart from TRAIN_SEEDS and TEST_SEEDS
+RIG_TEMPLATES = {
+    "cam_pedestrian": "In the {camera} camera, is there a pedestrian?",
+    "cam_light": "In the {camera} camera, what color is the traffic light?",
+    "all_count": "How many vehicles in all cameras?",
+}
+
+
+@dataclass
+class RigScene:
+    seed: int
+    cameras: dict[str, Scene]  # name -> what that camera sees, in RIG_CAMERAS order
+
+
+@dataclass(frozen=True)
+class RigQuestion:
+    kind: str  # RIG_TEMPLATES' keys
+    text: str
+    answer: str
+    camera: str | None  # the camera it names (None: every camera)
+    about: tuple[tuple[int, int], ...]  # (camera index, object index) pairs
+
+    @property
+    def report_kind(self) -> str:
+        return self.kind
+
+
+def rig(seed: int, size: tuple[int, int] = SIZE) -> RigScene:
+    """Two or three cameras (by seed), each an independent scene."""
+    n = 2 + seed % 2
+    scenes = [scene(RIG_SCENE_BASE + 4 * seed + i, size) for i in range(n)]
+    return RigScene(seed, dict(zip(RIG_CAMERAS, scenes)))
+
+
+def rig_questions(r: RigScene) -> list[RigQuestion]:
+    """One question per camera naming it (pedestrian or traffic light, alternating by seed and camera)
+    and one spanning every camera (their vehicles counted together)."""
+    out = []
+    for i, (name, s) in enumerate(r.cameras.items()):
+        idx = {id(o): j for j, o in enumerate(s.objects)}
+        if (r.seed + i) % 2 == 0:
+            ped = s.of("pedestrian")
+            answer = f"yes, on the {ped[0].side}" if ped else "no"
+            out.append(RigQuestion("cam_pedestrian", RIG_TEMPLATES["cam_pedestrian"].format(camera=name), answer, name,
+                                   tuple((i, idx[id(p)]) for p in ped)))
+        else:
+            light = s.of("light")[0]
+            out.append(RigQuestion("cam_light", RIG_TEMPLATES["cam_light"].format(camera=name), light.color, name,
+                                   ((i, idx[id(light)]),)))
+    vehicles = [(i, j) for i, s in enumerate(r.cameras.values()) for j, o in enumerate(s.objects) if o.kind == "vehicle"]
+    out.append(RigQuestion("all_count", RIG_TEMPLATES["all_count"], RIG_NUMBERS[len(vehicles)], None, tuple(vehicles)))
+    return out
+
+
+def held_out_rigs() -> list[tuple[RigScene, RigQuestion]]:
+    """The fixed held-out camera questions: every question of every test rig."""
+    return [(r, q) for r in map(rig, RIG_TEST_SEEDS) for q in rig_questions(r)]

@@ -162,7 +162,7 @@ class TrainSettings:
         if kind_of(phase) == "focus":
             return self.focus_lr * min(1.0, (i + 1) / self.focus_warmup_steps)
         warmup, peak = {"sft": (self.warmup_steps, self.lr), "review": (self.review_warmup_steps, self.review_lr)}[kind_of(phase)]
-        return _warmup_cosine(i, self.stage_steps(phase), warmup, peak, self.final_lr_ratio)
+        return warmup_cosine(i, self.stage_steps(phase), warmup, peak, self.final_lr_ratio)
 
 
 def kind_of(phase: str) -> str:
@@ -170,7 +170,7 @@ def kind_of(phase: str) -> str:
     return phase.split()[0]
 
 
-def _warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
+def warmup_cosine(step: int, steps: int, warmup: int, peak: float, floor: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     done = (step - warmup) / max(1, steps - warmup)
@@ -208,12 +208,19 @@ class TokenHeads(nn.Module):
         return list(self.proj(visual).float().split(self.sizes, dim=-1))
 
 
-def scene_visuals(model: LladaV, batch: list[Example]) -> list[torch.Tensor]:
-    """Per scene its visual tokens (V, D): the vision tower runs once over every tile of the batch."""
+def scene_visuals(model: LladaV, batch: list[Example]) -> list[list[torch.Tensor]]:
+    """Per scene (or rig) its images' visual tokens [(V_i, D)]: the vision tower runs once over every
+    tile of the batch."""
     pixels = torch.from_numpy(np.concatenate([ex.pixels for ex in batch]))
-    feats = model.encode_tiles(pixels)  # (B*T, S*S, D)
-    t = batch[0].pixels.shape[0]
-    return [merge_anyres(feats[b * t : (b + 1) * t], ex.layout, model.model.image_newline) for b, ex in enumerate(batch)]
+    feats = model.encode_tiles(pixels)  # (sum T, S*S, D)
+    out, start = [], 0
+    for ex in batch:
+        images = []
+        for layout in ex.layouts:
+            images.append(merge_anyres(feats[start : start + layout.num_tiles], layout, model.model.image_newline))
+            start += layout.num_tiles
+        out.append(images)
+    return out
 
 
 def token_loss(heads: TokenHeads, batch: list[Example], visuals: list[torch.Tensor]) -> tuple[torch.Tensor, list[float]]:
@@ -221,7 +228,7 @@ def token_loss(heads: TokenHeads, batch: list[Example], visuals: list[torch.Tens
     the accuracy on the tokens that hold an object of that kind."""
     labels = torch.from_numpy(np.concatenate([ex.labels for ex in batch]))  # (sum V, A)
     loss, acc = torch.zeros(()), []
-    for a, logits in enumerate(heads(torch.cat(visuals))):
+    for a, logits in enumerate(heads(torch.cat([v for images in visuals for v in images]))):
         loss = loss + F.cross_entropy(logits, labels[:, a], ignore_index=IGNORE)
         holds = labels[:, a] > 0
         acc.append(float((logits.argmax(-1) == labels[:, a])[holds].float().mean()) if holds.any() else float("nan"))
@@ -237,10 +244,11 @@ def batch_sequences(model: LladaV, batch: list[Example], visuals: list[torch.Ten
     embed = model.embed
     groups: dict[int, list[tuple[int, torch.Tensor]]] = {}
     qi = 0
-    for ex, visual in zip(batch, visuals):
-        for prompt in ex.prompts:
-            h = torch.cat([embed(torch.tensor(prompt.prefix)), visual, embed(torch.tensor(prompt.suffix)),
-                           embed(responses[qi])])
+    for ex, images in zip(batch, visuals):
+        for prompt in ex.prompts:  # text and images in the prompt's order (runtime.tokens.PromptIds.segments)
+            parts = [embed(torch.tensor(seg, dtype=torch.long)) if isinstance(seg, tuple) else images[seg]
+                     for seg in prompt.segments()]
+            h = torch.cat([*parts, embed(responses[qi])])
             groups.setdefault(h.shape[0], []).append((qi, h))
             qi += 1
     return [([i for i, _ in g], torch.stack([h for _, h in g])) for g in groups.values()]

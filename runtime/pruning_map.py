@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from runtime.anyres import ANYRES, TileLayout
+from runtime.anyres import ANYRES, PAD, TileLayout
 
 PANEL = 512
 
@@ -29,9 +29,14 @@ def token_boxes(layout: TileLayout, side: int):
 def tokens_covering(layout: TileLayout, side: int, box: tuple[int, int, int, int]) -> np.ndarray:
     """Visual indices (ascending) of the tokens whose image cell holds the centre of at least one
     pixel of box (x0, y0, x1, y1) (original image pixels, x1/y1 exclusive): the box's tokens in the
-    global tile and, for AnyRes, in the grid (both panels cover the whole image, as token_boxes)."""
+    global tile and, for AnyRes, in the grid (both panels cover the whole image, as token_boxes). A
+    view of several images (pad) covers the image centred on its padded square."""
     w, h = layout.image_size
     x0, y0, x1, y1 = box
+    if layout.mode == PAD:  # the box moves with the image onto the square (runtime.preprocess.pad_to_square)
+        side_px = max(w, h)
+        dx, dy = (side_px - w) // 2, (side_px - h) // 2
+        x0, y0, x1, y1, w, h = x0 + dx, y0 + dy, x1 + dx, y1 + dy, side_px, side_px
 
     def cells(lo: int, hi: int, n: int, size: int) -> set[int]:
         return set(np.floor((np.arange(lo, hi) + 0.5) * n / size).astype(int).tolist())

@@ -190,3 +190,83 @@ def test_the_jetson_plan_and_the_orin_projection_take_a_rig(rig_bundle, capsys):
     assert orin_fit(["--cameras", "4"]) == 0
     out = capsys.readouterr().out
     assert "vision at 4 tiles" in out and "2920 visual + 50 text + 64 response tokens" in out
+
+
+# ---------------------------------------------------------------- the miniature's camera rigs
+
+
+def test_rigs_ask_about_a_named_camera_or_all_of_them():
+    from miniature.scenes import (RIG_NUMBERS, RIG_SCENE_BASE, RIG_TEST_SEEDS, TEST_SEEDS, TRAIN_SEEDS, rig,
+                                  rig_questions)
+
+    assert RIG_SCENE_BASE > max(TEST_SEEDS) > max(TRAIN_SEEDS)  # a rig's scenes are none of the single-image ones
+    sizes = set()
+    for seed in RIG_TEST_SEEDS[:12]:
+        r = rig(seed)
+        sizes.add(len(r.cameras))
+        qs = rig_questions(r)
+        assert len(qs) == len(r.cameras) + 1 and [q.camera for q in qs[:-1]] == list(r.cameras)
+        for q in qs[:-1]:
+            s = r.cameras[q.camera]
+            assert q.camera in q.text
+            if q.kind == "cam_pedestrian":
+                assert q.answer == (f"yes, on the {s.of('pedestrian')[0].side}" if s.of("pedestrian") else "no")
+            else:
+                assert q.answer == s.of("light")[0].color
+        total = sum(len(s.of("vehicle")) for s in r.cameras.values())
+        assert qs[-1].answer == RIG_NUMBERS[total] and len(qs[-1].about) == total
+    assert sizes == {2, 3}
+
+
+def test_a_rig_example_holds_each_camera_s_view_in_prompt_order():
+    from miniature.data import Encoder
+    from miniature.scenes import rig
+    from miniature.train import batch_sequences, scene_visuals
+    from export.checkpoint import load_model
+    from miniature import embedded_checkpoint
+    from runtime.tokens import TextTokenizer
+
+    model, ckpt = load_model(embedded_checkpoint())
+    tok = TextTokenizer(embedded_checkpoint())
+    ex = Encoder(tok, ckpt.config.geometry, 32).rig_example(rig(3))  # three cameras
+    per_view = ckpt.config.geometry.tokens_per_tile + 1
+    assert ex.cameras == ("front", "left", "right") and ex.pixels.shape[0] == 3
+    assert [la.mode for la in ex.layouts] == [PAD] * 3 and ex.labels.shape[0] == 3 * per_view
+    with torch.no_grad():
+        visuals = scene_visuals(model, [ex])
+        responses = torch.tensor([r[:8] for r in ex.responses])
+        groups = batch_sequences(model, [ex], visuals, responses)
+    prompt = ex.prompts[0]
+    lay = request_layout(prompt, [type("V", (), {"layout": la})() for la in ex.layouts], 8)
+    h = dict((i, x) for idx, hs in groups for i, x in zip(idx, hs))[0]
+    assert h.shape[0] == lay.total
+    for rows, visual in zip(lay.segments(), visuals[0]):
+        assert torch.equal(h[rows], visual)
+
+
+def test_object_cells_follow_the_image_onto_its_padded_square():
+    from runtime.pruning_map import tokens_covering
+
+    g = ImageGeometry(image_size=128, patch_size=16)  # 8 x 8 tokens
+    layout = plan_tiles((640, 360), g, PAD)  # the frame sits in rows 140..499 of a 640 x 640 square
+    whole = tokens_covering(layout, 8, (0, 0, 640, 360))
+    assert whole.tolist() == list(range(8, 56))  # token rows 1..6 of 8: the padding's rows hold nothing
+    assert tokens_covering(layout, 8, (0, 0, 80, 20)).tolist() == [8]  # top-left corner: square rows 140..159
+
+
+def test_the_rig_fine_tune_checkpoints_and_resumes(tmp_path):
+    from miniature.rig_finetune import RigFinetune, RigFinetuneSettings
+
+    settings = RigFinetuneSettings(steps=1, rigs_per_step=1, scenes_per_step=1, validation_rigs=2, validation_scenes=2,
+                                   checkpoint_seconds=1e9)
+    job = RigFinetune(settings, tmp_path / "run")
+    before = {k: v.clone() for k, v in job.model.state_dict().items()}
+    job.train()
+    assert job.step == 1 and job.log[0]["step"] == 0 and job.log[-1]["step"] == 1 and "val_rigs" in job.log[-1]
+    assert any(not torch.equal(before[k], v) for k, v in job.model.state_dict().items())
+    again = RigFinetune(settings, tmp_path / "run")
+    assert again.step == 1 and all(torch.equal(v, job.model.state_dict()[k]) for k, v in again.model.state_dict().items())
+    with pytest.raises(LladaVError, match="holds a fine-tune with settings"):
+        RigFinetune(RigFinetuneSettings(steps=2), tmp_path / "run")
+    out = job.write(tmp_path / "ckpt")
+    assert (out / "config.json").is_file() and (tmp_path / "run" / "training.json").is_file()

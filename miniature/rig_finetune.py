@@ -1,0 +1,190 @@
+"""Teach the shipped miniature its cameras: a resumable fine-tune on camera rigs (docs/cameras.md).
+
+    python -m miniature.rig_finetune --run-dir runs/rig-finetune --out runs/rig-finetune/checkpoint
+
+Starts from the embedded checkpoint. Every step trains on `rigs_per_step` camera rigs (all their
+questions: one per camera naming it, one spanning them; miniature.scenes.rig) and
+`scenes_per_step` single-image scenes (all six questions), so the single-image skill is rehearsed
+while the rigs are learned. LLaDA's SFT loss (miniature.train.sft_loss) at a response length drawn
+per step, AdamW, linear warmup then cosine decay. The state is checkpointed every
+`checkpoint_seconds` (temporary name, then rename) and a re-run resumes it; the log records the
+loss and one-pass accuracy on validation rigs and scenes that no step trains on. When done, the
+weights are written as a checkpoint in the Hugging Face layout (bf16), the embedded one's config and
+tokenizer beside them, with the run's record (training.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from miniature import embedded_checkpoint
+from miniature.data import VALIDATION_SEEDS, Encoder
+from miniature.train import warmup_cosine, one_pass_accuracy, scene_visuals, sft_loss
+from runtime.errors import LladaVError
+
+STATE = "rig_state.pt"
+VALIDATION_RIGS = range(999_000, 999_000 + 24)  # in the training rigs' range, never reached by a run
+FIRST_RIG, FIRST_SCENE = 0, 8_000_000  # the stretches the steps read (single scenes: apart from the first run's)
+
+
+@dataclass(frozen=True)
+class RigFinetuneSettings:
+    seed: int = 0
+    steps: int = 400
+    rigs_per_step: int = 4
+    scenes_per_step: int = 2
+    lr: float = 3e-4
+    warmup_steps: int = 20
+    final_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    response_lengths: tuple[int, int] = (8, 16)
+    bf16_autocast: bool = True
+    eval_every: int = 100
+    validation_rigs: int = 24
+    validation_scenes: int = 16
+    checkpoint_seconds: float = 300.0
+
+
+class RigFinetune:
+    """One fine-tune: the model, the optimizer, the data and the checkpointed state in run_dir."""
+
+    def __init__(self, settings: RigFinetuneSettings, run_dir: Path, start: Path | None = None):
+        from export.checkpoint import load_model
+        from runtime.tokens import TextTokenizer
+
+        self.s, self.dir = settings, Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.start = Path(start or embedded_checkpoint())
+        self.model, self.ckpt = load_model(self.start, torch.float32)
+        self.model.requires_grad_(True)  # loaded for inference
+        self.tok = TextTokenizer(self.start)
+        self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32)
+        params = list(self.model.parameters())
+        self.opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
+                                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                                     lr=settings.lr, betas=(0.9, 0.95))
+        self.step, self.elapsed, self.log = 0, 0.0, []
+        self._resume()
+
+    def _resume(self) -> None:
+        path = self.dir / STATE
+        if not path.is_file():
+            return
+        state = torch.load(path, weights_only=False)
+        if state["settings"] != dataclasses.asdict(self.s) or state["start"] != str(self.start):
+            raise LladaVError(f"run dir {str(self.dir)!r}: holds a fine-tune with settings {state['settings']} from "
+                              f"{state['start']}; expected {dataclasses.asdict(self.s)} from {self.start} (use another "
+                              "--run-dir or delete it)")
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.elapsed, self.log = state["step"], state["elapsed"], state["log"]
+        print(f"resumed at step {self.step}/{self.s.steps} ({self.elapsed / 60:.1f} min trained)", flush=True)
+
+    def save(self) -> None:
+        state = {"settings": dataclasses.asdict(self.s), "start": str(self.start), "model": self.model.state_dict(),
+                 "optimizer": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed, "log": self.log}
+        tmp = self.dir / (STATE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.dir / STATE)
+
+    def lr_at(self, step: int) -> float:
+        return warmup_cosine(step, self.s.steps, self.s.warmup_steps, self.s.lr, self.s.final_lr_ratio)
+
+    def batch(self, step: int) -> list:
+        s = self.s
+        rigs = np.arange(FIRST_RIG + step * s.rigs_per_step, FIRST_RIG + (step + 1) * s.rigs_per_step)
+        scenes = np.arange(FIRST_SCENE + step * s.scenes_per_step, FIRST_SCENE + (step + 1) * s.scenes_per_step)
+        return self.encoder.rig_examples(rigs) + self.encoder.examples(scenes)
+
+    def train_step(self) -> float:
+        s = self.s
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        batch = self.batch(self.step)
+        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
+        length = int(np.random.default_rng([s.seed, self.step, 7]).integers(*s.response_lengths, endpoint=True))
+        self.model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16_autocast):
+            loss = sft_loss(self.model, batch, scene_visuals(self.model, batch), length, self.tok.ids.mask, gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        rigs = one_pass_accuracy(self.model, self.encoder.rig_examples(VALIDATION_RIGS[: self.s.validation_rigs]), self.tok)
+        single = one_pass_accuracy(self.model, self.encoder.examples(VALIDATION_SEEDS[: self.s.validation_scenes]),
+                                   self.tok)
+        return {"val_rigs": {k: round(v, 4) for k, v in rigs.items()},
+                "val_single": {k: round(v, 4) for k, v in single.items()}}
+
+    def train(self) -> None:
+        s, losses = self.s, []
+        last_save, begin = time.time(), time.time() - self.elapsed
+        if self.step == 0 and not self.log:
+            self.log.append({"step": 0, **self.validate()})
+            print(f"step 0: {self.log[-1]}", flush=True)
+        while self.step < s.steps:
+            losses.append(self.train_step())
+            self.step += 1
+            self.elapsed = time.time() - begin
+            if self.step % 10 == 0 or self.step == s.steps:
+                row = {"step": self.step, "loss": float(np.mean(losses)), "lr": self.lr_at(self.step - 1),
+                       "minutes": self.elapsed / 60}
+                losses = []
+                if self.step % s.eval_every == 0 or self.step == s.steps:
+                    row.update(self.validate())
+                self.log.append(row)
+                print(f"step {self.step}/{s.steps}: {row}", flush=True)
+            if time.time() - last_save > s.checkpoint_seconds or self.step == s.steps:
+                self.save()
+                last_save = time.time()
+
+    def write(self, out: Path) -> Path:
+        """The weights (bf16, as LLaDA-V ships) beside the starting checkpoint's config and tokenizer,
+        with the run's record."""
+        from export.checkpoint import CONFIG, TOKENIZER_FILES, write_checkpoint
+        from runtime.files import read_json, write_json
+
+        files = {n: (self.start / n).read_text(encoding="utf-8") for n in TOKENIZER_FILES if (self.start / n).is_file()}
+        state = {k: v.detach().to(torch.bfloat16) for k, v in self.model.state_dict().items()}
+        path = write_checkpoint(out, read_json(self.start / CONFIG, "config"), state, files)
+        write_json(self.dir / "training.json", {"settings": dataclasses.asdict(self.s), "start": str(self.start),
+                                                "minutes": self.elapsed / 60, "log": self.log})
+        return path
+
+
+def main(argv=None) -> int:
+    from runtime.cli_args import at_boundary
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", type=Path, default=Path("runs/rig-finetune"), help="state and log (resumed)")
+    ap.add_argument("--out", type=Path, help="where the fine-tuned checkpoint goes (default: RUN_DIR/checkpoint)")
+    ap.add_argument("--steps", type=int, default=RigFinetuneSettings.steps)
+    ap.add_argument("--start", type=Path, help="the checkpoint to fine-tune (default: the embedded miniature)")
+    args = ap.parse_args(argv)
+
+    def run():
+        job = RigFinetune(RigFinetuneSettings(steps=args.steps), args.run_dir, args.start)
+        job.train()
+        out = job.write(args.out or args.run_dir / "checkpoint")
+        print(f"wrote {out} and {args.run_dir / 'training.json'}", flush=True)
+
+    status, _ = at_boundary(run, ap)
+    return status or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
