@@ -2,6 +2,7 @@
 
     python -m miniature.eval --bundle bundles/miniature-k15-p50-fp32            # the full table
     python -m miniature.eval --bundle bundles/miniature-k15-p50-fp32 --limit 60 # a quick look
+    python -m miniature.eval --bundle bundles/miniature-k15-p50-fp32-3cams --cameras  # camera rigs
 
 Runs the runtime (ONNX Runtime) over the held-out set (miniature/scenes.py: 120 scenes, 720
 questions) for each strategy and reports, per question type and overall, exact-match accuracy,
@@ -9,7 +10,9 @@ the object recall of the kept set (share of the asked-about objects' visual toke
 pruning kept, over questions about at least one object) and the mean FLOPs remaining
 (bench.flops for that sequence). K is a bundle property: strategies at another K run on sibling
 bundles built from the same checkpoint into the output directory. Writes table.md, table.json
-(per-question answers included) and accuracy_vs_flops.png.
+(per-question answers included) and accuracy_vs_flops.png. With --cameras: the held-out camera
+rigs (60 rigs, 210 questions naming a camera or spanning them; a bundle built with --cameras 3),
+unpruned and the rules at P50/P70 with a global and a per-camera budget.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.flops import remaining, run_workload, total_flops, trace_flops
-from miniature.scenes import Question, Scene, held_out_set
+from miniature.scenes import RigScene, Scene, held_out_rigs, held_out_set
 from runtime.bundle import Manifest, read_manifest
 from runtime.cli_args import at_boundary, quiet_on_broken_pipe
 from runtime.errors import expect
@@ -35,6 +38,8 @@ from runtime.schedule import GenerationSettings
 
 KINDS = ("light", "count", "pedestrian", "ahead", "limit", "lane")
 CHANCE = {"light": 1 / 3, "count": 1 / 5, "pedestrian": 1 / 3, "ahead": 1 / 7, "limit": 1 / 5, "lane": 1 / 2}
+RIG_KINDS = ("cam_pedestrian", "cam_light", "all_count")
+RIG_CHANCE = {"cam_pedestrian": 1 / 3, "cam_light": 1 / 3, "all_count": 1 / 13}
 # LLaDA-V answers multiple choice in 2 steps; our answers are at most 7 tokens with <|eot_id|>.
 HARNESS_GEN = GenerationSettings(steps=8, gen_length=8, block_length=8)
 
@@ -52,9 +57,10 @@ class Strategy:
     positions: str = "original"
     cache: str = "none"  # runtime.caching: none | prefix | dual
     threshold: float = 0.0  # Fast-dLLM's parallel decoding (0: the fixed schedule)
+    budget: str = "global"  # several cameras: runtime.pruning.BUDGETS
 
     def prune(self, bundle_k: int) -> PruneSettings:
-        return PruneSettings(self.k or bundle_k, self.p, self.query, self.rule, self.positions)
+        return PruneSettings(self.k or bundle_k, self.p, self.query, self.rule, self.positions, budget=self.budget)
 
     @property
     def accelerated(self) -> bool:
@@ -84,6 +90,17 @@ def strategies() -> list[Strategy]:
     return rows
 
 
+def rig_strategies() -> list[Strategy]:
+    """The camera rows (issue 26): unpruned; the duplicate and saliency rules at P50 and P70 (K=15),
+    each with a global and a per-camera budget."""
+    rows = [Strategy("unpruned", "unpruned", None)]
+    for rule in ("duplicate", "saliency"):
+        for budget in ("global", "per_camera"):
+            rows += [Strategy(f"K15 P{p} {rule} {budget}", f"{rule}, {budget} budget", 15, p, rule=rule, budget=budget)
+                     for p in (50, 70)]
+    return rows
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -98,19 +115,28 @@ def sibling_bundle(manifest: Manifest, k: int, work: Path, log) -> Path:
     return build_bundle(req).out
 
 
-def record(pipe, s: Strategy, scene_: Scene, q: Question, gen: GenerationSettings) -> dict:
-    """Run one question under one strategy: the answer and what pruning kept."""
+def covered_tokens(res, item, q, side: int) -> np.ndarray:
+    """The visual indices of the objects q asks about (a rig: each camera's, offset to its segment)."""
+    if isinstance(item, RigScene):
+        scenes, starts = list(item.cameras.values()), np.cumsum([0, *res.layout.sizes])
+        found = [starts[c] + tokens_covering(res.tile_layouts[c], side, scenes[c].objects[j].box.xyxy) for c, j in q.about]
+    else:
+        found = [tokens_covering(res.tile_layout, side, item.objects[i].box.xyxy) for i in q.about]
+    return np.unique(np.concatenate(found or [np.zeros(0, int)]))
+
+
+def record(pipe, s: Strategy, item: Scene | RigScene, q, gen: GenerationSettings) -> dict:
+    """Run one question (of a scene or a camera rig) under one strategy: the answer and what pruning kept."""
     from runtime.caching import CacheSettings
 
-    res = pipe.generate(scene_.image, q.text, replace(gen, threshold=s.threshold), s.prune(pipe.manifest.k),
+    image = {name: sc.image for name, sc in item.cameras.items()} if isinstance(item, RigScene) else item.image
+    res = pipe.generate(image, q.text, replace(gen, threshold=s.threshold), s.prune(pipe.manifest.k),
                         cache=CacheSettings(s.cache))
-    side = pipe.geometry.side
-    covering = np.unique(np.concatenate(
-        [tokens_covering(res.tile_layout, side, scene_.objects[i].box.xyxy) for i in q.about] or [np.zeros(0, int)]))
+    covering = covered_tokens(res, item, q, pipe.geometry.side)
     w = run_workload(pipe.manifest, res.layout, gen)
     steps_w = replace(w, steps=len(res.steps))
     return {
-        "seed": scene_.seed, "kind": q.report_kind, "question": q.text, "answer": q.answer, "got": res.text.strip(),
+        "seed": item.seed, "kind": q.report_kind, "question": q.text, "answer": q.answer, "got": res.text.strip(),
         "correct": res.text.strip() == q.answer,
         "recall": object_recall(covering, res.kept_visual) if covering.size else None,
         # the paper's FLOPs Rem.: against an unpruned run of as many steps as this one took (with a cache: from
@@ -147,7 +173,7 @@ def run_all(bundle: Path, rows: list[Strategy], items, gen: GenerationSettings, 
 # ---------------------------------------------------------------- the table
 
 
-def summarize(rows: list[Strategy], records: dict[str, list[dict]]) -> list[dict]:
+def summarize(rows: list[Strategy], records: dict[str, list[dict]], kinds=KINDS) -> list[dict]:
     """Per row: accuracy (overall, per kind), object recall, FLOPs remaining, mean steps. Cache and
     threshold rows take fewer steps than the fixed schedule: their FLOPs are put against the unpruned
     row's on the same questions where that row ran (else against as many unpruned steps as they took)."""
@@ -157,7 +183,7 @@ def summarize(rows: list[Strategy], records: dict[str, list[dict]]) -> list[dict
         recs = records[s.name]
         if s.accelerated and base and len(base) == len(recs):
             recs = [{**r, "flops_remaining": r["flops"] / b["flops"]} for r, b in zip(recs, base)]
-        acc = {kind: _mean([r["correct"] for r in recs if r["kind"] == kind]) for kind in KINDS}
+        acc = {kind: _mean([r["correct"] for r in recs if r["kind"] == kind]) for kind in kinds}
         recalls = [r["recall"] for r in recs if r["recall"] is not None]
         table.append({
             **asdict(s), "questions": len(recs), "accuracy": _mean([r["correct"] for r in recs]),
@@ -175,17 +201,18 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def markdown(table: list[dict], header: str) -> str:
-    cols = ["strategy", "overall", *KINDS, "object recall", "FLOPs rem.", "steps"]
+def markdown(table: list[dict], header: str, chance: dict = CHANCE) -> str:
+    kinds = tuple(chance)
+    cols = ["strategy", "overall", *kinds, "object recall", "FLOPs rem.", "steps"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = table[0]["accuracy"] if table and table[0]["k"] is None else None
     for row in table:
         rel = f" ({100 * row['accuracy'] / base:.0f}% of unpruned)" if base and row["k"] is not None else ""
-        cells = [row["name"], _pct(row["accuracy"]) + rel, *(_pct(row["by_kind"][k]) for k in KINDS),
+        cells = [row["name"], _pct(row["accuracy"]) + rel, *(_pct(row["by_kind"][k]) for k in kinds),
                  _pct(row["object_recall"]), _pct(row["flops_remaining"]), f"{row['mean_steps']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    chance = ", ".join(f"{k} {100 * v:.0f}%" for k, v in CHANCE.items())
-    lines += ["", f"Accuracy in %, exact match. Chance: {chance}. Object recall: share of the asked-about "
+    odds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in chance.items())
+    lines += ["", f"Accuracy in %, exact match. Chance: {odds}. Object recall: share of the asked-about "
               "objects' visual tokens kept at step 1 (questions about at least one object). FLOPs remaining: "
               "bench.flops for each question's sequence, relative to unpruned (cache and threshold rows: from "
               "the rows each step computed, against the unpruned row's run of the same question). Steps: mean "
@@ -238,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default: runs/eval/<bundle name>)")
     ap.add_argument("--steps", type=int, default=HARNESS_GEN.steps, help="denoising steps")
     ap.add_argument("--gen-length", type=int, default=HARNESS_GEN.gen_length, help="response length in tokens")
+    ap.add_argument("--cameras", action="store_true",
+                    help="the held-out camera rigs and their rows (a bundle built with --cameras 3)")
     ap.add_argument("--block-length", type=int,
                     help="response block length (default: the whole response in one block; with several blocks "
                          "the prefix and dual caches differ)")
@@ -275,10 +304,10 @@ def main(argv=None) -> int:
         expect(args.limit is None or args.limit >= 1, f"--limit: got {args.limit}; expected >= 1")
         manifest = read_manifest(args.bundle)
         check_miniature_bundle(args.bundle, manifest)
-        rows = select(strategies(), args.strategies)
+        rows = select(rig_strategies() if args.cameras else strategies(), args.strategies)
         gen = replace(HARNESS_GEN, steps=args.steps, gen_length=args.gen_length,
                       block_length=args.block_length or args.gen_length).validate()
-        items = held_out_set()[: args.limit]
+        items = (held_out_rigs() if args.cameras else held_out_set())[: args.limit]
         out = check_output_dir(args.out or Path("runs") / "eval" / args.bundle.name, "--out")  # before the evaluation
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.time()
@@ -289,12 +318,13 @@ def main(argv=None) -> int:
     if status is not None:
         return status
     manifest, rows, gen, items, out, records, minutes = got
-    table = summarize(rows, records)
+    table = summarize(rows, records, RIG_KINDS if args.cameras else KINDS)
     header = (f"Miniature LLaDA-V ({manifest.precision}, model {manifest.model['content_hash'][:12]}), "
-              f"{len(items)} held-out questions, gen_length {gen.gen_length}, {gen.steps} steps"
+              f"{len(items)} held-out {'camera-rig ' if args.cameras else ''}questions, gen_length {gen.gen_length}, "
+              f"{gen.steps} steps"
               f"{'' if gen.block_length == gen.gen_length else f', blocks of {gen.block_length}'}, "
               f"ONNX Runtime CPU, {minutes:.1f} min")
-    md = markdown(table, header)
+    md = markdown(table, header, RIG_CHANCE if args.cameras else CHANCE)
     # written before printed: a reader that closes the pipe early must not cost the results
     try:
         write_json(out / "table.json", {"header": header, "generation": asdict(gen), "rows": table, "records": records})

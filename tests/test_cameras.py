@@ -270,3 +270,33 @@ def test_the_rig_fine_tune_checkpoints_and_resumes(tmp_path):
         RigFinetune(RigFinetuneSettings(steps=2), tmp_path / "run")
     out = job.write(tmp_path / "ckpt")
     assert (out / "config.json").is_file() and (tmp_path / "run" / "training.json").is_file()
+
+
+def test_the_harness_runs_the_camera_rows(tmp_path_factory):
+    """--cameras: the held-out rigs under unpruned and the rules at P50/P70 with a global and a per-camera
+    budget; each budget keeps its own count (per camera: V_i - floor(V_i * P / 100) of each camera)."""
+    from export.profiles import ProfileSettings
+    from miniature import embedded_checkpoint
+    from miniature.eval import RIG_KINDS, main, rig_strategies
+    from runtime.pruning import pruned_count
+
+    root = tmp_path_factory.mktemp("minirig")
+    profile = ProfileSettings(layout="single", max_text_tokens=128, opt_text_tokens=64, max_response=32, opt_response=8,
+                              cameras=3)
+    bundle = build_bundle(BuildRequest(embedded_checkpoint(), root / "k15", 15, 50, "fp32", profile),
+                          log=lambda m: None).out
+    out = root / "eval"
+    assert main(["--bundle", str(bundle), "--cameras", "--limit", "7", "--out", str(out)]) == 0
+    data = json.loads((out / "table.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == [s.name for s in rig_strategies()] and len(rows) == 9
+    assert "| K15 P70 saliency per_camera |" in (out / "table.md").read_text()
+    for name, recs in data["records"].items():
+        assert {r["kind"] for r in recs} == set(RIG_KINDS), name
+        row = rows[name]
+        for r in recs:
+            n = r["visual"] // 65  # the miniature's views: 8 x 8 tokens + the image_newline
+            assert r["visual"] == 65 * n and n in (2, 3)
+            dropped = n * pruned_count(65, row["p"]) if row["budget"] == "per_camera" else pruned_count(r["visual"], row["p"])
+            assert r["kept"] == r["visual"] - dropped, name
+    assert rows["unpruned"]["object_recall"] == 1.0 and rows["unpruned"]["flops_remaining"] == 1.0
