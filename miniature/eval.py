@@ -265,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(default: runs/eval/<bundle name>)")
     ap.add_argument("--steps", type=int, default=HARNESS_GEN.steps, help="denoising steps")
     ap.add_argument("--gen-length", type=int, default=HARNESS_GEN.gen_length, help="response length in tokens")
+    ap.add_argument("--candidate", type=Path, help="the bundle holds this miniature checkpoint, not the shipped one (a "
+                                                   "fine-tune being evaluated, e.g. miniature.rig_finetune's)")
     ap.add_argument("--cameras", action="store_true",
                     help="the held-out camera rigs and their rows (a bundle built with --cameras 3)")
     ap.add_argument("--block-length", type=int,
@@ -282,16 +284,18 @@ def select(rows: list[Strategy], names) -> list[Strategy]:
     return [known[n] for n in names]
 
 
-def check_miniature_bundle(bundle: Path, manifest: Manifest) -> None:
+def check_miniature_bundle(bundle: Path, manifest: Manifest, candidate: Path | None = None) -> None:
     """The held-out questions are the miniature's: another model's bundle would score near 0% and say
-    nothing about pruning. Refused by name (the content hash says which weights the bundle holds)."""
+    nothing about pruning. Refused by name (the content hash says which weights the bundle holds).
+    candidate: a miniature checkpoint other than the shipped one (a fine-tune being evaluated)."""
     from export.checkpoint import open_checkpoint
     from miniature import embedded_checkpoint
 
-    want = open_checkpoint(embedded_checkpoint()).content_hash()
+    source = candidate or embedded_checkpoint()
+    want = open_checkpoint(source).content_hash()
     got = manifest.model.get("content_hash")
     expect(got == want, f"--bundle {str(bundle)!r}: a bundle of model {manifest.model.get('name')!r} (weights "
-                        f"{str(got)[:12]}); expected one of the miniature (miniature/checkpoint, weights {want[:12]}), "
+                        f"{str(got)[:12]}); expected one of the miniature ({source}, weights {want[:12]}), "
                         "whose held-out questions this harness asks")
 
 
@@ -303,7 +307,7 @@ def main(argv=None) -> int:
     def evaluate():
         expect(args.limit is None or args.limit >= 1, f"--limit: got {args.limit}; expected >= 1")
         manifest = read_manifest(args.bundle)
-        check_miniature_bundle(args.bundle, manifest)
+        check_miniature_bundle(args.bundle, manifest, args.candidate)
         rows = select(rig_strategies() if args.cameras else strategies(), args.strategies)
         gen = replace(HARNESS_GEN, steps=args.steps, gen_length=args.gen_length,
                       block_length=args.block_length or args.gen_length).validate()

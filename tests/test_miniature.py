@@ -255,6 +255,21 @@ def test_harness_refuses_a_bundle_of_another_model(runtime_bundles, capsys):
     assert "a bundle of model 'tiny'" in capsys.readouterr().err
 
 
+
+def test_harness_evaluates_a_named_candidate_checkpoint(runtime_bundles, tiny_dir, tmp_path, capsys):
+    """--candidate: a fine-tune being evaluated is accepted by its own weights (and only by them)."""
+    from miniature.eval import main
+
+    argv = ["--bundle", str(runtime_bundles[15]), "--limit", "1", "--strategies", "unpruned", "--out", str(tmp_path)]
+    assert main(argv + ["--candidate", str(tiny_dir)]) == 0
+    assert (tmp_path / "table.json").is_file()
+    capsys.readouterr()
+    from miniature import embedded_checkpoint
+
+    assert main(argv + ["--candidate", str(embedded_checkpoint())]) == 2
+    assert "a bundle of model 'tiny'" in capsys.readouterr().err
+
+
 def test_harness_checks_its_output_before_evaluating_and_keeps_results_it_cannot_write(mini_bundle, tmp_path, capsys,
                                                                                         monkeypatch):
     import miniature.eval as harness
