@@ -6,7 +6,10 @@ Starts from the embedded checkpoint. Every step trains on `rigs_per_step` camera
 questions: one per camera naming it, one spanning them; miniature.scenes.rig) and
 `scenes_per_step` single-image scenes (all six questions), so the single-image skill is rehearsed
 while the rigs are learned. LLaDA's SFT loss (miniature.train.sft_loss) at a response length drawn
-per step, AdamW, linear warmup then cosine decay. The state is checkpointed every
+per step, plus `token_loss_weight` x the token-label loss (miniature.train.token_loss: what each
+visual token's cell holds, through training-only heads), which teaches the vision tower the padded
+128-px views as the original run's first stages taught it AnyRes tiles; AdamW, linear warmup then
+cosine decay. The state is checkpointed every
 `checkpoint_seconds` (temporary name, then rename) and a re-run resumes it; the log records the
 loss and one-pass accuracy on validation rigs and scenes that no step trains on. When done, the
 weights are written as a checkpoint in the Hugging Face layout (bf16), the embedded one's config and
@@ -28,7 +31,7 @@ import torch
 
 from miniature import embedded_checkpoint
 from miniature.data import VALIDATION_SEEDS, Encoder
-from miniature.train import warmup_cosine, one_pass_accuracy, scene_visuals, sft_loss
+from miniature.train import TokenHeads, one_pass_accuracy, scene_visuals, sft_loss, token_loss, warmup_cosine
 from runtime.errors import LladaVError
 
 STATE = "rig_state.pt"
@@ -47,6 +50,7 @@ class RigFinetuneSettings:
     final_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     response_lengths: tuple[int, int] = (8, 16)
+    token_loss_weight: float = 0.0  # > 0: the token-label loss too (new training-only heads)
     bf16_autocast: bool = True
     eval_every: int = 100
     validation_rigs: int = 24
@@ -68,7 +72,8 @@ class RigFinetune:
         self.model.requires_grad_(True)  # loaded for inference
         self.tok = TextTokenizer(self.start)
         self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32)
-        params = list(self.model.parameters())
+        self.heads = TokenHeads(self.ckpt.config.decoder.d_model)
+        params = list(self.model.parameters()) + (list(self.heads.parameters()) if settings.token_loss_weight else [])
         self.opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
                                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                      lr=settings.lr, betas=(0.9, 0.95))
@@ -85,12 +90,14 @@ class RigFinetune:
                               f"{state['start']}; expected {dataclasses.asdict(self.s)} from {self.start} (use another "
                               "--run-dir or delete it)")
         self.model.load_state_dict(state["model"])
+        self.heads.load_state_dict(state["heads"])
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.elapsed, self.log = state["step"], state["elapsed"], state["log"]
         print(f"resumed at step {self.step}/{self.s.steps} ({self.elapsed / 60:.1f} min trained)", flush=True)
 
     def save(self) -> None:
         state = {"settings": dataclasses.asdict(self.s), "start": str(self.start), "model": self.model.state_dict(),
+                 "heads": self.heads.state_dict(),
                  "optimizer": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed, "log": self.log}
         tmp = self.dir / (STATE + ".tmp")
         torch.save(state, tmp)
@@ -114,7 +121,10 @@ class RigFinetune:
         length = int(np.random.default_rng([s.seed, self.step, 7]).integers(*s.response_lengths, endpoint=True))
         self.model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16_autocast):
-            loss = sft_loss(self.model, batch, scene_visuals(self.model, batch), length, self.tok.ids.mask, gen)
+            visuals = scene_visuals(self.model, batch)
+            loss = sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen)
+            if s.token_loss_weight:
+                loss = loss + s.token_loss_weight * token_loss(self.heads, batch, visuals)[0]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -173,11 +183,14 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", type=Path, default=Path("runs/rig-finetune"), help="state and log (resumed)")
     ap.add_argument("--out", type=Path, help="where the fine-tuned checkpoint goes (default: RUN_DIR/checkpoint)")
     ap.add_argument("--steps", type=int, default=RigFinetuneSettings.steps)
+    ap.add_argument("--token-loss-weight", type=float, default=RigFinetuneSettings.token_loss_weight,
+                    help="the token-label loss's weight (0: SFT only)")
     ap.add_argument("--start", type=Path, help="the checkpoint to fine-tune (default: the embedded miniature)")
     args = ap.parse_args(argv)
 
     def run():
-        job = RigFinetune(RigFinetuneSettings(steps=args.steps), args.run_dir, args.start)
+        job = RigFinetune(RigFinetuneSettings(steps=args.steps, token_loss_weight=args.token_loss_weight), args.run_dir,
+                          args.start)
         job.train()
         out = job.write(args.out or args.run_dir / "checkpoint")
         print(f"wrote {out} and {args.run_dir / 'training.json'}", flush=True)

@@ -258,7 +258,7 @@ def test_the_rig_fine_tune_checkpoints_and_resumes(tmp_path):
     from miniature.rig_finetune import RigFinetune, RigFinetuneSettings
 
     settings = RigFinetuneSettings(steps=1, rigs_per_step=1, scenes_per_step=1, validation_rigs=2, validation_scenes=2,
-                                   checkpoint_seconds=1e9)
+                                   checkpoint_seconds=1e9, token_loss_weight=1.0)
     job = RigFinetune(settings, tmp_path / "run")
     before = {k: v.clone() for k, v in job.model.state_dict().items()}
     job.train()
@@ -266,6 +266,7 @@ def test_the_rig_fine_tune_checkpoints_and_resumes(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in job.model.state_dict().items())
     again = RigFinetune(settings, tmp_path / "run")
     assert again.step == 1 and all(torch.equal(v, job.model.state_dict()[k]) for k, v in again.model.state_dict().items())
+    assert all(torch.equal(v, job.heads.state_dict()[k]) for k, v in again.heads.state_dict().items())
     with pytest.raises(LladaVError, match="holds a fine-tune with settings"):
         RigFinetune(RigFinetuneSettings(steps=2), tmp_path / "run")
     out = job.write(tmp_path / "ckpt")
