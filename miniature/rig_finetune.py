@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ import torch
 
 from miniature import embedded_checkpoint
 from miniature.data import VALIDATION_SEEDS, Encoder
-from miniature.train import TokenHeads, one_pass_accuracy, scene_visuals, sft_loss, token_loss, warmup_cosine
+from miniature.train import (TokenHeads, adamw, one_pass_accuracy, restore, scene_visuals, sft_loss, token_loss,
+                             warmup_cosine, write_state)
 from runtime.errors import LladaVError
 
 STATE = "rig_state.pt"
@@ -73,10 +73,8 @@ class RigFinetune:
         self.tok = TextTokenizer(self.start)
         self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32)
         self.heads = TokenHeads(self.ckpt.config.decoder.d_model)
-        params = list(self.model.parameters()) + (list(self.heads.parameters()) if settings.token_loss_weight else [])
-        self.opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": settings.weight_decay},
-                                      {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                     lr=settings.lr, betas=(0.9, 0.95))
+        heads = list(self.heads.parameters()) if settings.token_loss_weight else []
+        self.opt = adamw([*self.model.parameters(), *heads], settings.lr, settings.weight_decay)
         self.step, self.elapsed, self.log = 0, 0.0, []
         self._resume()
 
@@ -89,19 +87,12 @@ class RigFinetune:
             raise LladaVError(f"run dir {str(self.dir)!r}: holds a fine-tune with settings {state['settings']} from "
                               f"{state['start']}; expected {dataclasses.asdict(self.s)} from {self.start} (use another "
                               "--run-dir or delete it)")
-        self.model.load_state_dict(state["model"])
-        self.heads.load_state_dict(state["heads"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.step, self.elapsed, self.log = state["step"], state["elapsed"], state["log"]
+        self.step, self.elapsed, self.log = restore(state, self.model, self.heads, self.opt)
         print(f"resumed at step {self.step}/{self.s.steps} ({self.elapsed / 60:.1f} min trained)", flush=True)
 
     def save(self) -> None:
-        state = {"settings": dataclasses.asdict(self.s), "start": str(self.start), "model": self.model.state_dict(),
-                 "heads": self.heads.state_dict(),
-                 "optimizer": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed, "log": self.log}
-        tmp = self.dir / (STATE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.dir / STATE)
+        write_state(self.dir / STATE, {"settings": dataclasses.asdict(self.s), "start": str(self.start)}, self.model,
+                    self.heads, self.opt, self.step, self.elapsed, self.log)
 
     def lr_at(self, step: int) -> float:
         return warmup_cosine(step, self.s.steps, self.s.warmup_steps, self.s.lr, self.s.final_lr_ratio)

@@ -326,6 +326,31 @@ def _until_stop(ids_list: list[int], ids) -> list[int]:
 # ---------------------------------------------------------------- the run
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms' and biases' vectors)."""
+    params = list(params)
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def write_state(path: Path, identity: dict, model, heads, opt, step: int, elapsed: float, log: list) -> None:
+    """A run's checkpointed state (identity: what a resume must match), through a temporary name."""
+    state = {**identity, "model": model.state_dict(), "heads": heads.state_dict(), "optimizer": opt.state_dict(),
+             "step": step, "elapsed": elapsed, "log": log}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def restore(state: dict, model, heads, opt) -> tuple[int, float, list]:
+    """Load a checkpointed state (write_state's) into the run's objects; returns (step, elapsed, log)."""
+    model.load_state_dict(state["model"])
+    heads.load_state_dict(state["heads"])
+    opt.load_state_dict(state["optimizer"])
+    return state["step"], state["elapsed"], state["log"]
+
+
 class Run:
     """One training run: model, optimizer, data, checkpointed state and log in run_dir."""
 
@@ -344,13 +369,7 @@ class Run:
         self.model = LladaV(self.cfg)
         init_weights(self.model, settings.seed)
         self.heads = TokenHeads(self.cfg.decoder.d_model)
-        params = [*self.model.parameters(), *self.heads.parameters()]
-        decay = [p for p in params if p.dim() >= 2]
-        rest = [p for p in params if p.dim() < 2]
-        self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": settings.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-            lr=settings.lr, betas=(0.9, 0.95),
-        )
+        self.opt = adamw([*self.model.parameters(), *self.heads.parameters()], settings.lr, settings.weight_decay)
         self.encoder = Encoder(self.tok, self.cfg.geometry, settings.response_lengths[1])
         self.step, self.elapsed, self.log = 0, 0.0, []
         self._resume()
@@ -365,18 +384,12 @@ class Run:
                 f"run dir {str(self.dir)!r}: holds a run with settings {state['settings']}; expected "
                 f"{dataclasses.asdict(self.s)} (use another --run-dir or delete it)"
             )
-        self.model.load_state_dict(state["model"])
-        self.heads.load_state_dict(state["heads"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.step, self.elapsed, self.log = state["step"], state["elapsed"], state["log"]
+        self.step, self.elapsed, self.log = restore(state, self.model, self.heads, self.opt)
         print(f"resumed at step {self.step}/{self.s.steps} ({self.elapsed / 60:.1f} min trained)", flush=True)
 
     def save(self) -> None:
-        state = {"settings": dataclasses.asdict(self.s), "model": self.model.state_dict(), "heads": self.heads.state_dict(),
-                 "optimizer": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed, "log": self.log}
-        tmp = self.dir / (STATE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.dir / STATE)
+        write_state(self.dir / STATE, {"settings": dataclasses.asdict(self.s)}, self.model, self.heads, self.opt,
+                    self.step, self.elapsed, self.log)
         header = "step,phase,samples,loss,token_loss,lr,minutes,val_overall\n"
         rows = "".join(f"{r['step']},{r['phase']},{r['samples']},{r['loss']:.5f},{r['token_loss']:.5f},{r['lr']:.6f},"
                        f"{r['minutes']:.2f},{r.get('val_overall', '')}\n" for r in self.log)

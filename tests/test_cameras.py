@@ -20,7 +20,7 @@ from runtime.cameras import named_images, parse_image_args, prepare_images, requ
 from runtime.errors import LladaVError
 from runtime.merge import merge_tiles
 from runtime.pipeline import Pipeline
-from runtime.preprocess import pad_to_square
+from runtime.preprocess import ImageInput, pad_to_square
 from runtime.pruning import PruneSettings, SequenceLayout, keep_visual, kept_positions
 from runtime.schedule import GenerationSettings
 from tests.conftest import gradient_image, road_sketch
@@ -237,7 +237,7 @@ def test_a_rig_example_holds_each_camera_s_view_in_prompt_order():
         responses = torch.tensor([r[:8] for r in ex.responses])
         groups = batch_sequences(model, [ex], visuals, responses)
     prompt = ex.prompts[0]
-    lay = request_layout(prompt, [type("V", (), {"layout": la})() for la in ex.layouts], 8)
+    lay = request_layout(prompt, [ImageInput(np.empty(0), la) for la in ex.layouts], 8)
     h = dict((i, x) for idx, hs in groups for i, x in zip(idx, hs))[0]
     assert h.shape[0] == lay.total
     for rows, visual in zip(lay.segments(), visuals[0]):
