@@ -104,11 +104,12 @@ class Encoder:
     def examples(self, seeds, text: bool = True) -> list[Example]:
         return [self.example(scene(int(seed)), text) for seed in seeds]
 
-    def rig_example(self, r: RigScene) -> Example:
-        """A camera rig's example: one padded view per camera (runtime.cameras), its questions."""
+    def rig_example(self, r: RigScene, kinds: tuple[str, ...] | None = None) -> Example:
+        """A camera rig's example: one padded view per camera (runtime.cameras), its questions
+        (kinds: per camera, which it asks; scenes.rig_questions)."""
         names = tuple(r.cameras)
         images = [prepare_image(s.image, self.geometry, PAD) for s in r.cameras.values()]
-        qs = tuple(rig_questions(r))
+        qs = tuple(rig_questions(r, kinds))
         return Example(
             r.seed,
             np.concatenate([im.pixel_values for im in images]),
@@ -120,8 +121,9 @@ class Encoder:
             names,
         )
 
-    def rig_examples(self, seeds) -> list[Example]:
-        return [self.rig_example(rig(int(seed))) for seed in seeds]
+    def rig_examples(self, seeds, kinds=None) -> list[Example]:
+        """kinds: None (the held-out rule) or a function rig -> its per-camera kinds."""
+        return [self.rig_example(r, kinds(r) if kinds else None) for r in map(rig, map(int, seeds))]
 
 
 def training_seeds(run_seed: int, first: int, count: int) -> np.ndarray:

@@ -19,7 +19,9 @@ tokenizer beside them, with the run's record (training.json).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ import torch
 
 from miniature import embedded_checkpoint
 from miniature.data import VALIDATION_SEEDS, Encoder
+from miniature.scenes import RIG_CAMERA_KINDS, RigScene
 from miniature.train import (TokenHeads, adamw, one_pass_accuracy, restore, scene_visuals, sft_loss, token_loss,
                              warmup_cosine, write_state)
 from runtime.errors import LladaVError
@@ -37,20 +40,33 @@ from runtime.errors import LladaVError
 STATE = "rig_state.pt"
 VALIDATION_RIGS = range(999_000, 999_000 + 24)  # in the training rigs' range, never reached by a run
 FIRST_RIG, FIRST_SCENE = 0, 8_000_000  # the stretches the steps read (single scenes: apart from the first run's)
+FIRST_VISION_RIG, FIRST_VISION_SCENE = 500_000, 8_500_000  # the vision stage's
+
+
+def draw_camera_kinds(run_seed: int, r: RigScene) -> tuple[str, ...]:
+    """Stage 2's draw: per camera one of RIG_CAMERA_KINDS, uniformly, fixed by the run's seed and the rig."""
+    rng = np.random.default_rng([run_seed, r.seed, 11])
+    return tuple(str(k) for k in rng.choice(RIG_CAMERA_KINDS, len(r.cameras)))
 
 
 @dataclass(frozen=True)
 class RigFinetuneSettings:
     seed: int = 0
-    steps: int = 400
-    rigs_per_step: int = 4
+    vision_steps: int = 400  # stage 1: the vision tower and projector on token labels alone
+    vision_rigs_per_step: int = 8  # padded views
+    vision_scenes_per_step: int = 4  # AnyRes tiles, rehearsed
+    vision_lr: float = 1e-3  # after warmup, constant
+    steps: int = 500  # stage 2: SFT on rigs and single scenes (+ the token-label loss)
+    rigs_per_step: int = 6
     scenes_per_step: int = 2
-    lr: float = 3e-4
+    drawn_kinds: bool = True  # stage 2: each camera asks a question drawn from RIG_CAMERA_KINDS
+    lr: float = 5e-4
     warmup_steps: int = 20
     final_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     response_lengths: tuple[int, int] = (8, 16)
-    token_loss_weight: float = 0.0  # > 0: the token-label loss too (new training-only heads)
+    token_loss_weight: float = 1.0  # stage 2: SFT loss + this x the token-label loss (training-only heads)
+    anchor_weight: float = 1.0  # both stages: + this x the single scenes' visual tokens' drift from the start's
     bf16_autocast: bool = True
     eval_every: int = 100
     validation_rigs: int = 24
@@ -73,7 +89,8 @@ class RigFinetune:
         self.tok = TextTokenizer(self.start)
         self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32)
         self.heads = TokenHeads(self.ckpt.config.decoder.d_model)
-        heads = list(self.heads.parameters()) if settings.token_loss_weight else []
+        self.anchor = copy.deepcopy(self.model).requires_grad_(False).eval()  # the start, frozen
+        heads = list(self.heads.parameters()) if settings.token_loss_weight or settings.vision_steps else []
         self.opt = adamw([*self.model.parameters(), *heads], settings.lr, settings.weight_decay)
         self.step, self.elapsed, self.log = 0, 0.0, []
         self._resume()
@@ -88,39 +105,70 @@ class RigFinetune:
                               f"{state['start']}; expected {dataclasses.asdict(self.s)} from {self.start} (use another "
                               "--run-dir or delete it)")
         self.step, self.elapsed, self.log = restore(state, self.model, self.heads, self.opt)
-        print(f"resumed at step {self.step}/{self.s.steps} ({self.elapsed / 60:.1f} min trained)", flush=True)
+        print(f"resumed at step {self.step}/{self.total_steps} ({self.elapsed / 60:.1f} min trained)", flush=True)
 
     def save(self) -> None:
         write_state(self.dir / STATE, {"settings": dataclasses.asdict(self.s), "start": str(self.start)}, self.model,
                     self.heads, self.opt, self.step, self.elapsed, self.log)
 
+    @property
+    def total_steps(self) -> int:
+        return self.s.vision_steps + self.s.steps
+
     def lr_at(self, step: int) -> float:
-        return warmup_cosine(step, self.s.steps, self.s.warmup_steps, self.s.lr, self.s.final_lr_ratio)
+        """Stage 1: linear warmup, then constant. Stage 2: warmup again, then cosine decay."""
+        s = self.s
+        if step < s.vision_steps:
+            return s.vision_lr * min(1.0, (step + 1) / s.warmup_steps)
+        return warmup_cosine(step - s.vision_steps, s.steps, s.warmup_steps, s.lr, s.final_lr_ratio)
 
     def batch(self, step: int) -> list:
+        """The step's rigs and single scenes: every step reads the next ones of its stage's stretch."""
         s = self.s
-        rigs = np.arange(FIRST_RIG + step * s.rigs_per_step, FIRST_RIG + (step + 1) * s.rigs_per_step)
-        scenes = np.arange(FIRST_SCENE + step * s.scenes_per_step, FIRST_SCENE + (step + 1) * s.scenes_per_step)
-        return self.encoder.rig_examples(rigs) + self.encoder.examples(scenes)
+        if step < s.vision_steps:
+            rigs = np.arange(s.vision_rigs_per_step) + FIRST_VISION_RIG + step * s.vision_rigs_per_step
+            scenes = np.arange(s.vision_scenes_per_step) + FIRST_VISION_SCENE + step * s.vision_scenes_per_step
+            return self.encoder.rig_examples(rigs) + self.encoder.examples(scenes, text=False)
+        i = step - s.vision_steps
+        rigs = np.arange(s.rigs_per_step) + FIRST_RIG + i * s.rigs_per_step
+        scenes = np.arange(s.scenes_per_step) + FIRST_SCENE + i * s.scenes_per_step
+        kinds = functools.partial(draw_camera_kinds, s.seed) if s.drawn_kinds else None
+        return self.encoder.rig_examples(rigs, kinds) + self.encoder.examples(scenes)
 
     def train_step(self) -> float:
         s = self.s
         for group in self.opt.param_groups:
             group["lr"] = self.lr_at(self.step)
         batch = self.batch(self.step)
-        gen = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
-        length = int(np.random.default_rng([s.seed, self.step, 7]).integers(*s.response_lengths, endpoint=True))
         self.model.train()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16_autocast):
             visuals = scene_visuals(self.model, batch)
-            loss = sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen)
-            if s.token_loss_weight:
-                loss = loss + s.token_loss_weight * token_loss(self.heads, batch, visuals)[0]
+            loss = s.anchor_weight * self.drift(batch, visuals) if s.anchor_weight else torch.zeros(())
+            if self.step < s.vision_steps:
+                loss = loss + token_loss(self.heads, batch, visuals)[0]
+            else:
+                gen = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
+                length = int(np.random.default_rng([s.seed, self.step, 7]).integers(*s.response_lengths, endpoint=True))
+                loss = loss + sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen)
+                if s.token_loss_weight:
+                    loss = loss + s.token_loss_weight * token_loss(self.heads, batch, visuals)[0]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         return float(loss.detach())
+
+    def drift(self, batch: list, visuals: list) -> torch.Tensor:
+        """The single scenes' (AnyRes) visual tokens' squared distance from the starting model's,
+        relative to their size: it keeps the single-image path the decoder was trained on while
+        the tower learns the padded views."""
+        single = [(ex, v) for ex, v in zip(batch, visuals) if not ex.cameras]
+        if not single:
+            return torch.zeros(())
+        with torch.no_grad():
+            start = scene_visuals(self.anchor, [ex for ex, _ in single])
+        now, then = torch.cat([v[0] for _, v in single]).float(), torch.cat([v[0] for v in start]).float()
+        return (now - then).pow(2).mean() / then.pow(2).mean()
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -137,19 +185,19 @@ class RigFinetune:
         if self.step == 0 and not self.log:
             self.log.append({"step": 0, **self.validate()})
             print(f"step 0: {self.log[-1]}", flush=True)
-        while self.step < s.steps:
+        while self.step < self.total_steps:
             losses.append(self.train_step())
             self.step += 1
             self.elapsed = time.time() - begin
-            if self.step % 10 == 0 or self.step == s.steps:
+            if self.step % 10 == 0 or self.step == self.total_steps:
                 row = {"step": self.step, "loss": float(np.mean(losses)), "lr": self.lr_at(self.step - 1),
                        "minutes": self.elapsed / 60}
                 losses = []
-                if self.step % s.eval_every == 0 or self.step == s.steps:
+                if self.step % s.eval_every == 0 or self.step == self.total_steps:
                     row.update(self.validate())
                 self.log.append(row)
-                print(f"step {self.step}/{s.steps}: {row}", flush=True)
-            if time.time() - last_save > s.checkpoint_seconds or self.step == s.steps:
+                print(f"step {self.step}/{self.total_steps}: {row}", flush=True)
+            if time.time() - last_save > s.checkpoint_seconds or self.step == self.total_steps:
                 self.save()
                 last_save = time.time()
 
@@ -173,14 +221,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/rig-finetune"), help="state and log (resumed)")
     ap.add_argument("--out", type=Path, help="where the fine-tuned checkpoint goes (default: RUN_DIR/checkpoint)")
-    ap.add_argument("--steps", type=int, default=RigFinetuneSettings.steps)
+    ap.add_argument("--vision-steps", type=int, default=RigFinetuneSettings.vision_steps,
+                    help="stage 1's steps: the vision tower on token labels alone (0: none)")
+    ap.add_argument("--steps", type=int, default=RigFinetuneSettings.steps, help="stage 2's steps (SFT)")
     ap.add_argument("--token-loss-weight", type=float, default=RigFinetuneSettings.token_loss_weight,
                     help="the token-label loss's weight (0: SFT only)")
     ap.add_argument("--start", type=Path, help="the checkpoint to fine-tune (default: the embedded miniature)")
     args = ap.parse_args(argv)
 
     def run():
-        job = RigFinetune(RigFinetuneSettings(steps=args.steps, token_loss_weight=args.token_loss_weight), args.run_dir,
+        job = RigFinetune(RigFinetuneSettings(vision_steps=args.vision_steps, steps=args.steps,
+                                              token_loss_weight=args.token_loss_weight), args.run_dir,
                           args.start)
         job.train()
         out = job.write(args.out or args.run_dir / "checkpoint")

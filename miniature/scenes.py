@@ -278,8 +278,10 @@ RIG_SCENE_BASE = 50_000_000  # a rig's scenes: 4 seeds each from here, apart fro
 RIG_TEMPLATES = {
     "cam_pedestrian": "In the {camera} camera, is there a pedestrian?",
     "cam_light": "In the {camera} camera, what color is the traffic light?",
+    "cam_count": "In the {camera} camera, how many vehicles?",  # training only (miniature.rig_finetune)
     "all_count": "How many vehicles in all cameras?",
 }
+RIG_CAMERA_KINDS = ("cam_pedestrian", "cam_light", "cam_count")  # the questions naming one camera
 
 
 @dataclass
@@ -308,24 +310,32 @@ def rig(seed: int, size: tuple[int, int] = SIZE) -> RigScene:
     return RigScene(seed, dict(zip(RIG_CAMERAS, scenes)))
 
 
-def rig_questions(r: RigScene) -> list[RigQuestion]:
-    """One question per camera naming it (pedestrian or traffic light, alternating by seed and camera)
-    and one spanning every camera (their vehicles counted together)."""
-    out = []
-    for i, (name, s) in enumerate(r.cameras.items()):
-        idx = {id(o): j for j, o in enumerate(s.objects)}
-        if (r.seed + i) % 2 == 0:
-            ped = s.of("pedestrian")
-            answer = f"yes, on the {ped[0].side}" if ped else "no"
-            out.append(RigQuestion("cam_pedestrian", RIG_TEMPLATES["cam_pedestrian"].format(camera=name), answer, name,
-                                   tuple((i, idx[id(p)]) for p in ped)))
-        else:
-            light = s.of("light")[0]
-            out.append(RigQuestion("cam_light", RIG_TEMPLATES["cam_light"].format(camera=name), light.color, name,
-                                   ((i, idx[id(light)]),)))
+def rig_questions(r: RigScene, kinds: tuple[str, ...] | None = None) -> list[RigQuestion]:
+    """One question per camera naming it and one spanning every camera (their vehicles counted
+    together). kinds: per camera, which camera question it asks (RIG_CAMERA_KINDS); by default the
+    held-out rule, pedestrian or traffic light alternating by seed and camera. Training draws them
+    (miniature.rig_finetune), the per-camera count included."""
+    if kinds is None:
+        kinds = tuple("cam_pedestrian" if (r.seed + i) % 2 == 0 else "cam_light" for i in range(len(r.cameras)))
+    assert len(kinds) == len(r.cameras) and set(kinds) <= set(RIG_CAMERA_KINDS), kinds
+    out = [_camera_question(kind, i, name, s) for i, ((name, s), kind) in enumerate(zip(r.cameras.items(), kinds))]
     vehicles = [(i, j) for i, s in enumerate(r.cameras.values()) for j, o in enumerate(s.objects) if o.kind == "vehicle"]
     out.append(RigQuestion("all_count", RIG_TEMPLATES["all_count"], RIG_NUMBERS[len(vehicles)], None, tuple(vehicles)))
     return out
+
+
+def _camera_question(kind: str, i: int, name: str, s: Scene) -> RigQuestion:
+    idx = {id(o): j for j, o in enumerate(s.objects)}
+    text = RIG_TEMPLATES[kind].format(camera=name)
+    if kind == "cam_pedestrian":
+        ped = s.of("pedestrian")
+        return RigQuestion(kind, text, f"yes, on the {ped[0].side}" if ped else "no", name,
+                           tuple((i, idx[id(p)]) for p in ped))
+    if kind == "cam_light":
+        light = s.of("light")[0]
+        return RigQuestion(kind, text, light.color, name, ((i, idx[id(light)]),))
+    vehicles = s.of("vehicle")
+    return RigQuestion(kind, text, NUMBERS[len(vehicles)], name, tuple((i, idx[id(v)]) for v in vehicles))
 
 
 def held_out_rigs() -> list[tuple[RigScene, RigQuestion]]:

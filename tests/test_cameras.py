@@ -255,22 +255,42 @@ def test_object_cells_follow_the_image_onto_its_padded_square():
 
 
 def test_the_rig_fine_tune_checkpoints_and_resumes(tmp_path):
+    """Stage 1 moves the vision side only (token labels); stage 2 the decoder too; a re-run resumes."""
     from miniature.rig_finetune import RigFinetune, RigFinetuneSettings
 
-    settings = RigFinetuneSettings(steps=1, rigs_per_step=1, scenes_per_step=1, validation_rigs=2, validation_scenes=2,
-                                   checkpoint_seconds=1e9, token_loss_weight=1.0)
+    settings = RigFinetuneSettings(vision_steps=1, vision_rigs_per_step=1, vision_scenes_per_step=1, steps=1,
+                                   rigs_per_step=1, scenes_per_step=1, validation_rigs=2, validation_scenes=2,
+                                   checkpoint_seconds=1e9)
     job = RigFinetune(settings, tmp_path / "run")
-    before = {k: v.clone() for k, v in job.model.state_dict().items()}
+    start = {k: v.clone() for k, v in job.model.state_dict().items()}
+    job.train_step()
+    job.step += 1
+    moved = {k for k, v in job.model.state_dict().items() if not torch.equal(start[k], v)}
+    assert moved and all(".vision_tower." in k or "mm_projector" in k or "image_newline" in k for k in moved), moved
     job.train()
-    assert job.step == 1 and job.log[0]["step"] == 0 and job.log[-1]["step"] == 1 and "val_rigs" in job.log[-1]
-    assert any(not torch.equal(before[k], v) for k, v in job.model.state_dict().items())
+    assert job.step == 2 and job.log[-1]["step"] == 2 and "val_rigs" in job.log[-1]
+    assert any(".layers." in k and not torch.equal(start[k], v) for k, v in job.model.state_dict().items())
     again = RigFinetune(settings, tmp_path / "run")
-    assert again.step == 1 and all(torch.equal(v, job.model.state_dict()[k]) for k, v in again.model.state_dict().items())
+    assert again.step == 2 and all(torch.equal(v, job.model.state_dict()[k]) for k, v in again.model.state_dict().items())
     assert all(torch.equal(v, job.heads.state_dict()[k]) for k, v in again.heads.state_dict().items())
     with pytest.raises(LladaVError, match="holds a fine-tune with settings"):
         RigFinetune(RigFinetuneSettings(steps=2), tmp_path / "run")
     out = job.write(tmp_path / "ckpt")
     assert (out / "config.json").is_file() and (tmp_path / "run" / "training.json").is_file()
+
+
+def test_training_rigs_draw_their_camera_questions_and_the_held_out_rule_stays():
+    from miniature.rig_finetune import draw_camera_kinds
+    from miniature.scenes import NUMBERS, RIG_CAMERA_KINDS, RIG_NUMBERS, held_out_rigs, rig, rig_questions
+
+    assert {q.kind for _, q in held_out_rigs()} == {"cam_pedestrian", "cam_light", "all_count"}
+    drawn = [draw_camera_kinds(0, rig(s)) for s in range(40)]
+    assert {k for kinds in drawn for k in kinds} == set(RIG_CAMERA_KINDS)
+    r = rig(5)
+    counted = rig_questions(r, ("cam_count",) * len(r.cameras))
+    per_camera = [len(s.of("vehicle")) for s in r.cameras.values()]
+    assert [q.answer for q in counted] == [NUMBERS[n] for n in per_camera] + [RIG_NUMBERS[sum(per_camera)]]
+    assert counted[1].text == "In the left camera, how many vehicles?"
 
 
 def test_the_harness_runs_the_camera_rows(tmp_path_factory):
