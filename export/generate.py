@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--layout", choices=LAYOUTS, default=ANYRES, help="AnyRes tiles or one 384x384 tile")
     ap.add_argument("--k", type=int, default=15, help=K_HELP)
     ap.add_argument("--p", type=float, default=50.0, help="percent of visual tokens pruned, in [0, 100); 0 = unpruned")
-    add_strategy_args(ap)
+    add_strategy_args(ap, bundle_p=False)
     add_generation_args(ap)
     add_cache_args(ap)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights on the CPU")

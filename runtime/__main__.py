@@ -19,13 +19,12 @@ import time
 from pathlib import Path
 
 from runtime.errors import LladaVError, expect
-from runtime.cli_args import (add_cache_args, add_generation_args, add_strategy_args, at_boundary, cache_settings,
-                              generation_settings)
+from runtime.files import check_writable
+from runtime.cli_args import (add_backend_args, add_cache_args, add_generation_args, add_strategy_args, at_boundary,
+                              cache_settings, generation_settings, prune_settings)
 from runtime.cli_args import parser as cli_parser
 from runtime.cli_args import quiet_on_broken_pipe
 from runtime.pruning import PruneSettings
-from runtime.bundle import VERIFY
-from runtime.backends import BACKENDS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,14 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="image file (PNG, JPEG, ...); default: the built-in 640x360 demo road scene. Several cameras: "
                          "one NAME=PATH each (--image front=f.jpg --image left=l.jpg); the prompt names them")
     ap.add_argument("--prompt", required=True, help="the question about the image")
-    ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the graphs")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="onnxruntime's execution provider")
-    ap.add_argument("--model", type=Path, help="checkpoint for the pytorch backend (default: the path in the "
-                                               "bundle's manifest)")
-    ap.add_argument("--p", type=float, help="percent of visual tokens pruned, in [0, 100); 0 = unpruned "
-                                            "(default: the bundle's P)")
-    ap.add_argument("--k", type=int, help="refuse to run unless the bundle was built for this K (its graphs are "
-                                          "split at K)")
+    add_backend_args(ap)
     add_strategy_args(ap)
     add_generation_args(ap)
     add_cache_args(ap)
@@ -55,9 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="show progress on stderr (step, tokens unmasked, ms per step) even when stderr is not a "
                          "terminal; on a terminal it is shown unless --quiet")
     ap.add_argument("--quiet", action="store_true", help="no progress and no warnings on stderr")
-    ap.add_argument("--verify", choices=VERIFY, default="sizes",
-                    help="check the bundle's files at start: present with their sizes, also sha256 (slow for the "
-                         "8B: ~17 GB to hash), or not")
     return ap
 
 
@@ -79,9 +68,7 @@ def run(args: argparse.Namespace) -> tuple[dict, object, object]:
                   verify=args.verify, kv_cache=cache.enabled) as pipe:
         if not args.quiet:
             warn_small(image, args.image, pipe.geometry.image_size)
-        p = pipe.manifest.p if args.p is None else args.p
-        rule = pipe.manifest.rule if args.rule is None else args.rule
-        prune = PruneSettings(pipe.manifest.k, p, args.query, rule, args.positions, args.seed, args.pivots, args.budget)
+        prune = prune_settings(args, pipe.manifest)
         progress = StepProgress(sys.stderr) if shows_progress(args) else None
         result = pipe.generate(image, args.prompt, gen, prune, progress, cache)
         if progress:
@@ -187,16 +174,6 @@ class StepProgress:
 
 
 MAP_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # PIL writes these by name
-
-
-def check_writable(path: Path, flag: str) -> None:
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise LladaVError(f"{flag} {str(path)!r}: is a directory; expected a file path to write")
-    if not parent.is_dir():
-        raise LladaVError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise LladaVError(f"{flag} {str(path)!r}: not writable")
 
 
 def write_map(draw, out: dict, path: Path) -> str | None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
+from runtime.backends import BACKENDS
+from runtime.bundle import VERIFY
 from runtime.caching import CACHE_MODES, CacheSettings
-from runtime.pruning import BUDGETS, DEFAULT_PIVOTS, POSITION_MODES, QUERY_SETS, RULE_HELP, RULES
+from runtime.pruning import BUDGETS, DEFAULT_PIVOTS, POSITION_MODES, QUERY_SETS, RULE_HELP, RULES, PruneSettings
 from runtime.schedule import REMASKING, GenerationSettings
 
 K_HELP = "pruning layer K: step 1 drops tokens between decoder layers K-1 and K; 1..L-1 (L = 32 for LLaDA-V)"
@@ -46,7 +49,25 @@ def percent_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"got {text!r}; expected percentages separated by commas, e.g. 0,50,70") from None
 
 
-def add_strategy_args(ap: argparse.ArgumentParser) -> None:
+def add_backend_args(ap: argparse.ArgumentParser) -> None:
+    """What runs the bundle's graphs, and what is checked when it opens."""
+    ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime", help="what runs the graphs")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="onnxruntime's execution provider")
+    ap.add_argument("--model", type=Path, help="checkpoint for the pytorch backend (default: the path in the "
+                                               "bundle's manifest)")
+    ap.add_argument("--k", type=int, help="refuse to run unless the bundle was built for this K (its graphs are "
+                                          "split at K)")
+    ap.add_argument("--verify", choices=VERIFY, default="sizes",
+                    help="check the bundle's files at start: present with their sizes, also sha256 (slow for the "
+                         "8B: ~17 GB to hash), or not")
+
+
+def add_strategy_args(ap: argparse.ArgumentParser, bundle_p: bool = True) -> None:
+    """bundle_p: also --p, defaulting to the bundle's P (prune_settings); entry points without a bundle
+    declare their own."""
+    if bundle_p:
+        ap.add_argument("--p", type=float, help="percent of visual tokens pruned, in [0, 100); 0 = unpruned "
+                                                "(default: the bundle's P)")
     ap.add_argument("--query", choices=QUERY_SETS, default="response",
                     help="rows whose attention scores the visual tokens: the masked response (RedVTP), the prompt "
                          "text, or the last prompt token (FastV)")
@@ -90,6 +111,13 @@ def add_cache_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cache-refresh", dest="refresh_every", type=int, default=0,
                     help="also refresh the cache every N steps inside a block (0: only at block starts; 1: every "
                          "step, the uncached tokens exactly)")
+
+
+def prune_settings(args: argparse.Namespace, manifest) -> PruneSettings:
+    """The strategy flags over the bundle's defaults (its K; its P and rule unless given)."""
+    p = manifest.p if args.p is None else args.p
+    rule = manifest.rule if args.rule is None else args.rule
+    return PruneSettings(manifest.k, p, args.query, rule, args.positions, args.seed, args.pivots, args.budget)
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:

@@ -144,3 +144,13 @@ def carry_over(old: Path, new: Path, keep) -> list[Path]:
             shutil.copy2(path, new / rel)
         carried.append(rel)
     return carried
+
+
+def check_writable(path: Path, flag: str) -> None:
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise LladaVError(f"{flag} {str(path)!r}: is a directory; expected a file path to write")
+    if not parent.is_dir():
+        raise LladaVError(f"{flag} {str(path)!r}: directory {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise LladaVError(f"{flag} {str(path)!r}: not writable")

@@ -101,18 +101,23 @@ class Pipeline:
     def prepare(self, image, question: str, gen: GenerationSettings, prune: PruneSettings):
         """Tokenize, tile and check every length against the bundle's profiles before running anything.
         image: one image, or named ones (runtime.cameras). Returns (prompt, [ImageInput], layout)."""
-        gen.validate()
-        prune.validate(self.manifest.n_layers)
-        prof = self.manifest.profiles["settings"]
         views = named_images(image)
-        cameras = [name for name, _ in views] if len(views) > 1 else None
-        prompt = self.tokenizer.encode_prompt(question, cameras)
-        if cameras:
-            self._check_cameras(cameras)
-        images = prepare_images(views, self.geometry, prof["layout"])
+        prompt = self.check_request([name for name, _ in views] if len(views) > 1 else None, question, gen, prune)
+        images = prepare_images(views, self.geometry, self.manifest.profiles["settings"]["layout"])
         lay = request_layout(prompt, images, gen.gen_length)
         self._check_limits(prompt, images, lay, gen, prune)
         return prompt, images, lay
+
+    def check_request(self, cameras: list[str] | None, question: str, gen: GenerationSettings,
+                      prune: PruneSettings) -> PromptIds:
+        """What can be checked before any image: the settings, the prompt for these cameras (None: one
+        image) and the number of cameras. Returns the prompt's ids."""
+        gen.validate()
+        prune.validate(self.manifest.n_layers)
+        prompt = self.tokenizer.encode_prompt(question, cameras)
+        if cameras:
+            self._check_cameras(cameras)
+        return prompt
 
     def _check_cameras(self, cameras: list[str]) -> None:
         """More cameras than the vision engine takes views is an error before any image is read."""
