@@ -98,15 +98,17 @@ class Pipeline:
 
     # ------------------------------------------------------------ inputs
 
-    def prepare(self, image, question: str, gen: GenerationSettings, prune: PruneSettings):
+    def prepare(self, image, question: str, gen: GenerationSettings, prune: PruneSettings) -> "Request":
         """Tokenize, tile and check every length against the bundle's profiles before running anything.
-        image: one image, or named ones (runtime.cameras). Returns (prompt, [ImageInput], layout)."""
+        image: one image, or named ones (runtime.cameras). Needs no engine: a replay prepares the next
+        request on another thread while the engines answer this one."""
         views = named_images(image)
-        prompt = self.check_request([name for name, _ in views] if len(views) > 1 else None, question, gen, prune)
+        cameras = [name for name, _ in views]
+        prompt = self.check_request(cameras if len(views) > 1 else None, question, gen, prune)
         images = prepare_images(views, self.geometry, self.manifest.profiles["settings"]["layout"])
         lay = request_layout(prompt, images, gen.gen_length)
         self._check_limits(prompt, images, lay, gen, prune)
-        return prompt, images, lay
+        return Request(prompt, images, lay, cameras)
 
     def check_request(self, cameras: list[str] | None, question: str, gen: GenerationSettings,
                       prune: PruneSettings) -> PromptIds:
@@ -168,18 +170,35 @@ class Pipeline:
         """on_step(step, steps, unmasked, masked_left) after every denoising step (progress); cache:
         block KV caching (runtime.caching; None: uncached)."""
         start = time.perf_counter()
+        return self.answer(self.prepare(image, question, gen, prune), gen, prune, on_step, cache, start)
+
+    def answer(self, request: "Request", gen: GenerationSettings, prune: PruneSettings, on_step=None,
+               cache: CacheSettings | None = None, start: float | None = None) -> RuntimeResult:
+        """Run a prepared request (prepare, with the same gen and prune). total_ms counts from `start`
+        (perf_counter seconds; default: now)."""
+        start = time.perf_counter() if start is None else start
         cache = (cache or CacheSettings()).validate()
         expect(not cache.enabled or self.kv_cache,
                f"cache {cache.mode}: this pipeline was opened without KV-cache buffers (kv_cache=False; the runtime "
                "opens it so for --cache none)")
-        prompt, images, lay = self.prepare(image, question, gen, prune)
+        prompt, images, lay = request.prompt, request.images, request.layout
         embeds, vision_ms = self.prompt_embeddings(prompt, images)
         forward = SplitForward(self, embeds, lay, prune, gen.cfg_scale, cache)
         result = denoise(forward, gen, self.tokenizer.ids, on_step)
         answer = [int(t) for t in result.answer]
         return RuntimeResult(self.tokenizer.decode(answer), answer, result, lay, images[0].layout, forward.kept_visual,
                              forward.saliency, vision_ms, forward.trace, (time.perf_counter() - start) * 1000,
-                             [name for name, _ in named_images(image)], [im.layout for im in images])
+                             request.cameras, [im.layout for im in images])
+
+
+@dataclass(frozen=True)
+class Request:
+    """A prepared request (Pipeline.prepare): prompt ids, preprocessed images, the sequence layout."""
+
+    prompt: PromptIds
+    images: list  # [ImageInput], one per image
+    layout: SequenceLayout
+    cameras: list[str]  # the images' names ([""]: one unnamed image)
 
 
 def empty_past(manifest: Manifest, name: str, batch: int, float_dtype) -> dict[str, np.ndarray]:

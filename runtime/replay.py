@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,21 +51,41 @@ class Question:
     cache: object  # runtime.caching.CacheSettings
 
 
-def answer_record(pipe, q: Question, paired: Paired, origin_ns: int, read_ms: float) -> dict:
-    """Answer one paired question time; its JSON line. read_ms: reading the bag since the last answer.
-    A frame whose data cannot be decoded skips the time, with the reason."""
+@dataclass
+class Prepared:
+    """A question time's frames, decoded and prepared (on the worker thread), with their times."""
+
+    request: object  # runtime.pipeline.Request
+    decode_ms: float
+    prepare_ms: float
+
+
+def prepare(pipe, q: Question, paired: Paired) -> Prepared | UnreadableFrame:
+    """Decode the paired frames and prepare the request: no engine, so it runs beside the engines."""
     start = time.perf_counter()
     try:
         images = [(name, frame.image()) for name, frame in paired.frames.items()]
     except UnreadableFrame as exc:
-        return {**_when(paired, origin_ns), "skipped": f"unreadable frame: {exc}", "missing": []}
-    decode_ms = (time.perf_counter() - start) * 1000
-    request = images[0][1] if len(images) == 1 else images
-    result = pipe.generate(request, q.prompt, q.gen, q.prune, None, q.cache)
+        return exc
+    decoded = time.perf_counter()
+    request = pipe.prepare(images[0][1] if len(images) == 1 else images, q.prompt, q.gen, q.prune)
+    return Prepared(request, (decoded - start) * 1000, (time.perf_counter() - decoded) * 1000)
+
+
+def answer_record(pipe, q: Question, paired: Paired, job, origin_ns: int, read_ms: float) -> dict:
+    """Answer one paired question time from its prepare() job; its JSON line. read_ms: reading the
+    bag for it; the wait is what of the worker's decoding and preparing the engines did not hide."""
+    start = time.perf_counter()
+    ready = job.result()
+    if isinstance(ready, UnreadableFrame):
+        return {**_when(paired, origin_ns), "skipped": f"unreadable frame: {ready}", "missing": []}
+    wait_ms = (time.perf_counter() - start) * 1000
+    result = pipe.answer(ready.request, q.gen, q.prune, None, q.cache)
     decoder = sum(s.pre_ms + s.post_ms for s in result.steps)
     runtime_other = result.total_ms - result.vision_ms - decoder
-    ms = {"read": read_ms, "decode": decode_ms, "vision": result.vision_ms, "decoder": decoder,
-          "runtime_other": runtime_other, "total": read_ms + decode_ms + result.total_ms}
+    ms = {"read": read_ms, "decode": ready.decode_ms, "prepare": ready.prepare_ms, "wait": wait_ms,
+          "vision": result.vision_ms, "decoder": decoder, "runtime_other": runtime_other,
+          "total": read_ms + wait_ms + result.total_ms}
     lead = next(iter(paired.frames.values()))
     return {**_when(paired, origin_ns), "recorded_ns": lead.log_ns,
             "frames": {name: {"stamp_ns": f.stamp_ns, "offset_ms": round((f.stamp_ns - paired.time_ns) / 1e6, 3)}
@@ -72,38 +93,59 @@ def answer_record(pipe, q: Question, paired: Paired, origin_ns: int, read_ms: fl
             "answer": result.text, "kept_tokens": int(result.kept_visual.size),
             "visual_tokens": int(result.layout.n_visual),
             "ms": {k: round(v, 3) for k, v in ms.items()},
-            "outside_engines_ms": round(read_ms + decode_ms + runtime_other, 3)}
+            "outside_engines_ms": round(read_ms + wait_ms + runtime_other, 3)}
 
 
 def _when(paired: Paired, origin_ns: int) -> dict:
     return {"time_s": round((paired.time_ns - origin_ns) / 1e9, 6), "stamp_ns": paired.time_ns}
 
 
-def replay(pipe, recording, cameras: dict[str, str], q: Question, pairing: Pairing, start_ns=None, stop_ns=None):
-    """Yield one record per question time, in order: an answer, or {"skipped": why}."""
-    pairer, origin, clock = FramePairer(list(cameras), pairing.validate()), None, time.perf_counter()
-
-    def settled():
-        nonlocal origin, clock
-        for paired in pairer.settled():
-            origin = paired.time_ns if origin is None else origin
-            if paired.skipped:
-                yield {**_when(paired, origin), "skipped": paired.skipped, "missing": list(paired.missing)}
-                continue
-            read_ms = (time.perf_counter() - clock) * 1000
-            yield answer_record(pipe, q, paired, origin, read_ms)
-            clock = time.perf_counter()
-
+def settled_pairs(recording, cameras: dict[str, str], pairing: Pairing, start_ns=None, stop_ns=None):
+    """Every question time of the stretch, paired or skipped, as the bag is read. A damaged bag
+    settles what was read before the damage, then raises."""
+    pairer = FramePairer(list(cameras), pairing.validate())
     try:
         for frame in recording.frames(cameras, start_ns, stop_ns):
             pairer.add(frame)
-            yield from settled()
-    except LladaVError:  # the bag is damaged here: what was read before still answers, then the error
+            yield from pairer.settled()
+    except LladaVError:
         pairer.finish()
-        yield from settled()
+        yield from pairer.settled()
         raise
     pairer.finish()
-    yield from settled()
+    yield from pairer.settled()
+
+
+def replay(pipe, recording, cameras: dict[str, str], q: Question, pairing: Pairing, start_ns=None, stop_ns=None):
+    """Yield one record per question time, in order: an answer, or {"skipped": why}. While the engines
+    answer one question time, a worker thread decodes and prepares the next one's frames."""
+    pairs, origin, pending = settled_pairs(recording, cameras, pairing, start_ns, stop_ns), None, None
+
+    def record(item) -> dict:
+        paired, job, read_ms = item
+        if job is None:
+            return {**_when(paired, origin), "skipped": paired.skipped, "missing": list(paired.missing)}
+        return answer_record(pipe, q, paired, job, origin, read_ms)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lladav-prepare") as worker:
+        try:
+            while True:
+                clock = time.perf_counter()
+                paired = next(pairs, None)
+                if paired is None:
+                    break
+                read_ms = (time.perf_counter() - clock) * 1000
+                origin = paired.time_ns if origin is None else origin
+                job = None if paired.skipped else worker.submit(prepare, pipe, q, paired)
+                if pending:
+                    yield record(pending)
+                pending = (paired, job, read_ms)
+        except LladaVError:  # damaged here: the question time in hand is still answered, then the error
+            if pending:
+                yield record(pending)
+            raise
+        if pending:
+            yield record(pending)
 
 
 @dataclass

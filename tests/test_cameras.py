@@ -120,7 +120,8 @@ def test_vision_runs_once_for_all_cameras_and_matches_each_image_alone(rig_bundl
     model, ckpt = tiny
     cams = views(3)
     with Pipeline(rig_bundle) as pipe:
-        prompt, images, lay = pipe.prepare(cams, "Any cyclist?", GEN, PruneSettings(k=15, p=50))
+        req = pipe.prepare(cams, "Any cyclist?", GEN, PruneSettings(k=15, p=50))
+        prompt, images, lay = req.prompt, req.images, req.layout
         embeds, _ = pipe.prompt_embeddings(prompt, images)
     with torch.inference_mode():
         ref, ref_lay = prompt_embeddings(model, prompt, images, GEN.gen_length)

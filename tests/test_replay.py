@@ -264,8 +264,10 @@ def test_a_two_camera_drive_replays_with_the_engines_loaded_once(rig_bundle, dri
         assert r["frames"]["front"]["stamp_ns"] == r["stamp_ns"] and r["kept_tokens"] < r["visual_tokens"]
         assert r["frames"]["left"]["stamp_ns"] == left[np.abs(left - r["stamp_ns"]).argmin()]  # the nearest
         assert r["recorded_ns"] == r["stamp_ns"] + LATENCY_NS
-        assert r["outside_engines_ms"] == pytest.approx(r["ms"]["read"] + r["ms"]["decode"] + r["ms"]["runtime_other"],
-                                                        abs=0.01)
+        ms = r["ms"]
+        assert r["outside_engines_ms"] == pytest.approx(ms["read"] + ms["wait"] + ms["runtime_other"], abs=0.01)
+        assert ms["total"] == pytest.approx(ms["read"] + ms["wait"] + ms["vision"] + ms["decoder"] + ms["runtime_other"],
+                                            abs=0.01) and ms["decode"] > 0 and ms["prepare"] > 0
     assert all(r["skipped"].startswith("left: nearest frame") and r["missing"] == ["left"]
                for r in records if "skipped" in r)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -284,7 +286,7 @@ def test_a_two_camera_drive_replays_with_the_engines_loaded_once(rig_bundle, dri
 
 def test_ctrl_c_and_a_cut_recording_keep_what_was_answered(rig_bundle, drive, tmp_path, monkeypatch, capsys):
     calls = []
-    real = Pipeline.generate
+    real = Pipeline.answer
 
     def interrupted(self, *a, **k):
         calls.append(1)
@@ -292,7 +294,7 @@ def test_ctrl_c_and_a_cut_recording_keep_what_was_answered(rig_bundle, drive, tm
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(Pipeline, "generate", interrupted)
+    monkeypatch.setattr(Pipeline, "answer", interrupted)
     out, bag_out = tmp_path / "a.jsonl", tmp_path / "answers"
     status = main(["--bundle", str(rig_bundle), "--bag", str(drive.path), "--camera", CAMERAS[0].name + "=" +
                    CAMERAS[0].topic, "--prompt", "Is there a pedestrian?", *GEN, "--every", "0.5", "--out", str(out),
@@ -301,7 +303,7 @@ def test_ctrl_c_and_a_cut_recording_keep_what_was_answered(rig_bundle, drive, tm
     assert len(out.read_text().splitlines()) == 3 and not (tmp_path / "a.jsonl.partial").exists()
     with AnyReader([bag_out]) as bag:
         assert bag.message_count == 3
-    monkeypatch.setattr(Pipeline, "generate", real)
+    monkeypatch.setattr(Pipeline, "answer", real)
     cut = truncated(drive.path, tmp_path, 0.5)
     status = main(["--bundle", str(rig_bundle), "--bag", str(cut), *TWO, "--prompt", PROMPT, *GEN, "--every", "0.5",
                    "--out", str(tmp_path / "cut.jsonl")])

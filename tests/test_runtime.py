@@ -103,7 +103,8 @@ def test_logits_agree_with_the_reference(bundles, tiny, tokenizer, image):
     model, ckpt = tiny
     prune = PruneSettings(k=15, p=50)
     with Pipeline(bundles[15]) as pipe:
-        prompt, img, lay = pipe.prepare(image, PROMPTS[0], GEN, prune)
+        req = pipe.prepare(image, PROMPTS[0], GEN, prune)
+        prompt, img, lay = req.prompt, req.images, req.layout
         embeds, _ = pipe.prompt_embeddings(prompt, img)
         runtime_fwd = SplitForward(pipe, embeds, lay, prune, 0.0)
         with torch.inference_mode():
@@ -320,7 +321,8 @@ def test_fp16_bundle_end_to_end(tiny_dir, tiny, tokenizer, tmp_path):
     # gradient only ~60% are, which would leave the kept-set comparison testing little
     img, prune = road_sketch(640, 480), PruneSettings(k=15, p=50, rule="saliency")
     with Pipeline(out) as pipe:
-        prompt, im, lay = pipe.prepare(img, PROMPTS[0], GEN, prune)
+        req = pipe.prepare(img, PROMPTS[0], GEN, prune)
+        prompt, im, lay = req.prompt, req.images, req.layout
         embeds, _ = pipe.prompt_embeddings(prompt, im)
         fwd = SplitForward(pipe, embeds, lay, prune, 0.0)
         with torch.inference_mode():
