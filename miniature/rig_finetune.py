@@ -32,7 +32,7 @@ import torch
 
 from miniature import embedded_checkpoint
 from miniature.data import VALIDATION_SEEDS, Encoder
-from miniature.scenes import RIG_CAMERA_KINDS, RigScene
+from miniature.scenes import RIG_CAMERA_KINDS, RigScene, rig_questions
 from miniature.train import (TokenHeads, adamw, one_pass_accuracy, restore, scene_visuals, sft_loss, token_loss,
                              warmup_cosine, write_state)
 from runtime.errors import LladaVError
@@ -43,10 +43,19 @@ FIRST_RIG, FIRST_SCENE = 0, 8_000_000  # the stretches the steps read (single sc
 FIRST_VISION_RIG, FIRST_VISION_SCENE = 500_000, 8_500_000  # the vision stage's
 
 
-def draw_camera_kinds(run_seed: int, r: RigScene) -> tuple[str, ...]:
-    """Stage 2's draw: per camera one of RIG_CAMERA_KINDS, uniformly, fixed by the run's seed and the rig."""
+def draw_camera_kinds(run_seed: int, r: RigScene, contrastive: bool = False) -> tuple[str, ...]:
+    """Stage 2's draw: per camera one of RIG_CAMERA_KINDS, uniformly, fixed by the run's seed and the
+    rig. contrastive: only among the kinds whose answer for this camera differs from every other
+    camera's answer to the same kind (when one does), so answering needs the camera the question
+    names: another camera's answer is wrong."""
     rng = np.random.default_rng([run_seed, r.seed, 11])
-    return tuple(str(k) for k in rng.choice(RIG_CAMERA_KINDS, len(r.cameras)))
+    n = len(r.cameras)
+    answers = {k: [q.answer for q in rig_questions(r, (k,) * n)[:n]] for k in RIG_CAMERA_KINDS}
+    out = []
+    for i in range(n):
+        unique = [k for k in RIG_CAMERA_KINDS if answers[k].count(answers[k][i]) == 1]
+        out.append(str(rng.choice(unique if contrastive and unique else RIG_CAMERA_KINDS)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class RigFinetuneSettings:
     rigs_per_step: int = 6
     scenes_per_step: int = 2
     drawn_kinds: bool = True  # stage 2: each camera asks a question drawn from RIG_CAMERA_KINDS
+    contrastive: bool = False  # ... among those only its own answer to (draw_camera_kinds)
     lr: float = 5e-4
     warmup_steps: int = 20
     final_lr_ratio: float = 0.1
@@ -132,7 +142,7 @@ class RigFinetune:
         i = step - s.vision_steps
         rigs = np.arange(s.rigs_per_step) + FIRST_RIG + i * s.rigs_per_step
         scenes = np.arange(s.scenes_per_step) + FIRST_SCENE + i * s.scenes_per_step
-        kinds = functools.partial(draw_camera_kinds, s.seed) if s.drawn_kinds else None
+        kinds = functools.partial(draw_camera_kinds, s.seed, contrastive=s.contrastive) if s.drawn_kinds else None
         return self.encoder.rig_examples(rigs, kinds) + self.encoder.examples(scenes)
 
     def train_step(self) -> float:
@@ -224,6 +234,10 @@ def main(argv=None) -> int:
     ap.add_argument("--vision-steps", type=int, default=RigFinetuneSettings.vision_steps,
                     help="stage 1's steps: the vision tower on token labels alone (0: none)")
     ap.add_argument("--steps", type=int, default=RigFinetuneSettings.steps, help="stage 2's steps (SFT)")
+    ap.add_argument("--scenes-per-step", type=int, default=RigFinetuneSettings.scenes_per_step,
+                    help="stage 2's single-image scenes rehearsed per step")
+    ap.add_argument("--contrastive", action="store_true",
+                    help="stage 2: each camera asks only what its own answer differs in (draw_camera_kinds)")
     ap.add_argument("--token-loss-weight", type=float, default=RigFinetuneSettings.token_loss_weight,
                     help="the token-label loss's weight (0: SFT only)")
     ap.add_argument("--start", type=Path, help="the checkpoint to fine-tune (default: the embedded miniature)")
@@ -231,6 +245,7 @@ def main(argv=None) -> int:
 
     def run():
         job = RigFinetune(RigFinetuneSettings(vision_steps=args.vision_steps, steps=args.steps,
+                                              scenes_per_step=args.scenes_per_step, contrastive=args.contrastive,
                                               token_loss_weight=args.token_loss_weight), args.run_dir,
                           args.start)
         job.train()

@@ -287,6 +287,15 @@ def test_training_rigs_draw_their_camera_questions_and_the_held_out_rule_stays()
     assert {q.kind for _, q in held_out_rigs()} == {"cam_pedestrian", "cam_light", "all_count"}
     drawn = [draw_camera_kinds(0, rig(s)) for s in range(40)]
     assert {k for kinds in drawn for k in kinds} == set(RIG_CAMERA_KINDS)
+    told_apart = 0
+    for s in range(40):  # contrastive: a camera's answer is no other camera's answer to the same question,
+        r, n = rig(s), len(rig(s).cameras)  # wherever some question tells that camera apart
+        answers = {k: [q.answer for q in rig_questions(r, (k,) * n)[:n]] for k in RIG_CAMERA_KINDS}
+        for i, kind in enumerate(draw_camera_kinds(0, r, contrastive=True)):
+            if any(a.count(a[i]) == 1 for a in answers.values()):
+                assert answers[kind].count(answers[kind][i]) == 1, (s, i, kind)
+                told_apart += 1
+    assert told_apart > 60
     r = rig(5)
     counted = rig_questions(r, ("cam_count",) * len(r.cameras))
     per_camera = [len(s.of("vehicle")) for s in r.cameras.values()]
