@@ -203,6 +203,19 @@ class Recording:
             if not self.count(topic):
                 raise LladaVError(f"--camera {name}={topic}: the topic holds no messages in {str(self.path)!r}")
 
+    def check_first_frames(self, cameras: dict[str, str]) -> None:
+        """Decode each camera's first frame: an encoding that is no camera image is an error before any
+        engine loads (one corrupt frame is not: the replay skips its time)."""
+        for name, topic in cameras.items():
+            frames = self.frames({name: topic})
+            try:
+                next(frames).image()
+            except (UnreadableFrame, StopIteration):
+                pass
+            finally:
+                frames.close()
+        self.read = 0
+
     def frames(self, cameras: dict[str, str], start_ns: int | None = None, stop_ns: int | None = None
                ) -> Iterator[Frame]:
         """Every message of the named cameras' topics recorded in [start_ns, stop_ns), in recording

@@ -337,6 +337,7 @@ def run(args: argparse.Namespace, summary: Summary) -> None:
     gen, cache = generation_settings(args), cache_settings(args)
     with Recording(args.bag) as rec:
         rec.check_cameras(cameras)  # before minutes of loading engines
+        rec.check_first_frames(cameras)
         if rec.salvaged and not args.quiet:
             print(f"warning: {str(args.bag)!r} has no MCAP index (a recording cut short?): reading it front to back, "
                   "up to where its data ends", file=sys.stderr)

@@ -323,6 +323,20 @@ def test_ctrl_c_and_a_cut_recording_keep_what_was_answered(rig_bundle, drive, tm
     assert len((tmp_path / "early.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_topic_of_depth_images_is_refused_before_the_engines_load(rig_bundle, tmp_path, monkeypatch, capsys):
+    bag = tmp_path / "depth"
+    depth = STORE.types["sensor_msgs/msg/Image"](
+        header=STORE.types["std_msgs/msg/Header"](stamp=STORE.types["builtin_interfaces/msg/Time"](sec=1, nanosec=0),
+                                                  frame_id="d"),
+        height=2, width=2, encoding="32FC1", is_bigendian=0, step=8, data=np.zeros(16, np.uint8))
+    with Writer(bag, version=9, storage_plugin=StoragePlugin.MCAP) as w:
+        conn = w.add_connection("/depth", "sensor_msgs/msg/Image", typestore=STORE)
+        w.write(conn, 1_000_000_000, STORE.serialize_cdr(depth, "sensor_msgs/msg/Image"))
+    monkeypatch.setattr(Pipeline, "__init__", lambda *a, **k: pytest.fail("engines loaded"))
+    assert main(["--bundle", str(rig_bundle), "--bag", str(bag), "--camera", "front=/depth", "--prompt", "x"]) == 2
+    assert "topic '/depth' at 1000000000 ns: image encoding '32FC1'; expected a camera encoding" in capsys.readouterr().err
+
+
 def test_replay_arguments_are_checked_before_the_bag_is_read(rig_bundle, drive, tmp_path, capsys):
     base = ["--bundle", str(rig_bundle), "--prompt", PROMPT, *GEN]
     cases = [
