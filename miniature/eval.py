@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.flops import remaining, run_workload, total_flops, trace_flops
-from miniature.scenes import RigScene, Scene, held_out_rigs, held_out_set
+from miniature.scenes import RigScene, Scene, held_out_rigs, held_out_set, rig_questions
 from runtime.bundle import Manifest, read_manifest
 from runtime.cli_args import at_boundary, quiet_on_broken_pipe
 from runtime.errors import expect
@@ -146,7 +146,18 @@ def record(pipe, s: Strategy, item: Scene | RigScene, q, gen: GenerationSettings
                             remaining(steps_w, s.k, s.p, s.rule) if s.k is not None else 1.0),
         "flops": trace_flops(steps_w, s.k, s.p, [st.rows for st in res.steps], s.rule),  # unpruned: no rule counted
         "steps": len(res.steps), "visual": res.layout.n_visual, "kept": int(res.kept_visual.size),
+        "other_camera": other_camera_answer(item, q, res.text.strip()),
     }
+
+
+def other_camera_answer(item, q, got: str) -> bool | None:
+    """A question naming a camera, answered wrong: is the answer what another camera would answer (the
+    question routed to the wrong camera)? None for every other question."""
+    if not isinstance(item, RigScene) or q.camera is None or got == q.answer:
+        return None
+    n = len(item.cameras)
+    same = rig_questions(item, (q.kind,) * n)[:n]
+    return any(o.answer == got for o in same if o.camera != q.camera)
 
 
 def run_all(bundle: Path, rows: list[Strategy], items, gen: GenerationSettings, work: Path, log) -> dict:
@@ -189,6 +200,8 @@ def summarize(rows: list[Strategy], records: dict[str, list[dict]], kinds=KINDS)
             **asdict(s), "questions": len(recs), "accuracy": _mean([r["correct"] for r in recs]),
             "by_kind": acc, "object_recall": _mean(recalls), "flops_remaining": _mean([r["flops_remaining"] for r in recs]),
             "mean_steps": _mean([r["steps"] for r in recs]),
+            # camera questions answered wrong: the share that were another camera's answer (routing errors)
+            "wrong_were_other_camera": _mean([r["other_camera"] for r in recs if r.get("other_camera") is not None]),
         })
     return table
 

@@ -303,6 +303,22 @@ def test_training_rigs_draw_their_camera_questions_and_the_held_out_rule_stays()
     assert counted[1].text == "In the left camera, how many vehicles?"
 
 
+def test_a_wrong_answer_about_one_camera_is_told_apart_when_it_is_another_camera_s():
+    from miniature.eval import other_camera_answer
+    from miniature.scenes import LIGHTS, rig, rig_questions
+
+    r = next(r for r in map(rig, range(100)) if len({s.of("light")[0].color for s in r.cameras.values()}) > 1)
+    lights = [s.of("light")[0].color for s in r.cameras.values()]
+    q = rig_questions(r, ("cam_light",) * len(lights))[0]  # about the front camera
+    other = next(c for c in lights if c != lights[0])
+    nobody = next(c for c in LIGHTS if c not in lights) if len(set(lights)) < 3 else None
+    assert other_camera_answer(r, q, lights[0]) is None  # right
+    assert other_camera_answer(r, q, other) is True
+    if nobody:
+        assert other_camera_answer(r, q, nobody) is False
+    assert other_camera_answer(r, rig_questions(r)[-1], "zero") is None  # spans every camera
+
+
 def test_the_harness_runs_the_camera_rows(tmp_path_factory):
     """--cameras: the held-out rigs under unpruned and the rules at P50/P70 with a global and a per-camera
     budget; each budget keeps its own count (per camera: V_i - floor(V_i * P / 100) of each camera)."""
@@ -330,4 +346,7 @@ def test_the_harness_runs_the_camera_rows(tmp_path_factory):
             assert r["visual"] == 65 * n and n in (2, 3)
             dropped = n * pruned_count(65, row["p"]) if row["budget"] == "per_camera" else pruned_count(r["visual"], row["p"])
             assert r["kept"] == r["visual"] - dropped, name
+            assert (r["other_camera"] is None) == (r["correct"] or r["kind"] == "all_count")
+        wrong = [r["other_camera"] for r in recs if r["other_camera"] is not None]
+        assert row["wrong_were_other_camera"] == (np.mean(wrong) if wrong else None)
     assert rows["unpruned"]["object_recall"] == 1.0 and rows["unpruned"]["flops_remaining"] == 1.0
