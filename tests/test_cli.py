@@ -37,7 +37,8 @@ def test_errors_exit_2_with_a_message(tiny_dir, tmp_path, capsys):
 
 
 def test_console_commands_are_installed():
-    """pip install gives lladav-build, lladav-run and lladav-generate beside the python -m / script forms."""
+    """pip install gives lladav-build, lladav-run, lladav-generate and lladav-replay beside the python -m /
+    script forms."""
     import shutil
     import subprocess
     import sys
@@ -46,7 +47,7 @@ def test_console_commands_are_installed():
 
     scripts = {e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("lladav-")}
     assert scripts == {"lladav-build": "export.build_engines:main", "lladav-run": "runtime.__main__:main",
-                       "lladav-generate": "export.generate:main"}
+                       "lladav-generate": "export.generate:main", "lladav-replay": "runtime.replay:main"}
     # next to the interpreter running the suite (a venv's bin/, activated or not), then PATH
     beside = str(Path(sys.executable).parent)
     for name in scripts:
