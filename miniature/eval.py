@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.flops import remaining, run_workload, total_flops, trace_flops
-from miniature.scenes import RigScene, Scene, held_out_rigs, held_out_set, rig_questions
+from miniature.scenes import RigScene, Scene, camera_answers, held_out_rigs, held_out_set
 from runtime.bundle import Manifest, read_manifest
 from runtime.cli_args import at_boundary, quiet_on_broken_pipe
 from runtime.errors import expect
@@ -155,9 +155,8 @@ def other_camera_answer(item, q, got: str) -> bool | None:
     question routed to the wrong camera)? None for every other question."""
     if not isinstance(item, RigScene) or q.camera is None or got == q.answer:
         return None
-    n = len(item.cameras)
-    same = rig_questions(item, (q.kind,) * n)[:n]
-    return any(o.answer == got for o in same if o.camera != q.camera)
+    others = [a for name, a in zip(item.cameras, camera_answers(item, q.kind)) if name != q.camera]
+    return got in others
 
 
 def run_all(bundle: Path, rows: list[Strategy], items, gen: GenerationSettings, work: Path, log) -> dict:

@@ -32,7 +32,7 @@ import torch
 
 from miniature import embedded_checkpoint
 from miniature.data import VALIDATION_SEEDS, Encoder
-from miniature.scenes import RIG_CAMERA_KINDS, RigScene, rig_questions
+from miniature.scenes import RIG_CAMERA_KINDS, RigScene, camera_answers
 from miniature.train import (TokenHeads, adamw, one_pass_accuracy, restore, scene_visuals, sft_loss, token_loss,
                              warmup_cosine, write_state)
 from runtime.errors import LladaVError
@@ -49,10 +49,9 @@ def draw_camera_kinds(run_seed: int, r: RigScene, contrastive: bool = False) -> 
     camera's answer to the same kind (when one does), so answering needs the camera the question
     names: another camera's answer is wrong."""
     rng = np.random.default_rng([run_seed, r.seed, 11])
-    n = len(r.cameras)
-    answers = {k: [q.answer for q in rig_questions(r, (k,) * n)[:n]] for k in RIG_CAMERA_KINDS}
+    answers = {k: camera_answers(r, k) for k in RIG_CAMERA_KINDS}
     out = []
-    for i in range(n):
+    for i in range(len(r.cameras)):
         unique = [k for k in RIG_CAMERA_KINDS if answers[k].count(answers[k][i]) == 1]
         out.append(str(rng.choice(unique if contrastive and unique else RIG_CAMERA_KINDS)))
     return tuple(out)

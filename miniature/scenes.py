@@ -324,6 +324,11 @@ def rig_questions(r: RigScene, kinds: tuple[str, ...] | None = None) -> list[Rig
     return out
 
 
+def camera_answers(r: RigScene, kind: str) -> list[str]:
+    """Each camera's answer to the same camera question (a RIG_CAMERA_KINDS kind), in camera order."""
+    return [q.answer for q in rig_questions(r, (kind,) * len(r.cameras))[: len(r.cameras)]]
+
+
 def _camera_question(kind: str, i: int, name: str, s: Scene) -> RigQuestion:
     idx = {id(o): j for j, o in enumerate(s.objects)}
     text = RIG_TEMPLATES[kind].format(camera=name)

@@ -43,20 +43,32 @@ def load_image(source) -> Image.Image:
             raise LladaVError(f"image {str(path)!r}: no such file")
         if not path.is_file():  # a device (/dev/zero) or a FIFO would be read forever
             raise LladaVError(f"image {str(path)!r}: not a regular file; expected an image file")
-        bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own, lower limit below
         try:
-            with Image.open(path) as opened:  # reads the header only
-                check_frame_size(opened.size, f"image {str(path)!r}")
-                opened.load()
-                image = opened.copy()
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            image = open_image(path, f"image {str(path)!r}")
+        except IMAGE_DATA_ERRORS as exc:
             raise LladaVError(f"image {str(path)!r}: unreadable ({exc}); expected a PNG/JPEG/... file") from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = bomb_limit
     if image.width == 0 or image.height == 0:
         raise LladaVError(f"image: got {image.width}x{image.height} pixels; expected a non-empty image")
     check_frame_size(image.size, "image")
     return to_rgb8(image)
+
+
+# what PIL raises for data it cannot decode (SyntaxError: a PNG's broken chunks; EOFError: truncated data)
+IMAGE_DATA_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError)
+
+
+def open_image(fp, what: str) -> Image.Image:
+    """An image file's pixels (a path or a file object) as PIL decodes them, its size checked from the
+    header before decoding (check_frame_size, `what` naming it; PIL's decompression-bomb limit gives
+    way to ours). Undecodable data raises one of IMAGE_DATA_ERRORS."""
+    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own, lower limit below
+    try:
+        with Image.open(fp) as opened:  # reads the header only
+            check_frame_size(opened.size, what)
+            opened.load()
+            return opened.copy()
+    finally:
+        Image.MAX_IMAGE_PIXELS = bomb_limit
 
 
 def check_frame_size(size: tuple[int, int], what: str) -> None:

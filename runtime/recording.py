@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from runtime.errors import LladaVError
-from runtime.preprocess import check_frame_size, to_rgb8
+from runtime.preprocess import IMAGE_DATA_ERRORS, check_frame_size, open_image, to_rgb8
 
 RAW, COMPRESSED = "sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage"
 IMAGE_TYPES = (RAW, COMPRESSED)
@@ -128,18 +128,12 @@ def _decode_compressed(msg, where: str) -> Image.Image:
     fmt = str(msg.format)
     if "compressedDepth" in fmt:
         raise LladaVError(f"{where}: format {fmt!r} is a depth image; expected a camera image (jpeg, png)")
-    bomb_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # check_frame_size is our limit
     try:
-        with Image.open(io.BytesIO(memoryview(msg.data).tobytes())) as opened:
-            check_frame_size(opened.size, where)
-            opened.load()
-            image = to_rgb8(opened)  # 16-bit PNGs scaled, not clipped
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:  # PIL: SyntaxError on bad chunks
+        image = open_image(io.BytesIO(memoryview(msg.data).tobytes()), where)
+    except IMAGE_DATA_ERRORS as exc:
         raise UnreadableFrame(f"{where}: compressed image (format {fmt!r}) unreadable ({exc}); expected JPEG or "
                               "PNG data") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = bomb_limit
-    return image
+    return to_rgb8(image)  # 16-bit PNGs scaled, not clipped
 
 
 class Recording:

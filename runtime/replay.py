@@ -243,9 +243,7 @@ def check_answers_bag(path: Path, bag: Path) -> None:
                               "a bag)")
     expect(path.resolve() != bag.resolve() and bag.resolve() not in path.resolve().parents,
            f"--answers-bag {str(path)!r}: inside the input bag {str(bag)!r}; expected a path beside it")
-    parent = path.parent if str(path.parent) else Path(".")
-    expect(parent.is_dir(), f"--answers-bag {str(path)!r}: directory {str(parent)!r} does not exist")
-    expect(os.access(parent, os.W_OK), f"--answers-bag {str(path)!r}: directory {str(parent)!r} is not writable")
+    check_writable(path, "--answers-bag")  # its directory exists and takes a new entry
 
 
 # ------------------------------------------------------------------ the command
