@@ -29,10 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from miniature import embedded_checkpoint
-from miniature.data import VALIDATION_SEEDS, Encoder
-from miniature.scenes import RIG_CAMERA_KINDS, RigScene, camera_answers
+from miniature.data import IGNORE, VALIDATION_SEEDS, Encoder
+from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RigScene, camera_answers
 from miniature.train import (TokenHeads, adamw, one_pass_accuracy, restore, scene_visuals, sft_loss, token_loss,
                              warmup_cosine, write_state)
 from runtime.errors import LladaVError
@@ -57,6 +59,48 @@ def draw_camera_kinds(run_seed: int, r: RigScene, contrastive: bool = False) -> 
     return tuple(out)
 
 
+class RigHeads(nn.Module):
+    """Training-only heads, not part of the checkpoint: TokenHeads on the visual tokens, and a linear
+    head reading which camera a visual row comes from out of the decoder's hidden state."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.tokens = TokenHeads(d_model)
+        self.camera = nn.Linear(d_model, len(RIG_CAMERAS))  # on RMS-normed hidden states (camera_loss)
+
+
+def camera_rows(batch: list, visuals: list) -> list[torch.Tensor]:
+    """Per question of the batch (batch order), per sequence row: the index in RIG_CAMERAS of the
+    camera a visual row comes from, IGNORE on text rows and on single-image scenes."""
+    out = []
+    for ex, images in zip(batch, visuals):
+        for prompt in ex.prompts:
+            parts = []
+            for seg in prompt.segments():
+                n = len(seg) if isinstance(seg, tuple) else images[seg].shape[0]
+                label = RIG_CAMERAS.index(ex.cameras[seg]) if ex.cameras and not isinstance(seg, tuple) else IGNORE
+                parts.append(torch.full((n,), label, dtype=torch.long))
+            out.append(torch.cat(parts))
+    return out
+
+
+def camera_loss(head: nn.Linear, taps: list, rows: list[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of the camera each visual row of a rig comes from, read from the hidden states
+    after settings.camera_layer layers (sft_loss's taps; the response rows carry no label). It asks
+    the early layers to tell every visual token which camera it is, from the prompt's "front camera:"
+    before its segment, so that a later layer can find the camera a question names by content."""
+    logits, labels = [], []
+    for idx, h in taps:
+        n = h.shape[1]
+        h = h.float()
+        logits.append(head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).flatten(0, 1))  # RMS-normed
+        labels.append(torch.cat([F.pad(rows[i], (0, n - rows[i].shape[0]), value=IGNORE) for i in idx]))
+    labels = torch.cat(labels)
+    if not (labels != IGNORE).any():
+        return torch.zeros(())
+    return F.cross_entropy(torch.cat(logits), labels, ignore_index=IGNORE)
+
+
 @dataclass(frozen=True)
 class RigFinetuneSettings:
     seed: int = 0
@@ -76,6 +120,8 @@ class RigFinetuneSettings:
     response_lengths: tuple[int, int] = (8, 16)
     token_loss_weight: float = 1.0  # stage 2: SFT loss + this x the token-label loss (training-only heads)
     anchor_weight: float = 1.0  # both stages: + this x the single scenes' visual tokens' drift from the start's
+    camera_loss_weight: float = 0.0  # stage 2: + this x camera_loss (which camera each visual row is from)
+    camera_layer: int = 4  # ... read after this many decoder layers
     bf16_autocast: bool = True
     eval_every: int = 100
     validation_rigs: int = 24
@@ -97,9 +143,9 @@ class RigFinetune:
         self.model.requires_grad_(True)  # loaded for inference
         self.tok = TextTokenizer(self.start)
         self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32)
-        self.heads = TokenHeads(self.ckpt.config.decoder.d_model)
+        self.heads = RigHeads(self.ckpt.config.decoder.d_model)
         self.anchor = copy.deepcopy(self.model).requires_grad_(False).eval()  # the start, frozen
-        heads = list(self.heads.parameters()) if settings.token_loss_weight or settings.vision_steps else []
+        heads = list(self.heads.parameters())
         self.opt = adamw([*self.model.parameters(), *heads], settings.lr, settings.weight_decay)
         self.step, self.elapsed, self.log = 0, 0.0, []
         self._resume()
@@ -154,13 +200,19 @@ class RigFinetune:
             visuals = scene_visuals(self.model, batch)
             loss = s.anchor_weight * self.drift(batch, visuals) if s.anchor_weight else torch.zeros(())
             if self.step < s.vision_steps:
-                loss = loss + token_loss(self.heads, batch, visuals)[0]
+                loss = loss + token_loss(self.heads.tokens, batch, visuals)[0]
             else:
                 gen = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
                 length = int(np.random.default_rng([s.seed, self.step, 7]).integers(*s.response_lengths, endpoint=True))
-                loss = loss + sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen)
+                tap = s.camera_layer if s.camera_loss_weight else None
+                out = sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen, tap)
+                if tap is None:
+                    loss = loss + out
+                else:
+                    loss = loss + out[0] + s.camera_loss_weight * camera_loss(self.heads.camera, out[1],
+                                                                               camera_rows(batch, visuals))
                 if s.token_loss_weight:
-                    loss = loss + s.token_loss_weight * token_loss(self.heads, batch, visuals)[0]
+                    loss = loss + s.token_loss_weight * token_loss(self.heads.tokens, batch, visuals)[0]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -239,13 +291,19 @@ def main(argv=None) -> int:
                     help="stage 2: each camera asks only what its own answer differs in (draw_camera_kinds)")
     ap.add_argument("--token-loss-weight", type=float, default=RigFinetuneSettings.token_loss_weight,
                     help="the token-label loss's weight (0: SFT only)")
+    ap.add_argument("--camera-loss-weight", type=float, default=RigFinetuneSettings.camera_loss_weight,
+                    help="stage 2: + this x the loss of telling each visual row's camera after --camera-layer layers")
+    ap.add_argument("--camera-layer", type=int, default=RigFinetuneSettings.camera_layer)
+    ap.add_argument("--lr", type=float, default=RigFinetuneSettings.lr, help="stage 2's peak learning rate")
     ap.add_argument("--start", type=Path, help="the checkpoint to fine-tune (default: the embedded miniature)")
     args = ap.parse_args(argv)
 
     def run():
         job = RigFinetune(RigFinetuneSettings(vision_steps=args.vision_steps, steps=args.steps,
                                               scenes_per_step=args.scenes_per_step, contrastive=args.contrastive,
-                                              token_loss_weight=args.token_loss_weight), args.run_dir,
+                                              token_loss_weight=args.token_loss_weight,
+                                              camera_loss_weight=args.camera_loss_weight,
+                                              camera_layer=args.camera_layer, lr=args.lr), args.run_dir,
                           args.start)
         job.train()
         out = job.write(args.out or args.run_dir / "checkpoint")

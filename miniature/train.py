@@ -254,15 +254,20 @@ def batch_sequences(model: LladaV, batch: list[Example], visuals: list[torch.Ten
     return [([i for i, _ in g], torch.stack([h for _, h in g])) for g in groups.values()]
 
 
-def response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor) -> torch.Tensor:
-    """(Q, G, vocab) logits at the response rows of every sequence in the batch."""
+def response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor,
+                    tap: int | None = None):
+    """(Q, G, vocab) logits at the response rows of every sequence in the batch. With `tap`, also
+    the hidden states after that many layers, [(question indices, (n, N, D))] per length group."""
     g = responses.shape[1]
-    out = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size)
+    out, taps = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size), []
     for idx, h in batch_sequences(model, batch, visuals, responses):
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
-        hidden, _ = model.run_layers(h, pos, 0, model.cfg.n_layers)
+        if tap is not None:
+            h, _ = model.run_layers(h, pos, 0, tap)
+            taps.append((idx, h))
+        hidden, _ = model.run_layers(h, pos, 0 if tap is None else tap, model.cfg.n_layers)
         out = out.index_put((torch.tensor(idx),), model.logits(hidden[:, -g:]).float())
-    return out
+    return out if tap is None else (out, taps)
 
 
 def draw_masks(q: int, g: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,18 +292,17 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, 
 
 
 def sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], length: int, mask_id: int,
-             gen: torch.Generator) -> torch.Tensor:
-    """The SFT loss of the batch's responses cut to `length`; prompts are never masked."""
+             gen: torch.Generator, tap: int | None = None):
+    """The SFT loss of the batch's responses cut to `length`; prompts are never masked. With `tap`,
+    also response_logits' hidden states after that many layers."""
     target = torch.tensor([r[:length] for ex in batch for r in ex.responses])  # (Q, G)
     t, masked = draw_masks(*target.shape, gen)
-    logits = response_logits(model, batch, visuals, torch.where(masked, mask_id, target))
-    return masked_ce(logits, target, masked, t)
+    out = response_logits(model, batch, visuals, torch.where(masked, mask_id, target), tap)
+    logits, taps = out if tap is not None else (out, None)
+    loss = masked_ce(logits, target, masked, t)
+    return loss if tap is None else (loss, taps)
 
 
-# ---------------------------------------------------------------- monitoring
-
-
-@torch.no_grad()
 def one_pass_accuracy(model: LladaV, examples: list[Example], tok: TextTokenizer, length: int = 8) -> dict[str, float]:
     """Per question kind, the share answered exactly when the whole response is predicted in one
     pass from all masks (a cheap training monitor; the harness runs the real denoising loop)."""

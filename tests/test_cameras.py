@@ -280,6 +280,49 @@ def test_the_rig_fine_tune_checkpoints_and_resumes(tmp_path):
     assert (out / "config.json").is_file() and (tmp_path / "run" / "training.json").is_file()
 
 
+def test_the_camera_loss_labels_each_rigs_visual_rows_with_its_camera():
+    """camera_rows marks exactly the rows where batch_sequences put each camera's tokens (found here by
+    planting a distinct value per camera), with that camera's index; the loss is small for a head that
+    reads the planted value and large for one that reads it wrong."""
+    from miniature.data import IGNORE, Encoder
+    from miniature.rig_finetune import camera_loss, camera_rows
+    from miniature.scenes import RIG_CAMERAS
+    from miniature.train import batch_sequences
+    from export.checkpoint import load_model
+    from miniature import embedded_checkpoint
+    from runtime.tokens import TextTokenizer
+
+    model, ckpt = load_model(embedded_checkpoint(), torch.float32)
+    enc = Encoder(TextTokenizer(embedded_checkpoint()), ckpt.config.geometry, 32)
+    batch = enc.rig_examples([0, 1]) + enc.examples([3])  # two and three cameras, then one single scene
+    d = ckpt.config.decoder.d_model
+    planted = [[torch.zeros(1, d).index_fill_(1, torch.tensor([j]), 100.0).expand(n, d) for j, n in
+                enumerate(im.num_visual_tokens for im in ex.layouts)] for ex in batch]
+    responses = torch.zeros(sum(len(ex.prompts) for ex in batch), 4, dtype=torch.long)
+    rows = camera_rows(batch, planted)
+    flat = [(ex, p) for ex in batch for p in ex.prompts]
+    taps = []
+    with torch.no_grad():
+        for idx, h in batch_sequences(model, batch, planted, responses):
+            for i, seq in zip(idx, h):
+                ex, hit = flat[i][0], (seq[:, :3] == 100.0)
+                want = torch.where(hit.any(1), hit.float().argmax(1), IGNORE)
+                if ex.cameras:
+                    want = torch.where(want >= 0, torch.tensor([RIG_CAMERAS.index(c) for c in ex.cameras])[want.clamp(0)], want)
+                else:
+                    want = torch.full_like(want, IGNORE)
+                assert torch.equal(rows[i], want[: rows[i].shape[0]]), i
+            taps.append((idx, h))
+    assert {int(x) for r in rows for x in r.unique()} == {IGNORE, 0, 1, 2}
+    reads = torch.nn.Linear(d, len(RIG_CAMERAS), bias=False)
+    with torch.no_grad():
+        reads.weight.copy_(torch.eye(len(RIG_CAMERAS), d) * 50.0)
+        right = camera_loss(reads, taps, rows)
+        reads.weight.copy_(torch.eye(len(RIG_CAMERAS), d).roll(1, 0) * 50.0)
+        wrong = camera_loss(reads, taps, rows)
+    assert right < 0.01 < 10 < wrong, (right, wrong)
+
+
 def test_training_rigs_draw_their_camera_questions_and_the_held_out_rule_stays():
     from miniature.rig_finetune import draw_camera_kinds
     from miniature.scenes import NUMBERS, RIG_CAMERA_KINDS, RIG_NUMBERS, held_out_rigs, rig, rig_questions
