@@ -87,9 +87,11 @@ class Encoder:
         assert len(ids) <= self.response_length, (answer, ids)
         return tuple(ids + [self.tok.ids.eos] * (self.response_length - len(ids)))
 
-    def example(self, s: Scene, text: bool = True) -> Example:
-        """The scene's example; without text, no questions (the vision stage needs none)."""
-        image = prepare_image(s.image, self.geometry, ANYRES)
+    def example(self, s: Scene, text: bool = True, layout: str = ANYRES) -> Example:
+        """The scene's example; without text, no questions (the vision stage needs none). layout PAD:
+        the frame seen as one padded view, as each camera of a rig is (training and diagnosis only:
+        a one-image request is AnyRes)."""
+        image = prepare_image(s.image, self.geometry, layout)
         qs = tuple(questions(s)) if text else ()
         return Example(
             s.seed,
@@ -101,8 +103,8 @@ class Encoder:
             token_labels(s, image.layout, self.geometry.side),
         )
 
-    def examples(self, seeds, text: bool = True) -> list[Example]:
-        return [self.example(scene(int(seed)), text) for seed in seeds]
+    def examples(self, seeds, text: bool = True, layout: str = ANYRES) -> list[Example]:
+        return [self.example(scene(int(seed)), text, layout) for seed in seeds]
 
     def rig_example(self, r: RigScene, kinds: tuple[str, ...] | None = None) -> Example:
         """A camera rig's example: one padded view per camera (runtime.cameras), its questions

@@ -34,15 +34,17 @@ from torch import nn
 
 from miniature import embedded_checkpoint
 from miniature.data import IGNORE, VALIDATION_SEEDS, Encoder
-from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RigScene, camera_answers
+from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RigScene, camera_answers, rig, rig_questions
 from miniature.train import (TokenHeads, adamw, one_pass_accuracy, restore, scene_visuals, sft_loss, token_loss,
                              warmup_cosine, write_state)
+from runtime.anyres import ANYRES, PAD
 from runtime.errors import LladaVError
 
 STATE = "rig_state.pt"
 VALIDATION_RIGS = range(999_000, 999_000 + 24)  # in the training rigs' range, never reached by a run
 FIRST_RIG, FIRST_SCENE = 0, 8_000_000  # the stretches the steps read (single scenes: apart from the first run's)
 FIRST_VISION_RIG, FIRST_VISION_SCENE = 500_000, 8_500_000  # the vision stage's
+FIRST_PAD_SCENE = 9_000_000  # stage 2's single scenes through one padded view
 
 
 def draw_camera_kinds(run_seed: int, r: RigScene, contrastive: bool = False) -> tuple[str, ...]:
@@ -101,6 +103,20 @@ def camera_loss(head: nn.Linear, taps: list, rows: list[torch.Tensor]) -> torch.
     return F.cross_entropy(torch.cat(logits), labels, ignore_index=IGNORE)
 
 
+def same_scene_examples(encoder: Encoder, seeds) -> list:
+    """Per camera question of each rig (the held-out rule), the rig with every camera showing the
+    scene that question names, asking only it: the answer no longer depends on which camera is
+    read, so accuracy here is reading the padded views alone."""
+    out = []
+    for r in map(rig, map(int, seeds)):
+        for i, q in enumerate(rig_questions(r)[:-1]):
+            same = RigScene(r.seed, dict.fromkeys(r.cameras, r.cameras[q.camera]))
+            ex = encoder.rig_example(same, (q.kind,) * len(r.cameras))
+            out.append(dataclasses.replace(ex, questions=(ex.questions[i],), prompts=(ex.prompts[i],),
+                                           responses=(ex.responses[i],)))
+    return out
+
+
 @dataclass(frozen=True)
 class RigFinetuneSettings:
     seed: int = 0
@@ -111,6 +127,7 @@ class RigFinetuneSettings:
     steps: int = 500  # stage 2: SFT on rigs and single scenes (+ the token-label loss)
     rigs_per_step: int = 6
     scenes_per_step: int = 2
+    pad_scenes_per_step: int = 0  # stage 2: + single scenes seen through one padded view (all six questions)
     drawn_kinds: bool = True  # stage 2: each camera asks a question drawn from RIG_CAMERA_KINDS
     contrastive: bool = False  # ... among those only its own answer to (draw_camera_kinds)
     lr: float = 5e-4
@@ -187,8 +204,10 @@ class RigFinetune:
         i = step - s.vision_steps
         rigs = np.arange(s.rigs_per_step) + FIRST_RIG + i * s.rigs_per_step
         scenes = np.arange(s.scenes_per_step) + FIRST_SCENE + i * s.scenes_per_step
+        pad = np.arange(s.pad_scenes_per_step) + FIRST_PAD_SCENE + i * s.pad_scenes_per_step
         kinds = functools.partial(draw_camera_kinds, s.seed, contrastive=s.contrastive) if s.drawn_kinds else None
-        return self.encoder.rig_examples(rigs, kinds) + self.encoder.examples(scenes)
+        return (self.encoder.rig_examples(rigs, kinds) + self.encoder.examples(scenes)
+                + self.encoder.examples(pad, layout=PAD))
 
     def train_step(self) -> float:
         s = self.s
@@ -223,7 +242,7 @@ class RigFinetune:
         """The single scenes' (AnyRes) visual tokens' squared distance from the starting model's,
         relative to their size: it keeps the single-image path the decoder was trained on while
         the tower learns the padded views."""
-        single = [(ex, v) for ex, v in zip(batch, visuals) if not ex.cameras]
+        single = [(ex, v) for ex, v in zip(batch, visuals) if ex.layouts[0].mode == ANYRES]
         if not single:
             return torch.zeros(())
         with torch.no_grad():
@@ -233,12 +252,18 @@ class RigFinetune:
 
     @torch.no_grad()
     def validate(self) -> dict:
+        """One-pass accuracy on the validation rigs and scenes; and, to tell reading a padded view from
+        routing a question to its camera, on the same rigs with every camera showing the scene the
+        question names (val_same: routing cannot matter) and on the scenes seen through one padded
+        view (val_pad)."""
         self.model.eval()
-        rigs = one_pass_accuracy(self.model, self.encoder.rig_examples(VALIDATION_RIGS[: self.s.validation_rigs]), self.tok)
-        single = one_pass_accuracy(self.model, self.encoder.examples(VALIDATION_SEEDS[: self.s.validation_scenes]),
-                                   self.tok)
-        return {"val_rigs": {k: round(v, 4) for k, v in rigs.items()},
-                "val_single": {k: round(v, 4) for k, v in single.items()}}
+        rigs = VALIDATION_RIGS[: self.s.validation_rigs]
+        scenes = VALIDATION_SEEDS[: self.s.validation_scenes]
+        out = {"val_rigs": one_pass_accuracy(self.model, self.encoder.rig_examples(rigs), self.tok),
+               "val_single": one_pass_accuracy(self.model, self.encoder.examples(scenes), self.tok),
+               "val_same": one_pass_accuracy(self.model, same_scene_examples(self.encoder, rigs), self.tok),
+               "val_pad": one_pass_accuracy(self.model, self.encoder.examples(scenes, layout=PAD), self.tok)}
+        return {name: {k: round(v, 4) for k, v in acc.items()} for name, acc in out.items()}
 
     def train(self) -> None:
         s, losses = self.s, []
@@ -287,6 +312,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=RigFinetuneSettings.steps, help="stage 2's steps (SFT)")
     ap.add_argument("--scenes-per-step", type=int, default=RigFinetuneSettings.scenes_per_step,
                     help="stage 2's single-image scenes rehearsed per step")
+    ap.add_argument("--pad-scenes-per-step", type=int, default=RigFinetuneSettings.pad_scenes_per_step,
+                    help="stage 2's single-image scenes seen through one padded view per step (all six questions)")
     ap.add_argument("--contrastive", action="store_true",
                     help="stage 2: each camera asks only what its own answer differs in (draw_camera_kinds)")
     ap.add_argument("--token-loss-weight", type=float, default=RigFinetuneSettings.token_loss_weight,
@@ -301,6 +328,7 @@ def main(argv=None) -> int:
     def run():
         job = RigFinetune(RigFinetuneSettings(vision_steps=args.vision_steps, steps=args.steps,
                                               scenes_per_step=args.scenes_per_step, contrastive=args.contrastive,
+                                              pad_scenes_per_step=args.pad_scenes_per_step,
                                               token_loss_weight=args.token_loss_weight,
                                               camera_loss_weight=args.camera_loss_weight,
                                               camera_layer=args.camera_layer, lr=args.lr), args.run_dir,

@@ -323,6 +323,30 @@ def test_the_camera_loss_labels_each_rigs_visual_rows_with_its_camera():
     assert right < 0.01 < 10 < wrong, (right, wrong)
 
 
+def test_the_readout_diagnostics_show_every_camera_the_named_scene_and_a_frame_as_one_padded_view():
+    """val_same's rigs: one question each, every camera's view the named camera's pixels, the named
+    camera's answer; val_pad's scenes: one padded view of 8 x 8 tokens + newline, the six questions."""
+    from export.model import PRESETS
+    from miniature import embedded_checkpoint
+    from miniature.data import Encoder
+    from miniature.rig_finetune import same_scene_examples
+    from miniature.scenes import rig, rig_questions
+    from runtime.anyres import PAD
+    from runtime.tokens import TextTokenizer
+
+    enc = Encoder(TextTokenizer(embedded_checkpoint()), PRESETS["miniature"].geometry, 32)
+    same = same_scene_examples(enc, [0, 1])
+    asked = [(r, q) for r in (rig(0), rig(1)) for q in rig_questions(r)[:-1]]
+    assert len(same) == len(asked) == 5
+    for ex, (r, q) in zip(same, asked):
+        assert [x.text for x in ex.questions] == [q.text] and ex.questions[0].answer == q.answer
+        own = enc.rig_example(r).pixels[list(r.cameras).index(q.camera)]
+        assert ex.cameras == tuple(r.cameras) and all(np.array_equal(view, own) for view in ex.pixels)
+    pad = enc.examples([3], layout=PAD)[0]
+    assert pad.layouts[0].mode == PAD and pad.layouts[0].num_visual_tokens == 65 and len(pad.questions) == 6
+    assert enc.examples([3])[0].layouts[0].num_visual_tokens > 65
+
+
 def test_training_rigs_draw_their_camera_questions_and_the_held_out_rule_stays():
     from miniature.rig_finetune import draw_camera_kinds
     from miniature.scenes import NUMBERS, RIG_CAMERA_KINDS, RIG_NUMBERS, held_out_rigs, rig, rig_questions
