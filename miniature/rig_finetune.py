@@ -117,6 +117,29 @@ def same_scene_examples(encoder: Encoder, seeds) -> list:
     return out
 
 
+def named_cameras(batch: list) -> list[int | None]:
+    """Per question of the batch (batch order), the index in RIG_CAMERAS of the camera it names (None:
+    every camera, or a single scene)."""
+    return [RIG_CAMERAS.index(q.camera) if getattr(q, "camera", None) else None for ex in batch for q in ex.questions]
+
+
+def route_loss(saliency: list, rows: list[torch.Tensor], named: list[int | None]) -> torch.Tensor:
+    """-log of the share of the response rows' attention on visual rows that lands on the camera the
+    question names, mean over such questions and the layers measured. saliency: per layer
+    [(question indices, (n, N) mean attention of the response rows over heads)] (rows, named: per
+    question, camera_rows and named_cameras)."""
+    losses = []
+    for groups in saliency:
+        for idx, sal in groups:
+            for j, i in enumerate(idx):
+                if named[i] is None:
+                    continue
+                r = rows[i]
+                visual, own = sal[j, : r.shape[0]][r != IGNORE], sal[j, : r.shape[0]][r == named[i]]
+                losses.append(-torch.log(own.sum() / visual.sum() + 1e-6))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
 @dataclass(frozen=True)
 class RigFinetuneSettings:
     seed: int = 0
@@ -139,6 +162,8 @@ class RigFinetuneSettings:
     anchor_weight: float = 1.0  # both stages: + this x the single scenes' visual tokens' drift from the start's
     camera_loss_weight: float = 0.0  # stage 2: + this x camera_loss (which camera each visual row is from)
     camera_layer: int = 4  # ... read after this many decoder layers
+    route_loss_weight: float = 0.0  # stage 2: + this x route_loss (answers attend to the camera named)
+    route_layers: tuple[int, int] = (8, 24)  # ... in decoder layers [lo, hi)
     bf16_autocast: bool = True
     eval_every: int = 100
     validation_rigs: int = 24
@@ -224,12 +249,17 @@ class RigFinetune:
                 gen = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
                 length = int(np.random.default_rng([s.seed, self.step, 7]).integers(*s.response_lengths, endpoint=True))
                 tap = s.camera_layer if s.camera_loss_weight else None
-                out = sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen, tap)
-                if tap is None:
+                scored = tuple(range(*s.route_layers)) if s.route_loss_weight else ()
+                out = sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen, tap, scored)
+                if tap is None and not scored:
                     loss = loss + out
                 else:
-                    loss = loss + out[0] + s.camera_loss_weight * camera_loss(self.heads.camera, out[1],
-                                                                               camera_rows(batch, visuals))
+                    rows = camera_rows(batch, visuals)
+                    loss = loss + out[0]
+                    if tap is not None:
+                        loss = loss + s.camera_loss_weight * camera_loss(self.heads.camera, out[1], rows)
+                    if scored:
+                        loss = loss + s.route_loss_weight * route_loss(out[2], rows, named_cameras(batch))
                 if s.token_loss_weight:
                     loss = loss + s.token_loss_weight * token_loss(self.heads.tokens, batch, visuals)[0]
         self.opt.zero_grad(set_to_none=True)
@@ -321,6 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--camera-loss-weight", type=float, default=RigFinetuneSettings.camera_loss_weight,
                     help="stage 2: + this x the loss of telling each visual row's camera after --camera-layer layers")
     ap.add_argument("--camera-layer", type=int, default=RigFinetuneSettings.camera_layer)
+    ap.add_argument("--route-loss-weight", type=float, default=RigFinetuneSettings.route_loss_weight,
+                    help="stage 2: + this x the loss of answers attending to cameras other than the one named")
     ap.add_argument("--lr", type=float, default=RigFinetuneSettings.lr, help="stage 2's peak learning rate")
     ap.add_argument("--start", type=Path, help="the checkpoint to fine-tune (default: the embedded miniature)")
     args = ap.parse_args(argv)
@@ -331,7 +363,8 @@ def main(argv=None) -> int:
                                               pad_scenes_per_step=args.pad_scenes_per_step,
                                               token_loss_weight=args.token_loss_weight,
                                               camera_loss_weight=args.camera_loss_weight,
-                                              camera_layer=args.camera_layer, lr=args.lr), args.run_dir,
+                                              camera_layer=args.camera_layer, lr=args.lr,
+                                              route_loss_weight=args.route_loss_weight), args.run_dir,
                           args.start)
         job.train()
         out = job.write(args.out or args.run_dir / "checkpoint")

@@ -254,20 +254,33 @@ def batch_sequences(model: LladaV, batch: list[Example], visuals: list[torch.Ten
     return [([i for i, _ in g], torch.stack([h for _, h in g])) for g in groups.values()]
 
 
-def response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor,
-                    tap: int | None = None):
-    """(Q, G, vocab) logits at the response rows of every sequence in the batch. With `tap`, also
-    the hidden states after that many layers, [(question indices, (n, N, D))] per length group."""
-    g = responses.shape[1]
-    out, taps = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size), []
+def response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor):
+    """(Q, G, vocab) logits at the response rows of every sequence in the batch."""
+    return probed_response_logits(model, batch, visuals, responses)[0]
+
+
+def probed_response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor,
+                           tap: int | None = None, scored: tuple[int, ...] = ()):
+    """response_logits, and what training-only losses read on the way (per length group, with the
+    group's question indices): with `tap`, the hidden states after that many layers [(idx, (n, N, D))];
+    per layer in `scored`, the response rows' attention over the sequence, mean over heads and rows
+    (export.model.attention_saliency) [[(idx, (n, N))] per layer]."""
+    g, n_layers = responses.shape[1], model.cfg.n_layers
+    out, taps, saliency = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size), [], {i: [] for i in scored}
     for idx, h in batch_sequences(model, batch, visuals, responses):
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
-        if tap is not None:
-            h, _ = model.run_layers(h, pos, 0, tap)
-            taps.append((idx, h))
-        hidden, _ = model.run_layers(h, pos, 0 if tap is None else tap, model.cfg.n_layers)
-        out = out.index_put((torch.tensor(idx),), model.logits(hidden[:, -g:]).float())
-    return out if tap is None else (out, taps)
+        if tap is None and not scored:
+            h, _ = model.run_layers(h, pos, 0, n_layers)
+        else:
+            rows = torch.arange(h.shape[1] - g, h.shape[1])
+            for i in range(n_layers):
+                h, s = model.run_layers(h, pos, i, i + 1, rows if i in saliency else None)
+                if i + 1 == tap:
+                    taps.append((idx, h))
+                if s is not None:
+                    saliency[i].append((idx, s))
+        out = out.index_put((torch.tensor(idx),), model.logits(h[:, -g:]).float())
+    return out, taps, list(saliency.values())
 
 
 def draw_masks(q: int, g: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,15 +305,15 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, 
 
 
 def sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], length: int, mask_id: int,
-             gen: torch.Generator, tap: int | None = None):
-    """The SFT loss of the batch's responses cut to `length`; prompts are never masked. With `tap`,
-    also response_logits' hidden states after that many layers."""
+             gen: torch.Generator, tap: int | None = None, scored: tuple[int, ...] = ()):
+    """The SFT loss of the batch's responses cut to `length`; prompts are never masked. With `tap` or
+    `scored`, (loss, taps, saliency) as probed_response_logits reads them."""
     target = torch.tensor([r[:length] for ex in batch for r in ex.responses])  # (Q, G)
     t, masked = draw_masks(*target.shape, gen)
-    out = response_logits(model, batch, visuals, torch.where(masked, mask_id, target), tap)
-    logits, taps = out if tap is not None else (out, None)
+    logits, taps, saliency = probed_response_logits(model, batch, visuals, torch.where(masked, mask_id, target), tap,
+                                                    scored)
     loss = masked_ce(logits, target, masked, t)
-    return loss if tap is None else (loss, taps)
+    return loss if tap is None and not scored else (loss, taps, saliency)
 
 
 def one_pass_accuracy(model: LladaV, examples: list[Example], tok: TextTokenizer, length: int = 8) -> dict[str, float]:

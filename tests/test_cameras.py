@@ -347,6 +347,25 @@ def test_the_readout_diagnostics_show_every_camera_the_named_scene_and_a_frame_a
     assert enc.examples([3])[0].layouts[0].num_visual_tokens > 65
 
 
+def test_the_route_loss_is_small_when_answers_attend_to_the_camera_named_and_large_otherwise():
+    from miniature.data import IGNORE
+    from miniature.rig_finetune import named_cameras, route_loss
+    from miniature.scenes import rig, rig_questions
+
+    r = rig(1)  # three cameras: front, left, right; then the question over all of them
+    ex = type("Ex", (), {"questions": rig_questions(r)})()
+    named = named_cameras([ex])
+    assert named == [0, 1, 2, None]
+    rows = torch.tensor([IGNORE] * 3 + [0] * 4 + [IGNORE] + [1] * 4 + [2] * 4 + [IGNORE] * 2)
+    sal = torch.full((4, rows.shape[0]), 0.001)
+    for j in range(3):  # question j's response rows look at camera j
+        sal[j, rows == j] = 1.0
+    right = route_loss([[([0, 1, 2, 3], sal)]], [rows] * 4, named)
+    wrong = route_loss([[([0, 1, 2, 3], sal.roll(1, 0))]], [rows] * 4, named)
+    assert right < 0.05 < 3.0 < wrong, (right, wrong)
+    assert route_loss([[([3], sal[3:])]], [rows] * 4, named) == 0  # the question over every camera names none
+
+
 def test_training_rigs_draw_their_camera_questions_and_the_held_out_rule_stays():
     from miniature.rig_finetune import draw_camera_kinds
     from miniature.scenes import NUMBERS, RIG_CAMERA_KINDS, RIG_NUMBERS, held_out_rigs, rig, rig_questions
