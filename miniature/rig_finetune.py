@@ -35,7 +35,7 @@ from torch import nn
 from miniature import embedded_checkpoint
 from miniature.data import IGNORE, VALIDATION_SEEDS, Encoder
 from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RigScene, camera_answers, rig, rig_questions
-from miniature.train import (TokenHeads, adamw, one_pass_accuracy, restore, scene_visuals, sft_loss, token_loss,
+from miniature.train import (TokenHeads, adamw, one_pass_accuracy, probed_sft_loss, restore, scene_visuals, token_loss,
                              warmup_cosine, write_state)
 from runtime.anyres import ANYRES, PAD
 from runtime.errors import LladaVError
@@ -88,14 +88,13 @@ def camera_rows(batch: list, visuals: list) -> list[torch.Tensor]:
 
 def camera_loss(head: nn.Linear, taps: list, rows: list[torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of the camera each visual row of a rig comes from, read from the hidden states
-    after settings.camera_layer layers (sft_loss's taps; the response rows carry no label). It asks
+    after settings.camera_layer layers (probed_sft_loss's taps; the response rows carry no label). It asks
     the early layers to tell every visual token which camera it is, from the prompt's "front camera:"
     before its segment, so that a later layer can find the camera a question names by content."""
     logits, labels = [], []
     for idx, h in taps:
         n = h.shape[1]
-        h = h.float()
-        logits.append(head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).flatten(0, 1))  # RMS-normed
+        logits.append(head(F.rms_norm(h.float(), (h.shape[-1],), eps=1e-6)).flatten(0, 1))
         labels.append(torch.cat([F.pad(rows[i], (0, n - rows[i].shape[0]), value=IGNORE) for i in idx]))
     labels = torch.cat(labels)
     if not (labels != IGNORE).any():
@@ -187,8 +186,7 @@ class RigFinetune:
         self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32)
         self.heads = RigHeads(self.ckpt.config.decoder.d_model)
         self.anchor = copy.deepcopy(self.model).requires_grad_(False).eval()  # the start, frozen
-        heads = list(self.heads.parameters())
-        self.opt = adamw([*self.model.parameters(), *heads], settings.lr, settings.weight_decay)
+        self.opt = adamw([*self.model.parameters(), *self.heads.parameters()], settings.lr, settings.weight_decay)
         self.step, self.elapsed, self.log = 0, 0.0, []
         self._resume()
 
@@ -250,16 +248,14 @@ class RigFinetune:
                 length = int(np.random.default_rng([s.seed, self.step, 7]).integers(*s.response_lengths, endpoint=True))
                 tap = s.camera_layer if s.camera_loss_weight else None
                 scored = tuple(range(*s.route_layers)) if s.route_loss_weight else ()
-                out = sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen, tap, scored)
-                if tap is None and not scored:
-                    loss = loss + out
-                else:
-                    rows = camera_rows(batch, visuals)
-                    loss = loss + out[0]
-                    if tap is not None:
-                        loss = loss + s.camera_loss_weight * camera_loss(self.heads.camera, out[1], rows)
-                    if scored:
-                        loss = loss + s.route_loss_weight * route_loss(out[2], rows, named_cameras(batch))
+                sft, taps, saliency = probed_sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen, tap,
+                                                      scored)
+                loss = loss + sft
+                rows = camera_rows(batch, visuals) if tap is not None or scored else None
+                if tap is not None:
+                    loss = loss + s.camera_loss_weight * camera_loss(self.heads.camera, taps, rows)
+                if scored:
+                    loss = loss + s.route_loss_weight * route_loss(saliency, rows, named_cameras(batch))
                 if s.token_loss_weight:
                     loss = loss + s.token_loss_weight * token_loss(self.heads.tokens, batch, visuals)[0]
         self.opt.zero_grad(set_to_none=True)

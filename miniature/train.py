@@ -305,17 +305,25 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor, masked: torch.Tensor, 
 
 
 def sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], length: int, mask_id: int,
-             gen: torch.Generator, tap: int | None = None, scored: tuple[int, ...] = ()):
-    """The SFT loss of the batch's responses cut to `length`; prompts are never masked. With `tap` or
-    `scored`, (loss, taps, saliency) as probed_response_logits reads them."""
+             gen: torch.Generator) -> torch.Tensor:
+    """The SFT loss of the batch's responses cut to `length`; prompts are never masked."""
+    return probed_sft_loss(model, batch, visuals, length, mask_id, gen)[0]
+
+
+def probed_sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], length: int, mask_id: int,
+                    gen: torch.Generator, tap: int | None = None, scored: tuple[int, ...] = ()):
+    """sft_loss, with the taps and saliency probed_response_logits reads on the way: (loss, taps, saliency)."""
     target = torch.tensor([r[:length] for ex in batch for r in ex.responses])  # (Q, G)
     t, masked = draw_masks(*target.shape, gen)
     logits, taps, saliency = probed_response_logits(model, batch, visuals, torch.where(masked, mask_id, target), tap,
                                                     scored)
-    loss = masked_ce(logits, target, masked, t)
-    return loss if tap is None and not scored else (loss, taps, saliency)
+    return masked_ce(logits, target, masked, t), taps, saliency
 
 
+# ---------------------------------------------------------------- monitoring
+
+
+@torch.no_grad()
 def one_pass_accuracy(model: LladaV, examples: list[Example], tok: TextTokenizer, length: int = 8) -> dict[str, float]:
     """Per question kind, the share answered exactly when the whole response is predicted in one
     pass from all masks (a cheap training monitor; the harness runs the real denoising loop)."""
