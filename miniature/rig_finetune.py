@@ -34,9 +34,9 @@ from torch import nn
 
 from miniature import embedded_checkpoint
 from miniature.data import IGNORE, VALIDATION_SEEDS, Encoder
-from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RigScene, camera_answers, rig, rig_questions
-from miniature.train import (TokenHeads, adamw, one_pass_accuracy, probed_sft_loss, restore, scene_visuals, token_loss,
-                             warmup_cosine, write_state)
+from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RIG_TEMPLATES, RigScene, camera_answers, rig, rig_questions
+from miniature.train import (TokenHeads, adamw, one_pass_accuracy, probed_response_logits, probed_sft_loss, restore,
+                             scene_visuals, token_loss, warmup_cosine, write_state)
 from runtime.anyres import ANYRES, PAD
 from runtime.errors import LladaVError
 
@@ -116,6 +116,47 @@ def same_scene_examples(encoder: Encoder, seeds) -> list:
     return out
 
 
+def counterparts(encoder: Encoder, batch: list) -> tuple[list[int], list]:
+    """For every question of the batch that names a camera: its index (batch order), and the same
+    question asked of its rig with every camera showing the scene it names (one Example each; the
+    same prompt ids, so the same sequence length and rows, and the same answer)."""
+    idx, out, i = [], [], 0
+    for ex in batch:
+        for k, q in enumerate(ex.questions):
+            if getattr(q, "camera", None):
+                r = rig(ex.seed)
+                same = RigScene(r.seed, dict.fromkeys(r.cameras, r.cameras[q.camera]))
+                c = list(r.cameras).index(q.camera)
+                twin = encoder.rig_example(same, (q.kind,) * len(r.cameras))
+                assert twin.prompts[c] == ex.prompts[k] and twin.questions[c].answer == q.answer, (ex.seed, q)
+                idx.append(i)
+                out.append(dataclasses.replace(twin, questions=(twin.questions[c],), prompts=(twin.prompts[c],),
+                                               responses=(twin.responses[c],)))
+            i += 1
+    return idx, out
+
+
+def response_rows(taps: dict, g: int, q: int) -> dict[int, torch.Tensor]:
+    """probed_response_logits' taps -> per layer count the response rows' hidden states (q, g, D) in
+    question order."""
+    out = {}
+    for layer, groups in taps.items():
+        rows = [None] * q
+        for idx, h in groups:
+            for j, i in enumerate(idx):
+                rows[i] = h[j, -g:]
+        out[layer] = torch.stack(rows)
+    return out
+
+
+def invariance_loss(student: dict[int, torch.Tensor], teacher: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of the response rows' squared distance from the teacher's, relative to the
+    teacher's size (both {layer: (q, g, D)}, the same questions): the answer's computation should not
+    depend on what the cameras the question does not name show."""
+    return torch.stack([(student[k].float() - t.float()).pow(2).mean() / t.float().pow(2).mean()
+                        for k, t in teacher.items()]).mean()
+
+
 def named_cameras(batch: list) -> list[int | None]:
     """Per question of the batch (batch order), the index in RIG_CAMERAS of the camera it names (None:
     every camera, or a single scene)."""
@@ -151,6 +192,8 @@ class RigFinetuneSettings:
     scenes_per_step: int = 2
     pad_scenes_per_step: int = 0  # stage 2: + single scenes seen through one padded view (all six questions)
     drawn_kinds: bool = True  # stage 2: each camera asks a question drawn from RIG_CAMERA_KINDS
+    rig_kinds: tuple[str, ...] = ()  # stage 2: the rigs ask only questions of these kinds (empty: all)
+    freeze_vision: bool = False  # the tower, projector and image_newline stay the start's (no vision stage)
     contrastive: bool = False  # ... among those only its own answer to (draw_camera_kinds)
     lr: float = 5e-4
     warmup_steps: int = 20
@@ -163,6 +206,8 @@ class RigFinetuneSettings:
     camera_layer: int = 4  # ... read after this many decoder layers
     route_loss_weight: float = 0.0  # stage 2: + this x route_loss (answers attend to the camera named)
     route_layers: tuple[int, int] = (8, 24)  # ... in decoder layers [lo, hi)
+    invariance_weight: float = 0.0  # stage 2: + this x invariance_loss against the start on counterparts
+    invariance_layers: tuple[int, ...] = (8, 12, 16, 20, 24, 28, 32)  # ... after this many layers
     bf16_autocast: bool = True
     eval_every: int = 100
     validation_rigs: int = 24
@@ -182,11 +227,19 @@ class RigFinetune:
         self.start = Path(start or embedded_checkpoint())
         self.model, self.ckpt = load_model(self.start, torch.float32)
         self.model.requires_grad_(True)  # loaded for inference
+        if settings.freeze_vision:
+            if settings.vision_steps:
+                raise LladaVError(f"freeze_vision: the vision side cannot be frozen with a vision stage "
+                                  f"(vision_steps={settings.vision_steps}); expected vision_steps=0")
+            for part in (self.model.model.vision_tower, self.model.model.mm_projector):
+                part.requires_grad_(False)
+            self.model.model.image_newline.requires_grad_(False)
         self.tok = TextTokenizer(self.start)
         self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32)
         self.heads = RigHeads(self.ckpt.config.decoder.d_model)
         self.anchor = copy.deepcopy(self.model).requires_grad_(False).eval()  # the start, frozen
-        self.opt = adamw([*self.model.parameters(), *self.heads.parameters()], settings.lr, settings.weight_decay)
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = adamw([*trained, *self.heads.parameters()], settings.lr, settings.weight_decay)
         self.step, self.elapsed, self.log = 0, 0.0, []
         self._resume()
 
@@ -229,8 +282,10 @@ class RigFinetune:
         scenes = np.arange(s.scenes_per_step) + FIRST_SCENE + i * s.scenes_per_step
         pad = np.arange(s.pad_scenes_per_step) + FIRST_PAD_SCENE + i * s.pad_scenes_per_step
         kinds = functools.partial(draw_camera_kinds, s.seed, contrastive=s.contrastive) if s.drawn_kinds else None
-        return (self.encoder.rig_examples(rigs, kinds) + self.encoder.examples(scenes)
-                + self.encoder.examples(pad, layout=PAD))
+        rig_examples = self.encoder.rig_examples(rigs, kinds)
+        if s.rig_kinds:
+            rig_examples = [ex.asking(s.rig_kinds) for ex in rig_examples]
+        return rig_examples + self.encoder.examples(scenes) + self.encoder.examples(pad, layout=PAD)
 
     def train_step(self) -> float:
         s = self.s
@@ -246,16 +301,19 @@ class RigFinetune:
             else:
                 gen = torch.Generator().manual_seed(s.seed * 1_000_003 + self.step)
                 length = int(np.random.default_rng([s.seed, self.step, 7]).integers(*s.response_lengths, endpoint=True))
-                tap = s.camera_layer if s.camera_loss_weight else None
+                taps = {s.camera_layer} if s.camera_loss_weight else set()
+                taps |= set(s.invariance_layers) if s.invariance_weight else set()
                 scored = tuple(range(*s.route_layers)) if s.route_loss_weight else ()
-                sft, taps, saliency = probed_sft_loss(self.model, batch, visuals, length, self.tok.ids.mask, gen, tap,
-                                                      scored)
+                sft, tapped, saliency, responses = probed_sft_loss(self.model, batch, visuals, length,
+                                                                   self.tok.ids.mask, gen, tuple(sorted(taps)), scored)
                 loss = loss + sft
-                rows = camera_rows(batch, visuals) if tap is not None or scored else None
-                if tap is not None:
-                    loss = loss + s.camera_loss_weight * camera_loss(self.heads.camera, taps, rows)
+                rows = camera_rows(batch, visuals) if s.camera_loss_weight or scored else None
+                if s.camera_loss_weight:
+                    loss = loss + s.camera_loss_weight * camera_loss(self.heads.camera, tapped[s.camera_layer], rows)
                 if scored:
                     loss = loss + s.route_loss_weight * route_loss(saliency, rows, named_cameras(batch))
+                if s.invariance_weight:
+                    loss = loss + s.invariance_weight * self.invariance(batch, tapped, responses)
                 if s.token_loss_weight:
                     loss = loss + s.token_loss_weight * token_loss(self.heads.tokens, batch, visuals)[0]
         self.opt.zero_grad(set_to_none=True)
@@ -263,6 +321,20 @@ class RigFinetune:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         return float(loss.detach())
+
+    def invariance(self, batch: list, tapped: dict, responses: torch.Tensor) -> torch.Tensor:
+        """invariance_loss of the camera questions' response rows against the starting model's on
+        their counterparts (every camera showing the named scene; the same masked responses)."""
+        idx, twins = counterparts(self.encoder, batch)
+        if not idx:
+            return torch.zeros(())
+        layers = self.s.invariance_layers
+        with torch.no_grad():
+            _, t_taps, _ = probed_response_logits(self.anchor, twins, scene_visuals(self.anchor, twins),
+                                                  responses[idx], layers)
+        q, g = responses.shape
+        student = response_rows({k: tapped[k] for k in layers}, g, q)
+        return invariance_loss({k: v[idx] for k, v in student.items()}, response_rows(t_taps, g, len(idx)))
 
     def drift(self, batch: list, visuals: list) -> torch.Tensor:
         """The single scenes' (AnyRes) visual tokens' squared distance from the starting model's,
@@ -349,7 +421,20 @@ def main(argv=None) -> int:
     ap.add_argument("--camera-layer", type=int, default=RigFinetuneSettings.camera_layer)
     ap.add_argument("--route-loss-weight", type=float, default=RigFinetuneSettings.route_loss_weight,
                     help="stage 2: + this x the loss of answers attending to cameras other than the one named")
+    ap.add_argument("--invariance-weight", type=float, default=RigFinetuneSettings.invariance_weight,
+                    help="stage 2: + this x the distance of a camera question's answer rows from the starting model's "
+                    "with every camera showing the named scene")
     ap.add_argument("--lr", type=float, default=RigFinetuneSettings.lr, help="stage 2's peak learning rate")
+    ap.add_argument("--final-lr-ratio", type=float, default=RigFinetuneSettings.final_lr_ratio,
+                    help="stage 2's cosine decays to this x --lr (1: constant after warmup)")
+    ap.add_argument("--rigs-per-step", type=int, default=RigFinetuneSettings.rigs_per_step)
+    ap.add_argument("--rig-kinds", nargs="+", default=list(RigFinetuneSettings.rig_kinds), choices=list(RIG_TEMPLATES),
+                    help="stage 2: the rigs ask only these question kinds (default: all)")
+    ap.add_argument("--response-length", type=int, help="stage 2: responses of this many tokens (default: drawn "
+                    f"from {RigFinetuneSettings.response_lengths[0]}..{RigFinetuneSettings.response_lengths[1]})")
+    ap.add_argument("--freeze-vision", action="store_true",
+                    help="train the decoder only: the tower, projector and image_newline stay the start's")
+    ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (at d=128 fp32 steps are faster)")
     ap.add_argument("--start", type=Path, help="the checkpoint to fine-tune (default: the embedded miniature)")
     args = ap.parse_args(argv)
 
@@ -360,8 +445,13 @@ def main(argv=None) -> int:
                                               token_loss_weight=args.token_loss_weight,
                                               camera_loss_weight=args.camera_loss_weight,
                                               camera_layer=args.camera_layer, lr=args.lr,
-                                              route_loss_weight=args.route_loss_weight), args.run_dir,
-                          args.start)
+                                              route_loss_weight=args.route_loss_weight,
+                                              final_lr_ratio=args.final_lr_ratio, rigs_per_step=args.rigs_per_step,
+                                              rig_kinds=tuple(args.rig_kinds), bf16_autocast=not args.fp32,
+                                              freeze_vision=args.freeze_vision,
+                                              invariance_weight=args.invariance_weight,
+                                              response_lengths=(args.response_length,) * 2 if args.response_length
+                                              else RigFinetuneSettings.response_lengths), args.run_dir, args.start)
         job.train()
         out = job.write(args.out or args.run_dir / "checkpoint")
         print(f"wrote {out} and {args.run_dir / 'training.json'}", flush=True)

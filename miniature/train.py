@@ -260,27 +260,28 @@ def response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Ten
 
 
 def probed_response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor,
-                           tap: int | None = None, scored: tuple[int, ...] = ()):
+                           taps: tuple[int, ...] = (), scored: tuple[int, ...] = ()):
     """response_logits, and what training-only losses read on the way (per length group, with the
-    group's question indices): with `tap`, the hidden states after that many layers [(idx, (n, N, D))];
-    per layer in `scored`, the response rows' attention over the sequence, mean over heads and rows
-    (export.model.attention_saliency) [[(idx, (n, N))] per layer]."""
+    group's question indices): per layer count in `taps`, the hidden states after that many layers
+    {count: [(idx, (n, N, D))]}; per layer in `scored`, the response rows' attention over the
+    sequence, mean over heads and rows (export.model.attention_saliency) [[(idx, (n, N))] per layer]."""
     g, n_layers = responses.shape[1], model.cfg.n_layers
-    out, taps, saliency = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size), [], {i: [] for i in scored}
+    out = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size)
+    tapped, saliency = {t: [] for t in taps}, {i: [] for i in scored}
     for idx, h in batch_sequences(model, batch, visuals, responses):
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
-        if tap is None and not scored:
+        if not taps and not scored:
             h, _ = model.run_layers(h, pos, 0, n_layers)
         else:
             rows = torch.arange(h.shape[1] - g, h.shape[1])
             for i in range(n_layers):
                 h, s = model.run_layers(h, pos, i, i + 1, rows if i in saliency else None)
-                if i + 1 == tap:
-                    taps.append((idx, h))
+                if i + 1 in tapped:
+                    tapped[i + 1].append((idx, h))
                 if s is not None:
                     saliency[i].append((idx, s))
         out = out.index_put((torch.tensor(idx),), model.logits(h[:, -g:]).float())
-    return out, taps, list(saliency.values())
+    return out, tapped, list(saliency.values())
 
 
 def draw_masks(q: int, g: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,13 +312,14 @@ def sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], l
 
 
 def probed_sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], length: int, mask_id: int,
-                    gen: torch.Generator, tap: int | None = None, scored: tuple[int, ...] = ()):
-    """sft_loss, with the taps and saliency probed_response_logits reads on the way: (loss, taps, saliency)."""
+                    gen: torch.Generator, taps: tuple[int, ...] = (), scored: tuple[int, ...] = ()):
+    """sft_loss, with the taps and saliency probed_response_logits reads on the way, and the response
+    ids as the model saw them (Q, length), masks included: (loss, taps, saliency, responses)."""
     target = torch.tensor([r[:length] for ex in batch for r in ex.responses])  # (Q, G)
     t, masked = draw_masks(*target.shape, gen)
-    logits, taps, saliency = probed_response_logits(model, batch, visuals, torch.where(masked, mask_id, target), tap,
-                                                    scored)
-    return masked_ce(logits, target, masked, t), taps, saliency
+    responses = torch.where(masked, mask_id, target)
+    logits, tapped, saliency = probed_response_logits(model, batch, visuals, responses, taps, scored)
+    return masked_ce(logits, target, masked, t), tapped, saliency, responses
 
 
 # ---------------------------------------------------------------- monitoring

@@ -280,6 +280,58 @@ def test_the_rig_fine_tune_checkpoints_and_resumes(tmp_path):
     assert (out / "config.json").is_file() and (tmp_path / "run" / "training.json").is_file()
 
 
+def test_a_decoder_only_focus_keeps_the_vision_side_and_asks_only_the_kinds_named(tmp_path):
+    """freeze_vision: a stage-2 step moves decoder weights and nothing of the tower, projector or
+    newline; rig_kinds: the rigs ask only those kinds; a vision stage with a frozen tower is refused."""
+    from miniature.rig_finetune import RigFinetune, RigFinetuneSettings
+
+    settings = RigFinetuneSettings(vision_steps=0, steps=1, rigs_per_step=2, scenes_per_step=0, freeze_vision=True,
+                                   rig_kinds=("cam_light", "cam_count"), response_lengths=(8, 8),
+                                   bf16_autocast=False, validation_rigs=2, validation_scenes=2)
+    job = RigFinetune(settings, tmp_path / "run")
+    assert {q.kind for ex in job.batch(0) for q in ex.questions} <= {"cam_light", "cam_count"}
+    start = {k: v.clone() for k, v in job.model.state_dict().items()}
+    job.train_step()
+    moved = {k for k, v in job.model.state_dict().items() if not torch.equal(start[k], v)}
+    assert any(".layers." in k for k in moved), moved
+    assert not any(".vision_tower." in k or "mm_projector" in k or "image_newline" in k for k in moved), moved
+    with pytest.raises(LladaVError, match="vision_steps=1"):
+        RigFinetune(RigFinetuneSettings(vision_steps=1, freeze_vision=True), tmp_path / "other")
+
+
+def test_the_invariance_loss_is_zero_where_the_other_cameras_show_the_named_scene(tmp_path):
+    """counterparts: each camera question asked with every camera showing the scene it names (same
+    prompt ids, same answer, every view the named camera's pixels). The invariance loss of the
+    starting model against itself is zero on those counterparts and positive on the real rigs, where
+    the other cameras show other scenes."""
+    from miniature.rig_finetune import RigFinetune, RigFinetuneSettings, counterparts
+    from miniature.scenes import rig
+    from miniature.train import probed_sft_loss, scene_visuals
+
+    settings = RigFinetuneSettings(vision_steps=0, steps=1, rigs_per_step=2, scenes_per_step=1, freeze_vision=True,
+                                   invariance_weight=1.0, invariance_layers=(4, 32), response_lengths=(8, 8),
+                                   bf16_autocast=False)
+    job = RigFinetune(settings, tmp_path / "run")
+    batch = job.batch(0)
+    idx, twins = counterparts(job.encoder, batch)
+    asked = [(ex, q) for ex in batch for q in ex.questions]
+    assert idx == [i for i, (_, q) in enumerate(asked) if getattr(q, "camera", None)] and len(idx) == 5
+    for i, twin in zip(idx, twins):
+        ex, q = asked[i]
+        r, c = rig(ex.seed), list(rig(ex.seed).cameras).index(q.camera)
+        assert twin.prompts == (ex.prompts[ex.questions.index(q)],) and twin.questions[0].answer == q.answer
+        assert all(np.array_equal(view, ex.pixels[c]) for view in twin.pixels), (ex.seed, q.camera)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        _, tapped, _, responses = probed_sft_loss(job.anchor, twins, scene_visuals(job.anchor, twins), 8,
+                                                  job.tok.ids.mask, gen, (4, 32))
+        itself = job.invariance(twins, tapped, responses)
+        _, tapped, _, responses = probed_sft_loss(job.anchor, batch, scene_visuals(job.anchor, batch), 8,
+                                                  job.tok.ids.mask, gen, (4, 32))
+        real = job.invariance(batch, tapped, responses)
+    assert float(itself) < 1e-10 < 1e-4 < float(real), (float(itself), float(real))
+
+
 def test_the_camera_loss_labels_each_rigs_visual_rows_with_its_camera():
     """camera_rows marks exactly the rows where batch_sequences put each camera's tokens (found here by
     planting a distinct value per camera), with that camera's index; the loss is small for a head that
