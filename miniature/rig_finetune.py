@@ -399,9 +399,7 @@ class RigFinetune:
         return path
 
 
-def main(argv=None) -> int:
-    from runtime.cli_args import at_boundary
-
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", type=Path, default=Path("runs/rig-finetune"), help="state and log (resumed)")
     ap.add_argument("--out", type=Path, help="where the fine-tuned checkpoint goes (default: RUN_DIR/checkpoint)")
@@ -436,22 +434,29 @@ def main(argv=None) -> int:
                     help="train the decoder only: the tower, projector and image_newline stay the start's")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (at d=128 fp32 steps are faster)")
     ap.add_argument("--start", type=Path, help="the checkpoint to fine-tune (default: the embedded miniature)")
+    return ap
+
+
+def settings_from(args: argparse.Namespace) -> RigFinetuneSettings:
+    return RigFinetuneSettings(
+        vision_steps=args.vision_steps, steps=args.steps, scenes_per_step=args.scenes_per_step,
+        contrastive=args.contrastive, pad_scenes_per_step=args.pad_scenes_per_step,
+        token_loss_weight=args.token_loss_weight, camera_loss_weight=args.camera_loss_weight,
+        camera_layer=args.camera_layer, lr=args.lr, route_loss_weight=args.route_loss_weight,
+        final_lr_ratio=args.final_lr_ratio, rigs_per_step=args.rigs_per_step, rig_kinds=tuple(args.rig_kinds),
+        bf16_autocast=not args.fp32, freeze_vision=args.freeze_vision, invariance_weight=args.invariance_weight,
+        response_lengths=((args.response_length,) * 2 if args.response_length
+                          else RigFinetuneSettings.response_lengths))
+
+
+def main(argv=None) -> int:
+    from runtime.cli_args import at_boundary
+
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     def run():
-        job = RigFinetune(RigFinetuneSettings(vision_steps=args.vision_steps, steps=args.steps,
-                                              scenes_per_step=args.scenes_per_step, contrastive=args.contrastive,
-                                              pad_scenes_per_step=args.pad_scenes_per_step,
-                                              token_loss_weight=args.token_loss_weight,
-                                              camera_loss_weight=args.camera_loss_weight,
-                                              camera_layer=args.camera_layer, lr=args.lr,
-                                              route_loss_weight=args.route_loss_weight,
-                                              final_lr_ratio=args.final_lr_ratio, rigs_per_step=args.rigs_per_step,
-                                              rig_kinds=tuple(args.rig_kinds), bf16_autocast=not args.fp32,
-                                              freeze_vision=args.freeze_vision,
-                                              invariance_weight=args.invariance_weight,
-                                              response_lengths=(args.response_length,) * 2 if args.response_length
-                                              else RigFinetuneSettings.response_lengths), args.run_dir, args.start)
+        job = RigFinetune(settings_from(args), args.run_dir, args.start)
         job.train()
         out = job.write(args.out or args.run_dir / "checkpoint")
         print(f"wrote {out} and {args.run_dir / 'training.json'}", flush=True)
