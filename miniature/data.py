@@ -10,7 +10,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from miniature.scenes import COLORS, LANES, LIGHTS, LIMITS, Question, RigScene, Scene, questions, rig, rig_questions, scene
+from miniature.scenes import COLORS, LANES, LIGHTS, LIMITS, RigScene, Scene, questions, rig, rig_questions, scene
 from runtime.anyres import ANYRES, PAD, ImageGeometry, TileLayout
 from runtime.preprocess import prepare_image
 from runtime.pruning_map import token_boxes, tokens_covering

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -56,9 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> tuple[dict, object, object]:
     """(JSON-able result, RuntimeResult, a function that writes the pruning map or None)."""
-    from runtime.demo import demo_image
     from runtime.pipeline import Pipeline
-    from runtime.preprocess import load_image
 
     check_map_path(args)
     image = load_images(args.image)  # unreadable images: an error before model work

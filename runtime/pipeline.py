@@ -30,7 +30,7 @@ from runtime.pruning import PruneSettings, SequenceLayout
 from runtime.backends import make_runners
 from runtime.schedule import DenoiseResult, GenerationSettings, denoise
 from runtime.steps import FIRST, FULL, StepPlan
-from runtime.tokens import PromptIds, TextTokenizer
+from runtime.tokens import PromptIds
 
 
 @dataclass

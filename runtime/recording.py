@@ -216,7 +216,7 @@ class Recording:
         order. A damaged bag raises LladaVError after the last good message, saying where."""
         by_topic = {topic: name for name, topic in cameras.items()}
         assert len(by_topic) == len(cameras), "one topic per camera"
-        messages, last = self._source.messages(set(by_topic), start_ns, stop_ns), None
+        messages = self._source.messages(set(by_topic), start_ns, stop_ns)
         try:
             yield from self._frames(messages, by_topic)
         finally:
