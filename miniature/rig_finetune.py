@@ -34,7 +34,7 @@ from torch import nn
 
 from miniature import embedded_checkpoint
 from miniature.data import IGNORE, VALIDATION_SEEDS, Encoder
-from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RIG_TEMPLATES, RigScene, camera_answers, rig, rig_questions
+from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RIG_TEMPLATES, RigScene, camera_answers
 from miniature.train import (TokenHeads, adamw, one_pass_accuracy, probed_response_logits, probed_sft_loss, restore,
                              scene_visuals, token_loss, warmup_cosine, write_state)
 from runtime.anyres import ANYRES, PAD
@@ -102,38 +102,33 @@ def camera_loss(head: nn.Linear, taps: list, rows: list[torch.Tensor]) -> torch.
     return F.cross_entropy(torch.cat(logits), labels, ignore_index=IGNORE)
 
 
+def same_scene(ex, k: int):
+    """Question k of rig example ex (one naming a camera), asked alone, with every camera showing the
+    view of the camera it names: the same prompt ids (so the same sequence rows) and answer, and which
+    camera is read no longer matters. Derived from ex: the views, their layouts and token labels are
+    the named camera's, repeated."""
+    q = ex.questions[k]
+    c = ex.cameras.index(q.camera)
+    tiles = [layout.num_tiles for layout in ex.layouts]
+    tokens = [layout.num_visual_tokens for layout in ex.layouts]
+    n, t0, v0 = len(ex.layouts), sum(tiles[:c]), sum(tokens[:c])
+    return dataclasses.replace(ex, pixels=np.tile(ex.pixels[t0 : t0 + tiles[c]], (n, 1, 1, 1)),
+                               layouts=(ex.layouts[c],) * n, labels=np.tile(ex.labels[v0 : v0 + tokens[c]], (n, 1)),
+                               questions=(q,), prompts=(ex.prompts[k],), responses=(ex.responses[k],))
+
+
 def same_scene_examples(encoder: Encoder, seeds) -> list:
-    """Per camera question of each rig (the held-out rule), the rig with every camera showing the
-    scene that question names, asking only it: the answer no longer depends on which camera is
-    read, so accuracy here is reading the padded views alone."""
-    out = []
-    for r in map(rig, map(int, seeds)):
-        for i, q in enumerate(rig_questions(r)[:-1]):
-            same = RigScene(r.seed, dict.fromkeys(r.cameras, r.cameras[q.camera]))
-            ex = encoder.rig_example(same, (q.kind,) * len(r.cameras))
-            out.append(dataclasses.replace(ex, questions=(ex.questions[i],), prompts=(ex.prompts[i],),
-                                           responses=(ex.responses[i],)))
-    return out
+    """Per camera question of each rig (the held-out rule), same_scene: accuracy here is reading the
+    padded views alone."""
+    return [same_scene(ex, k) for ex in encoder.rig_examples(seeds) for k, q in enumerate(ex.questions) if q.camera]
 
 
-def counterparts(encoder: Encoder, batch: list) -> tuple[list[int], list]:
-    """For every question of the batch that names a camera: its index (batch order), and the same
-    question asked of its rig with every camera showing the scene it names (one Example each; the
-    same prompt ids, so the same sequence length and rows, and the same answer)."""
-    idx, out, i = [], [], 0
-    for ex in batch:
-        for k, q in enumerate(ex.questions):
-            if getattr(q, "camera", None):
-                r = rig(ex.seed)
-                same = RigScene(r.seed, dict.fromkeys(r.cameras, r.cameras[q.camera]))
-                c = list(r.cameras).index(q.camera)
-                twin = encoder.rig_example(same, (q.kind,) * len(r.cameras))
-                assert twin.prompts[c] == ex.prompts[k] and twin.questions[c].answer == q.answer, (ex.seed, q)
-                idx.append(i)
-                out.append(dataclasses.replace(twin, questions=(twin.questions[c],), prompts=(twin.prompts[c],),
-                                               responses=(twin.responses[c],)))
-            i += 1
-    return idx, out
+def counterparts(batch: list) -> tuple[list[int], list]:
+    """For every question of the batch that names a camera: its index (batch order) and its
+    same_scene example (one each)."""
+    asked = [(ex, k) for ex in batch for k in range(len(ex.questions))]
+    idx = [i for i, (ex, k) in enumerate(asked) if getattr(ex.questions[k], "camera", None)]
+    return idx, [same_scene(*asked[i]) for i in idx]
 
 
 def response_rows(taps: dict, g: int, q: int) -> dict[int, torch.Tensor]:
@@ -325,7 +320,7 @@ class RigFinetune:
     def invariance(self, batch: list, tapped: dict, responses: torch.Tensor) -> torch.Tensor:
         """invariance_loss of the camera questions' response rows against the starting model's on
         their counterparts (every camera showing the named scene; the same masked responses)."""
-        idx, twins = counterparts(self.encoder, batch)
+        idx, twins = counterparts(batch)
         if not idx:
             return torch.zeros(())
         layers = self.s.invariance_layers

@@ -313,7 +313,7 @@ def test_the_invariance_loss_is_zero_where_the_other_cameras_show_the_named_scen
                                    bf16_autocast=False)
     job = RigFinetune(settings, tmp_path / "run")
     batch = job.batch(0)
-    idx, twins = counterparts(job.encoder, batch)
+    idx, twins = counterparts(batch)
     asked = [(ex, q) for ex in batch for q in ex.questions]
     assert idx == [i for i, (_, q) in enumerate(asked) if getattr(q, "camera", None)] and len(idx) == 5
     for i, twin in zip(idx, twins):
