@@ -1,5 +1,6 @@
 """Training and validation examples for the miniature: a scene's pixels and its six questions as
-token ids, the SFT response (answer, <|eot_id|>, then <|endoftext|> up to a fixed length), and
+token ids, the SFT response (answer, <|eot_id|>, then <|endoftext|> up to a fixed length, or with
+`eot_padding` <|eot_id|> again: docs/cameras.md), and
 per visual token what the scene holds there (the vision tower's auxiliary labels).
 """
 
@@ -78,14 +79,16 @@ class Example:
 class Encoder:
     """Turns scenes into Examples with one tokenizer and one image geometry."""
 
-    def __init__(self, tokenizer: TextTokenizer, geometry: ImageGeometry, response_length: int):
+    def __init__(self, tokenizer: TextTokenizer, geometry: ImageGeometry, response_length: int,
+                 eot_padding: bool = False):
         self.tok, self.geometry, self.response_length = tokenizer, geometry, response_length
+        self.pad = tokenizer.ids.eot if eot_padding else tokenizer.ids.eos
         self._prompt = lru_cache(maxsize=None)(tokenizer.encode_prompt)
 
     def response(self, answer: str) -> tuple[int, ...]:
         ids = self.tok.encode(answer) + [self.tok.ids.eot]
         assert len(ids) <= self.response_length, (answer, ids)
-        return tuple(ids + [self.tok.ids.eos] * (self.response_length - len(ids)))
+        return tuple(ids + [self.pad] * (self.response_length - len(ids)))
 
     def example(self, s: Scene, text: bool = True, layout: str = ANYRES) -> Example:
         """The scene's example; without text, no questions (the vision stage needs none). layout PAD:

@@ -36,7 +36,7 @@ from miniature import embedded_checkpoint
 from miniature.data import IGNORE, VALIDATION_SEEDS, Encoder
 from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RIG_TEMPLATES, RigScene, camera_answers
 from miniature.train import (TokenHeads, adamw, one_pass_accuracy, probed_response_logits, probed_sft_loss, restore,
-                             scene_visuals, token_loss, warmup_cosine, write_state)
+                             sampled_accuracy, scene_visuals, token_loss, warmup_cosine, write_state)
 from runtime.anyres import ANYRES, PAD
 from runtime.errors import LladaVError
 
@@ -47,17 +47,24 @@ FIRST_VISION_RIG, FIRST_VISION_SCENE = 500_000, 8_500_000  # the vision stage's
 FIRST_PAD_SCENE = 9_000_000  # stage 2's single scenes through one padded view
 
 
-def draw_camera_kinds(run_seed: int, r: RigScene, contrastive: bool = False) -> tuple[str, ...]:
-    """Stage 2's draw: per camera one of RIG_CAMERA_KINDS, uniformly, fixed by the run's seed and the
-    rig. contrastive: only among the kinds whose answer for this camera differs from every other
+def draw_camera_kinds(run_seed: int, r: RigScene, contrastive: bool = False,
+                      weights: tuple[float, ...] | None = None) -> tuple[str, ...]:
+    """Stage 2's draw: per camera one of RIG_CAMERA_KINDS, fixed by the run's seed and the rig;
+    uniformly, or in proportion to `weights` (one per kind, in RIG_CAMERA_KINDS order; the camera's
+    scene does not enter the draw, so which kind is asked says nothing about the answer).
+    contrastive: only among the kinds whose answer for this camera differs from every other
     camera's answer to the same kind (when one does), so answering needs the camera the question
     names: another camera's answer is wrong."""
     rng = np.random.default_rng([run_seed, r.seed, 11])
     answers = {k: camera_answers(r, k) for k in RIG_CAMERA_KINDS}
+    w = dict(zip(RIG_CAMERA_KINDS, weights or (1.0,) * len(RIG_CAMERA_KINDS)))
     out = []
     for i in range(len(r.cameras)):
         unique = [k for k in RIG_CAMERA_KINDS if answers[k].count(answers[k][i]) == 1]
-        out.append(str(rng.choice(unique if contrastive and unique else RIG_CAMERA_KINDS)))
+        pool = unique if contrastive and unique else list(RIG_CAMERA_KINDS)
+        p = np.array([w[k] for k in pool], dtype=np.float64)
+        uniform = bool(np.all(p == p[0]))  # as drawn before kind weights existed
+        out.append(str(rng.choice(pool) if uniform else rng.choice(pool, p=p / p.sum())))
     return tuple(out)
 
 
@@ -190,11 +197,13 @@ class RigFinetuneSettings:
     rig_kinds: tuple[str, ...] = ()  # stage 2: the rigs ask only questions of these kinds (empty: all)
     freeze_vision: bool = False  # the tower, projector and image_newline stay the start's (no vision stage)
     contrastive: bool = False  # ... among those only its own answer to (draw_camera_kinds)
+    kind_weights: tuple[float, ...] = (1.0, 1.0, 1.0)  # ... drawn in proportion to these (RIG_CAMERA_KINDS order)
     lr: float = 5e-4
     warmup_steps: int = 20
     final_lr_ratio: float = 0.1
     weight_decay: float = 0.01
     response_lengths: tuple[int, int] = (8, 16)
+    eot_padding: bool = False  # responses padded with <|eot_id|>, not <|endoftext|> (which generation never writes)
     token_loss_weight: float = 1.0  # stage 2: SFT loss + this x the token-label loss (training-only heads)
     anchor_weight: float = 1.0  # both stages: + this x the single scenes' visual tokens' drift from the start's
     camera_loss_weight: float = 0.0  # stage 2: + this x camera_loss (which camera each visual row is from)
@@ -230,7 +239,7 @@ class RigFinetune:
                 part.requires_grad_(False)
             self.model.model.image_newline.requires_grad_(False)
         self.tok = TextTokenizer(self.start)
-        self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32)
+        self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32, settings.eot_padding)
         self.heads = RigHeads(self.ckpt.config.decoder.d_model)
         self.anchor = copy.deepcopy(self.model).requires_grad_(False).eval()  # the start, frozen
         trained = [p for p in self.model.parameters() if p.requires_grad]
@@ -243,7 +252,8 @@ class RigFinetune:
         if not path.is_file():
             return
         state = torch.load(path, weights_only=False)
-        if state["settings"] != dataclasses.asdict(self.s) or state["start"] != str(self.start):
+        saved = {**dataclasses.asdict(RigFinetuneSettings()), **state["settings"]}  # settings added since: defaults
+        if saved != dataclasses.asdict(self.s) or state["start"] != str(self.start):
             raise LladaVError(f"run dir {str(self.dir)!r}: holds a fine-tune with settings {state['settings']} from "
                               f"{state['start']}; expected {dataclasses.asdict(self.s)} from {self.start} (use another "
                               "--run-dir or delete it)")
@@ -276,7 +286,8 @@ class RigFinetune:
         rigs = np.arange(s.rigs_per_step) + FIRST_RIG + i * s.rigs_per_step
         scenes = np.arange(s.scenes_per_step) + FIRST_SCENE + i * s.scenes_per_step
         pad = np.arange(s.pad_scenes_per_step) + FIRST_PAD_SCENE + i * s.pad_scenes_per_step
-        kinds = functools.partial(draw_camera_kinds, s.seed, contrastive=s.contrastive) if s.drawn_kinds else None
+        kinds = (functools.partial(draw_camera_kinds, s.seed, contrastive=s.contrastive, weights=s.kind_weights)
+                 if s.drawn_kinds else None)
         rig_examples = self.encoder.rig_examples(rigs, kinds)
         if s.rig_kinds:
             rig_examples = [ex.asking(s.rig_kinds) for ex in rig_examples]
@@ -345,14 +356,17 @@ class RigFinetune:
 
     @torch.no_grad()
     def validate(self) -> dict:
-        """One-pass accuracy on the validation rigs and scenes; and, to tell reading a padded view from
+        """One-pass accuracy on the validation rigs and scenes, and the real sampler's on the rigs
+        (val_rigs_sampled: what the harness measures); and, to tell reading a padded view from
         routing a question to its camera, on the same rigs with every camera showing the scene the
         question names (val_same: routing cannot matter) and on the scenes seen through one padded
         view (val_pad)."""
         self.model.eval()
         rigs = VALIDATION_RIGS[: self.s.validation_rigs]
         scenes = VALIDATION_SEEDS[: self.s.validation_scenes]
-        out = {"val_rigs": one_pass_accuracy(self.model, self.encoder.rig_examples(rigs), self.tok),
+        rig_examples = self.encoder.rig_examples(rigs)
+        out = {"val_rigs": one_pass_accuracy(self.model, rig_examples, self.tok),
+               "val_rigs_sampled": sampled_accuracy(self.model, rig_examples, self.tok),
                "val_single": one_pass_accuracy(self.model, self.encoder.examples(scenes), self.tok),
                "val_same": one_pass_accuracy(self.model, same_scene_examples(self.encoder, rigs), self.tok),
                "val_pad": one_pass_accuracy(self.model, self.encoder.examples(scenes, layout=PAD), self.tok)}
@@ -407,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stage 2's single-image scenes seen through one padded view per step (all six questions)")
     ap.add_argument("--contrastive", action="store_true",
                     help="stage 2: each camera asks only what its own answer differs in (draw_camera_kinds)")
+    ap.add_argument("--kind-weights", type=float, nargs=len(RIG_CAMERA_KINDS), default=RigFinetuneSettings.kind_weights,
+                    metavar="W", help="stage 2: how often each camera question kind is drawn, relative, in the order "
+                    f"{' '.join(RIG_CAMERA_KINDS)}")
     ap.add_argument("--token-loss-weight", type=float, default=RigFinetuneSettings.token_loss_weight,
                     help="the token-label loss's weight (0: SFT only)")
     ap.add_argument("--camera-loss-weight", type=float, default=RigFinetuneSettings.camera_loss_weight,
@@ -425,6 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stage 2: the rigs ask only these question kinds (default: all)")
     ap.add_argument("--response-length", type=int, help="stage 2: responses of this many tokens (default: drawn "
                     f"from {RigFinetuneSettings.response_lengths[0]}..{RigFinetuneSettings.response_lengths[1]})")
+    ap.add_argument("--eot-padding", action="store_true",
+                    help="pad responses with <|eot_id|> instead of <|endoftext|>, which LLaDA-V's sampler bans at masked "
+                    "positions (docs/cameras.md)")
     ap.add_argument("--freeze-vision", action="store_true",
                     help="train the decoder only: the tower, projector and image_newline stay the start's")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast (at d=128 fp32 steps are faster)")
@@ -435,11 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> RigFinetuneSettings:
     return RigFinetuneSettings(
         vision_steps=args.vision_steps, steps=args.steps, scenes_per_step=args.scenes_per_step,
-        contrastive=args.contrastive, pad_scenes_per_step=args.pad_scenes_per_step,
+        contrastive=args.contrastive, kind_weights=tuple(args.kind_weights), pad_scenes_per_step=args.pad_scenes_per_step,
         token_loss_weight=args.token_loss_weight, camera_loss_weight=args.camera_loss_weight,
         camera_layer=args.camera_layer, lr=args.lr, route_loss_weight=args.route_loss_weight,
         final_lr_ratio=args.final_lr_ratio, rigs_per_step=args.rigs_per_step, rig_kinds=tuple(args.rig_kinds),
-        bf16_autocast=not args.fp32, freeze_vision=args.freeze_vision, invariance_weight=args.invariance_weight,
+        bf16_autocast=not args.fp32, eot_padding=args.eot_padding, freeze_vision=args.freeze_vision, invariance_weight=args.invariance_weight,
         response_lengths=((args.response_length,) * 2 if args.response_length
                           else RigFinetuneSettings.response_lengths))
 

@@ -15,7 +15,7 @@ from PIL import Image
 from export.build import BuildRequest, build_bundle
 from export.profiles import ProfileSettings
 from export.reference import generate, prompt_embeddings
-from runtime.anyres import PAD, ImageGeometry, plan_tiles
+from runtime.anyres import ANYRES, PAD, ImageGeometry, plan_tiles
 from runtime.cameras import named_images, parse_image_args, prepare_images, request_layout
 from runtime.errors import LladaVError
 from runtime.merge import merge_tiles
@@ -318,7 +318,7 @@ def test_the_invariance_loss_is_zero_where_the_other_cameras_show_the_named_scen
     assert idx == [i for i, (_, q) in enumerate(asked) if getattr(q, "camera", None)] and len(idx) == 5
     for i, twin in zip(idx, twins):
         ex, q = asked[i]
-        r, c = rig(ex.seed), list(rig(ex.seed).cameras).index(q.camera)
+        c = list(rig(ex.seed).cameras).index(q.camera)
         assert twin.prompts == (ex.prompts[ex.questions.index(q)],) and twin.questions[0].answer == q.answer
         assert all(np.array_equal(view, ex.pixels[c]) for view in twin.pixels), (ex.seed, q.camera)
     gen = torch.Generator().manual_seed(0)
@@ -439,6 +439,79 @@ def test_training_rigs_draw_their_camera_questions_and_the_held_out_rule_stays()
     per_camera = [len(s.of("vehicle")) for s in r.cameras.values()]
     assert [q.answer for q in counted] == [NUMBERS[n] for n in per_camera] + [RIG_NUMBERS[sum(per_camera)]]
     assert counted[1].text == "In the left camera, how many vehicles?"
+
+
+def test_the_fine_tune_s_sampled_answers_are_the_reference_generator_s():
+    """miniature.train.sampled_answers (the training's sampler on the Encoder's sequences) answers as
+    export.reference.generate does on the request the runtime would build (prompt ids and views of
+    its own), for a rig's questions and a single scene's."""
+    from export.checkpoint import load_model
+    from miniature import embedded_checkpoint
+    from miniature.data import Encoder
+    from miniature.scenes import rig, scene
+    from miniature.train import sampled_answers
+    from runtime.tokens import TextTokenizer
+
+    model, ckpt = load_model(embedded_checkpoint())
+    tokenizer = TextTokenizer(embedded_checkpoint())
+    enc = Encoder(tokenizer, ckpt.config.geometry, 32)
+    r, s = rig(4), scene(7)
+    examples = [enc.rig_example(r), enc.example(s)]
+    got = sampled_answers(model, examples, tokenizer, 8)
+    gen = GenerationSettings(steps=8, gen_length=8, block_length=8)
+    rig_images = prepare_images([(n, v.image) for n, v in r.cameras.items()], ckpt.config.geometry, ANYRES)
+    want = [generate(model, tokenizer.ids, tokenizer.encode_prompt(q.text, list(r.cameras)), rig_images, gen,
+                     None).answer_ids for q in examples[0].questions]
+    scene_images = prepare_images([("image", s.image)], ckpt.config.geometry, ANYRES)
+    want += [generate(model, tokenizer.ids, tokenizer.encode_prompt(q.text), scene_images, gen, None).answer_ids
+             for q in examples[1].questions]
+    assert len(got) == len(want) == len(examples[0].questions) + 6 and all(got)
+    assert got == want
+
+
+def test_kind_weights_set_how_often_each_camera_question_is_drawn():
+    from miniature.rig_finetune import draw_camera_kinds
+    from miniature.scenes import RIG_CAMERA_KINDS, rig
+
+    rigs = [rig(s) for s in range(60)]
+    only = {k for r in rigs for k in draw_camera_kinds(0, r, weights=(1.0, 0.0, 0.0))}
+    assert only == {RIG_CAMERA_KINDS[0]}
+    drawn = [k for r in rigs for k in draw_camera_kinds(0, r, weights=(1.0, 0.0, 4.0))]
+    assert set(drawn) == {RIG_CAMERA_KINDS[0], RIG_CAMERA_KINDS[2]}
+    assert drawn.count(RIG_CAMERA_KINDS[2]) > 2 * drawn.count(RIG_CAMERA_KINDS[0])
+    assert [draw_camera_kinds(0, r, weights=(2.0, 2.0, 2.0)) for r in rigs] == [draw_camera_kinds(0, r) for r in rigs]
+
+
+def test_eot_padding_pads_responses_with_the_stop_token_the_sampler_may_write(tmp_path):
+    """LLaDA-V's sampler bans <|endoftext|> at masked positions; with eot_padding the rig fine-tune's
+    responses (rigs and rehearsed scenes) hold none of it, and a run saved before a setting existed
+    resumes with that setting's default."""
+    from dataclasses import replace
+
+    from export.model import PRESETS
+    from miniature import embedded_checkpoint
+    from miniature.data import Encoder
+    from miniature.rig_finetune import STATE, RigFinetune, RigFinetuneSettings
+    from runtime.tokens import TextTokenizer
+
+    tok = TextTokenizer(embedded_checkpoint())
+    geometry = PRESETS["miniature"].geometry
+    ids = tok.encode("no")
+    assert Encoder(tok, geometry, 8).response("no") == tuple(ids + [tok.ids.eot] + [tok.ids.eos] * (7 - len(ids)))
+    assert Encoder(tok, geometry, 8, eot_padding=True).response("no") == tuple(ids + [tok.ids.eot] * (8 - len(ids)))
+    settings = RigFinetuneSettings(vision_steps=0, steps=1, rigs_per_step=2, scenes_per_step=1, freeze_vision=True,
+                                   eot_padding=True, response_lengths=(8, 8), bf16_autocast=False,
+                                   validation_rigs=2, validation_scenes=2, checkpoint_seconds=1e9)
+    job = RigFinetune(settings, tmp_path / "run")
+    responses = [r for ex in job.batch(0) for r in ex.responses]
+    assert len(responses) > 4 and all(tok.ids.eos not in r and r[-1] == tok.ids.eot for r in responses)
+    job.save()
+    state = torch.load(tmp_path / "run" / STATE, weights_only=False)
+    del state["settings"]["kind_weights"]  # as saved before kind weights existed
+    torch.save(state, tmp_path / "run" / STATE)
+    assert RigFinetune(settings, tmp_path / "run").step == 0
+    with pytest.raises(LladaVError, match="holds a fine-tune with settings"):
+        RigFinetune(replace(settings, kind_weights=(2.0, 1.0, 1.0)), tmp_path / "run")
 
 
 def test_a_wrong_answer_about_one_camera_is_told_apart_when_it_is_another_camera_s():
