@@ -35,8 +35,8 @@ from torch import nn
 from miniature import embedded_checkpoint
 from miniature.data import IGNORE, VALIDATION_SEEDS, Encoder
 from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RIG_TEMPLATES, RigScene, camera_answers
-from miniature.train import (TokenHeads, adamw, one_pass_accuracy, probed_response_logits, probed_sft_loss, restore,
-                             sampled_accuracy, scene_visuals, token_loss, warmup_cosine, write_state)
+from miniature.train import (TokenDrop, TokenHeads, adamw, one_pass_accuracy, probed_response_logits, probed_sft_loss,
+                             restore, sampled_accuracy, scene_visuals, token_loss, warmup_cosine, write_state)
 from runtime.anyres import ANYRES, PAD
 from runtime.errors import LladaVError
 
@@ -45,6 +45,7 @@ VALIDATION_RIGS = range(999_000, 999_000 + 24)  # in the training rigs' range, n
 FIRST_RIG, FIRST_SCENE = 0, 8_000_000  # the stretches the steps read (single scenes: apart from the first run's)
 FIRST_VISION_RIG, FIRST_VISION_SCENE = 500_000, 8_500_000  # the vision stage's
 FIRST_PAD_SCENE = 9_000_000  # stage 2's single scenes through one padded view
+FIRST_COUNT_RIG = 600_000  # stage 2's rigs asking only the all-camera count
 
 
 def draw_camera_kinds(run_seed: int, r: RigScene, contrastive: bool = False,
@@ -191,6 +192,7 @@ class RigFinetuneSettings:
     vision_lr: float = 1e-3  # after warmup, constant
     steps: int = 500  # stage 2: SFT on rigs and single scenes (+ the token-label loss)
     rigs_per_step: int = 6
+    count_rigs_per_step: int = 0  # stage 2: + rigs asking only the all-camera count (their own stretch)
     scenes_per_step: int = 2
     pad_scenes_per_step: int = 0  # stage 2: + single scenes seen through one padded view (all six questions)
     drawn_kinds: bool = True  # stage 2: each camera asks a question drawn from RIG_CAMERA_KINDS
@@ -212,6 +214,8 @@ class RigFinetuneSettings:
     route_layers: tuple[int, int] = (8, 24)  # ... in decoder layers [lo, hi)
     invariance_weight: float = 0.0  # stage 2: + this x invariance_loss against the start on counterparts
     invariance_layers: tuple[int, ...] = (8, 12, 16, 20, 24, 28, 32)  # ... after this many layers
+    token_drop: float = 0.0  # stage 2: sequences drop U(0, this) of their visual rows (miniature.train.TokenDrop)
+    drop_layer: int = 15  # ... after this many decoder layers (step-1 pruning's K)
     bf16_autocast: bool = True
     eval_every: int = 100
     validation_rigs: int = 24
@@ -238,6 +242,10 @@ class RigFinetune:
             for part in (self.model.model.vision_tower, self.model.model.mm_projector):
                 part.requires_grad_(False)
             self.model.model.image_newline.requires_grad_(False)
+        if settings.token_drop and (settings.camera_loss_weight or settings.route_loss_weight
+                                    or settings.invariance_weight):
+            raise LladaVError(f"token_drop={settings.token_drop}: the camera, route and invariance losses read rows a "
+                              "drop removes; expected them at weight 0 with a token drop")
         self.tok = TextTokenizer(self.start)
         self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32, settings.eot_padding)
         self.heads = RigHeads(self.ckpt.config.decoder.d_model)
@@ -286,11 +294,13 @@ class RigFinetune:
         rigs = np.arange(s.rigs_per_step) + FIRST_RIG + i * s.rigs_per_step
         scenes = np.arange(s.scenes_per_step) + FIRST_SCENE + i * s.scenes_per_step
         pad = np.arange(s.pad_scenes_per_step) + FIRST_PAD_SCENE + i * s.pad_scenes_per_step
+        counted = np.arange(s.count_rigs_per_step) + FIRST_COUNT_RIG + i * s.count_rigs_per_step
         kinds = (functools.partial(draw_camera_kinds, s.seed, contrastive=s.contrastive, weights=s.kind_weights)
                  if s.drawn_kinds else None)
         rig_examples = self.encoder.rig_examples(rigs, kinds)
         if s.rig_kinds:
             rig_examples = [ex.asking(s.rig_kinds) for ex in rig_examples]
+        rig_examples += [ex.asking(("all_count",)) for ex in self.encoder.rig_examples(counted)]
         return rig_examples + self.encoder.examples(scenes) + self.encoder.examples(pad, layout=PAD)
 
     def train_step(self) -> float:
@@ -310,8 +320,11 @@ class RigFinetune:
                 taps = {s.camera_layer} if s.camera_loss_weight else set()
                 taps |= set(s.invariance_layers) if s.invariance_weight else set()
                 scored = tuple(range(*s.route_layers)) if s.route_loss_weight else ()
+                drop = (TokenDrop(s.drop_layer, s.token_drop, torch.Generator().manual_seed(s.seed * 7_919 + self.step))
+                        if s.token_drop else None)
                 sft, tapped, saliency, responses = probed_sft_loss(self.model, batch, visuals, length,
-                                                                   self.tok.ids.mask, gen, tuple(sorted(taps)), scored)
+                                                                   self.tok.ids.mask, gen, tuple(sorted(taps)), scored,
+                                                                   drop)
                 loss = loss + sft
                 rows = camera_rows(batch, visuals) if s.camera_loss_weight or scored else None
                 if s.camera_loss_weight:
@@ -434,10 +447,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--invariance-weight", type=float, default=RigFinetuneSettings.invariance_weight,
                     help="stage 2: + this x the distance of a camera question's answer rows from the starting model's "
                     "with every camera showing the named scene")
+    ap.add_argument("--token-drop", type=float, default=RigFinetuneSettings.token_drop,
+                    help="stage 2: each length group drops a share U(0, this) of its visual rows at random after "
+                    "--drop-layer decoder layers, as step-1 pruning does (0: off)")
+    ap.add_argument("--drop-layer", type=int, default=RigFinetuneSettings.drop_layer)
     ap.add_argument("--lr", type=float, default=RigFinetuneSettings.lr, help="stage 2's peak learning rate")
     ap.add_argument("--final-lr-ratio", type=float, default=RigFinetuneSettings.final_lr_ratio,
                     help="stage 2's cosine decays to this x --lr (1: constant after warmup)")
     ap.add_argument("--rigs-per-step", type=int, default=RigFinetuneSettings.rigs_per_step)
+    ap.add_argument("--count-rigs-per-step", type=int, default=RigFinetuneSettings.count_rigs_per_step,
+                    help="stage 2: + this many rigs per step asking only the all-camera count")
     ap.add_argument("--rig-kinds", nargs="+", default=list(RigFinetuneSettings.rig_kinds), choices=list(RIG_TEMPLATES),
                     help="stage 2: the rigs ask only these question kinds (default: all)")
     ap.add_argument("--response-length", type=int, help="stage 2: responses of this many tokens (default: drawn "
@@ -455,11 +474,13 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> RigFinetuneSettings:
     return RigFinetuneSettings(
         vision_steps=args.vision_steps, steps=args.steps, scenes_per_step=args.scenes_per_step,
-        contrastive=args.contrastive, kind_weights=tuple(args.kind_weights), pad_scenes_per_step=args.pad_scenes_per_step,
-        token_loss_weight=args.token_loss_weight, camera_loss_weight=args.camera_loss_weight,
-        camera_layer=args.camera_layer, lr=args.lr, route_loss_weight=args.route_loss_weight,
-        final_lr_ratio=args.final_lr_ratio, rigs_per_step=args.rigs_per_step, rig_kinds=tuple(args.rig_kinds),
-        bf16_autocast=not args.fp32, eot_padding=args.eot_padding, freeze_vision=args.freeze_vision, invariance_weight=args.invariance_weight,
+        contrastive=args.contrastive, kind_weights=tuple(args.kind_weights),
+        pad_scenes_per_step=args.pad_scenes_per_step, token_loss_weight=args.token_loss_weight,
+        camera_loss_weight=args.camera_loss_weight, camera_layer=args.camera_layer, lr=args.lr,
+        route_loss_weight=args.route_loss_weight, final_lr_ratio=args.final_lr_ratio, rigs_per_step=args.rigs_per_step,
+        count_rigs_per_step=args.count_rigs_per_step, token_drop=args.token_drop, drop_layer=args.drop_layer,
+        rig_kinds=tuple(args.rig_kinds), bf16_autocast=not args.fp32, eot_padding=args.eot_padding,
+        freeze_vision=args.freeze_vision, invariance_weight=args.invariance_weight,
         response_lengths=((args.response_length,) * 2 if args.response_length
                           else RigFinetuneSettings.response_lengths))
 

@@ -259,18 +259,62 @@ def response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Ten
     return probed_response_logits(model, batch, visuals, responses)[0]
 
 
+@dataclass(frozen=True)
+class TokenDrop:
+    """A training-time stand-in for step-1 pruning (docs/cameras.md): after `layer` decoder layers,
+    every sequence of a length group keeps its text and response rows and loses the same number of
+    its visual rows, a share drawn from U(0, max_share) per group, the rows at random (no pruning
+    rule's choice); the rest run on at their original positions."""
+
+    layer: int
+    max_share: float
+    gen: torch.Generator
+
+
+def visual_row_masks(batch: list[Example], visuals: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per question (batch order), True on the prompt's visual rows (the response rows follow)."""
+    out = []
+    for ex, images in zip(batch, visuals):
+        for prompt in ex.prompts:
+            out.append(torch.cat([torch.zeros(len(seg), dtype=torch.bool) if isinstance(seg, tuple)
+                                  else torch.ones(images[seg].shape[0], dtype=torch.bool) for seg in prompt.segments()]))
+    return out
+
+
+def run_dropping(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: list[torch.Tensor], drop: TokenDrop):
+    """Every decoder layer over h (n, N, D), dropping visual rows after drop.layer layers (TokenDrop);
+    visual: the group's visual_row_masks. Returns h (n, N - dropped, D), rows in their order."""
+    h, _ = model.run_layers(h, pos, 0, drop.layer)
+    share = float(torch.rand((), generator=drop.gen)) * drop.max_share
+    n_drop = int(min(int(m.sum()) for m in visual) * share)
+    keep = []
+    for m in visual:
+        rows = torch.ones(h.shape[1], dtype=torch.bool)
+        candidates = torch.nonzero(m).flatten()
+        rows[candidates[torch.randperm(candidates.numel(), generator=drop.gen)[:n_drop]]] = False
+        keep.append(torch.nonzero(rows).flatten())
+    keep = torch.stack(keep)  # (n, N - n_drop), ascending: the response rows stay last
+    h = torch.gather(h, 1, keep[..., None].expand(-1, -1, h.shape[-1]))
+    return model.run_layers(h, torch.gather(pos, 1, keep), drop.layer, model.cfg.n_layers)[0]
+
+
 def probed_response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor,
-                           taps: tuple[int, ...] = (), scored: tuple[int, ...] = ()):
+                           taps: tuple[int, ...] = (), scored: tuple[int, ...] = (), drop: TokenDrop | None = None):
     """response_logits, and what training-only losses read on the way (per length group, with the
     group's question indices): per layer count in `taps`, the hidden states after that many layers
     {count: [(idx, (n, N, D))]}; per layer in `scored`, the response rows' attention over the
-    sequence, mean over heads and rows (export.model.attention_saliency) [[(idx, (n, N))] per layer]."""
+    sequence, mean over heads and rows (export.model.attention_saliency) [[(idx, (n, N))] per layer].
+    drop: visual rows dropped on the way (TokenDrop; not with taps or scored)."""
+    assert drop is None or not (taps or scored), "a token drop changes the rows the taps would read"
     g, n_layers = responses.shape[1], model.cfg.n_layers
     out = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size)
     tapped, saliency = {t: [] for t in taps}, {i: [] for i in scored}
+    visual = visual_row_masks(batch, visuals) if drop else None
     for idx, h in batch_sequences(model, batch, visuals, responses):
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
-        if not taps and not scored:
+        if drop:
+            h = run_dropping(model, h, pos, [visual[i] for i in idx], drop)
+        elif not taps and not scored:
             h, _ = model.run_layers(h, pos, 0, n_layers)
         else:
             rows = torch.arange(h.shape[1] - g, h.shape[1])
@@ -312,13 +356,14 @@ def sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], l
 
 
 def probed_sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], length: int, mask_id: int,
-                    gen: torch.Generator, taps: tuple[int, ...] = (), scored: tuple[int, ...] = ()):
+                    gen: torch.Generator, taps: tuple[int, ...] = (), scored: tuple[int, ...] = (),
+                    drop: TokenDrop | None = None):
     """sft_loss, with the taps and saliency probed_response_logits reads on the way, and the response
     ids as the model saw them (Q, length), masks included: (loss, taps, saliency, responses)."""
     target = torch.tensor([r[:length] for ex in batch for r in ex.responses])  # (Q, G)
     t, masked = draw_masks(*target.shape, gen)
     responses = torch.where(masked, mask_id, target)
-    logits, tapped, saliency = probed_response_logits(model, batch, visuals, responses, taps, scored)
+    logits, tapped, saliency = probed_response_logits(model, batch, visuals, responses, taps, scored, drop)
     return masked_ce(logits, target, masked, t), tapped, saliency, responses
 
 

@@ -469,6 +469,58 @@ def test_the_fine_tune_s_sampled_answers_are_the_reference_generator_s():
     assert got == want
 
 
+def test_a_token_drop_removes_visual_rows_only_after_its_layer_and_keeps_positions():
+    """miniature.train.run_dropping on a stand-in decoder that records what each layer range saw:
+    layers [0, K) see every row; layers [K, L) see every text and response row, and each sequence
+    the same number fewer visual rows, at their original positions; max share 0 drops nothing."""
+    from types import SimpleNamespace
+
+    from miniature.train import TokenDrop, run_dropping
+
+    seen = []
+
+    def run_layers(h, pos, lo, hi):
+        seen.append((lo, hi, pos.clone()))
+        return h + 1, None
+
+    model = SimpleNamespace(run_layers=run_layers, cfg=SimpleNamespace(n_layers=32))
+    visual = [torch.tensor([False] * 3 + [True] * 20 + [False] * 5), torch.tensor([False] * 8 + [True] * 20)]
+    pos = torch.arange(28)[None].expand(2, -1)
+    for share, gen_seed in ((0.9, 0), (0.9, 1), (0.0, 0)):
+        seen.clear()
+        drop = TokenDrop(15, share, torch.Generator().manual_seed(gen_seed))
+        out = run_dropping(model, torch.zeros(2, 28, 4), pos, visual, drop)
+        (lo0, hi0, p0), (lo1, hi1, p1) = seen
+        assert (lo0, hi0, lo1, hi1) == (0, 15, 15, 32) and torch.equal(p0, pos)
+        assert out.shape == (2, p1.shape[1], 4) and torch.all(out == 2)
+        for b in range(2):
+            kept = set(p1[b].tolist())
+            assert p1[b].tolist() == sorted(kept)  # original positions, in order: the response rows stay last
+            assert {i for i in range(28) if not visual[b][i]} <= kept
+        dropped = 28 - p1.shape[1]
+        assert (dropped == 0) if share == 0 else (0 <= dropped <= 18)
+    drops = set()
+    for seed in range(8):  # the share is drawn per group
+        seen.clear()
+        run_dropping(model, torch.zeros(2, 28, 4), pos, visual, TokenDrop(15, 0.9, torch.Generator().manual_seed(seed)))
+        drops.add(28 - seen[1][2].shape[1])
+    assert len(drops) > 2
+
+
+def test_the_rig_fine_tune_trains_through_a_token_drop_and_refuses_losses_that_read_dropped_rows(tmp_path):
+    from miniature.rig_finetune import RigFinetune, RigFinetuneSettings
+
+    settings = RigFinetuneSettings(vision_steps=0, steps=1, rigs_per_step=2, scenes_per_step=1, freeze_vision=True,
+                                   token_drop=0.7, response_lengths=(8, 8), bf16_autocast=False,
+                                   validation_rigs=2, validation_scenes=2)
+    job = RigFinetune(settings, tmp_path / "run")
+    start = {k: v.clone() for k, v in job.model.state_dict().items()}
+    assert np.isfinite(job.train_step())
+    assert any(".layers." in k and not torch.equal(start[k], v) for k, v in job.model.state_dict().items())
+    with pytest.raises(LladaVError, match="token_drop=0.7"):
+        RigFinetune(RigFinetuneSettings(vision_steps=0, token_drop=0.7, invariance_weight=1.0), tmp_path / "other")
+
+
 def test_kind_weights_set_how_often_each_camera_question_is_drawn():
     from miniature.rig_finetune import draw_camera_kinds
     from miniature.scenes import RIG_CAMERA_KINDS, rig
@@ -491,7 +543,7 @@ def test_eot_padding_pads_responses_with_the_stop_token_the_sampler_may_write(tm
     from export.model import PRESETS
     from miniature import embedded_checkpoint
     from miniature.data import Encoder
-    from miniature.rig_finetune import STATE, RigFinetune, RigFinetuneSettings
+    from miniature.rig_finetune import FIRST_COUNT_RIG, STATE, RigFinetune, RigFinetuneSettings
     from runtime.tokens import TextTokenizer
 
     tok = TextTokenizer(embedded_checkpoint())
@@ -500,11 +552,15 @@ def test_eot_padding_pads_responses_with_the_stop_token_the_sampler_may_write(tm
     assert Encoder(tok, geometry, 8).response("no") == tuple(ids + [tok.ids.eot] + [tok.ids.eos] * (7 - len(ids)))
     assert Encoder(tok, geometry, 8, eot_padding=True).response("no") == tuple(ids + [tok.ids.eot] * (8 - len(ids)))
     settings = RigFinetuneSettings(vision_steps=0, steps=1, rigs_per_step=2, scenes_per_step=1, freeze_vision=True,
-                                   eot_padding=True, response_lengths=(8, 8), bf16_autocast=False,
-                                   validation_rigs=2, validation_scenes=2, checkpoint_seconds=1e9)
+                                   eot_padding=True, count_rigs_per_step=2, response_lengths=(8, 8),
+                                   bf16_autocast=False, validation_rigs=2, validation_scenes=2, checkpoint_seconds=1e9)
     job = RigFinetune(settings, tmp_path / "run")
-    responses = [r for ex in job.batch(0) for r in ex.responses]
+    batch = job.batch(0)
+    responses = [r for ex in batch for r in ex.responses]
     assert len(responses) > 4 and all(tok.ids.eos not in r and r[-1] == tok.ids.eot for r in responses)
+    counted = [ex for ex in batch if ex.cameras and ex.seed >= FIRST_COUNT_RIG]  # rigs asking only the count
+    assert len(counted) == 2 and all([q.kind for q in ex.questions] == ["all_count"] for ex in counted)
+    assert batch.index(counted[0]) == 2 and [q.kind for q in batch[0].questions][-1] == "all_count"
     job.save()
     state = torch.load(tmp_path / "run" / STATE, weights_only=False)
     del state["settings"]["kind_weights"]  # as saved before kind weights existed
