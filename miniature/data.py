@@ -69,6 +69,10 @@ class Example:
     labels: np.ndarray  # (V, attributes) token_labels, image after image
     cameras: tuple[str, ...] = ()  # a rig's camera names
 
+    def alone(self, k: int) -> "Example":
+        """The same scene asking only its question k."""
+        return replace(self, questions=(self.questions[k],), prompts=(self.prompts[k],), responses=(self.responses[k],))
+
     def asking(self, kinds) -> "Example":
         """The same scene asking only the questions of these kinds (Question.report_kind), in order."""
         keep = [i for i, q in enumerate(self.questions) if q.report_kind in kinds]

@@ -120,9 +120,8 @@ def same_scene(ex, k: int):
     tiles = [layout.num_tiles for layout in ex.layouts]
     tokens = [layout.num_visual_tokens for layout in ex.layouts]
     n, t0, v0 = len(ex.layouts), sum(tiles[:c]), sum(tokens[:c])
-    return dataclasses.replace(ex, pixels=np.tile(ex.pixels[t0 : t0 + tiles[c]], (n, 1, 1, 1)),
-                               layouts=(ex.layouts[c],) * n, labels=np.tile(ex.labels[v0 : v0 + tokens[c]], (n, 1)),
-                               questions=(q,), prompts=(ex.prompts[k],), responses=(ex.responses[k],))
+    return dataclasses.replace(ex.alone(k), pixels=np.tile(ex.pixels[t0 : t0 + tiles[c]], (n, 1, 1, 1)),
+                               layouts=(ex.layouts[c],) * n, labels=np.tile(ex.labels[v0 : v0 + tokens[c]], (n, 1)))
 
 
 def same_scene_examples(encoder: Encoder, seeds) -> list:

@@ -383,9 +383,7 @@ def one_pass_accuracy(model: LladaV, examples: list[Example], tok: TextTokenizer
         asked = [q for ex in batch for q in ex.questions]
         for q, p, t in zip(asked, pred.tolist(), target.tolist()):
             hits.setdefault(q.report_kind, []).append(_until_stop(p, ids) == _until_stop(t, ids))
-    acc = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
-    acc["overall"] = float(np.mean([h for v in hits.values() for h in v]))
-    return acc
+    return _by_kind(hits)
 
 
 def sampled_answers(model: LladaV, examples: list[Example], tok: TextTokenizer, length: int = 8) -> list[list[int]]:
@@ -398,8 +396,8 @@ def sampled_answers(model: LladaV, examples: list[Example], tok: TextTokenizer, 
     out = []
     for ex in examples:
         visuals = scene_visuals(model, [ex])
-        for i, q in enumerate(ex.questions):
-            one = dataclasses.replace(ex, questions=(q,), prompts=(ex.prompts[i],), responses=(ex.responses[i],))
+        for i in range(len(ex.questions)):
+            one = ex.alone(i)
 
             def forward(x: np.ndarray) -> np.ndarray:
                 return response_logits(model, [one], visuals, torch.from_numpy(x)[None])[0].numpy()
@@ -416,6 +414,11 @@ def sampled_accuracy(model: LladaV, examples: list[Example], tok: TextTokenizer,
     asked = [(q, r) for ex in examples for q, r in zip(ex.questions, ex.responses)]
     for (q, response), answer in zip(asked, sampled_answers(model, examples, tok, length)):
         hits.setdefault(q.report_kind, []).append(answer == _until_stop(list(response), tok.ids))
+    return _by_kind(hits)
+
+
+def _by_kind(hits: dict[str, list[bool]]) -> dict[str, float]:
+    """Per question kind (sorted) the share of hits, and over every question ('overall')."""
     acc = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
     acc["overall"] = float(np.mean([h for v in hits.values() for h in v]))
     return acc
