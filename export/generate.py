@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> dict:
     gen = generation_settings(args)
     cache = cache_settings(args)
     prune = PruneSettings(args.k, args.p, args.query, args.rule or DEFAULT_RULE, args.positions, args.seed, args.pivots,
-                          args.budget)
+                          args.budget, args.fill)
     model_dir = args.model if args.model is not None else embedded_checkpoint()
     prune.validate(open_checkpoint(model_dir).config.n_layers)  # refuse bad K/P before loading weights
     model, ckpt = load_model(model_dir, DTYPES[args.dtype])

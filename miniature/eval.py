@@ -58,9 +58,11 @@ class Strategy:
     cache: str = "none"  # runtime.caching: none | prefix | dual
     threshold: float = 0.0  # Fast-dLLM's parallel decoding (0: the fixed schedule)
     budget: str = "global"  # several cameras: runtime.pruning.BUDGETS
+    fill: str = "first"  # several cameras: runtime.pruning.FILL_MODES
 
     def prune(self, bundle_k: int) -> PruneSettings:
-        return PruneSettings(self.k or bundle_k, self.p, self.query, self.rule, self.positions, budget=self.budget)
+        return PruneSettings(self.k or bundle_k, self.p, self.query, self.rule, self.positions, budget=self.budget,
+                             fill=self.fill)
 
     @property
     def accelerated(self) -> bool:
@@ -92,12 +94,15 @@ def strategies() -> list[Strategy]:
 
 def rig_strategies() -> list[Strategy]:
     """The camera rows (issue 26): unpruned; the duplicate and saliency rules at P50 and P70 (K=15),
-    each with a global and a per-camera budget."""
+    each with a global and a per-camera budget, the padded views' fill dropped first; the ablation: the
+    duplicate rule ranking the fill like any token."""
     rows = [Strategy("unpruned", "unpruned", None)]
     for rule in ("duplicate", "saliency"):
         for budget in ("global", "per_camera"):
             rows += [Strategy(f"K15 P{p} {rule} {budget}", f"{rule}, {budget} budget", 15, p, rule=rule, budget=budget)
                      for p in (50, 70)]
+    rows += [Strategy(f"K15 P50 duplicate {budget} fill ranked", "duplicate, fill ranked", 15, 50, rule="duplicate",
+                      budget=budget, fill="rule") for budget in ("global", "per_camera")]
     return rows
 
 
@@ -147,6 +152,7 @@ def record(pipe, s: Strategy, item: Scene | RigScene, q, gen: GenerationSettings
         "flops": trace_flops(steps_w, s.k, s.p, [st.rows for st in res.steps], s.rule),  # unpruned: no rule counted
         "steps": len(res.steps), "visual": res.layout.n_visual, "kept": int(res.kept_visual.size),
         "other_camera": other_camera_answer(item, q, res.text.strip()),
+        "fill": len(res.layout.fill), "fill_kept": int(np.isin(res.layout.fill, res.kept_visual).sum()),
     }
 
 
@@ -201,6 +207,8 @@ def summarize(rows: list[Strategy], records: dict[str, list[dict]], kinds=KINDS)
             "mean_steps": _mean([r["steps"] for r in recs]),
             # camera questions answered wrong: the share that were another camera's answer (routing errors)
             "wrong_were_other_camera": _mean([r["other_camera"] for r in recs if r.get("other_camera") is not None]),
+            # padded views: the share of their fill tokens kept at step 1
+            "fill_kept": _mean([r["fill_kept"] / r["fill"] for r in recs if r.get("fill")]),
         })
     return table
 
@@ -215,17 +223,21 @@ def _pct(x: float | None) -> str:
 
 def markdown(table: list[dict], header: str, chance: dict = CHANCE) -> str:
     kinds = tuple(chance)
-    cols = ["strategy", "overall", *kinds, "object recall", "FLOPs rem.", "steps"]
+    fill = any(row.get("fill_kept") is not None for row in table)  # padded views (several cameras)
+    cols = ["strategy", "overall", *kinds, "object recall", *(["fill kept"] * fill), "FLOPs rem.", "steps"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     base = table[0]["accuracy"] if table and table[0]["k"] is None else None
     for row in table:
         rel = f" ({100 * row['accuracy'] / base:.0f}% of unpruned)" if base and row["k"] is not None else ""
         cells = [row["name"], _pct(row["accuracy"]) + rel, *(_pct(row["by_kind"][k]) for k in kinds),
-                 _pct(row["object_recall"]), _pct(row["flops_remaining"]), f"{row['mean_steps']:.1f}"]
+                 _pct(row["object_recall"]), *([_pct(row.get("fill_kept"))] * fill), _pct(row["flops_remaining"]),
+                 f"{row['mean_steps']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     odds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in chance.items())
     lines += ["", f"Accuracy in %, exact match. Chance: {odds}. Object recall: share of the asked-about "
-              "objects' visual tokens kept at step 1 (questions about at least one object). FLOPs remaining: "
+              "objects' visual tokens kept at step 1 (questions about at least one object)." + (
+                  " Fill kept: share of the padded views' fill tokens (no pixel of the frame) kept at step 1."
+                  if fill else "") + " FLOPs remaining: "
               "bench.flops for each question's sequence, relative to unpruned (cache and threshold rows: from "
               "the rows each step computed, against the unpruned row's run of the same question). Steps: mean "
               "denoising steps taken (a block ends once everything before <|eot_id|> is unmasked)."]

@@ -63,6 +63,7 @@ class TileLayout:
     unpadded: tuple[int, int]  # grid features (rows, cols) after un-padding
     merged: tuple[int, int]  # (rows, cols) after the optional bilinear shrink
     tokens_per_tile: int
+    fill: tuple[int, ...] = ()  # pad: the view's tokens that show only the fill (pad_fill_tokens)
 
     @property
     def num_tiles(self) -> int:
@@ -153,12 +154,32 @@ def plan_tiles(size: tuple[int, int], geometry: ImageGeometry, mode: str) -> Til
     if w <= 0 or h <= 0:
         raise LladaVError(f"image size: got {w}x{h}; expected a non-empty image")
     if mode in (SINGLE, PAD):
-        return TileLayout(mode, size, (0, 0), (0, 0), (0, 0), geometry.tokens_per_tile)
+        fill = pad_fill_tokens(size, geometry) if mode == PAD else ()
+        return TileLayout(mode, size, (0, 0), (0, 0), (0, 0), geometry.tokens_per_tile, fill)
     bw, bh = select_best_resolution(size, geometry.grid_pinpoints)
     across, down = bw // geometry.image_size, bh // geometry.image_size
     rows, cols = unpadded_rows_cols(size, down * geometry.side, across * geometry.side)
     merged = shrunk_rows_cols(rows, cols, geometry.max_tiles, geometry.side)
     return TileLayout(ANYRES, size, (across, down), (rows, cols), merged, geometry.tokens_per_tile)
+
+
+def pad_fill_tokens(size: tuple[int, int], geometry: ImageGeometry) -> tuple[int, ...]:
+    """A padded view's tokens (row-major patch indices) whose patch holds nothing of the frame: clear of
+    it by the resize's reach (bicubic: 2 pixels of the view, 2 of the frame when it is enlarged), so they
+    show the mean-colour fill alone (runtime.preprocess.pad_to_square, then the resize to image_size)."""
+    w, h = size
+    square = max(w, h)
+    scale = geometry.image_size / square  # view pixels per frame pixel
+    reach = 2 * max(1.0, scale)
+
+    def clear(offset: int, length: int) -> set[int]:  # patch indices along one axis clear of the frame
+        lo, hi = offset * scale - reach, (offset + length) * scale + reach
+        ps = geometry.patch_size
+        return {i for i in range(geometry.side) if (i + 1) * ps <= lo or i * ps >= hi}
+
+    rows, cols = clear((square - h) // 2, h), clear((square - w) // 2, w)
+    side = geometry.side
+    return tuple(r * side + c for r in range(side) for c in range(side) if r in rows or c in cols)
 
 
 def max_visual_tokens(geometry: ImageGeometry, mode: str) -> int:

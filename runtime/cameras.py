@@ -86,5 +86,7 @@ def request_layout(prompt: PromptIds, images: list[ImageInput], n_response: int)
                           "one per image")
     sizes = tuple(im.layout.num_visual_tokens for im in images)
     several = len(images) > 1
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    fill = tuple(start + i for start, im in zip(starts, images) for i in im.layout.fill)
     return SequenceLayout(len(prompt.prefix), sum(sizes), len(prompt.suffix), n_response,
-                          sizes if several else (), tuple(len(b) for b in prompt.between))
+                          sizes if several else (), tuple(len(b) for b in prompt.between), fill)

@@ -10,7 +10,7 @@ from pathlib import Path
 from runtime.backends import BACKENDS
 from runtime.bundle import VERIFY
 from runtime.caching import CACHE_MODES, CacheSettings
-from runtime.pruning import BUDGETS, DEFAULT_PIVOTS, POSITION_MODES, QUERY_SETS, RULE_HELP, RULES, PruneSettings
+from runtime.pruning import BUDGETS, DEFAULT_PIVOTS, FILL_MODES, POSITION_MODES, QUERY_SETS, RULE_HELP, RULES, PruneSettings
 from runtime.schedule import REMASKING, GenerationSettings
 
 K_HELP = "pruning layer K: step 1 drops tokens between decoder layers K-1 and K; 1..L-1 (L = 32 for LLaDA-V)"
@@ -82,6 +82,9 @@ def add_strategy_args(ap: argparse.ArgumentParser, bundle_p: bool = True) -> Non
     ap.add_argument("--budget", choices=BUDGETS, default="global",
                     help="several cameras: rank every camera's tokens together (global), or let each camera keep its "
                          "own share (per_camera: no camera wiped out)")
+    ap.add_argument("--fill", choices=FILL_MODES, default="first",
+                    help="several cameras: a padded view's fill tokens (no pixel of the frame) go before any frame "
+                         "token (first), or the rule ranks them like any token (rule)")
 
 
 def add_generation_args(ap: argparse.ArgumentParser) -> None:
@@ -117,7 +120,8 @@ def prune_settings(args: argparse.Namespace, manifest) -> PruneSettings:
     """The strategy flags over the bundle's defaults (its K; its P and rule unless given)."""
     p = manifest.p if args.p is None else args.p
     rule = manifest.rule if args.rule is None else args.rule
-    return PruneSettings(manifest.k, p, args.query, rule, args.positions, args.seed, args.pivots, args.budget)
+    return PruneSettings(manifest.k, p, args.query, rule, args.positions, args.seed, args.pivots, args.budget,
+                         args.fill)
 
 
 def generation_settings(args: argparse.Namespace) -> GenerationSettings:

@@ -12,6 +12,11 @@ their original RoPE positions (FastV) or are re-packed to arange (RedVTP). Which
                 layer K), taken out of the pool as they are kept
     random      the ablation: the same count, uniformly at random
 
+A padded view (several cameras) holds fill tokens: patches of the mean-colour square that show no pixel
+of the frame (runtime.anyres.pad_fill_tokens). With fill "first" (the default) they are the first to go:
+a budget whose fill covers its drop count loses only fill (the rule picks which); otherwise it loses all
+its fill and the rule drops the rest from the frame. The count dropped is the same either way.
+
 Every choice here is pure numpy on host arrays, written once for the runtime and the reference
 generator; what the rules read (saliency, similarities) comes from the graphs or the reference.
 """
@@ -31,6 +36,9 @@ RULES = ("saliency", "duplicate", "random")
 # several images: rank every camera's tokens together (global), or give each camera its own
 # V_i - floor(V_i*P/100) (per_camera: no camera wiped out)
 BUDGETS = ("global", "per_camera")
+# several cameras: a padded view's fill tokens go before any frame token (first), or the rule ranks them
+# like any token (rule: the ablation)
+FILL_MODES = ("first", "rule")
 DEFAULT_RULE = "duplicate"
 DEFAULT_PIVOTS = 8
 RULE_HELP = {
@@ -53,6 +61,7 @@ class PruneSettings:
     seed: int = 0  # for random pruning
     pivots: int = DEFAULT_PIVOTS  # the duplicate rule's pivots
     budget: str = "global"  # several images: BUDGETS
+    fill: str = "first"  # several images: FILL_MODES
 
     def validate(self, n_layers: int) -> "PruneSettings":
         expect(
@@ -63,6 +72,7 @@ class PruneSettings:
         expect(self.query in QUERY_SETS, f"query set: got {self.query!r}; expected one of {QUERY_SETS}")
         expect(self.rule in RULES, f"rule: got {self.rule!r}; expected one of {RULES}")
         expect(self.budget in BUDGETS, f"budget: got {self.budget!r}; expected one of {BUDGETS}")
+        expect(self.fill in FILL_MODES, f"fill: got {self.fill!r}; expected one of {FILL_MODES}")
         expect(isinstance(self.pivots, int) and self.pivots >= 1,
                f"pivots: got {self.pivots!r}; expected an integer >= 1")
         expect(
@@ -84,9 +94,11 @@ class SequenceLayout:
     n_response: int
     image_sizes: tuple[int, ...] = ()  # several images: each one's visual tokens (they add up to n_visual)
     gaps: tuple[int, ...] = ()  # several images: the text tokens between image i and image i + 1
+    fill: tuple[int, ...] = ()  # visual indices of padded views' fill tokens (runtime.anyres.pad_fill_tokens)
 
     def __post_init__(self):
         assert not self.image_sizes or sum(self.image_sizes) == self.n_visual, "image sizes add up to n_visual"
+        assert all(0 <= i < self.n_visual for i in self.fill), "fill tokens are visual tokens"
         assert len(self.gaps) == max(len(self.image_sizes) - 1, 0), "one gap between consecutive images"
 
     @property
@@ -160,44 +172,73 @@ def dropped_count(prune: PruneSettings, image_sizes) -> int:
     return sum(pruned_count(size, prune.p) for size in budget_sizes(prune, image_sizes))
 
 
-def keep_visual(prune: PruneSettings, image_sizes, saliency, similarity) -> np.ndarray:
+def keep_visual(prune: PruneSettings, image_sizes, saliency, similarity, fill=()) -> np.ndarray:
     """The kept visual indices (sorted) under prune's rule: the one place the runtime and the reference
     generator decide. image_sizes: each image's visual tokens (one image: V); saliency() -> (V,)
     scores; similarity(pivots) -> (len(pivots), V) cosine similarities of those visual tokens' hidden
     states entering layer K to every visual token's. Neither is called when the rule does not read it
-    (nothing dropped, or random). Each budget (budget_sizes) keeps V_b - floor(V_b*P/100) of its own."""
+    (nothing dropped, or random). Each budget (budget_sizes) keeps V_b - floor(V_b*P/100) of its own.
+    fill: visual indices of padded views' fill tokens, dropped first unless prune.fill is "rule"."""
     sizes = budget_sizes(prune, image_sizes)
     n_visual = sum(sizes)
     if dropped_count(prune, sizes) == 0:
         return np.arange(n_visual, dtype=np.int64)
+    is_fill = np.zeros(n_visual, bool)
+    if prune.fill == "first":
+        is_fill[np.asarray(fill, np.int64)] = True
+    budgets = rule_pools(sizes, prune.p, is_fill)
     if prune.rule == "random":
-        return _per_budget(sizes, lambda i, size: keep_at_random(size, prune.p, prune.seed + i))
-    scores = saliency()
-    if prune.rule == "saliency":
-        return _per_budget(sizes, lambda i, size: keep_by_score(scores[_offset(sizes, i):][:size], prune.p))
-    pivots = pick_pivots(scores, prune.pivots)
-    return keep_duplicate_aware(similarity(pivots), pivots, prune.p, sizes if len(sizes) > 1 else None)
+        picks = [pick_at_random(pool, n, prune.seed + i) for i, (_, pool, n) in enumerate(budgets)]
+    elif prune.rule == "saliency":
+        scores = saliency()
+        picks = [pick_by_score(scores, pool, n) for _, pool, n in budgets]
+    else:
+        scores = saliency()
+        pivots = pick_pivots(scores, prune.pivots, among=np.flatnonzero(~is_fill))
+        sim = np.asarray(similarity(pivots), np.float64)
+        picks = [_keep_from_pool(sim, pivots, _mask(pool, n_visual), n) for _, pool, n in budgets]
+    return np.sort(np.concatenate([kept for kept, _, _ in budgets] + picks)).astype(np.int64)
 
 
-def _offset(sizes: list[int], i: int) -> int:
-    return int(sum(sizes[:i]))
+def rule_pools(sizes: list[int], p: float, is_fill: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, int]]:
+    """Per budget: (kept whatever the rule says, the pool the rule picks from, how many it keeps). A budget
+    dropping no more than its fill keeps its frame and lets the rule choose which fill survives; else all
+    its fill goes and the rule keeps V_b - floor(V_b*P/100) of the frame."""
+    out, start = [], 0
+    for size in sizes:
+        own = np.arange(start, start + size)
+        drop, fill, frame = pruned_count(size, p), own[is_fill[own]], own[~is_fill[own]]
+        if fill.size and fill.size >= drop:
+            out.append((frame, fill, int(fill.size - drop)))
+        else:
+            out.append((own[:0], frame, int(size - drop)))
+        start += size
+    return out
 
 
-def _per_budget(sizes: list[int], keep) -> np.ndarray:
-    """keep(i, size) -> indices within budget i, shifted to the visual tokens' indices and joined."""
-    return np.concatenate([_offset(sizes, i) + keep(i, size) for i, size in enumerate(sizes)]).astype(np.int64)
+def _mask(indices: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros(n, bool)
+    out[indices] = True
+    return out
+
+
+def pick_by_score(scores: np.ndarray, pool: np.ndarray, n_keep: int) -> np.ndarray:
+    """The n_keep of the pool (ascending visual indices) with the highest scores, ties to the lower index."""
+    order = np.argsort(-scores[pool].astype(np.float64), kind="stable")
+    return pool[order[:n_keep]].astype(np.int64)
 
 
 def keep_by_score(scores: np.ndarray, p: float) -> np.ndarray:
     """Visual indices kept: the V - floor(V*P/100) highest scores, ties to the lower index, sorted."""
-    n_keep = scores.shape[0] - pruned_count(scores.shape[0], p)
-    order = np.argsort(-scores.astype(np.float64), kind="stable")
-    return np.sort(order[:n_keep]).astype(np.int64)
+    n_visual = scores.shape[0]
+    return np.sort(pick_by_score(scores, np.arange(n_visual), n_visual - pruned_count(n_visual, p)))
 
 
-def pick_pivots(scores: np.ndarray, n: int) -> np.ndarray:
-    """The duplicate rule's pivots: the min(n, V) highest scores, highest first, ties to the lower index."""
-    return np.argsort(-scores.astype(np.float64), kind="stable")[:n].astype(np.int64)
+def pick_pivots(scores: np.ndarray, n: int, among: np.ndarray | None = None) -> np.ndarray:
+    """The duplicate rule's pivots: the min(n, V) highest scores, highest first, ties to the lower index;
+    among: the visual indices (ascending) they may be (default: all)."""
+    among = np.arange(scores.shape[0]) if among is None else np.asarray(among, np.int64)
+    return among[np.argsort(-scores[among].astype(np.float64), kind="stable")[:n]].astype(np.int64)
 
 
 def keep_duplicate_aware(similarity: np.ndarray, pivots: np.ndarray, p: float,
@@ -241,11 +282,10 @@ def _keep_from_pool(sim: np.ndarray, pivots: np.ndarray, pool: np.ndarray, n_kee
     return np.array(kept, np.int64)
 
 
-def keep_at_random(n_visual: int, p: float, seed: int) -> np.ndarray:
-    """The random-pruning ablation: the same count, chosen uniformly, sorted."""
-    n_keep = n_visual - pruned_count(n_visual, p)
+def pick_at_random(pool: np.ndarray, n_keep: int, seed: int) -> np.ndarray:
+    """The random-pruning ablation: n_keep of the pool (ascending visual indices), chosen uniformly."""
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_visual, size=n_keep, replace=False)).astype(np.int64)
+    return pool[np.sort(rng.choice(pool.size, size=n_keep, replace=False))].astype(np.int64)
 
 
 def kept_positions(layout: SequenceLayout, keep_visual: np.ndarray) -> np.ndarray:

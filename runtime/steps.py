@@ -80,7 +80,7 @@ class StepPlan:
     def prune_visual(self, saliency, similarity) -> Pruned:
         """Step 1's survivors under the rule (runtime.pruning.keep_visual: saliency() -> (V,) scores,
         similarity(pivots) -> (pivots, V), each called only when the rule reads it)."""
-        keep = keep_visual(self.prune, self.layout.sizes, saliency, similarity)
+        keep = keep_visual(self.prune, self.layout.sizes, saliency, similarity, self.layout.fill)
         kept = kept_positions(self.layout, keep)
         self.clock.after_pruning(self.prune.positions)
         self.pruned, self.n = True, int(kept.size)

@@ -99,6 +99,66 @@ def test_per_camera_budget_keeps_every_camera():
     assert (rand < 20).sum() == 10 and (rand >= 20).sum() == 5
 
 
+@pytest.mark.parametrize("geometry", [ImageGeometry(), ImageGeometry(image_size=128, patch_size=16)])
+@pytest.mark.parametrize("size", [(1920, 1080), (640, 360), (360, 640), (300, 200), (331, 500), (400, 400)])
+def test_pad_fill_tokens_are_the_patches_that_show_only_the_fill(geometry, size):
+    """Read from the pixels the vision tower gets (a noise frame, padded and resized by the runtime): every
+    patch pad_fill_tokens names holds the mean colour alone, and it misses at most one row or column of
+    such patches at each padded edge (the resize's reach)."""
+    frame = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    image = prepare_images([("front", frame), ("left", frame)], geometry, "single")[0]
+    ps, side = geometry.patch_size, geometry.side
+    fill_value = (int(geometry.mean[0] * 255) / 255 - geometry.mean[0]) / geometry.std[0]
+    patches = image.pixel_values[0][:, :side * ps, :side * ps].reshape(3, side, ps, side, ps)
+    pure = np.isclose(patches, fill_value, atol=1e-6).all(axis=(0, 2, 4)).reshape(-1)
+    named = np.zeros(side * side, bool)
+    named[list(image.layout.fill)] = True
+    assert pure[named].all(), "a token named fill shows some of the frame"
+    w, h = size
+    padded_edges = 2 * (w != h)
+    assert pure.sum() - named.sum() <= padded_edges * side, (pure.sum(), named.sum())
+    assert named.sum() > 0 or w == h or max(w, h) / min(w, h) < 1.2
+
+
+def test_fill_goes_first_whatever_the_rule():
+    """Cameras of 10 tokens, fill 0-3 (camera 0) and 10-15 (camera 1), the fill the most salient: P50
+    drops exactly the fill; P70 all of it and 4 frame tokens by the rule; per camera at P25 each drops
+    2 of its own fill (the rule picks which); fill "rule" ranks it like any token (the ablation)."""
+    fill = [0, 1, 2, 3, 10, 11, 12, 13, 14, 15]
+    scores = np.r_[np.full(4, 9.0), np.linspace(0, 1, 6), np.full(6, 8.0), np.linspace(2, 3, 4)]
+    sim = np.random.default_rng(1).random((20, 20))
+    asked = []
+
+    def similarity(pivots):
+        asked.append(pivots.tolist())
+        return sim[pivots]
+
+    frame = np.setdiff1d(np.arange(20), fill)
+    for rule in ("saliency", "duplicate", "random"):
+        keep = lambda **kw: keep_visual(PruneSettings(rule=rule, **kw), (10, 10), lambda: scores, similarity, fill)
+        assert keep(p=50).tolist() == frame.tolist()
+        p70 = keep(p=70)
+        assert p70.size == 6 and np.isin(p70, frame).all()
+        per = keep(p=25, budget="per_camera")
+        assert per.size == 16 and np.isin(frame, per).all() and np.isin([0, 1, 2, 3], per).sum() == 2
+    assert not set(sum(asked, [])) & set(fill), "a fill token became a pivot"
+    assert keep_visual(PruneSettings(p=25, rule="saliency", budget="per_camera"), (10, 10), lambda: scores,
+                       similarity, fill).tolist() == [0, 1, *range(4, 14), *range(16, 20)]  # ties: lower index
+    ranked = keep_visual(PruneSettings(p=50, rule="saliency", fill="rule"), (10, 10), lambda: scores, similarity, fill)
+    assert np.array_equal(ranked, keep_visual(PruneSettings(p=50, rule="saliency"), (10, 10), lambda: scores,
+                                              similarity))
+    assert np.isin(fill, ranked).all()
+
+
+def test_the_layout_names_each_views_fill(tokenizer):
+    cams = views(3)
+    images = prepare_images(named_images(cams), ImageGeometry(), "single")
+    lay = request_layout(tokenizer.encode_prompt("Any cyclist?", list(cams)), images, 8)
+    want = [730 * i + t for i, im in enumerate(images) for t in im.layout.fill]
+    assert list(lay.fill) == want and all(len(im.layout.fill) > 0 for im in images)
+    assert max(images[0].layout.fill) < 729 and 729 not in images[0].layout.fill  # never the image_newline
+
+
 @pytest.mark.parametrize("n", [2, 3])
 @pytest.mark.parametrize("p", [0, 50])
 def test_runtime_matches_the_reference_with_several_cameras(rig_bundle, tiny, tokenizer, n, p):
@@ -114,6 +174,7 @@ def test_runtime_matches_the_reference_with_several_cameras(rig_bundle, tiny, to
     assert got.layout == want.layout and got.layout.sizes == (730,) * n and got.cameras == list(cams)
     assert got.answer_ids == want.answer_ids and np.array_equal(got.kept_visual, want.kept_visual)
     assert got.kept_visual.size == 730 * n - (730 * n * p) // 100
+    assert len(got.layout.fill) > 0 and (p == 0 or not np.isin(got.layout.fill, got.kept_visual).any())
 
 
 def test_vision_runs_once_for_all_cameras_and_matches_each_image_alone(rig_bundle, tiny, tokenizer):
@@ -603,7 +664,9 @@ def test_the_harness_runs_the_camera_rows(tmp_path_factory):
     assert main(["--bundle", str(bundle), "--cameras", "--limit", "7", "--out", str(out)]) == 0
     data = json.loads((out / "table.json").read_text())
     rows = {r["name"]: r for r in data["rows"]}
-    assert list(rows) == [s.name for s in rig_strategies()] and len(rows) == 9
+    assert list(rows) == [s.name for s in rig_strategies()] and len(rows) == 11
+    assert all(rows[n]["fill_kept"] == 0 for n in rows if " P" in n and "fill ranked" not in n)  # the fill goes first
+    assert rows["K15 P50 duplicate global fill ranked"]["fill_kept"] > 0 and rows["unpruned"]["fill_kept"] == 1
     assert "| K15 P70 saliency per_camera |" in (out / "table.md").read_text()
     for name, recs in data["records"].items():
         assert {r["kind"] for r in recs} == set(RIG_KINDS), name
