@@ -35,7 +35,7 @@ from torch import nn
 from miniature import embedded_checkpoint
 from miniature.data import IGNORE, VALIDATION_SEEDS, Encoder
 from miniature.scenes import RIG_CAMERA_KINDS, RIG_CAMERAS, RIG_TEMPLATES, RigScene, camera_answers
-from miniature.train import (TokenDrop, TokenHeads, adamw, one_pass_accuracy, probed_response_logits, probed_sft_loss,
+from miniature.train import (RuleDrop, TokenDrop, TokenHeads, adamw, one_pass_accuracy, probed_response_logits, probed_sft_loss,
                              restore, sampled_accuracy, scene_visuals, token_loss, warmup_cosine, write_state)
 from runtime.anyres import ANYRES, PAD
 from runtime.errors import LladaVError
@@ -215,11 +215,29 @@ class RigFinetuneSettings:
     invariance_layers: tuple[int, ...] = (8, 12, 16, 20, 24, 28, 32)  # ... after this many layers
     token_drop: float = 0.0  # stage 2: sequences drop U(0, this) of their visual rows (miniature.train.TokenDrop)
     drop_layer: int = 15  # ... after this many decoder layers (step-1 pruning's K)
+    rule_drop: float = 0.0  # stage 2: this share of length groups pruned as the runtime prunes (RuleDrop), at K=drop_layer
+    rule_drop_p: tuple[float, float] = (25.0, 75.0)  # ... at P drawn from this range
+    rule_drop_at_k: float = 0.25  # ... running the reduced rows from layer K (step 1) this often, else from layer 0
     bf16_autocast: bool = True
     eval_every: int = 100
     validation_rigs: int = 24
     validation_scenes: int = 16
     checkpoint_seconds: float = 300.0
+
+
+def check_drops(settings: RigFinetuneSettings) -> None:
+    """A drop removes rows the camera, route and invariance losses read; the two drops exclude each other."""
+    for name in ("token_drop", "rule_drop"):
+        value = getattr(settings, name)
+        if value and (settings.camera_loss_weight or settings.route_loss_weight or settings.invariance_weight):
+            raise LladaVError(f"{name}={value}: the camera, route and invariance losses read rows a drop removes; "
+                              "expected them at weight 0 with a drop")
+    if settings.token_drop and settings.rule_drop:
+        raise LladaVError(f"token_drop={settings.token_drop} and rule_drop={settings.rule_drop}: expected one drop")
+    lo, hi = settings.rule_drop_p
+    if not (0 <= lo <= hi < 100 and 0 <= settings.rule_drop <= 1):
+        raise LladaVError(f"rule_drop={settings.rule_drop}, rule_drop_p={settings.rule_drop_p}: expected a share in "
+                          "[0, 1] and 0 <= LO <= HI < 100")
 
 
 class RigFinetune:
@@ -241,10 +259,7 @@ class RigFinetune:
             for part in (self.model.model.vision_tower, self.model.model.mm_projector):
                 part.requires_grad_(False)
             self.model.model.image_newline.requires_grad_(False)
-        if settings.token_drop and (settings.camera_loss_weight or settings.route_loss_weight
-                                    or settings.invariance_weight):
-            raise LladaVError(f"token_drop={settings.token_drop}: the camera, route and invariance losses read rows a "
-                              "drop removes; expected them at weight 0 with a token drop")
+        check_drops(settings)
         self.tok = TextTokenizer(self.start)
         self.encoder = Encoder(self.tok, self.ckpt.config.geometry, 32, settings.eot_padding)
         self.heads = RigHeads(self.ckpt.config.decoder.d_model)
@@ -319,8 +334,7 @@ class RigFinetune:
                 taps = {s.camera_layer} if s.camera_loss_weight else set()
                 taps |= set(s.invariance_layers) if s.invariance_weight else set()
                 scored = tuple(range(*s.route_layers)) if s.route_loss_weight else ()
-                drop = (TokenDrop(s.drop_layer, s.token_drop, torch.Generator().manual_seed(s.seed * 7_919 + self.step))
-                        if s.token_drop else None)
+                drop = self.drop()
                 sft, tapped, saliency, responses = probed_sft_loss(self.model, batch, visuals, length,
                                                                    self.tok.ids.mask, gen, tuple(sorted(taps)), scored,
                                                                    drop)
@@ -339,6 +353,14 @@ class RigFinetune:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         return float(loss.detach())
+
+    def drop(self) -> TokenDrop | RuleDrop | None:
+        """This step's visual-row drop, if the settings ask for one (seeded by the step: resumable)."""
+        s = self.s
+        gen = torch.Generator().manual_seed(s.seed * 7_919 + self.step)
+        if s.rule_drop:
+            return RuleDrop(s.drop_layer, s.rule_drop, s.rule_drop_p, s.rule_drop_at_k, self.tok.ids.mask, gen)
+        return TokenDrop(s.drop_layer, s.token_drop, gen) if s.token_drop else None
 
     def invariance(self, batch: list, tapped: dict, responses: torch.Tensor) -> torch.Tensor:
         """invariance_loss of the camera questions' response rows against the starting model's on
@@ -446,10 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--invariance-weight", type=float, default=RigFinetuneSettings.invariance_weight,
                     help="stage 2: + this x the distance of a camera question's answer rows from the starting model's "
                     "with every camera showing the named scene")
-    ap.add_argument("--token-drop", type=float, default=RigFinetuneSettings.token_drop,
-                    help="stage 2: each length group drops a share U(0, this) of its visual rows at random after "
-                    "--drop-layer decoder layers, as step-1 pruning does (0: off)")
-    ap.add_argument("--drop-layer", type=int, default=RigFinetuneSettings.drop_layer)
+    add_drop_args(ap)
     ap.add_argument("--lr", type=float, default=RigFinetuneSettings.lr, help="stage 2's peak learning rate")
     ap.add_argument("--final-lr-ratio", type=float, default=RigFinetuneSettings.final_lr_ratio,
                     help="stage 2's cosine decays to this x --lr (1: constant after warmup)")
@@ -470,6 +489,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def add_drop_args(ap: argparse.ArgumentParser) -> None:
+    """Stage 2's visual-row drops: random rows (--token-drop) or the runtime's own pruning (--rule-drop)."""
+    ap.add_argument("--token-drop", type=float, default=RigFinetuneSettings.token_drop,
+                    help="stage 2: each length group drops a share U(0, this) of its visual rows at random after "
+                    "--drop-layer decoder layers, as step-1 pruning does (0: off)")
+    ap.add_argument("--drop-layer", type=int, default=RigFinetuneSettings.drop_layer)
+    ap.add_argument("--rule-drop", type=float, default=RigFinetuneSettings.rule_drop,
+                    help="stage 2: this share of length groups is pruned as the runtime prunes step 1 (its default rule, "
+                    "the fill first) at K = --drop-layer, and runs on the kept rows from layer 0 (the later steps) "
+                    "or K (0: off)")
+    ap.add_argument("--rule-drop-p", type=float, nargs=2, metavar=("LO", "HI"), default=RigFinetuneSettings.rule_drop_p,
+                    help="the rule drop's P, drawn uniformly from [LO, HI]")
+    ap.add_argument("--rule-drop-at-k", type=float, default=RigFinetuneSettings.rule_drop_at_k,
+                    help="how often a rule drop runs the kept rows from layer K (step 1) rather than from layer 0")
+
+
 def settings_from(args: argparse.Namespace) -> RigFinetuneSettings:
     return RigFinetuneSettings(
         vision_steps=args.vision_steps, steps=args.steps, scenes_per_step=args.scenes_per_step,
@@ -478,6 +513,7 @@ def settings_from(args: argparse.Namespace) -> RigFinetuneSettings:
         camera_loss_weight=args.camera_loss_weight, camera_layer=args.camera_layer, lr=args.lr,
         route_loss_weight=args.route_loss_weight, final_lr_ratio=args.final_lr_ratio, rigs_per_step=args.rigs_per_step,
         count_rigs_per_step=args.count_rigs_per_step, token_drop=args.token_drop, drop_layer=args.drop_layer,
+        rule_drop=args.rule_drop, rule_drop_p=tuple(args.rule_drop_p), rule_drop_at_k=args.rule_drop_at_k,
         rig_kinds=tuple(args.rig_kinds), bf16_autocast=not args.fp32, eot_padding=args.eot_padding,
         freeze_vision=args.freeze_vision, invariance_weight=args.invariance_weight,
         response_lengths=((args.response_length,) * 2 if args.response_length

@@ -43,6 +43,7 @@ from miniature.tokenizer import miniature_tokenizer
 from runtime.cli_args import at_boundary
 from runtime.errors import LladaVError
 from runtime.files import write_json
+from runtime.pruning import BUDGETS, PruneSettings, keep_visual
 from runtime.tokens import TextTokenizer
 
 HERE = Path(__file__).resolve().parent
@@ -298,21 +299,111 @@ def run_dropping(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: list
     return model.run_layers(h, torch.gather(pos, 1, keep), drop.layer, model.cfg.n_layers)[0]
 
 
+@dataclass(frozen=True)
+class RuleDrop:
+    """Step-1 pruning as the runtime prunes, at training time (docs/cameras.md): a length group is pruned
+    with probability `share`, at P ~ U(p_range) and a budget drawn from runtime.pruning.BUDGETS; each
+    sequence keeps what the runtime's own rule keeps (runtime.pruning.keep_visual, the default rule, a
+    padded view's fill first) scored as step 1 scores (rule_kept_rows), and runs on those rows from
+    layer 0, as every later step does, or with probability `at_k` from layer K on, as step 1 does."""
+
+    k: int
+    share: float
+    p_range: tuple[float, float]
+    at_k: float
+    mask_id: int
+    gen: torch.Generator
+
+    def draw(self) -> tuple[PruneSettings | None, int]:
+        """This group's pruning (None: not pruned) and the layer the reduced rows start from."""
+        u = torch.rand(4, generator=self.gen).tolist()
+        if u[0] >= self.share:
+            return None, 0
+        lo, hi = self.p_range
+        prune = PruneSettings(k=self.k, p=lo + (hi - lo) * u[1], budget=BUDGETS[int(u[2] * len(BUDGETS))])
+        return prune, self.k if u[3] < self.at_k else 0
+
+
+def visual_facts(batch: list[Example], visuals: list[torch.Tensor]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Per question (batch order): each image's visual token count in the prompt's order, and the visual
+    indices of its padded views' fill (runtime.anyres.pad_fill_tokens), as runtime.cameras.request_layout."""
+    out = []
+    for ex, images in zip(batch, visuals):
+        for prompt in ex.prompts:
+            sizes, fill = [], []
+            for seg in (s for s in prompt.segments() if not isinstance(s, tuple)):
+                fill += [sum(sizes) + i for i in ex.layouts[seg].fill]
+                sizes.append(images[seg].shape[0])
+            out.append((tuple(sizes), tuple(fill)))
+    return out
+
+
+@torch.no_grad()
+def rule_kept_rows(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: list[torch.Tensor], facts: list,
+                   prune: PruneSettings, mask_id: int, g: int) -> list[torch.Tensor]:
+    """Per sequence of h (n, N, D), the rows (ascending) step 1 keeps under prune: layers [0, K) over the
+    prompt and an all-mask response of g rows, the saliency of the response rows at layer K-1 and the
+    hidden states entering layer K, read by runtime.pruning.keep_visual. visual: visual_row_masks;
+    facts: visual_facts."""
+    from export.reference import pivot_similarity
+
+    scored = h.clone()
+    scored[:, -g:] = model.embed(torch.full((g,), mask_id, dtype=torch.long))
+    states, saliency = model.run_layers(scored, pos, 0, prune.k, torch.arange(h.shape[1] - g, h.shape[1]))
+    out = []
+    for j, (m, (sizes, fill)) in enumerate(zip(visual, facts)):
+        vis = torch.nonzero(m).flatten()
+        scores, tokens = saliency[j, vis].float().numpy(), states[j, vis]
+        keep = keep_visual(prune, sizes, lambda: scores, lambda pivots: pivot_similarity(tokens, pivots), fill)
+        rows = torch.ones(h.shape[1], dtype=torch.bool)  # m covers the prompt; the response rows follow
+        rows[vis] = False
+        rows[vis[torch.from_numpy(keep)]] = True
+        out.append(torch.nonzero(rows).flatten())
+    return out
+
+
+def run_rule_dropping(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: list[torch.Tensor], facts: list,
+                      drop: RuleDrop, g: int) -> torch.Tensor:
+    """Every decoder layer over h (n, N, D) under the group's RuleDrop draw; returns the g response rows'
+    hidden states (n, g, D). Sequences keeping as many rows run together."""
+    prune, start = drop.draw()
+    if prune is None:
+        return model.run_layers(h, pos, 0, model.cfg.n_layers)[0][:, -g:]
+    kept = rule_kept_rows(model, h, pos, visual, facts, prune, drop.mask_id, g)
+    if start:
+        h = model.run_layers(h, pos, 0, start)[0]
+    by_count: dict[int, list[int]] = {}
+    for j, rows in enumerate(kept):
+        by_count.setdefault(rows.numel(), []).append(j)
+    out = [None] * h.shape[0]
+    for js in by_count.values():
+        idx = torch.stack([kept[j] for j in js])
+        hj = torch.gather(h[js], 1, idx[..., None].expand(-1, -1, h.shape[-1]))
+        res = model.run_layers(hj, torch.gather(pos[js], 1, idx), start, model.cfg.n_layers)[0][:, -g:]
+        for a, j in enumerate(js):
+            out[j] = res[a]
+    return torch.stack(out)
+
+
 def probed_response_logits(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], responses: torch.Tensor,
-                           taps: tuple[int, ...] = (), scored: tuple[int, ...] = (), drop: TokenDrop | None = None):
+                           taps: tuple[int, ...] = (), scored: tuple[int, ...] = (),
+                           drop: TokenDrop | RuleDrop | None = None):
     """response_logits, and what training-only losses read on the way (per length group, with the
     group's question indices): per layer count in `taps`, the hidden states after that many layers
     {count: [(idx, (n, N, D))]}; per layer in `scored`, the response rows' attention over the
     sequence, mean over heads and rows (export.model.attention_saliency) [[(idx, (n, N))] per layer].
-    drop: visual rows dropped on the way (TokenDrop; not with taps or scored)."""
+    drop: visual rows dropped on the way (TokenDrop or RuleDrop; not with taps or scored)."""
     assert drop is None or not (taps or scored), "a token drop changes the rows the taps would read"
     g, n_layers = responses.shape[1], model.cfg.n_layers
     out = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size)
     tapped, saliency = {t: [] for t in taps}, {i: [] for i in scored}
     visual = visual_row_masks(batch, visuals) if drop else None
+    facts = visual_facts(batch, visuals) if isinstance(drop, RuleDrop) else None
     for idx, h in batch_sequences(model, batch, visuals, responses):
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
-        if drop:
+        if isinstance(drop, RuleDrop):
+            h = run_rule_dropping(model, h, pos, [visual[i] for i in idx], [facts[i] for i in idx], drop, g)
+        elif drop:
             h = run_dropping(model, h, pos, [visual[i] for i in idx], drop)
         elif not taps and not scored:
             h, _ = model.run_layers(h, pos, 0, n_layers)
@@ -357,7 +448,7 @@ def sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], l
 
 def probed_sft_loss(model: LladaV, batch: list[Example], visuals: list[torch.Tensor], length: int, mask_id: int,
                     gen: torch.Generator, taps: tuple[int, ...] = (), scored: tuple[int, ...] = (),
-                    drop: TokenDrop | None = None):
+                    drop: TokenDrop | RuleDrop | None = None):
     """sft_loss, with the taps and saliency probed_response_logits reads on the way, and the response
     ids as the model saw them (Q, length), masks included: (loss, taps, saliency, responses)."""
     target = torch.tensor([r[:length] for ex in batch for r in ex.responses])  # (Q, G)

@@ -680,3 +680,84 @@ def test_the_harness_runs_the_camera_rows(tmp_path_factory):
         wrong = [r["other_camera"] for r in recs if r["other_camera"] is not None]
         assert row["wrong_were_other_camera"] == (np.mean(wrong) if wrong else None)
     assert rows["unpruned"]["object_recall"] == 1.0 and rows["unpruned"]["flops_remaining"] == 1.0
+
+
+@pytest.mark.parametrize("budget", ["global", "per_camera"])
+def test_a_rule_drop_keeps_what_the_reference_generator_keeps_at_step_1(budget):
+    """miniature.train.rule_kept_rows (the fine-tune's copy of step-1 pruning on the Encoder's sequences,
+    the response masks whatever the training drew) keeps the visual tokens export.reference.generate
+    keeps on the request the runtime would build: a rig's questions (padded views, the fill first) and
+    a single scene's (AnyRes)."""
+    from export.checkpoint import load_model
+    from miniature import embedded_checkpoint
+    from miniature.data import Encoder
+    from miniature.scenes import rig, scene
+    from miniature.train import batch_sequences, rule_kept_rows, scene_visuals, visual_facts, visual_row_masks
+    from runtime.tokens import TextTokenizer
+
+    model, ckpt = load_model(embedded_checkpoint())
+    tokenizer = TextTokenizer(embedded_checkpoint())
+    r, s = rig(4), scene(7)
+    examples = [Encoder(tokenizer, ckpt.config.geometry, 32).rig_example(r).alone(0),
+                Encoder(tokenizer, ckpt.config.geometry, 32).example(s).alone(2)]
+    prune = PruneSettings(k=15, p=50, budget=budget)
+    gen = GenerationSettings(steps=8, gen_length=8, block_length=8)
+    views = [[(n, v.image) for n, v in r.cameras.items()], [("image", s.image)]]
+    with torch.inference_mode():
+        visuals = scene_visuals(model, examples)
+        drawn = torch.tensor([[5, 9, 9, 9, 9, 9, 9, 9]] * 2)  # the responses as a training step might mask them
+        masks, facts = visual_row_masks(examples, visuals), visual_facts(examples, visuals)
+        for (idx, h), ex, cams in zip(batch_sequences(model, examples, visuals, drawn), examples, views):
+            (j,) = idx
+            pos = torch.arange(h.shape[1])[None]
+            rows = rule_kept_rows(model, h, pos, [masks[j]], [facts[j]], prune, tokenizer.ids.mask, 8)[0]
+            vis = torch.nonzero(masks[j]).flatten()
+            got = np.flatnonzero(np.isin(vis.numpy(), rows.numpy()))
+            images = prepare_images(cams, ckpt.config.geometry, ANYRES)
+            want = generate(model, tokenizer.ids, tokenizer.encode_prompt(ex.questions[0].text, list(r.cameras)
+                                                                          if len(cams) > 1 else None),
+                            images, gen, prune).kept_visual
+            assert np.array_equal(got, want), (j, np.setdiff1d(got, want), np.setdiff1d(want, got))
+            assert rows.numel() == h.shape[1] - (vis.numel() - want.size)  # text and response rows all kept
+    assert len(facts[0][1]) > 0 and facts[1][1] == ()  # the rig's views have fill, the AnyRes scene none
+
+
+def test_a_rule_drop_runs_the_kept_rows_from_layer_0_or_from_k(tmp_path):
+    """run_rule_dropping: pruned groups run the kept rows (their original positions) through every layer
+    (a later step) or, from layer K on, after layers [0, K) over every row (step 1); an unpruned draw
+    runs every row; the fine-tune trains through it and refuses what cannot go with it."""
+    from miniature.rig_finetune import RigFinetune, RigFinetuneSettings
+    from miniature.train import (RuleDrop, batch_sequences, rule_kept_rows, run_rule_dropping, scene_visuals,
+                                 visual_facts, visual_row_masks)
+
+    job = RigFinetune(RigFinetuneSettings(vision_steps=0, steps=1, rigs_per_step=2, scenes_per_step=1,
+                                          freeze_vision=True, rule_drop=1.0, response_lengths=(8, 8),
+                                          bf16_autocast=False, validation_rigs=2, validation_scenes=2), tmp_path / "run")
+    model, batch, mask = job.model.eval(), job.batch(0)[:1], job.tok.ids.mask
+    with torch.inference_mode():
+        visuals = scene_visuals(model, batch)
+        responses = torch.full((len(batch[0].questions), 8), mask)
+        (idx, h), = batch_sequences(model, batch, visuals, responses)[:1]
+        pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
+        vis, facts = [visual_row_masks(batch, visuals)[i] for i in idx], [visual_facts(batch, visuals)[i] for i in idx]
+        for at_k, share in ((0.0, 1.0), (1.0, 1.0), (0.0, 0.0)):
+            drop = RuleDrop(15, share, (50.0, 50.0), at_k, mask, torch.Generator().manual_seed(3))
+            got = run_rule_dropping(model, h, pos, vis, facts, drop, 8)
+            prune, start = RuleDrop(15, share, (50.0, 50.0), at_k, mask, torch.Generator().manual_seed(3)).draw()
+            if prune is None:
+                want = model.run_layers(h, pos, 0, 32)[0][:, -8:]
+            else:
+                kept = rule_kept_rows(model, h, pos, vis, facts, prune, mask, 8)
+                full = model.run_layers(h, pos, 0, start)[0] if start else h
+                want = torch.stack([model.run_layers(full[j:j + 1, rows], rows[None], start, 32)[0][0, -8:]
+                                    for j, rows in enumerate(kept)])
+                assert start == (15 if at_k else 0) and all(rows.numel() < h.shape[1] for rows in kept)
+            assert torch.allclose(got, want, atol=1e-5), (at_k, share, (got - want).abs().max())
+    job.model.train()
+    start_state = {k: v.clone() for k, v in job.model.state_dict().items()}
+    assert np.isfinite(job.train_step())
+    assert any(".layers." in k and not torch.equal(start_state[k], v) for k, v in job.model.state_dict().items())
+    with pytest.raises(LladaVError, match="rule_drop=0.5: the camera, route and invariance losses"):
+        RigFinetune(RigFinetuneSettings(vision_steps=0, rule_drop=0.5, route_loss_weight=1.0), tmp_path / "a")
+    with pytest.raises(LladaVError, match="expected one drop"):
+        RigFinetune(RigFinetuneSettings(vision_steps=0, rule_drop=0.5, token_drop=0.5), tmp_path / "b")
