@@ -272,19 +272,35 @@ class TokenDrop:
     gen: torch.Generator
 
 
-def visual_row_masks(batch: list[Example], visuals: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per question (batch order), True on the prompt's visual rows (the response rows follow)."""
+@dataclass(frozen=True)
+class VisualRows:
+    """One question's sequence as pruning sees it (what runtime.cameras.request_layout says of a request)."""
+
+    mask: torch.Tensor  # (n_prompt,) True on the prompt's visual rows (the response rows follow)
+    sizes: tuple[int, ...]  # each image's visual tokens, in the prompt's order
+    fill: tuple[int, ...]  # the visual indices of its padded views' fill (runtime.anyres.pad_fill_tokens)
+
+
+def visual_rows(batch: list[Example], visuals: list[torch.Tensor]) -> list[VisualRows]:
+    """Per question (batch order), its VisualRows."""
     out = []
     for ex, images in zip(batch, visuals):
         for prompt in ex.prompts:
-            out.append(torch.cat([torch.zeros(len(seg), dtype=torch.bool) if isinstance(seg, tuple)
-                                  else torch.ones(images[seg].shape[0], dtype=torch.bool) for seg in prompt.segments()]))
+            mask, sizes, fill = [], [], []
+            for seg in prompt.segments():
+                if isinstance(seg, tuple):
+                    mask.append(torch.zeros(len(seg), dtype=torch.bool))
+                    continue
+                mask.append(torch.ones(images[seg].shape[0], dtype=torch.bool))
+                fill += [sum(sizes) + i for i in ex.layouts[seg].fill]
+                sizes.append(images[seg].shape[0])
+            out.append(VisualRows(torch.cat(mask), tuple(sizes), tuple(fill)))
     return out
 
 
 def run_dropping(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: list[torch.Tensor], drop: TokenDrop):
     """Every decoder layer over h (n, N, D), dropping visual rows after drop.layer layers (TokenDrop);
-    visual: the group's visual_row_masks. Returns h (n, N - dropped, D), rows in their order."""
+    visual: the group's VisualRows masks. Returns h (n, N - dropped, D), rows in their order."""
     h, _ = model.run_layers(h, pos, 0, drop.layer)
     share = float(torch.rand((), generator=drop.gen)) * drop.max_share
     n_drop = int(min(int(m.sum()) for m in visual) * share)
@@ -324,37 +340,22 @@ class RuleDrop:
         return prune, self.k if u[3] < self.at_k else 0
 
 
-def visual_facts(batch: list[Example], visuals: list[torch.Tensor]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Per question (batch order): each image's visual token count in the prompt's order, and the visual
-    indices of its padded views' fill (runtime.anyres.pad_fill_tokens), as runtime.cameras.request_layout."""
-    out = []
-    for ex, images in zip(batch, visuals):
-        for prompt in ex.prompts:
-            sizes, fill = [], []
-            for seg in (s for s in prompt.segments() if not isinstance(s, tuple)):
-                fill += [sum(sizes) + i for i in ex.layouts[seg].fill]
-                sizes.append(images[seg].shape[0])
-            out.append((tuple(sizes), tuple(fill)))
-    return out
-
-
 @torch.no_grad()
-def rule_kept_rows(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: list[torch.Tensor], facts: list,
-                   prune: PruneSettings, mask_id: int, g: int) -> list[torch.Tensor]:
+def rule_kept_rows(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: list[VisualRows], prune: PruneSettings,
+                   mask_id: int, g: int) -> list[torch.Tensor]:
     """Per sequence of h (n, N, D), the rows (ascending) step 1 keeps under prune: layers [0, K) over the
     prompt and an all-mask response of g rows, the saliency of the response rows at layer K-1 and the
-    hidden states entering layer K, read by runtime.pruning.keep_visual. visual: visual_row_masks;
-    facts: visual_facts."""
+    hidden states entering layer K, read by runtime.pruning.keep_visual. visual: the group's VisualRows."""
     from export.reference import pivot_similarity
 
     scored = h.clone()
     scored[:, -g:] = model.embed(torch.full((g,), mask_id, dtype=torch.long))
     states, saliency = model.run_layers(scored, pos, 0, prune.k, torch.arange(h.shape[1] - g, h.shape[1]))
     out = []
-    for j, (m, (sizes, fill)) in enumerate(zip(visual, facts)):
-        vis = torch.nonzero(m).flatten()
+    for j, v in enumerate(visual):
+        vis = torch.nonzero(v.mask).flatten()
         scores, tokens = saliency[j, vis].float().numpy(), states[j, vis]
-        keep = keep_visual(prune, sizes, lambda: scores, lambda pivots: pivot_similarity(tokens, pivots), fill)
+        keep = keep_visual(prune, v.sizes, lambda: scores, lambda pivots: pivot_similarity(tokens, pivots), v.fill)
         rows = torch.ones(h.shape[1], dtype=torch.bool)  # m covers the prompt; the response rows follow
         rows[vis] = False
         rows[vis[torch.from_numpy(keep)]] = True
@@ -362,14 +363,14 @@ def rule_kept_rows(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: li
     return out
 
 
-def run_rule_dropping(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: list[torch.Tensor], facts: list,
-                      drop: RuleDrop, g: int) -> torch.Tensor:
+def run_rule_dropping(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: list[VisualRows], drop: RuleDrop,
+                      g: int) -> torch.Tensor:
     """Every decoder layer over h (n, N, D) under the group's RuleDrop draw; returns the g response rows'
     hidden states (n, g, D). Sequences keeping as many rows run together."""
     prune, start = drop.draw()
     if prune is None:
         return model.run_layers(h, pos, 0, model.cfg.n_layers)[0][:, -g:]
-    kept = rule_kept_rows(model, h, pos, visual, facts, prune, drop.mask_id, g)
+    kept = rule_kept_rows(model, h, pos, visual, prune, drop.mask_id, g)
     if start:
         h = model.run_layers(h, pos, 0, start)[0]
     by_count: dict[int, list[int]] = {}
@@ -397,14 +398,13 @@ def probed_response_logits(model: LladaV, batch: list[Example], visuals: list[to
     g, n_layers = responses.shape[1], model.cfg.n_layers
     out = torch.empty(responses.shape[0], g, model.cfg.decoder.vocab_size)
     tapped, saliency = {t: [] for t in taps}, {i: [] for i in scored}
-    visual = visual_row_masks(batch, visuals) if drop else None
-    facts = visual_facts(batch, visuals) if isinstance(drop, RuleDrop) else None
+    visual = visual_rows(batch, visuals) if drop else None
     for idx, h in batch_sequences(model, batch, visuals, responses):
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
         if isinstance(drop, RuleDrop):
-            h = run_rule_dropping(model, h, pos, [visual[i] for i in idx], [facts[i] for i in idx], drop, g)
+            h = run_rule_dropping(model, h, pos, [visual[i] for i in idx], drop, g)
         elif drop:
-            h = run_dropping(model, h, pos, [visual[i] for i in idx], drop)
+            h = run_dropping(model, h, pos, [visual[i].mask for i in idx], drop)
         elif not taps and not scored:
             h, _ = model.run_layers(h, pos, 0, n_layers)
         else:

@@ -692,7 +692,7 @@ def test_a_rule_drop_keeps_what_the_reference_generator_keeps_at_step_1(budget):
     from miniature import embedded_checkpoint
     from miniature.data import Encoder
     from miniature.scenes import rig, scene
-    from miniature.train import batch_sequences, rule_kept_rows, scene_visuals, visual_facts, visual_row_masks
+    from miniature.train import batch_sequences, rule_kept_rows, scene_visuals, visual_rows
     from runtime.tokens import TextTokenizer
 
     model, ckpt = load_model(embedded_checkpoint())
@@ -706,12 +706,12 @@ def test_a_rule_drop_keeps_what_the_reference_generator_keeps_at_step_1(budget):
     with torch.inference_mode():
         visuals = scene_visuals(model, examples)
         drawn = torch.tensor([[5, 9, 9, 9, 9, 9, 9, 9]] * 2)  # the responses as a training step might mask them
-        masks, facts = visual_row_masks(examples, visuals), visual_facts(examples, visuals)
+        rows_of = visual_rows(examples, visuals)
         for (idx, h), ex, cams in zip(batch_sequences(model, examples, visuals, drawn), examples, views):
             (j,) = idx
             pos = torch.arange(h.shape[1])[None]
-            rows = rule_kept_rows(model, h, pos, [masks[j]], [facts[j]], prune, tokenizer.ids.mask, 8)[0]
-            vis = torch.nonzero(masks[j]).flatten()
+            rows = rule_kept_rows(model, h, pos, [rows_of[j]], prune, tokenizer.ids.mask, 8)[0]
+            vis = torch.nonzero(rows_of[j].mask).flatten()
             got = np.flatnonzero(np.isin(vis.numpy(), rows.numpy()))
             images = prepare_images(cams, ckpt.config.geometry, ANYRES)
             want = generate(model, tokenizer.ids, tokenizer.encode_prompt(ex.questions[0].text, list(r.cameras)
@@ -719,7 +719,8 @@ def test_a_rule_drop_keeps_what_the_reference_generator_keeps_at_step_1(budget):
                             images, gen, prune).kept_visual
             assert np.array_equal(got, want), (j, np.setdiff1d(got, want), np.setdiff1d(want, got))
             assert rows.numel() == h.shape[1] - (vis.numel() - want.size)  # text and response rows all kept
-    assert len(facts[0][1]) > 0 and facts[1][1] == ()  # the rig's views have fill, the AnyRes scene none
+    assert len(rows_of[0].fill) > 0 and rows_of[1].fill == ()  # the rig's views have fill, the AnyRes scene none
+    assert rows_of[0].sizes == (65, 65) and rows_of[0].mask.sum() == 130
 
 
 def test_a_rule_drop_runs_the_kept_rows_from_layer_0_or_from_k(tmp_path):
@@ -728,7 +729,7 @@ def test_a_rule_drop_runs_the_kept_rows_from_layer_0_or_from_k(tmp_path):
     runs every row; the fine-tune trains through it and refuses what cannot go with it."""
     from miniature.rig_finetune import RigFinetune, RigFinetuneSettings
     from miniature.train import (RuleDrop, batch_sequences, rule_kept_rows, run_rule_dropping, scene_visuals,
-                                 visual_facts, visual_row_masks)
+                                 visual_rows)
 
     job = RigFinetune(RigFinetuneSettings(vision_steps=0, steps=1, rigs_per_step=2, scenes_per_step=1,
                                           freeze_vision=True, rule_drop=1.0, response_lengths=(8, 8),
@@ -739,15 +740,15 @@ def test_a_rule_drop_runs_the_kept_rows_from_layer_0_or_from_k(tmp_path):
         responses = torch.full((len(batch[0].questions), 8), mask)
         (idx, h), = batch_sequences(model, batch, visuals, responses)[:1]
         pos = torch.arange(h.shape[1])[None].expand(h.shape[0], -1)
-        vis, facts = [visual_row_masks(batch, visuals)[i] for i in idx], [visual_facts(batch, visuals)[i] for i in idx]
+        vis = [visual_rows(batch, visuals)[i] for i in idx]
         for at_k, share in ((0.0, 1.0), (1.0, 1.0), (0.0, 0.0)):
             drop = RuleDrop(15, share, (50.0, 50.0), at_k, mask, torch.Generator().manual_seed(3))
-            got = run_rule_dropping(model, h, pos, vis, facts, drop, 8)
+            got = run_rule_dropping(model, h, pos, vis, drop, 8)
             prune, start = RuleDrop(15, share, (50.0, 50.0), at_k, mask, torch.Generator().manual_seed(3)).draw()
             if prune is None:
                 want = model.run_layers(h, pos, 0, 32)[0][:, -8:]
             else:
-                kept = rule_kept_rows(model, h, pos, vis, facts, prune, mask, 8)
+                kept = rule_kept_rows(model, h, pos, vis, prune, mask, 8)
                 full = model.run_layers(h, pos, 0, start)[0] if start else h
                 want = torch.stack([model.run_layers(full[j:j + 1, rows], rows[None], start, 32)[0][0, -8:]
                                     for j, rows in enumerate(kept)])
