@@ -40,6 +40,7 @@ from export.tiny import tokenizer_files
 from miniature import CHECKPOINT
 from miniature.data import IGNORE, TOKEN_ATTRIBUTES, VALIDATION_SEEDS, Encoder, Example, training_seeds
 from miniature.tokenizer import miniature_tokenizer
+from runtime.cameras import joined_fill
 from runtime.cli_args import at_boundary
 from runtime.errors import LladaVError
 from runtime.files import write_json
@@ -286,15 +287,10 @@ def visual_rows(batch: list[Example], visuals: list[torch.Tensor]) -> list[Visua
     out = []
     for ex, images in zip(batch, visuals):
         for prompt in ex.prompts:
-            mask, sizes, fill = [], [], []
-            for seg in prompt.segments():
-                if isinstance(seg, tuple):
-                    mask.append(torch.zeros(len(seg), dtype=torch.bool))
-                    continue
-                mask.append(torch.ones(images[seg].shape[0], dtype=torch.bool))
-                fill += [sum(sizes) + i for i in ex.layouts[seg].fill]
-                sizes.append(images[seg].shape[0])
-            out.append(VisualRows(torch.cat(mask), tuple(sizes), tuple(fill)))
+            mask = torch.cat([torch.zeros(len(seg), dtype=torch.bool) if isinstance(seg, tuple)
+                              else torch.ones(images[seg].shape[0], dtype=torch.bool) for seg in prompt.segments()])
+            layouts = [ex.layouts[seg] for seg in prompt.segments() if not isinstance(seg, tuple)]
+            out.append(VisualRows(mask, tuple(lay.num_visual_tokens for lay in layouts), joined_fill(layouts)))
     return out
 
 
@@ -356,7 +352,7 @@ def rule_kept_rows(model: LladaV, h: torch.Tensor, pos: torch.Tensor, visual: li
         vis = torch.nonzero(v.mask).flatten()
         scores, tokens = saliency[j, vis].float().numpy(), states[j, vis]
         keep = keep_visual(prune, v.sizes, lambda: scores, lambda pivots: pivot_similarity(tokens, pivots), v.fill)
-        rows = torch.ones(h.shape[1], dtype=torch.bool)  # m covers the prompt; the response rows follow
+        rows = torch.ones(h.shape[1], dtype=torch.bool)  # v.mask covers the prompt; the response rows follow
         rows[vis] = False
         rows[vis[torch.from_numpy(keep)]] = True
         out.append(torch.nonzero(rows).flatten())

@@ -86,7 +86,16 @@ def request_layout(prompt: PromptIds, images: list[ImageInput], n_response: int)
                           "one per image")
     sizes = tuple(im.layout.num_visual_tokens for im in images)
     several = len(images) > 1
-    starts = [sum(sizes[:j]) for j in range(len(sizes))]
-    fill = tuple(start + i for start, im in zip(starts, images) for i in im.layout.fill)
     return SequenceLayout(len(prompt.prefix), sum(sizes), len(prompt.suffix), n_response,
-                          sizes if several else (), tuple(len(b) for b in prompt.between), fill)
+                          sizes if several else (), tuple(len(b) for b in prompt.between),
+                          joined_fill([im.layout for im in images]))
+
+
+def joined_fill(layouts) -> tuple[int, ...]:
+    """The fill tokens (TileLayout.fill) of images laid out one after another, as visual indices of the
+    whole request."""
+    out, start = [], 0
+    for layout in layouts:
+        out += [start + i for i in layout.fill]
+        start += layout.num_visual_tokens
+    return tuple(out)

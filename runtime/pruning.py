@@ -257,12 +257,8 @@ def keep_duplicate_aware(similarity: np.ndarray, pivots: np.ndarray, p: float,
     assert sim.shape[0] == pivots.size, "one similarity row per pivot"
     sizes = [n_visual] if image_sizes is None else list(image_sizes)
     assert sum(sizes) == n_visual, "image sizes must add up to the visual tokens"
-    kept, start = [], 0
-    for size in sizes:
-        pool = np.zeros(n_visual, bool)
-        pool[start:start + size] = True
-        kept.append(_keep_from_pool(sim, pivots, pool, size - pruned_count(size, p)))
-        start += size
+    budgets = rule_pools(sizes, p, np.zeros(n_visual, bool))  # no fill: each image's pool is all of it
+    kept = [_keep_from_pool(sim, pivots, _mask(pool, n_visual), n) for _, pool, n in budgets]
     return np.sort(np.concatenate(kept)).astype(np.int64)
 
 
