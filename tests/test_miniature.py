@@ -12,8 +12,9 @@ import torch
 from miniature.scenes import COLORS, LIGHTS, LIMITS, NUMBERS, scene
 from runtime.errors import LladaVError
 
-# The committed checkpoint on the first 60 held-out questions measured 93.3% unpruned and 78.3% at
-# K=15 P=50 (fp32 bundle, ONNX Runtime; miniature/results/table.json); chance on that mix is ~28.5%.
+# The committed checkpoint (the rig fine-tune, model d4b48e138582) on the first 60 held-out questions
+# measured 93.3% unpruned and 86.7% at K=15 P=50 (fp32 bundle, ONNX Runtime; the one before it: 93.3%
+# and 78.3%); chance on that mix is ~28.5%.
 SHIPPED_FLOOR = {"unpruned": 0.88, "K15 P50": 0.70}
 
 
@@ -180,9 +181,11 @@ def test_harness_writes_a_row_for_every_strategy(harness_run):
     by_k = [rows[f"K{k} P50"]["flops_remaining"] for k in (3, 8, 15, 24)]
     assert by_k == sorted(by_k) and by_k[-1] < 1  # later K: more work on the full sequence
     assert rows["K15 P50 random"]["flops_remaining"] == pytest.approx(rows["K15 P50"]["flops_remaining"], rel=0.05)
-    # the duplicate rule's similarities are counted: a little more than saliency's, at the same kept count
-    dup, sal = rows["K15 P50 duplicate"]["flops_remaining"], rows["K15 P50"]["flops_remaining"]
-    assert sal < dup < 1.01 * sal
+    # the duplicate rule's similarities are counted: a little more than saliency's for the same question, kept
+    # count and number of steps (the rows' means also weigh how many steps each question's answer took)
+    pairs = [(d["flops"], s["flops"]) for d, s in zip(data["records"]["K15 P50 duplicate"], data["records"]["K15 P50"])
+             if d["steps"] == s["steps"]]
+    assert pairs and all(sal < dup < 1.01 * sal for dup, sal in pairs), pairs
     for k in (3, 8, 24):  # the K sweep ran on sibling bundles built from the same checkpoint
         assert read_manifest(out / "bundles" / f"k{k}").k == k
     # issue 13's rows: a cache computes fewer rows than the same strategy uncached; a threshold takes fewer steps
@@ -431,13 +434,13 @@ def test_the_quick_start_builds_the_miniature_and_answers_the_readme_question(tm
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     command = 'python -m runtime --bundle bundles/miniature-k15-p50-fp16 --prompt "Is the left lane free?" --trace'
     assert command in readme and "It answers `no`,\nwhich is right" in readme
-    assert "the bundle's P=50 with the default rule, the duplicate-aware one; with `--rule saliency` it answers\n`yes`" in readme
+    assert "the bundle's P=50 with the default rule, the duplicate-aware one; with `--rule saliency` it answers\n`e`" in readme
     want = next(q.answer for q in questions(scene(DEMO_SEED)) if q.text == "Is the left lane free?")
     assert want == "no"
     out = tmp_path / "bundles" / "miniature-k15-p50-fp16"
     assert build(["--k", "15", "--p", "50", "--out", str(out), "--opt-image", "640x360"]) == 0
     capsys.readouterr()
-    for p, rule, said in (("0", [], want), ("50", [], want), ("50", ["--rule", "saliency"], "yes")):
+    for p, rule, said in (("0", [], want), ("50", [], want), ("50", ["--rule", "saliency"], "e")):
         assert run(["--bundle", str(out), "--prompt", "Is the left lane free?", "--p", p, "--json", "--quiet", *rule]) == 0
         answer = json.loads(capsys.readouterr().out)
         assert answer["answer"] == said and answer["visual_tokens"] == 184 and answer["p"] == float(p)
