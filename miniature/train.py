@@ -287,9 +287,10 @@ def visual_rows(batch: list[Example], visuals: list[torch.Tensor]) -> list[Visua
     out = []
     for ex, images in zip(batch, visuals):
         for prompt in ex.prompts:
+            segments = prompt.segments()  # text: token-id tuples; images: their indices
             mask = torch.cat([torch.zeros(len(seg), dtype=torch.bool) if isinstance(seg, tuple)
-                              else torch.ones(images[seg].shape[0], dtype=torch.bool) for seg in prompt.segments()])
-            layouts = [ex.layouts[seg] for seg in prompt.segments() if not isinstance(seg, tuple)]
+                              else torch.ones(images[seg].shape[0], dtype=torch.bool) for seg in segments])
+            layouts = [ex.layouts[seg] for seg in segments if not isinstance(seg, tuple)]
             out.append(VisualRows(mask, tuple(lay.num_visual_tokens for lay in layouts), joined_fill(layouts)))
     return out
 
